@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both install what they need: Debian packages, a virtual environment, and editable
+# installs of the core and every plugin under plugins/.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test setup apt venv lint bench clean
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -p snapcore.testing $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/freeze.py
+
+setup: apt $(STAMP)
+
+apt:
+	@scripts/setup-apt.sh
+
+$(STAMP): pyproject.toml $(PLUGINS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

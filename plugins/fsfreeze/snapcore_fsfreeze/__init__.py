@@ -1,0 +1,1 @@
+"""snapcore's FIFREEZE backend."""

@@ -1,0 +1,98 @@
+"""snapcore: filesystems made consistent with a process checkpoint.
+
+Plugins import what they need from here; everything else is private. The heavy
+parts (the transaction, the API) are imported on first use so that the CLI starts
+fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from snapcore.errors import (
+    BackendError,
+    CheckpointFailed,
+    DeadlineExceeded,
+    FrozenElsewhere,
+    MissingTool,
+    PluginError,
+    PolicyError,
+    SnapcoreError,
+    ThawError,
+    UnsupportedMount,
+    UsageError,
+)
+from snapcore.types import (
+    BackendInfo,
+    Checkpoint,
+    Consistency,
+    Export,
+    Image,
+    ImageEntry,
+    Keep,
+    Mount,
+    Option,
+    OptionKind,
+    Outcome,
+    Phase,
+    Role,
+    Support,
+    Target,
+)
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("snapcore")
+
+if TYPE_CHECKING:
+    from snapcore.api import checkpoint, hold, plan
+    from snapcore.manifest import Manifest
+
+_LAZY = {"checkpoint": "snapcore.api", "hold": "snapcore.api", "plan": "snapcore.api", "Manifest": "snapcore.manifest"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'snapcore' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "BackendError",
+    "BackendInfo",
+    "Checkpoint",
+    "CheckpointFailed",
+    "Consistency",
+    "DeadlineExceeded",
+    "Export",
+    "FrozenElsewhere",
+    "Image",
+    "ImageEntry",
+    "Keep",
+    "Manifest",
+    "MissingTool",
+    "Mount",
+    "Option",
+    "OptionKind",
+    "Outcome",
+    "Phase",
+    "PluginError",
+    "PolicyError",
+    "Role",
+    "SnapcoreError",
+    "Support",
+    "Target",
+    "ThawError",
+    "UnsupportedMount",
+    "UsageError",
+    "__version__",
+    "checkpoint",
+    "hold",
+    "hookimpl",
+    "plan",
+]

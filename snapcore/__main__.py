@@ -1,0 +1,5 @@
+import sys
+
+from snapcore.cli import main
+
+sys.exit(main())

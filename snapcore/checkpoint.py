@@ -1,0 +1,677 @@
+"""The checkpoint transaction (DESIGN steps 1-3 and 6-10).
+
+resolve → select → prepare → before_freeze → freeze (parallel, innermost first) →
+snapshot (parallel) → export of live images → [body of ``hold``] → thaw (reverse,
+always) → after_thaw → payload → export → manifest → checkpoint_end.
+
+Any failure thaws everything, discards what this checkpoint made, and still writes
+a manifest that says what failed. Tasks (freezing processes, open-file inventory)
+join in a later step: :meth:`Transaction._open` and the window are their seams.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from snapcore.errors import (
+    CheckpointFailed,
+    DeadlineExceeded,
+    PluginError,
+    SnapcoreError,
+    UnsupportedMount,
+    UsageError,
+)
+from snapcore.manifest import (
+    Manifest,
+    TargetRecord,
+    check_checkpoint_id,
+    manifest_path,
+    new_checkpoint_id,
+    utc_now,
+)
+from snapcore.mounts import MountTable, freeze_levels, is_pseudo, resolve_paths
+from snapcore.plugins import Plugins
+from snapcore.policy import (
+    Policy,
+    PolicyProblems,
+    Rule,
+    check_backends,
+    resolved_options,
+)
+from snapcore.types import (
+    Checkpoint,
+    Consistency,
+    Export,
+    Image,
+    Mount,
+    Outcome,
+    Phase,
+    Role,
+    Support,
+    Target,
+)
+from snapcore.watchdog import ThreadWatchdog, Watchdog
+
+log = logging.getLogger(__name__)
+
+#: What a payload may be: a command line, or a callable given the checkpoint.
+Payload = Sequence[str] | Callable[[Checkpoint], int | None]
+
+
+# -- selection -----------------------------------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class Selection:
+    """The plan for one mount: chosen backends and every backend's answer."""
+
+    mount: Mount
+    rule: Rule
+    imager: str | None = None
+    exporter: str | None = None
+    answers: dict[str, Support | None] = field(default_factory=dict)
+    error: str | None = None
+
+    def why(self) -> str:
+        if self.imager is None:
+            return self.error or "no usable imager"
+        answer = self.answers.get(self.imager)
+        how = "chosen by the policy" if not self.rule.auto else "best probe"
+        return f"{how}: {answer.reason}" if answer else how
+
+
+def select(plugins: Plugins, mount: Mount, rule: Rule) -> Selection:
+    """Pick the imager for ``mount``: the policy's first usable choice, else the best probe."""
+    sel = Selection(mount=mount, rule=rule, exporter=rule.exporter)
+    imagers = plugins.names(Role.IMAGER)
+    for name in imagers:
+        sel.answers[name] = plugins.probe(name, mount)
+    if rule.auto:
+        usable = [(a.score, n) for n, a in sel.answers.items() if a is not None and a.ok]
+        if usable:
+            sel.imager = max(usable, key=lambda s: (s[0], [-ord(c) for c in s[1]]))[1]
+    else:
+        for name in rule.imager:
+            if name not in plugins.backends:
+                continue
+            answer = sel.answers.get(name)
+            if answer is None or answer.ok:
+                sel.imager = name
+                break
+    if sel.imager is None:
+        considered = imagers if rule.auto else list(rule.imager)
+        reasons = []
+        for name in considered:
+            answer = sel.answers.get(name)
+            if name not in plugins.backends:
+                reasons.append(f"{name}: not installed")
+            elif answer is None:
+                reasons.append(f"{name}: no answer")
+            else:
+                reasons.append(f"{name}: {answer.reason}")
+        sel.error = f"no usable imager for {mount.mount_point} ({mount.fstype}): " + "; ".join(reasons)
+    return sel
+
+
+def resolve_mounts(
+    table: MountTable, policy: Policy, paths: Sequence[str | os.PathLike[str]]
+) -> tuple[list[tuple[Mount, Rule]], list[str]]:
+    """The mounts to checkpoint with their rules, and warnings for skipped ones."""
+    warnings: list[str] = []
+    result: list[tuple[Mount, Rule]] = []
+    if paths:
+        for mount in resolve_paths(table, paths):
+            rule = policy.rule_for(mount.mount_point)
+            if rule is None:
+                raise UsageError(
+                    f'{mount.mount_point} is not covered by the policy {policy.path} (add a rule for it, or a "*" rule)'
+                )
+            result.append((mount, rule))
+        return result, warnings
+    if not policy.rules:
+        raise UsageError("nothing to checkpoint: give PATHs, or a --policy that names mounts")
+    seen: set[int] = set()
+    for key, rule in policy.rules.items():
+        try:
+            if not Path(key).exists():
+                raise UsageError(f"{key}: no such file or directory")
+            mount = table.find(key)
+            if is_pseudo(mount):
+                raise UnsupportedMount(f"{key} is a {mount.fstype} pseudo filesystem")
+            if mount.mount_point != key:
+                raise UsageError(f"{key} is not a mount point (it is inside the mount {mount.mount_point})")
+        except SnapcoreError as exc:
+            if rule.required:
+                raise UsageError(f"policy {policy.path}, mount {key}: {exc}") from None
+            warnings.append(f"{key} skipped (required: false): {exc}")
+            continue
+        if mount.mount_id not in seen:
+            seen.add(mount.mount_id)
+            result.append((mount, rule))
+    return result, warnings
+
+
+def plan(
+    plugins: Plugins, policy: Policy, paths: Sequence[str | os.PathLike[str]] = (), table: MountTable | None = None
+) -> tuple[list[Selection], list[str]]:
+    """What a checkpoint would do; probes only, touches nothing."""
+    problems = check_backends(policy, plugins)
+    if problems:
+        raise PolicyProblems(problems)
+    table = table or MountTable.read()
+    mounts, warnings = resolve_mounts(table, policy, paths)
+    return [select(plugins, m, r) for m, r in mounts], warnings
+
+
+# -- the transaction -------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SnapcoreError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(slots=True, kw_only=True)
+class TargetRun:
+    """A target's mutable state during one transaction."""
+
+    target: Target
+    record: TargetRecord
+    live: bool = False
+    image: Image | None = None
+    export: Export | None = None
+    frozen: bool = False
+    dropped: bool = False
+    prepared: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def mount_point(self) -> str:
+        return self.target.mount.mount_point
+
+    def time(self, phase: Phase, start: float) -> None:
+        self.record.timings[phase.value] = round((time.perf_counter() - start) * 1000, 3)
+
+
+class PayloadFailed(SnapcoreError):
+    """The caller's command (``-- CMD``) failed; its status decides the outcome."""
+
+
+class Transaction:
+    """One checkpoint over many targets. Use :meth:`run` or :meth:`hold`."""
+
+    def __init__(
+        self,
+        plugins: Plugins,
+        policy: Policy,
+        paths: Sequence[str | os.PathLike[str]] = (),
+        *,
+        state_dir: Path,
+        checkpoint_id: str | None = None,
+        watchdog: Watchdog | None = None,
+        table: MountTable | None = None,
+    ) -> None:
+        self.plugins = plugins
+        self.policy = policy
+        self.paths = list(paths)
+        self.state_dir = state_dir
+        self.id = check_checkpoint_id(checkpoint_id) if checkpoint_id else new_checkpoint_id()
+        self.watchdog: Watchdog = watchdog or ThreadWatchdog()
+        self.table = table
+        self.runs: list[TargetRun] = []
+        self.levels: list[list[TargetRun]] = []
+        self.manifest = Manifest(id=self.id, outcome=Outcome.FAILED.value, started=utc_now(), policy=policy.path)
+        self.info: Checkpoint | None = None
+        self.expired = False
+        self.deadline_s = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._before_freeze_ran = False
+        self._window_start: float | None = None
+        self._t0 = time.perf_counter()
+        self._failure: BaseException | None = None
+
+    # -- public ------------------------------------------------------------------
+
+    def run(self, payload: Payload | None = None) -> Manifest:
+        """The whole checkpoint in one call; raises :class:`CheckpointFailed` on failure."""
+        try:
+            self._open()
+            with self._window():
+                pass
+            self._after_window(payload)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._close()
+        if self._failure is not None:
+            if not isinstance(self._failure, Exception):
+                raise self._failure
+            raise CheckpointFailed(self.manifest.error or "checkpoint failed", self.manifest)
+        return self.manifest
+
+    @contextmanager
+    def hold(self) -> Iterator[Transaction]:
+        """Hold every target imaged and frozen for the body of a ``with``.
+
+        The body runs inside the freeze window (bounded by ``freeze_timeout``); on
+        any exit the targets are thawed, exports run, and the manifest is written.
+        An exception from the body fails the checkpoint and is re-raised.
+        """
+        try:
+            self._open()
+            with self._window():
+                yield self
+            self._after_window(None)
+        except BaseException as exc:
+            self._fail(exc)
+            self._close()
+            if isinstance(exc, SnapcoreError):
+                raise CheckpointFailed(self.manifest.error or str(exc), self.manifest) from exc
+            raise
+        self._close()
+
+    def image_of(self, mount_point: str) -> Image | None:
+        for run in self.runs:
+            if run.mount_point == mount_point:
+                return run.image
+        return None
+
+    # -- steps -------------------------------------------------------------------
+
+    def _phase(self, phase: Phase, start: float) -> None:
+        self.manifest.timings[phase.value] = round((time.perf_counter() - start) * 1000, 3)
+
+    def _open(self) -> None:
+        """Resolve, select and prepare. Nothing is frozen here."""
+        t = time.perf_counter()
+        problems = check_backends(self.policy, self.plugins)
+        if problems:
+            raise PolicyProblems(problems)
+        table = self.table or MountTable.read()
+        mounts, warnings = resolve_mounts(table, self.policy, self.paths)
+        self.manifest.warnings.extend(warnings)
+        path = manifest_path(self.state_dir, self.id)
+        if path.exists():
+            raise UsageError(f"checkpoint {self.id!r} already exists ({path})")
+        self._phase(Phase.RESOLVE, t)
+
+        t = time.perf_counter()
+        by_mount: dict[int, TargetRun] = {}
+        for mount, rule in mounts:
+            sel = select(self.plugins, mount, rule)
+            record = TargetRecord(
+                mount=mount.mount_point,
+                source=mount.source,
+                fstype=mount.fstype,
+                imager=sel.imager,
+                exporter=sel.exporter,
+                device=mount.devnode,
+            )
+            if sel.imager is None:
+                if rule.required:
+                    raise UnsupportedMount(sel.error or "no usable imager")
+                record.outcome = Outcome.SKIPPED.value
+                record.warnings.append(f"skipped (required: false): {sel.error}")
+                self.manifest.targets.append(record)
+                continue
+            backends = [sel.imager] + ([sel.exporter] if sel.exporter else [])
+            target = Target(
+                checkpoint_id=self.id,
+                mount=mount,
+                imager=sel.imager,
+                exporter=sel.exporter,
+                options=MappingProxyType(resolved_options(self.policy, rule, backends, self.plugins)),
+                required=rule.required,
+                freeze_timeout=rule.freeze_timeout,
+                keep=rule.keep,
+                state_dir=self.state_dir,
+            )
+            record.options = {name: dict(opts) for name, opts in target.options.items()}
+            if rule.keep is not None:
+                record.keep = {"last": rule.keep.last, "within": rule.keep.within}
+            run = TargetRun(target=target, record=record, live=self.plugins.info(sel.imager).live_image)
+            self.runs.append(run)
+            self.manifest.targets.append(record)
+            by_mount[mount.mount_id] = run
+        levels = freeze_levels(table, [r.target.mount for r in self.runs])
+        self.levels = [[by_mount[m.mount_id] for m in level] for level in levels]
+        self.info = Checkpoint(
+            id=self.id,
+            targets=tuple(r.target for r in self.runs),
+            policy=self.policy.path,
+            state_dir=self.state_dir,
+            started=self.manifest.started,
+        )
+        self._phase(Phase.SELECT, t)
+
+        # the manifest's directory is made now: a state dir we cannot write to must
+        # fail before anything is frozen, not after
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        t = time.perf_counter()
+        for run in self.runs:
+            try:
+                self._prepare(run)
+            except Exception as exc:
+                if run.target.required:
+                    run.record.error = _describe(exc)
+                    raise
+                self._drop(run, Phase.PREPARE, exc)
+        self._phase(Phase.PREPARE, t)
+        if not self.active:
+            raise SnapcoreError("no target left to checkpoint")
+        self.deadline_s = min(r.target.freeze_timeout for r in self.active)
+        width = max((len(level) for level in self.levels), default=1)
+        if width > 1:
+            self._pool = ThreadPoolExecutor(max_workers=min(width, 64), thread_name_prefix="snapcore")
+            self._prestart(width)
+
+    def _prestart(self, n: int) -> None:
+        """Start the pool's threads now, so none is started inside the window."""
+        assert self._pool is not None
+        barrier = threading.Barrier(min(n, 64))
+        futures = [self._pool.submit(barrier.wait, 5.0) for _ in range(min(n, 64))]
+        for f in futures:
+            f.result()
+
+    def _prepare(self, run: TargetRun) -> None:
+        t = time.perf_counter()
+        self.plugins.prepare(run.target.imager, run.target, Role.IMAGER)
+        run.prepared.append(run.target.imager)
+        if run.target.exporter:
+            self.plugins.prepare(run.target.exporter, run.target, Role.EXPORTER)
+            run.prepared.append(run.target.exporter)
+        run.time(Phase.PREPARE, t)
+
+    @property
+    def active(self) -> list[TargetRun]:
+        return [r for r in self.runs if not r.dropped]
+
+    def _drop(self, run: TargetRun, phase: Phase, exc: BaseException) -> None:
+        """A target that is not required failed: it becomes a warning."""
+        run.dropped = True
+        run.record.outcome = Outcome.FAILED.value
+        run.record.error = f"{phase.value}: {_describe(exc)}"
+        run.record.warnings.append(f"not required, so the checkpoint went on without it ({phase.value} failed)")
+        self.manifest.warnings.append(f"{run.mount_point}: {phase.value} failed: {_describe(exc)}")
+
+    def _each(self, runs: Sequence[TargetRun], phase: Phase, step: Callable[[TargetRun], None]) -> None:
+        """Run ``step`` on every run, in parallel when a pool exists; then raise the
+        first failure of a required target (non-required ones are dropped)."""
+        runs = [r for r in runs if not r.dropped]
+        errors: list[tuple[TargetRun, BaseException]] = []
+        if self._pool is None or len(runs) <= 1:
+            for run in runs:
+                try:
+                    step(run)
+                except BaseException as exc:
+                    errors.append((run, exc))
+                    if run.target.required:
+                        break
+        else:
+            futures: list[tuple[TargetRun, Future[None]]] = [(r, self._pool.submit(step, r)) for r in runs]
+            for run, future in futures:
+                error = future.exception()
+                if error is not None:
+                    errors.append((run, error))
+        first: BaseException | None = None
+        for run, error in errors:
+            if run.target.required or not isinstance(error, Exception):
+                run.record.error = f"{phase.value}: {_describe(error)}"
+                first = first or error
+            else:
+                self._drop(run, phase, error)
+        if first is not None:
+            raise first
+
+    def _freeze_one(self, run: TargetRun) -> None:
+        if self.expired:
+            raise DeadlineExceeded(f"freeze_timeout ({self.deadline_s:g}s) passed before {run.mount_point} froze")
+        t = time.perf_counter()
+        self.plugins.freeze(run.target.imager, run.target)
+        with run.lock:
+            run.frozen = True
+            late = self.expired
+        run.time(Phase.FREEZE, t)
+        if late:  # the watchdog went past this target while it was freezing
+            self._thaw_one(run)
+
+    def _snapshot_one(self, run: TargetRun) -> None:
+        t = time.perf_counter()
+        run.image = self.plugins.snapshot(run.target.imager, run.target)
+        run.time(Phase.SNAPSHOT, t)
+
+    def _export_one(self, run: TargetRun) -> None:
+        exporter = run.target.exporter
+        if exporter is None or run.image is None:
+            return
+        t = time.perf_counter()
+        dest = run.target.options_for(exporter).get("dest")
+        dest_path = Path(dest) if dest else run.target.checkpoint_dir / "exports" / exporter
+        run.export = self.plugins.export(exporter, run.target, run.image, dest_path)
+        run.time(Phase.EXPORT, t)
+
+    def _thaw_one(self, run: TargetRun) -> None:
+        with run.lock:
+            if not run.frozen:
+                return
+            run.frozen = False
+        t = time.perf_counter()
+        try:
+            self.plugins.thaw(run.target.imager, run.target)
+        except BaseException as exc:
+            run.record.error = f"thaw failed, the filesystem may still be frozen: {_describe(exc)}"
+            log.error("%s: thaw failed: %s", run.mount_point, _describe(exc))
+            self.manifest.warnings.append(f"{run.mount_point}: THAW FAILED: {_describe(exc)}")
+            raise
+        finally:
+            run.time(Phase.THAW, t)
+
+    def _thaw_all(self) -> BaseException | None:
+        """Thaw every frozen target, innermost level last, reverse order; never stops early."""
+        first: BaseException | None = None
+        for level in reversed(self.levels):
+            for run in reversed(level):
+                try:
+                    self._thaw_one(run)
+                except BaseException as exc:
+                    first = first or exc
+        return first
+
+    def _expire(self) -> None:
+        """Deadline watchdog: thaw everything now; the transaction will fail."""
+        self.expired = True
+        log.error("freeze window exceeded %gs: thawing every target", self.deadline_s)
+        self._thaw_all()
+
+    @contextmanager
+    def _window(self) -> Iterator[None]:
+        """before_freeze → freeze → snapshot → live exports → (body) → thaw → after_thaw."""
+        assert self.info is not None
+        t = time.perf_counter()
+        self._before_freeze_ran = True
+        self.plugins.before_freeze(self.info)
+        self._phase(Phase.BEFORE_FREEZE, t)
+        thaw_error: BaseException | None = None
+        self.watchdog.arm(self.deadline_s, self._expire)
+        self._window_start = time.perf_counter()
+        try:
+            for level in self.levels:
+                self._each(level, Phase.FREEZE, self._freeze_one)
+            self._each(self.active, Phase.SNAPSHOT, self._snapshot_one)
+            live = [r for r in self.active if r.live and r.target.exporter]
+            if live:
+                self._each(live, Phase.EXPORT, self._export_one)
+            self._check_deadline()
+            yield
+            self._check_deadline()
+        finally:
+            thaw_error = self._thaw_all()
+            end = time.perf_counter()
+            self.watchdog.disarm()
+            self.manifest.freeze_window_ms = round((end - self._window_start) * 1000, 3)
+            self._after_thaw()
+        if thaw_error is not None:
+            raise thaw_error
+        self._check_deadline()
+
+    def _check_deadline(self) -> None:
+        if self.expired:
+            raise DeadlineExceeded(
+                f"the freeze window outlived freeze_timeout ({self.deadline_s:g}s); every target was thawed "
+                "by the watchdog and the images are not trusted"
+            )
+
+    def _after_thaw(self) -> None:
+        if not self._before_freeze_ran or self.info is None:
+            return
+        self._before_freeze_ran = False
+        try:
+            self.plugins.after_thaw(self.info)
+        except Exception as exc:
+            self.manifest.warnings.append(f"after_thaw raised {_describe(exc)}")
+
+    def _after_window(self, payload: Payload | None) -> None:
+        assert self.info is not None
+        if payload is not None:
+            t = time.perf_counter()
+            self._run_payload(payload)
+            self._phase(Phase.PAYLOAD, t)
+        t = time.perf_counter()
+        pending = [r for r in self.active if r.target.exporter and r.export is None]
+        self._each(pending, Phase.EXPORT, self._export_one)
+        self._phase(Phase.EXPORT, t)
+        for run in self.active:
+            self._settle(run)
+
+    def _settle(self, run: TargetRun) -> None:
+        record = run.record
+        image = run.image
+        if image is not None:
+            if image.live and run.export is None:
+                # the frozen live tree was the image and nobody copied it
+                record.consistency = Consistency.QUIESCED.value
+                record.warnings.append(
+                    f"{run.target.imager} keeps no image without an exporter: the filesystem was synced "
+                    "and frozen at the checkpoint instant, nothing more"
+                )
+            else:
+                record.consistency = image.consistency.value
+                record.image = image.ref
+            record.image_record = image.to_json()
+        if run.export is not None:
+            record.export = run.export.ref
+            record.export_record = run.export.to_json()
+        record.outcome = Outcome.OK.value
+
+    def _run_payload(self, payload: Payload) -> None:
+        assert self.info is not None
+        if callable(payload):
+            status = payload(self.info)
+            if status:
+                raise PayloadFailed(f"payload returned {status}")
+            return
+        cmd = list(payload)
+        env = dict(os.environ)
+        env["SNAPCORE_CHECKPOINT_ID"] = self.id
+        env["SNAPCORE_STATE_DIR"] = str(self.state_dir)
+        for i, run in enumerate(self.active):
+            if run.image is not None and run.image.path:
+                env[f"SNAPCORE_IMAGE_{i}"] = f"{run.mount_point}={run.image.path}"
+        try:
+            proc = subprocess.run(cmd, env=env, check=False)
+        except OSError as exc:
+            raise PayloadFailed(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+        self.manifest.payload = {"argv": cmd, "status": proc.returncode}
+        if proc.returncode != 0:
+            raise PayloadFailed(f"command {' '.join(cmd)!r} exited with status {proc.returncode}")
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self.manifest.error = _describe(exc)
+        self.manifest.outcome = Outcome.FAILED.value
+        thaw_error = self._thaw_all()  # already done by the window; harmless again
+        if thaw_error is not None:
+            self.manifest.warnings.append(f"thaw failed during cleanup: {_describe(thaw_error)}")
+        self.watchdog.disarm()
+        self._after_thaw()
+        t = time.perf_counter()
+        for run in reversed(self.runs):
+            self._discard(run)
+            if run.record.outcome != Outcome.SKIPPED.value:
+                run.record.outcome = Outcome.FAILED.value
+        self._phase(Phase.DISCARD, t)
+
+    def _discard(self, run: TargetRun) -> None:
+        if run.export is not None and run.target.exporter:
+            try:
+                self.plugins.discard(run.target.exporter, run.target, run.image, run.export)
+            except Exception as exc:
+                run.record.warnings.append(f"discarding the export failed: {_describe(exc)}")
+            run.export = None
+        if run.image is not None:
+            try:
+                self.plugins.discard(run.target.imager, run.target, run.image, None)
+            except Exception as exc:
+                run.record.warnings.append(f"discarding the image failed: {_describe(exc)}")
+            run.image = None
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._failure is None:
+            self.manifest.outcome = Outcome.OK.value
+        self.manifest.finished = utc_now()
+        self.manifest.timings["total"] = round((time.perf_counter() - self._t0) * 1000, 3)
+        t = time.perf_counter()
+        try:
+            self.manifest.write(self.state_dir)
+        except OSError as exc:
+            log.error("cannot write the manifest to %s: %s", self.state_dir, exc)
+            if self._failure is None:
+                self._failure = SnapcoreError(f"cannot write the manifest under {self.state_dir}: {exc}")
+                self.manifest.outcome = Outcome.FAILED.value
+                self.manifest.error = str(self._failure)
+        self._phase(Phase.MANIFEST, t)
+        if self.info is not None:
+            try:
+                self.plugins.checkpoint_end(self.info, Outcome(self.manifest.outcome), self.manifest)
+            except Exception as exc:
+                log.warning("checkpoint_end raised %s", _describe(exc))
+
+
+def check_payload(payload: Payload | None) -> None:
+    """Refuse a command that cannot run, before anything is frozen."""
+    if payload is None or callable(payload):
+        return
+    argv = list(payload)
+    if not argv:
+        raise UsageError("empty command after '--'")
+    if shutil.which(argv[0]) is None:
+        raise UsageError(f"command not found: {argv[0]}")
+
+
+__all__ = [
+    "PayloadFailed",
+    "PluginError",
+    "Selection",
+    "Transaction",
+    "check_payload",
+    "plan",
+    "select",
+]

@@ -1,0 +1,409 @@
+"""The ``snapcore`` command. ``main(argv) -> int``; heavy modules load per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snapcore import __version__
+from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
+
+if TYPE_CHECKING:
+    from snapcore.plugins import Plugins
+    from snapcore.policy import Policy
+
+log = logging.getLogger("snapcore")
+
+DEFAULT_RUN_DIR = "/run/snapcore"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a :class:`UsageError` (exit 2, one line)."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="snapcore",
+        description="Make the filesystems under a process checkpoint consistent with it.",
+    )
+    parser.add_argument("--version", action="version", version=f"snapcore {__version__}")
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="manifests live in STATE/checkpoints/ID (env SNAPCORE_STATE_DIR; default /var/lib/snapcore)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="journal and locks (env SNAPCORE_RUN_DIR; default /run/snapcore)",
+    )
+    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME", help="do not load this plugin")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics on stderr")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("backends", help="installed backends, roles, versions, broken plugins")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plan", help="per mount: chosen imager/exporter and why; touches nothing")
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "checkpoint",
+        help="freeze, image, (run CMD), thaw, export; write the manifest",
+        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
+    )
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--id", dest="checkpoint_id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+
+    p = sub.add_parser("list", help="checkpoints, newest first")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="one manifest")
+    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("restore", help="bring a checkpoint's images back")
+    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("--mount", metavar="M", help="only this mount point")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
+    where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
+
+    p = sub.add_parser("verify", help="images and exports still there and intact")
+    p.add_argument("checkpoint_id", metavar="ID")
+
+    p = sub.add_parser("policy", help="policy tools")
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    policy_sub.required = True
+    c = policy_sub.add_parser("check", help="validate a policy, print problems")
+    c.add_argument("file", metavar="F")
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.WARNING - 10 * verbose + 10 * quiet
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("snapcore: %(levelname)s: %(message)s"))
+    root = logging.getLogger("snapcore")
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.DEBUG, min(level, logging.CRITICAL)))
+    root.propagate = False
+
+
+def _plugins(args: argparse.Namespace) -> Plugins:
+    from snapcore.plugins import make_plugins
+
+    plugins = make_plugins(disabled=args.disable_plugin)
+    for broken in plugins.broken:
+        log.warning("plugin %s (%s) is broken: %s", broken.name, broken.distribution, broken.error)
+    return plugins
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    from snapcore.policy import Policy, load_policy
+
+    return load_policy(args.policy) if getattr(args, "policy", None) else Policy.default()
+
+
+def _state_dir(args: argparse.Namespace, policy: Policy | None = None) -> Path:
+    from snapcore.policy import Policy, state_dir_of
+
+    return state_dir_of(policy or Policy.default(), args.state_dir)
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"{what} must run as root (freezing and snapshotting need CAP_SYS_ADMIN): try sudo")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    plugins = _plugins(args)
+    rows = [
+        {
+            "name": name,
+            "roles": sorted(r.value for r in b.info.roles),
+            "distribution": b.distribution,
+            "version": b.version,
+            "description": b.info.description,
+        }
+        for name, b in sorted(plugins.backends.items())
+    ]
+    broken = [{"name": b.name, "distribution": b.distribution, "error": b.error} for b in plugins.broken]
+    if args.json:
+        _print_json({"backends": rows, "broken": broken})
+        return ExitCode.OK
+    for row in rows:
+        print(
+            f"{row['name']:<12} {','.join(row['roles']):<16} {row['distribution']} {row['version']}".rstrip()
+            + f"\n             {row['description']}"
+        )
+    for b in broken:
+        print(f"{b['name']:<12} BROKEN           {b['distribution']}: {b['error']}")
+    return ExitCode.OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from snapcore.checkpoint import plan
+
+    plugins = _plugins(args)
+    policy = _policy(args)
+    selections, warnings = plan(plugins, policy, args.paths)
+    if args.json:
+        _print_json(
+            {
+                "policy": policy.path,
+                "warnings": warnings,
+                "mounts": [
+                    {
+                        "mount": s.mount.mount_point,
+                        "fstype": s.mount.fstype,
+                        "source": s.mount.source,
+                        "device": s.mount.devnode,
+                        "rule": s.rule.mount,
+                        "imager": s.imager,
+                        "exporter": s.exporter,
+                        "required": s.rule.required,
+                        "why": s.why(),
+                        "error": s.error,
+                        "answers": {
+                            n: (None if a is None else {"ok": a.ok, "score": a.score, "reason": a.reason})
+                            for n, a in s.answers.items()
+                        },
+                    }
+                    for s in selections
+                ],
+            }
+        )
+        return ExitCode.OK
+    for s in selections:
+        m = s.mount
+        device = f", {m.devnode}" if m.devnode else ""
+        print(f"{m.mount_point} ({m.fstype}{device}; rule {s.rule.mount})")
+        if s.imager:
+            print(f"  imager:   {s.imager} — {s.why()}")
+        else:
+            print(f"  imager:   NONE — {s.error}" + ("" if s.rule.required else " (not required: skipped)"))
+        print(f"  exporter: {s.exporter or '-'}")
+        for name, answer in sorted(s.answers.items()):
+            if name == s.imager:
+                continue
+            if answer is None:
+                print(f"    {name}: no answer")
+            else:
+                print(f"    {name}: {'yes' if answer.ok else 'no'} ({answer.score}) — {answer.reason}")
+    for w in warnings:
+        print(f"warning: {w}")
+    return ExitCode.OK
+
+
+def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
+    from snapcore.checkpoint import Transaction, check_payload
+
+    _require_root("snapcore checkpoint")
+    plugins = _plugins(args)
+    policy = _policy(args)
+    if not args.paths and policy.path is None:
+        raise UsageError("nothing to checkpoint: give PATHs, or a --policy that names mounts")
+    check_payload(command)
+    txn = Transaction(plugins, policy, args.paths, state_dir=_state_dir(args, policy), checkpoint_id=args.checkpoint_id)
+    try:
+        manifest = txn.run(command)
+    except CheckpointFailed as exc:
+        if exc.manifest is not None:
+            _show(exc.manifest, args.json, sys.stdout)
+        raise
+    _show(manifest, args.json, sys.stdout)
+    return ExitCode.OK
+
+
+def _show(manifest: Any, as_json: bool, out: Any) -> None:
+    if as_json:
+        out.write(manifest.dumps())
+    else:
+        out.write(manifest.summary() + "\n")
+    out.flush()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from snapcore.manifest import iter_manifests
+
+    state_dir = _state_dir(args)
+    rows: list[dict[str, Any]] = []
+    for path, manifest, error in iter_manifests(state_dir):
+        if manifest is None:
+            rows.append({"id": path.parent.name, "outcome": "unreadable", "error": error, "path": str(path)})
+            continue
+        rows.append(
+            {
+                "id": manifest.id,
+                "outcome": manifest.outcome,
+                "started": manifest.started,
+                "finished": manifest.finished,
+                "freeze_window_ms": manifest.freeze_window_ms,
+                "mounts": [t.mount for t in manifest.targets],
+                "error": manifest.error,
+                "path": str(path),
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return ExitCode.OK
+    for row in rows:
+        mounts = " ".join(row.get("mounts") or [])
+        print(f"{row['id']:<28} {row['outcome']:<10} {row.get('started') or '-':<25} {mounts}")
+        if row.get("error"):
+            print(f"    {row['error']}")
+    return ExitCode.OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from snapcore.manifest import load
+
+    _show(load(_state_dir(args), args.checkpoint_id), args.json, sys.stdout)
+    return ExitCode.OK
+
+
+def _records(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
+    from snapcore.manifest import load
+
+    state_dir = _state_dir(args)
+    manifest = load(state_dir, args.checkpoint_id)
+    records = [t for t in manifest.targets if t.outcome == "ok"]
+    mount = getattr(args, "mount", None)
+    if mount:
+        records = [t for t in records if t.mount == os.path.normpath(mount)]
+        if not records:
+            raise UsageError(f"checkpoint {manifest.id} has no good image of {mount}")
+    if not records:
+        raise SnapcoreError(f"checkpoint {manifest.id} has no good image to use (outcome {manifest.outcome})")
+    return manifest, records, state_dir
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from snapcore.mounts import MountTable
+    from snapcore.records import export_of, image_of, target_of
+
+    _require_root("snapcore restore")
+    manifest, records, state_dir = _records(args)
+    plugins = _plugins(args)
+    table = MountTable.read()
+    for record in records:
+        target = target_of(manifest, record, state_dir, table)
+        image, export = image_of(record), export_of(record)
+        backend = record.exporter if export is not None and record.exporter else record.imager
+        if backend is None:
+            raise SnapcoreError(f"{record.mount}: nothing to restore from")
+        dest = None
+        if args.to:
+            dest = Path(args.to)
+            if len(records) > 1:
+                dest = dest / record.mount.lstrip("/")
+        where = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
+        print(f"{record.mount}: {where}")
+    return ExitCode.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from snapcore.mounts import MountTable
+    from snapcore.records import export_of, image_of, target_of
+
+    manifest, records, state_dir = _records(args)
+    plugins = _plugins(args)
+    table = MountTable.read()
+    problems: list[str] = []
+    for record in records:
+        target = target_of(manifest, record, state_dir, table)
+        image, export = image_of(record), export_of(record)
+        found: list[str] = []
+        if record.imager and image is not None and image.ref is not None:
+            found += plugins.verify(record.imager, target, image, None)
+        if record.exporter and export is not None:
+            found += plugins.verify(record.exporter, target, image, export)
+        problems += [f"{record.mount}: {p}" for p in found]
+        print(f"{record.mount}: {'OK' if not found else 'DAMAGED'}")
+    for p in problems:
+        print(f"  {p}")
+    if problems:
+        raise SnapcoreError(f"checkpoint {manifest.id}: {len(problems)} problem(s) found")
+    return ExitCode.OK
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from snapcore.policy import PolicyProblems, check_backends, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyProblems as exc:
+        for problem in exc.problems:
+            print(f"snapcore: error: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
+    problems = check_backends(policy, _plugins(args))
+    for problem in problems:
+        print(f"snapcore: error: {problem}", file=sys.stderr)
+    if problems:
+        return ExitCode.USAGE
+    n = len(policy.rules) + (1 if policy.fallback else 0)
+    print(f"{args.file}: OK ({n} rule(s))")
+    return ExitCode.OK
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list, command = _split_command(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser().parse_args(args_list)
+        _setup_logging(args.verbose, args.quiet)
+        if command is not None and args.command != "checkpoint":
+            raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint', not {args.command!r}")
+        if args.command == "checkpoint":
+            return int(cmd_checkpoint(args, command))
+        handlers = {
+            "backends": cmd_backends,
+            "plan": cmd_plan,
+            "list": cmd_list,
+            "show": cmd_show,
+            "restore": cmd_restore,
+            "verify": cmd_verify,
+            "policy": cmd_policy_check,
+        }
+        return int(handlers[args.command](args))
+    except SnapcoreError as exc:
+        print(f"snapcore: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("snapcore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return int(ExitCode.FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

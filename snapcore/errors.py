@@ -1,0 +1,112 @@
+"""The exceptions snapcore raises on purpose.
+
+The CLI catches :class:`SnapcoreError` once, prints its message on one line and
+exits with its ``exit_code``; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``snapcore`` command (a contract with users' scripts)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+
+
+class SnapcoreError(Exception):
+    """Base class: a mistake of the user's or a failure of the host, never a bug."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class UsageError(SnapcoreError):
+    """Bad command-line usage: a missing file, a path that does not exist, not root."""
+
+    exit_code = ExitCode.USAGE
+
+
+class PolicyError(SnapcoreError):
+    """A policy that cannot be used; the message names file, line, mount and key."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        mount: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.mount = mount
+        self.key = key
+        self.problem = message
+        where = []
+        if file is not None:
+            where.append(f"{file}:{line}" if line is not None else file)
+        if mount is not None:
+            where.append(f"mount {mount}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class PluginError(SnapcoreError):
+    """A backend plugin that is missing, broken or in conflict with another."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UnsupportedMount(SnapcoreError):
+    """No usable backend for a required target, or a path that is no real filesystem."""
+
+    exit_code = ExitCode.USAGE
+
+
+class BackendError(SnapcoreError):
+    """A backend failed while working on a mount."""
+
+    def __init__(self, message: str, *, mount: str | None = None, backend: str | None = None) -> None:
+        self.mount = mount
+        self.backend = backend
+        prefix = ", ".join(p for p in (backend and f"{backend}", mount) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class MissingTool(BackendError):
+    """A command a backend needs is not installed; the message names the package."""
+
+    def __init__(self, tool: str, package: str, *, backend: str | None = None) -> None:
+        self.tool = tool
+        self.package = package
+        super().__init__(
+            f"{tool!r} is not installed: install the Debian package {package!r} (apt-get install {package})",
+            backend=backend,
+        )
+
+
+class FrozenElsewhere(BackendError):
+    """The filesystem is already frozen by someone else (FIFREEZE answered EBUSY)."""
+
+
+class ThawError(BackendError):
+    """A thaw failed: the filesystem may still be frozen, which is an outage."""
+
+
+class DeadlineExceeded(SnapcoreError):
+    """The freeze window outlived its ``freeze_timeout``; everything was thawed."""
+
+
+class CheckpointFailed(SnapcoreError):
+    """A checkpoint failed; ``manifest`` says what failed (it was written)."""
+
+    def __init__(self, message: str, manifest: object | None = None) -> None:
+        self.manifest = manifest
+        super().__init__(message)

@@ -1,0 +1,279 @@
+"""Hook specifications: the contract between the snapcore core and its backends.
+
+Two kinds of hook:
+
+* **backend hooks** are called only on the backend selected for a target (the
+  imager, or the exporter), never broadcast. The core calls them through
+  :class:`snapcore.plugins.Plugins`, one plugin at a time.
+* **observer hooks** (``before_freeze``, ``after_thaw``, ``checkpoint_end``) are
+  broadcast to every registered plugin, backends and plain observers alike.
+
+A backend is one plugin registered under its backend name (the entry-point name in
+the group ``snapcore``); that name is what a policy writes.
+
+While any target is frozen, no hook may import modules, write files or log to a
+file on a frozen mount: the write would block until the thaw, which would never come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from snapcore.manifest import Manifest
+    from snapcore.types import (
+        BackendInfo,
+        Checkpoint,
+        Export,
+        Image,
+        ImageEntry,
+        Mount,
+        Option,
+        Outcome,
+        Role,
+        Support,
+        Target,
+    )
+
+PROJECT = "snapcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def snapcore_backend_info() -> BackendInfo | None:
+    """Describe this backend: name, roles, and whether its image is the live tree.
+
+    **When**: once, when the plugin manager loads plugins; also by ``snapcore
+    backends``. A plugin that returns ``None`` (or has no such hook) is an
+    observer, not a backend.
+
+    **Returns**: a :class:`~snapcore.types.BackendInfo` whose ``name`` equals the
+    name the plugin was registered under (its entry-point name).
+
+    **May**: nothing but build the record. **Must not**: touch devices or run tools.
+
+    **Raises**: the plugin is reported as broken by ``snapcore backends`` and is
+    not used; the CLI does not crash.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_option_schema() -> Sequence[Option] | None:
+    """Declare the options this backend accepts under ``options: {NAME: {...}}``.
+
+    **When**: when a policy is loaded or checked, once per backend.
+
+    **Returns**: the :class:`~snapcore.types.Option` records; the core validates
+    every mount's options against them (unknown keys, types, choices, required
+    keys) and reports errors naming the policy file, line, mount and key.
+    ``None`` means the backend takes no options.
+
+    **Must not**: look at the machine; the schema is static.
+
+    **Raises**: treated as a broken plugin (a ``PluginError`` for the policy).
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_probe(mount: Mount) -> Support | None:
+    """Say whether this backend can image ``mount``, how well, and why (not).
+
+    **When**: during selection, for every target and every imager backend (a
+    broadcast, although the core asks each backend in turn to know who answered);
+    by ``snapcore plan`` and ``snapcore backends``. Nothing is frozen.
+
+    **Args**: ``mount``, enriched with the device behind it.
+
+    **Returns**: :class:`~snapcore.types.Support` ``yes`` with a score (the best
+    score wins ``imager: auto``) or ``no`` with a reason a person can act on.
+    ``None`` means "not my business" (an exporter-only backend).
+
+    **Must not**: change anything or take long: it must be cheap and side-effect
+    free (``plan`` promises to touch nothing).
+
+    **Raises**: counted as ``no`` with the exception as its reason.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_prepare(target: Target, role: Role) -> None:
+    """Get ready to image (``role`` imager) or export (``role`` exporter) ``target``.
+
+    **When**: once per target and role, before anything of the checkpoint is
+    frozen. Called only on the backend selected for that role.
+
+    **May**: check tools, space and permissions; create directories; ``syncfs``
+    the filesystem so that the freeze that follows is short.
+
+    **Must not**: freeze anything or leave anything behind that ``discard`` would
+    not clean up.
+
+    **Raises**: the checkpoint fails before any freeze (or the target is skipped
+    with a warning when it is not ``required``).
+    """
+
+
+@hookspec
+def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
+    """Quiesce applications before the filesystems freeze (like a VSS writer).
+
+    **When**: broadcast to every plugin, once per checkpoint, after ``prepare``
+    and right before the first ``freeze``. Nothing is frozen yet.
+
+    **May**: flush a database, pause a writer; keep it short.
+
+    **Raises**: the checkpoint fails; nothing has been frozen, everything
+    prepared is discarded.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_freeze(target: Target) -> None:
+    """Stop writes to ``target`` from reaching its image.
+
+    **When**: on the selected imager, inside the freeze window, once per target.
+    Targets on independent devices are frozen in parallel threads, so this must be
+    thread-safe across targets; a target is frozen only after every target whose
+    backing device lives on it (a loop file, a nested mount).
+
+    **May**: FIFREEZE the filesystem; do nothing when ``snapshot`` is atomic on its
+    own (a btrfs snapshot, a device-mapper suspend).
+
+    **Must not**: write to any filesystem of this checkpoint, import modules, or
+    retry an ``EBUSY`` freeze: another tool froze it; raise
+    :class:`~snapcore.errors.FrozenElsewhere`.
+
+    **Raises**: the checkpoint fails; ``thaw`` is *not* called for this target
+    (the freeze did not happen) but is called for every target already frozen.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_snapshot(target: Target) -> Image:
+    """Make the point-in-time image of ``target`` and return its reference.
+
+    **When**: on the selected imager, inside the freeze window, after every target
+    of the checkpoint has been frozen; targets in parallel.
+
+    **Returns**: an :class:`~snapcore.types.Image`, with an honest
+    ``consistency`` and ``live=True`` when the image is the frozen live tree
+    (then an exporter copies it before the thaw).
+
+    **Must**: be fast: every writer of every target waits for it.
+
+    **Raises**: the checkpoint fails; every frozen target is thawed and images
+    already made are discarded.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_thaw(target: Target) -> None:
+    """Let writes reach ``target`` again.
+
+    **When**: on the selected imager, once for every target whose ``freeze``
+    succeeded, in reverse order, even after failures, from a ``finally``; also from
+    the deadline watchdog. The core makes sure it is called at most once per freeze.
+
+    **Must not**: raise for a target that is already thawed by someone else.
+
+    **Raises**: a :class:`~snapcore.errors.ThawError` is reported loudly and the
+    remaining targets are still thawed.
+    """
+
+
+@hookspec
+def snapcore_after_thaw(checkpoint: Checkpoint) -> None:
+    """Resume what ``before_freeze`` paused.
+
+    **When**: broadcast, once per checkpoint whose ``before_freeze`` ran, right
+    after the last thaw, whatever happened in between.
+
+    **Raises**: recorded as a warning in the manifest; the checkpoint goes on.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
+    """Copy ``image`` of ``target`` to ``dest`` (the exporter's ``dest`` option).
+
+    **When**: on the selected exporter, once per target. Outside the freeze window
+    when the image is a real snapshot; inside it, while the filesystem is frozen,
+    when ``image.live`` is true (so it must be as fast as the raw tool).
+
+    **Returns**: an :class:`~snapcore.types.Export` whose ``ref`` lets ``restore``
+    and ``verify`` find the copy again.
+
+    **Must**: leave nothing that looks complete when it fails (write under a
+    temporary name and rename last).
+
+    **Raises**: the checkpoint fails; images and exports already made are discarded.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
+    """Delete an image (imager) or an export (exporter; ``export`` is set).
+
+    **When**: on failure, to undo what this checkpoint made; on ``prune``.
+    Called on the imager with ``export=None``, on the exporter with the export.
+
+    **Must**: be idempotent (a missing image is not an error) and delete only what
+    snapcore made.
+
+    **Raises**: recorded as a warning; the rest is still discarded.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_restore(
+    target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
+) -> str:
+    """Bring an image (or export) back, to ``dest`` or in place.
+
+    **When**: ``snapcore restore``; on the exporter when the checkpoint has an
+    export (``export`` set), else on the imager.
+
+    **Returns**: a line saying where the data now is.
+
+    **Must**: refuse (raise) rather than overwrite data that is not backed up.
+
+    **Raises**: the restore fails with that message, exit code 1.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_verify(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
+    """Check that an image (or export) is still there and intact.
+
+    **When**: ``snapcore verify``, on the imager with ``export=None`` and on the
+    exporter with the export.
+
+    **Returns**: the problems found, one line each; empty when all is well.
+
+    **Raises**: counted as one problem.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
+    """List the images of ``mount`` that this backend made (for ``list``, ``prune``).
+
+    **When**: on an imager, from ``list`` and ``prune``.
+
+    **Must**: list only what snapcore made; nothing else may ever be pruned.
+    """
+
+
+@hookspec
+def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    """Report a finished checkpoint (metrics, notifications).
+
+    **When**: broadcast, once per checkpoint, after the manifest is written,
+    success or failure. Nothing is frozen.
+
+    **Raises**: logged; the outcome does not change.
+    """

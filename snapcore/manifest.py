@@ -1,0 +1,231 @@
+"""The manifest: a JSON record of every checkpoint, success or failure.
+
+It is what ``list``, ``show``, ``restore``, ``verify`` and ``prune`` read, and it
+travels with exports. Fields unknown to this version are kept as they are, so an
+older snapcore survives a newer manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from snapcore.errors import SnapcoreError, UsageError
+
+SCHEMA = 1
+MANIFEST_NAME = "manifest.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_checkpoint_id() -> str:
+    """Sortable by time, unique enough: ``20261125T140102Z-1a2b``."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(2).hex()
+
+
+def check_checkpoint_id(value: str) -> str:
+    if not _ID.match(value):
+        raise UsageError(
+            f"bad checkpoint id {value!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return value
+
+
+def checkpoints_dir(state_dir: Path) -> Path:
+    return state_dir / "checkpoints"
+
+
+def manifest_path(state_dir: Path, checkpoint_id: str) -> Path:
+    return checkpoints_dir(state_dir) / check_checkpoint_id(checkpoint_id) / MANIFEST_NAME
+
+
+@dataclass(slots=True, kw_only=True)
+class TargetRecord:
+    """One target's lines in the manifest."""
+
+    mount: str
+    source: str
+    fstype: str
+    imager: str | None
+    exporter: str | None
+    image: str | None = None
+    export: str | None = None
+    consistency: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    outcome: str = "failed"
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    #: The full image and export records, for restore/verify/discard.
+    image_record: dict[str, Any] | None = None
+    export_record: dict[str, Any] | None = None
+    device: str | None = None
+    #: The backends' validated options, so restore and prune need no policy.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keep: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = (
+        "mount",
+        "source",
+        "fstype",
+        "imager",
+        "exporter",
+        "image",
+        "export",
+        "consistency",
+        "timings",
+        "outcome",
+        "error",
+        "warnings",
+        "image_record",
+        "export_record",
+        "device",
+        "options",
+        "keep",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update({name: getattr(self, name) for name in self._FIELDS})
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TargetRecord:
+        known = {k: data[k] for k in cls._FIELDS if k in data}
+        extra = {k: v for k, v in data.items() if k not in cls._FIELDS}
+        return cls(**known, extra=extra)
+
+
+@dataclass(slots=True, kw_only=True)
+class Manifest:
+    """A checkpoint's manifest (DESIGN's minimum fields, and what later issues add)."""
+
+    id: str
+    outcome: str
+    started: str
+    finished: str | None = None
+    error: str | None = None
+    freeze_window_ms: float | None = None
+    policy: str | None = None
+    host: str = field(default_factory=lambda: os.uname().nodename)
+    targets: list[TargetRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    payload: dict[str, Any] | None = None
+    schema: int = SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = (
+        "schema",
+        "id",
+        "outcome",
+        "started",
+        "finished",
+        "error",
+        "freeze_window_ms",
+        "policy",
+        "host",
+        "timings",
+        "warnings",
+        "payload",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update({name: getattr(self, name) for name in self._FIELDS})
+        data["targets"] = [t.to_json() for t in self.targets]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data, Mapping) or "id" not in data:
+            raise ValueError("not a snapcore manifest")
+        known = {k: data[k] for k in cls._FIELDS if k in data}
+        extra = {k: v for k, v in data.items() if k not in cls._FIELDS and k != "targets"}
+        targets = [TargetRecord.from_json(t) for t in data.get("targets") or ()]
+        return cls(**known, targets=targets, extra=extra)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+    def write(self, state_dir: Path) -> Path:
+        """Write atomically (temporary file, fsync, rename) and return the path."""
+        path = manifest_path(state_dir, self.id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def summary(self) -> str:
+        lines = [
+            f"checkpoint {self.id}: {self.outcome}"
+            + (f" — {self.error}" if self.error else "")
+            + (f" (freeze window {self.freeze_window_ms:.1f} ms)" if self.freeze_window_ms is not None else "")
+        ]
+        for t in self.targets:
+            what = t.imager or "-"
+            if t.exporter:
+                what += f"+{t.exporter}"
+            line = f"  {t.mount:<24} {t.fstype:<6} {what:<16} {t.outcome:<7} {t.consistency or '-'}"
+            if t.image:
+                line += f" image={t.image}"
+            if t.export:
+                line += f" export={t.export}"
+            if t.error:
+                line += f" error: {t.error}"
+            lines.append(line)
+            lines.extend(f"    warning: {w}" for w in t.warnings)
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Manifest.from_json(data)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such manifest") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SnapcoreError(f"{path}: unreadable manifest: {exc}") from None
+
+
+def load(state_dir: Path, checkpoint_id: str) -> Manifest:
+    path = manifest_path(state_dir, checkpoint_id)
+    if not path.exists():
+        raise UsageError(f"no checkpoint {checkpoint_id!r} in {checkpoints_dir(state_dir)}")
+    return read_manifest(path)
+
+
+def iter_manifests(state_dir: Path) -> Iterator[tuple[Path, Manifest | None, str | None]]:
+    """Every manifest under ``state_dir``, newest first; unreadable ones with an error."""
+    root = checkpoints_dir(state_dir)
+    if not root.is_dir():
+        return
+    entries = []
+    for child in root.iterdir():
+        path = child / MANIFEST_NAME
+        if child.is_dir() and not child.is_symlink() and path.is_file():
+            entries.append(path)
+    parsed: list[tuple[Path, Manifest | None, str | None]] = []
+    for path in entries:
+        try:
+            parsed.append((path, read_manifest(path), None))
+        except SnapcoreError as exc:
+            parsed.append((path, None, str(exc)))
+    parsed.sort(key=lambda e: (e[1].started if e[1] else "", e[0].parent.name), reverse=True)
+    yield from parsed

@@ -1,0 +1,300 @@
+"""The plugin manager: loading backends, reporting broken ones, calling hooks typed.
+
+``pm.hook.*`` is ``Any``; the rest of snapcore calls hooks only through
+:class:`Plugins`, whose methods have real types. Backend hooks go to one backend
+only (a subset hook caller that leaves every other plugin out); observer hooks are
+broadcast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from snapcore import hookspecs
+from snapcore.errors import PluginError
+from snapcore.types import (
+    BackendInfo,
+    Checkpoint,
+    Export,
+    Image,
+    ImageEntry,
+    Mount,
+    Option,
+    Outcome,
+    Role,
+    Support,
+    Target,
+)
+
+if TYPE_CHECKING:
+    from snapcore.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "snapcore"
+#: Plugins of the core itself, registered exactly like third-party ones.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (("none", "snapcore.builtin.none"),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadedBackend:
+    """A backend that loaded, with where it came from."""
+
+    info: BackendInfo
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokenPlugin:
+    """A plugin that failed to load or to describe itself."""
+
+    name: str
+    distribution: str
+    error: str
+
+
+def _allowlist() -> set[str] | None:
+    value = os.environ.get("SNAPCORE_PLUGINS")
+    if value is None:
+        return None
+    return {n.strip() for n in value.split(",") if n.strip()}
+
+
+class Plugins:
+    """Typed façade over a pluggy ``PluginManager`` for snapcore's hooks."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.backends: dict[str, LoadedBackend] = {}
+        self.broken: list[BrokenPlugin] = []
+        self._callers: dict[tuple[str, str], Any] = {}
+
+    # -- loading -----------------------------------------------------------------
+
+    def register(self, plugin: object, name: str, *, distribution: str = "", version: str = "") -> None:
+        """Register ``plugin`` under ``name``; backends must call themselves ``name``."""
+        try:
+            self.pm.register(plugin, name=name)
+        except ValueError as exc:  # the name is taken
+            raise PluginError(f"plugin {name!r} ({distribution or 'unknown'}): {exc}") from exc
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name!r} ({distribution or 'unknown'}): {exc}") from exc
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} ({distribution or 'unknown'}): {exc}") from exc
+        self._callers.clear()
+        info = self._describe(plugin, name, distribution)
+        if info is not None:
+            self.backends[name] = LoadedBackend(info=info, distribution=distribution, version=version)
+
+    def _describe(self, plugin: object, name: str, distribution: str) -> BackendInfo | None:
+        impl = getattr(plugin, "snapcore_backend_info", None)
+        if impl is None:
+            return None
+        try:
+            info = self._one(name, "snapcore_backend_info")()
+        except Exception as exc:
+            self.pm.unregister(plugin)
+            raise PluginError(
+                f"plugin {name!r} ({distribution or 'unknown'}): snapcore_backend_info raised {exc!r}"
+            ) from exc
+        if info is None:
+            return None
+        if not isinstance(info, BackendInfo) or info.name != name:
+            self.pm.unregister(plugin)
+            raise PluginError(
+                f"plugin {name!r} ({distribution or 'unknown'}) describes itself as "
+                f"{getattr(info, 'name', info)!r}: a backend's name must equal its entry-point name"
+            )
+        return info
+
+    def _load_safely(self, name: str, load: Callable[[], object], distribution: str, version: str) -> None:
+        try:
+            plugin = load()
+            self.register(plugin, name, distribution=distribution, version=version)
+        except PluginError as exc:
+            self.broken.append(BrokenPlugin(name=name, distribution=distribution, error=str(exc)))
+        except Exception as exc:  # an import error in someone else's plugin
+            self.broken.append(BrokenPlugin(name=name, distribution=distribution, error=f"{type(exc).__name__}: {exc}"))
+
+    def load_default_plugins(self, disabled: Iterable[str] = ()) -> None:
+        skip = set(disabled)
+        for name, module in DEFAULT_PLUGINS:
+            if name not in skip:
+                self._load_safely(name, functools.partial(importlib.import_module, module), "snapcore", _version())
+
+    def load_entry_points(self, disabled: Iterable[str] = ()) -> None:
+        """Load every plugin of the ``snapcore`` entry-point group, keeping broken ones aside."""
+        from importlib.metadata import entry_points
+
+        skip = set(disabled)
+        allow = _allowlist()
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in skip or (allow is not None and ep.name not in allow):
+                continue
+            if self.pm.has_plugin(ep.name):
+                dist = ep.dist.name if ep.dist else "unknown"
+                self.broken.append(
+                    BrokenPlugin(name=ep.name, distribution=dist, error=f"name {ep.name!r} is already taken")
+                )
+                continue
+            dist_name = ep.dist.name if ep.dist else "unknown"
+            dist_version = ep.dist.version if ep.dist else ""
+            self._load_safely(ep.name, ep.load, dist_name, dist_version)
+
+    # -- lookups -------------------------------------------------------------------
+
+    def names(self, role: Role | None = None) -> list[str]:
+        """Names of loaded backends, optionally only those playing ``role``."""
+        return sorted(n for n, b in self.backends.items() if role is None or role in b.info.roles)
+
+    def info(self, name: str) -> BackendInfo:
+        try:
+            return self.backends[name].info
+        except KeyError:
+            raise PluginError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        for broken in self.broken:
+            if broken.name == name:
+                return f"backend {name!r} is broken: {broken.error}"
+        known = ", ".join(self.names()) or "none"
+        return f"unknown backend {name!r} (installed: {known}; see 'snapcore backends')"
+
+    def _one(self, name: str, hook: str) -> Any:
+        key = (name, hook)
+        caller = self._callers.get(key)
+        if caller is None:
+            plugin = self.pm.get_plugin(name)
+            if plugin is None:
+                raise PluginError(self.unknown_message(name))
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+            self._callers[key] = caller
+        return caller
+
+    def implements(self, name: str, hook: str) -> bool:
+        plugin = self.pm.get_plugin(name)
+        return plugin is not None and callable(getattr(plugin, hook, None))
+
+    # -- backend hooks (one backend) ----------------------------------------------
+
+    def probe(self, name: str, mount: Mount) -> Support | None:
+        try:
+            result: Support | None = self._one(name, "snapcore_probe")(mount=mount)
+        except Exception as exc:
+            return Support.no(f"probe raised {type(exc).__name__}: {exc}")
+        return result
+
+    def option_schema(self, name: str) -> Sequence[Option]:
+        try:
+            result: Sequence[Option] | None = self._one(name, "snapcore_option_schema")()
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"backend {name!r}: snapcore_option_schema raised {exc!r}") from exc
+        return tuple(result or ())
+
+    def prepare(self, name: str, target: Target, role: Role) -> None:
+        self._one(name, "snapcore_prepare")(target=target, role=role)
+
+    def freeze(self, name: str, target: Target) -> None:
+        self._one(name, "snapcore_freeze")(target=target)
+
+    def snapshot(self, name: str, target: Target) -> Image:
+        image: Image | None = self._one(name, "snapcore_snapshot")(target=target)
+        if image is None:
+            raise PluginError(f"backend {name!r} implements no snapcore_snapshot")
+        return image
+
+    def thaw(self, name: str, target: Target) -> None:
+        self._one(name, "snapcore_thaw")(target=target)
+
+    def export(self, name: str, target: Target, image: Image, dest: Path) -> Export:
+        export: Export | None = self._one(name, "snapcore_export")(target=target, image=image, dest=dest)
+        if export is None:
+            raise PluginError(f"backend {name!r} implements no snapcore_export")
+        return export
+
+    def discard(self, name: str, target: Target, image: Image | None, export: Export | None) -> None:
+        self._one(name, "snapcore_discard")(target=target, image=image, export=export)
+
+    def restore(
+        self, name: str, target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
+    ) -> str:
+        if not self.implements(name, "snapcore_restore"):
+            raise PluginError(f"backend {name!r} cannot restore")
+        result = self._one(name, "snapcore_restore")(
+            target=target, image=image, export=export, dest=dest, in_place=in_place
+        )
+        return str(result)
+
+    def verify(self, name: str, target: Target, image: Image | None, export: Export | None) -> list[str]:
+        if not self.implements(name, "snapcore_verify"):
+            return []
+        try:
+            problems = self._one(name, "snapcore_verify")(target=target, image=image, export=export)
+        except Exception as exc:
+            return [f"{name}: verify raised {type(exc).__name__}: {exc}"]
+        return list(problems or ())
+
+    def list_images(self, name: str, mount: Mount) -> list[ImageEntry]:
+        if not self.implements(name, "snapcore_list_images"):
+            return []
+        return list(self._one(name, "snapcore_list_images")(mount=mount) or ())
+
+    # -- observer hooks (broadcast) ------------------------------------------------
+
+    def before_freeze(self, checkpoint: Checkpoint) -> None:
+        self.pm.hook.snapcore_before_freeze(checkpoint=checkpoint)
+
+    def after_thaw(self, checkpoint: Checkpoint) -> None:
+        self.pm.hook.snapcore_after_thaw(checkpoint=checkpoint)
+
+    def checkpoint_end(self, checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+        self.pm.hook.snapcore_checkpoint_end(checkpoint=checkpoint, outcome=outcome, manifest=manifest)
+
+
+def _version() -> str:
+    from snapcore import __version__
+
+    return __version__
+
+
+def _trace(pm: pluggy.PluginManager) -> None:
+    def before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+        log.debug("hook %s -> %s", hook_name, [i.plugin_name for i in hook_impls])
+
+    def after(
+        outcome: pluggy.Result[Any], hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+    ) -> None:
+        log.debug("hook %s done", hook_name)
+
+    pm.add_hookcall_monitoring(before, after)
+
+
+def make_plugins(*, entry_points: bool = True, defaults: bool = True, disabled: Iterable[str] = ()) -> Plugins:
+    """Build a plugin manager with the core's plugins and every installed backend."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("SNAPCORE_TRACE_HOOKS") == "1":
+        _trace(pm)
+    plugins = Plugins(pm)
+    disabled = tuple(disabled)
+    if defaults:
+        plugins.load_default_plugins(disabled)
+    if entry_points:
+        plugins.load_entry_points(disabled)
+    return plugins

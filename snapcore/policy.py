@@ -1,0 +1,677 @@
+"""The admin's YAML policy: rules keyed by mount point, validated with line numbers.
+
+Loading is strict: unknown keys, wrong types, duplicate keys, bad durations and
+relative or overlapping mount paths are errors that name the file, the line, the
+mount and the key, and say what was expected. The YAML is composed into nodes and
+walked by hand (no object construction beyond scalars), with a budget on the
+number of nodes visited, so an alias bomb is an error and not an outage.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from snapcore.errors import PolicyError
+from snapcore.types import EMPTY, Keep, Option, OptionKind, Role
+
+MAX_POLICY_BYTES = 1 << 20
+MAX_NODES = 20_000
+DEFAULT_STATE_DIR = "/var/lib/snapcore"
+DEFAULT_FREEZE_TIMEOUT = 10.0
+ON_CHANGE = ("fail", "warn")
+AUTO = "auto"
+FALLBACK = "*"
+
+_RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeout", "on_change")
+_TOP_KEYS = ("version", "state_dir", "defaults", "mounts")
+_KEEP_KEYS = ("last", "within")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(value: object) -> float:
+    """``10s``, ``500ms``, ``2m``, ``7d``, or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"a duration such as 10s, 500ms, 2m, 7d; got {value!r}")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- YAML with positions -----------------------------------------------------------
+
+
+class YMap(dict[str, Any]):
+    """A mapping from the policy file that remembers where each key was."""
+
+    line: int = 0
+    lines: dict[str, int]
+
+
+class YSeq(list[Any]):
+    line: int = 0
+
+
+@dataclass(slots=True)
+class _Walker:
+    file: str
+    constructor: yaml.SafeLoader
+    visited: int = 0
+
+    def value(self, node: yaml.Node) -> Any:
+        self.visited += 1
+        if self.visited > MAX_NODES:
+            raise PolicyError(
+                f"more than {MAX_NODES} YAML nodes (an alias bomb?): a policy is small",
+                file=self.file,
+                line=node.start_mark.line + 1,
+            )
+        if isinstance(node, yaml.MappingNode):
+            result = YMap()
+            result.line = node.start_mark.line + 1
+            result.lines = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise PolicyError("YAML merge keys (<<) are not supported", file=self.file, line=line)
+                key = self.value(key_node)
+                if not isinstance(key, str):
+                    raise PolicyError(f"keys must be strings, got {key!r}", file=self.file, line=line)
+                if key in result:
+                    raise PolicyError(
+                        f"duplicate key {key!r} (first at line {result.lines[key]})", file=self.file, line=line
+                    )
+                result.lines[key] = line
+                result[key] = self.value(value_node)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            seq = YSeq(self.value(item) for item in node.value)
+            seq.line = node.start_mark.line + 1
+            return seq
+        try:
+            return self.constructor.construct_object(node)
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"bad value: {exc}", file=self.file, line=node.start_mark.line + 1) from None
+
+
+def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Read and parse a policy file; returns the walked document and its text."""
+    name = os.fspath(path)
+    try:
+        size = os.stat(name).st_size
+        if size > MAX_POLICY_BYTES:
+            raise PolicyError(f"{size} bytes: a policy is at most {MAX_POLICY_BYTES} bytes", file=name)
+        with open(name, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except FileNotFoundError:
+        raise PolicyError("no such file", file=name) from None
+    except IsADirectoryError:
+        raise PolicyError("is a directory, not a policy file", file=name) from None
+    except PermissionError:
+        raise PolicyError("permission denied", file=name) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PolicyError(f"not UTF-8 text (byte {exc.start})", file=name, line=line) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        bad_line = mark.line + 1 if mark else None
+        raise PolicyError(f"YAML syntax error: {exc.problem or exc}", file=name, line=bad_line) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"YAML error: {exc}", file=name) from None
+    if node is None:
+        return None, text
+    walker = _Walker(file=name, constructor=yaml.SafeLoader(""))
+    return walker.value(node), text
+
+
+# -- the policy model ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """What the policy says for one mount point (or ``*``)."""
+
+    mount: str
+    line: int | None = None
+    imager: tuple[str, ...] = (AUTO,)
+    exporter: str | None = None
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: EMPTY)
+    option_lines: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    keep: Keep | None = None
+    required: bool = True
+    freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT
+    on_change: str = "fail"
+
+    @property
+    def auto(self) -> bool:
+        return self.imager == (AUTO,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """A loaded policy. ``Policy.default()`` is what paths without ``--policy`` get."""
+
+    path: str | None
+    version: int = 1
+    state_dir: str | None = None
+    rules: Mapping[str, Rule] = field(default_factory=lambda: EMPTY)
+    fallback: Rule | None = None
+
+    @classmethod
+    def default(cls) -> Policy:
+        return cls(path=None, fallback=Rule(mount=FALLBACK))
+
+    def rule_for(self, mount_point: str) -> Rule | None:
+        """The rule for a mount point: its own, else ``*``, else none (not covered)."""
+        return self.rules.get(mount_point, self.fallback)
+
+    @property
+    def explicit_mounts(self) -> list[str]:
+        return list(self.rules)
+
+
+class _Problems:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.errors: list[PolicyError] = []
+
+    def add(self, message: str, *, line: int | None, mount: str | None = None, key: str | None = None) -> None:
+        self.errors.append(PolicyError(message, file=self.file, line=line, mount=mount, key=key))
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise PolicyProblems(self.errors)
+
+
+class PolicyProblems(PolicyError):
+    """Several problems in one policy; ``str()`` is the first, ``problems`` all."""
+
+    def __init__(self, problems: Sequence[PolicyError]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        more = (
+            f" (and {len(self.problems) - 1} more problem(s); run 'snapcore policy check')"
+            if len(self.problems) > 1
+            else ""
+        )
+        super().__init__(first.problem + more, file=first.file, line=first.line, mount=first.mount, key=first.key)
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def normalize_mount_key(key: str) -> str:
+    if key == FALLBACK:
+        return key
+    norm = posixpath.normpath(key)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    return norm
+
+
+def _check_keys(node: YMap, allowed: Sequence[str], p: _Problems, mount: str | None, what: str) -> None:
+    for key in node:
+        if key not in allowed:
+            p.add(
+                f"unknown key in {what}{did_you_mean(key, allowed)}; expected one of {', '.join(allowed)}",
+                line=node.lines[key],
+                mount=mount,
+                key=key,
+            )
+
+
+def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Problems, what: str) -> Rule:
+    if node is None:
+        node = YMap()
+        node.lines = {}
+    if not isinstance(node, YMap):
+        p.add(f"expected a mapping of settings, got {_type_name(node)}", line=line, mount=mount)
+        return base
+    _check_keys(node, _RULE_KEYS, p, mount, what)
+    values: dict[str, Any] = {}
+    lines = node.lines
+
+    if "imager" in node:
+        raw = node["imager"]
+        names = [raw] if isinstance(raw, str) else raw
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            p.add(
+                f"expected a backend name, a list of names (first usable wins) or 'auto', got {_type_name(raw)}",
+                line=lines["imager"],
+                mount=mount,
+                key="imager",
+            )
+        elif AUTO in names and len(names) > 1:
+            p.add("'auto' cannot be part of a list", line=lines["imager"], mount=mount, key="imager")
+        else:
+            values["imager"] = tuple(names)
+    if "exporter" in node:
+        raw = node["exporter"]
+        if raw is None or raw == "none":
+            values["exporter"] = None
+        elif isinstance(raw, str) and raw:
+            values["exporter"] = raw
+        else:
+            p.add(
+                f"expected a backend name, got {_type_name(raw)}", line=lines["exporter"], mount=mount, key="exporter"
+            )
+    if "required" in node:
+        raw = node["required"]
+        if isinstance(raw, bool):
+            values["required"] = raw
+        else:
+            p.add(f"expected true or false, got {_type_name(raw)}", line=lines["required"], mount=mount, key="required")
+    if "freeze_timeout" in node:
+        try:
+            timeout = parse_duration(node["freeze_timeout"])
+            if timeout <= 0:
+                raise ValueError("a positive duration such as 10s or 500ms")
+            values["freeze_timeout"] = timeout
+        except ValueError as exc:
+            p.add(f"expected {exc}", line=lines["freeze_timeout"], mount=mount, key="freeze_timeout")
+    if "on_change" in node:
+        raw = node["on_change"]
+        if raw in ON_CHANGE:
+            values["on_change"] = raw
+        else:
+            p.add(
+                f"expected one of {', '.join(ON_CHANGE)}, got {_type_name(raw)}",
+                line=lines["on_change"],
+                mount=mount,
+                key="on_change",
+            )
+    if "keep" in node:
+        values["keep"] = _parse_keep(mount, node["keep"], lines["keep"], p)
+    if "options" in node:
+        raw = node["options"]
+        if raw is None:
+            values["options"] = EMPTY
+        elif not isinstance(raw, YMap):
+            p.add(
+                f"expected a mapping of backend name to options, got {_type_name(raw)}",
+                line=lines["options"],
+                mount=mount,
+                key="options",
+            )
+        else:
+            options: dict[str, Mapping[str, Any]] = {}
+            option_lines: dict[str, int] = {}
+            for backend, opts in raw.items():
+                if opts is None:
+                    opts = YMap()
+                    opts.lines = {}
+                if not isinstance(opts, YMap):
+                    p.add(
+                        f"expected a mapping of options, got {_type_name(opts)}",
+                        line=raw.lines[backend],
+                        mount=mount,
+                        key=f"options.{backend}",
+                    )
+                    continue
+                options[backend] = MappingProxyType(dict(opts))
+                option_lines[backend] = raw.lines[backend]
+                for key, key_line in opts.lines.items():
+                    option_lines[f"{backend}.{key}"] = key_line
+            values["options"] = MappingProxyType(options)
+            values["option_lines"] = MappingProxyType(option_lines)
+    return Rule(
+        mount=mount,
+        line=line,
+        imager=values.get("imager", base.imager),
+        exporter=values.get("exporter", base.exporter),
+        options=values.get("options", base.options),
+        option_lines=values.get("option_lines", base.option_lines),
+        keep=values.get("keep", base.keep),
+        required=values.get("required", base.required),
+        freeze_timeout=values.get("freeze_timeout", base.freeze_timeout),
+        on_change=values.get("on_change", base.on_change),
+    )
+
+
+def _parse_keep(mount: str, raw: object, line: int, p: _Problems) -> Keep | None:
+    if not isinstance(raw, YMap):
+        p.add(
+            f"expected a mapping such as {{last: 10}} or {{within: 7d}}, got {_type_name(raw)}",
+            line=line,
+            mount=mount,
+            key="keep",
+        )
+        return None
+    _check_keys(raw, _KEEP_KEYS, p, mount, "keep")
+    last = raw.get("last")
+    within = None
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        p.add(
+            f"expected a whole number of at least 1, got {_type_name(last)}",
+            line=raw.lines["last"],
+            mount=mount,
+            key="keep.last",
+        )
+        last = None
+    if "within" in raw:
+        try:
+            within = parse_duration(raw["within"])
+        except ValueError as exc:
+            p.add(f"expected {exc}", line=raw.lines["within"], mount=mount, key="keep.within")
+    if "last" not in raw and "within" not in raw:
+        p.add("keep needs 'last', 'within' or both", line=line, mount=mount, key="keep")
+    return Keep(last=last, within=within)
+
+
+def parse_policy(doc: object, file: str) -> Policy:
+    """Build a :class:`Policy` from a walked YAML document; collect every problem."""
+    p = _Problems(file)
+    if doc is None:
+        raise PolicyError("the policy is empty; it needs at least 'version: 1' and 'mounts'", file=file)
+    if not isinstance(doc, YMap):
+        raise PolicyError(f"expected a mapping at the top, got {_type_name(doc)}", file=file, line=1)
+    _check_keys(doc, _TOP_KEYS, p, None, "the policy")
+    version = doc.get("version")
+    if "version" not in doc:
+        p.add("missing 'version: 1'", line=doc.line, key="version")
+    elif version != 1 or isinstance(version, bool):
+        p.add(
+            f"unsupported version {version!r}: this snapcore reads version 1", line=doc.lines["version"], key="version"
+        )
+    state_dir = doc.get("state_dir")
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
+        p.add(f"expected an absolute path, got {_type_name(state_dir)}", line=doc.lines["state_dir"], key="state_dir")
+        state_dir = None
+    defaults = Rule(mount=FALLBACK)
+    if "defaults" in doc:
+        defaults = _parse_rule(FALLBACK, doc["defaults"], doc.lines["defaults"], defaults, p, "defaults")
+        defaults = Rule(
+            mount=FALLBACK,
+            imager=defaults.imager,
+            exporter=defaults.exporter,
+            options=defaults.options,
+            option_lines=defaults.option_lines,
+            keep=defaults.keep,
+            required=defaults.required,
+            freeze_timeout=defaults.freeze_timeout,
+            on_change=defaults.on_change,
+        )
+    rules: dict[str, Rule] = {}
+    fallback: Rule | None = None
+    mounts = doc.get("mounts")
+    if "mounts" not in doc:
+        p.add("missing 'mounts': the rules keyed by mount point", line=doc.line, key="mounts")
+    elif not isinstance(mounts, YMap):
+        p.add(
+            f"expected a mapping of mount point to rule, got {_type_name(mounts)}",
+            line=doc.lines["mounts"],
+            key="mounts",
+        )
+    else:
+        first_line: dict[str, tuple[str, int]] = {}
+        for key, value in mounts.items():
+            line = mounts.lines[key]
+            if key != FALLBACK and not key.startswith("/"):
+                p.add(f'a mount point must be an absolute path or "*", got {key!r}', line=line, mount=key, key="mounts")
+                continue
+            norm = normalize_mount_key(key)
+            if norm in first_line:
+                other, other_line = first_line[norm]
+                p.add(
+                    f"{key!r} is the same mount point as {other!r} (line {other_line})",
+                    line=line,
+                    mount=norm,
+                    key="mounts",
+                )
+                continue
+            first_line[norm] = (key, line)
+            rule = _parse_rule(norm, value, line, defaults, p, f"mount {norm}")
+            if norm == FALLBACK:
+                fallback = rule
+            else:
+                rules[norm] = rule
+    p.raise_if_any()
+    return Policy(
+        path=file,
+        version=1,
+        state_dir=state_dir,
+        rules=MappingProxyType(rules),
+        fallback=fallback,
+    )
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Load and structurally validate a policy file (no plugins needed)."""
+    file = os.fspath(path)
+    doc, _ = load_yaml(file)
+    return parse_policy(doc, file)
+
+
+# -- validation against the installed backends ----------------------------------------
+
+
+def _check_option(opt: Option, value: object) -> tuple[object, str | None]:
+    if opt.kind is OptionKind.STR:
+        return value, None if isinstance(value, str) else f"expected a string, got {_type_name(value)}"
+    if opt.kind is OptionKind.INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value, None if ok else f"expected an integer, got {_type_name(value)}"
+    if opt.kind is OptionKind.BOOL:
+        return value, None if isinstance(value, bool) else f"expected true or false, got {_type_name(value)}"
+    if opt.kind is OptionKind.PATH:
+        if isinstance(value, str) and value.startswith("/"):
+            return posixpath.normpath(value), None
+        return value, f"expected an absolute path, got {_type_name(value)}"
+    if opt.kind is OptionKind.DURATION:
+        try:
+            return parse_duration(value), None
+        except ValueError as exc:
+            return value, f"expected {exc}"
+    if opt.kind is OptionKind.CHOICE:
+        if value in opt.choices:
+            return value, None
+        hint = did_you_mean(value, opt.choices) if isinstance(value, str) else ""
+        return value, f"expected one of {', '.join(opt.choices)}, got {_type_name(value)}{hint}"
+    return value, f"unknown option kind {opt.kind}"  # pragma: no cover
+
+
+def validate_options(
+    backend: str,
+    schema: Sequence[Option],
+    given: Mapping[str, Any],
+    *,
+    file: str | None,
+    mount: str,
+    lines: Mapping[str, int],
+    default_line: int | None,
+) -> tuple[dict[str, Any], list[PolicyError]]:
+    """Check one backend's options against its schema; fill in defaults."""
+    errors: list[PolicyError] = []
+    by_name = {o.name: o for o in schema}
+    result: dict[str, Any] = {}
+    for key, value in given.items():
+        line = lines.get(f"{backend}.{key}", default_line)
+        opt = by_name.get(key)
+        if opt is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            errors.append(
+                PolicyError(
+                    f"unknown option{did_you_mean(key, by_name)}; {backend} takes: {known}",
+                    file=file,
+                    line=line,
+                    mount=mount,
+                    key=f"options.{backend}.{key}",
+                )
+            )
+            continue
+        checked, problem = _check_option(opt, value)
+        if problem:
+            errors.append(PolicyError(problem, file=file, line=line, mount=mount, key=f"options.{backend}.{key}"))
+        result[key] = checked
+    for opt in schema:
+        if opt.name not in result:
+            if opt.required and opt.name not in given:
+                errors.append(
+                    PolicyError(
+                        f"missing required option ({opt.help})",
+                        file=file,
+                        line=lines.get(backend, default_line),
+                        mount=mount,
+                        key=f"options.{backend}.{opt.name}",
+                    )
+                )
+            else:
+                result[opt.name] = opt.default
+    return result, errors
+
+
+def check_backends(policy: Policy, plugins: Any) -> list[PolicyError]:
+    """Every problem of ``policy`` against the installed backends (``plugins``)."""
+    from snapcore.plugins import Plugins
+
+    assert isinstance(plugins, Plugins)
+    errors: list[PolicyError] = []
+    rules = list(policy.rules.values()) + ([policy.fallback] if policy.fallback else [])
+    for rule in rules:
+        errors.extend(rule_problems(policy, rule, plugins))
+    return errors
+
+
+def rule_problems(policy: Policy, rule: Rule, plugins: Any) -> list[PolicyError]:
+    errors: list[PolicyError] = []
+    file = policy.path
+
+    def err(msg: str, key: str) -> None:
+        line = rule.line
+        errors.append(PolicyError(msg, file=file, line=line, mount=rule.mount, key=key))
+
+    used: list[str] = []
+    if not rule.auto:
+        for name in rule.imager:
+            if name not in plugins.backends:
+                err(plugins.unknown_message(name) + did_you_mean(name, plugins.names()), "imager")
+            elif Role.IMAGER not in plugins.info(name).roles:
+                err(f"backend {name!r} is not an imager (imagers: {', '.join(plugins.names(Role.IMAGER))})", "imager")
+            else:
+                used.append(name)
+    if rule.exporter is not None:
+        name = rule.exporter
+        if name not in plugins.backends:
+            err(plugins.unknown_message(name) + did_you_mean(name, plugins.names()), "exporter")
+        elif Role.EXPORTER not in plugins.info(name).roles:
+            exporters = ", ".join(plugins.names(Role.EXPORTER)) or "none installed"
+            err(f"backend {name!r} is not an exporter (exporters: {exporters})", "exporter")
+        else:
+            used.append(name)
+    for backend, opts in rule.options.items():
+        if backend not in plugins.backends:
+            errors.append(
+                PolicyError(
+                    plugins.unknown_message(backend) + did_you_mean(backend, plugins.names()),
+                    file=file,
+                    line=rule.option_lines.get(backend, rule.line),
+                    mount=rule.mount,
+                    key=f"options.{backend}",
+                )
+            )
+            continue
+        if not rule.auto and backend not in used:
+            errors.append(
+                PolicyError(
+                    f"options for {backend!r}, which this mount does not use "
+                    f"(imager: {', '.join(rule.imager)}; exporter: {rule.exporter or 'none'})",
+                    file=file,
+                    line=rule.option_lines.get(backend, rule.line),
+                    mount=rule.mount,
+                    key=f"options.{backend}",
+                )
+            )
+            continue
+        _, problems = validate_options(
+            backend,
+            plugins.option_schema(backend),
+            opts,
+            file=file,
+            mount=rule.mount,
+            lines=rule.option_lines,
+            default_line=rule.line,
+        )
+        errors.extend(problems)
+    # a used backend with required options that the rule does not give at all
+    for backend in used:
+        if backend not in rule.options:
+            _, problems = validate_options(
+                backend,
+                plugins.option_schema(backend),
+                {},
+                file=file,
+                mount=rule.mount,
+                lines=rule.option_lines,
+                default_line=rule.line,
+            )
+            errors.extend(problems)
+    return errors
+
+
+def resolved_options(policy: Policy, rule: Rule, backends: Iterable[str], plugins: Any) -> dict[str, Mapping[str, Any]]:
+    """The validated options (defaults filled in) of the given backends for ``rule``."""
+    result: dict[str, Mapping[str, Any]] = {}
+    for backend in backends:
+        values, problems = validate_options(
+            backend,
+            plugins.option_schema(backend),
+            rule.options.get(backend, EMPTY),
+            file=policy.path,
+            mount=rule.mount,
+            lines=rule.option_lines,
+            default_line=rule.line,
+        )
+        if problems:
+            raise PolicyProblems(problems)
+        result[backend] = MappingProxyType(values)
+    return result
+
+
+def state_dir_of(policy: Policy, override: str | None) -> Path:
+    """``--state-dir`` / ``SNAPCORE_STATE_DIR`` beat the policy's ``state_dir``."""
+    if override:
+        return Path(override)
+    env = os.environ.get("SNAPCORE_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path(policy.state_dir or DEFAULT_STATE_DIR)

@@ -1,0 +1,254 @@
+"""pytest fixtures for snapcore and its backends (opt-in: ``-p snapcore.testing``).
+
+* ``loop_fs``: a factory that makes a loop-backed ext4, xfs or btrfs filesystem in
+  a temporary directory and tears it down however the test ends (thaw, unmount,
+  detach the loop device, delete the image).
+* ``state_dir``: a private snapcore state directory.
+* ``hook_recorder``: records every hook call a plugin manager makes.
+* :func:`start_write` / :class:`WriteProbe`: a write in a subprocess, to see whether
+  a filesystem is frozen without ever blocking the test itself.
+
+Tests never freeze or snapshot a filesystem they did not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FITHAW = 0xC0045878
+
+MKFS: dict[str, tuple[list[str], str, int]] = {
+    # fstype: (mkfs command, Debian package, smallest size in MiB)
+    "ext4": (["mkfs.ext4", "-q", "-F"], "e2fsprogs", 16),
+    "ext2": (["mkfs.ext2", "-q", "-F"], "e2fsprogs", 16),
+    "xfs": (["mkfs.xfs", "-q", "-f"], "xfsprogs", 300),
+    "btrfs": (["mkfs.btrfs", "-q", "-f"], "btrfs-progs", 128),
+}
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def thaw_quietly(path: str | os.PathLike[str]) -> bool:
+    """FITHAW ``path`` if it is frozen; True when it was. Never raises."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return True
+    except OSError as exc:
+        return exc.errno != errno.EINVAL and False
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class LoopFS:
+    """A filesystem on a loop device that a test made (and will destroy)."""
+
+    fstype: str
+    image: Path
+    device: str
+    mount_point: Path
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def __fspath__(self) -> str:
+        return str(self.mount_point)
+
+    def write(self, relpath: str, data: bytes | str) -> Path:
+        path = self.mount_point / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+
+class LoopFactory:
+    """Makes loop filesystems under one temporary directory; ``close`` undoes all."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.made: list[LoopFS] = []
+
+    def __call__(
+        self,
+        fstype: str = "ext4",
+        *,
+        size_mb: int | None = None,
+        mount_point: str | os.PathLike[str] | None = None,
+        mkfs_args: tuple[str, ...] = (),
+        mount_options: str | None = None,
+    ) -> LoopFS:
+        if os.geteuid() != 0:
+            pytest.skip("loop filesystems need root")
+        if fstype not in MKFS:
+            raise ValueError(f"no mkfs recipe for {fstype!r}")
+        mkfs, package, smallest = MKFS[fstype]
+        if shutil.which(mkfs[0]) is None:
+            pytest.skip(f"{mkfs[0]} is missing: apt-get install {package}")
+        size = max(size_mb or smallest, smallest)
+        name = f"{fstype}-{uuid.uuid4().hex[:8]}"
+        image = self.base / f"{name}.img"
+        with open(image, "wb") as f:
+            f.truncate(size << 20)
+        mnt = Path(mount_point) if mount_point else self.base / name
+        mnt.mkdir(parents=True, exist_ok=True)
+        device = _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
+        fs = LoopFS(fstype=fstype, image=image, device=device, mount_point=mnt)
+        self.made.append(fs)
+        fs.cleanups.append(lambda: _detach(device))
+        _run([*mkfs, *mkfs_args, device])
+        cmd = ["mount", "-t", fstype]
+        if mount_options:
+            cmd += ["-o", mount_options]
+        _run([*cmd, device, str(mnt)])
+        fs.cleanups.append(lambda: _unmount(mnt))
+        return fs
+
+    def close(self) -> list[str]:
+        """Tear down every filesystem, newest first; returns what went wrong."""
+        problems: list[str] = []
+        for fs in reversed(self.made):
+            thaw_quietly(fs.mount_point)
+            for cleanup in reversed(fs.cleanups):
+                try:
+                    cleanup()
+                except Exception as exc:
+                    problems.append(f"{fs.mount_point}: {exc}")
+            with contextlib.suppress(OSError):
+                fs.image.unlink()
+        self.made.clear()
+        return problems
+
+
+def _unmount(mnt: Path) -> None:
+    # nested mounts made by a test go first; -R unmounts the whole tree
+    for attempt in range(20):
+        result = subprocess.run(["umount", "-R", str(mnt)], capture_output=True, text=True)
+        if result.returncode == 0 or "not mounted" in result.stderr:
+            return
+        time.sleep(0.1 * (attempt + 1))
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _detach(device: str) -> None:
+    for attempt in range(20):
+        result = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
+        if result.returncode == 0 or "No such device" in result.stderr:
+            return
+        time.sleep(0.1 * (attempt + 1))
+    raise RuntimeError(f"cannot detach {device}: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def loop_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFactory]:
+    """Factory fixture: ``loop_fs("xfs")`` → a mounted :class:`LoopFS`, torn down after."""
+    factory = LoopFactory(tmp_path_factory.mktemp("loopfs"))
+    try:
+        yield factory
+    finally:
+        problems = factory.close()
+        if problems:
+            pytest.fail("loop filesystem teardown: " + "; ".join(problems))
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A private state directory (manifests) for one test."""
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@dataclass(slots=True)
+class HookCall:
+    name: str
+    plugins: list[str]
+    kwargs: dict[str, Any]
+
+
+class HookRecorder:
+    """Records every hook call of a plugin manager (like pytester's HookRecorder)."""
+
+    def __init__(self) -> None:
+        self.calls: list[HookCall] = []
+        self._undo: Callable[[], None] | None = None
+
+    def attach(self, pm: Any) -> None:
+        def before(hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+            self.calls.append(HookCall(hook_name, [i.plugin_name for i in hook_impls], dict(kwargs)))
+
+        def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+            return None
+
+        self._undo = pm.add_hookcall_monitoring(before, after)
+
+    def names(self, *, prefix: str = "snapcore_") -> list[str]:
+        return [c.name[len(prefix) :] if c.name.startswith(prefix) else c.name for c in self.calls]
+
+    def close(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+@pytest.fixture
+def hook_recorder() -> Iterator[HookRecorder]:
+    recorder = HookRecorder()
+    yield recorder
+    recorder.close()
+
+
+class WriteProbe:
+    """A write to ``path`` in a child process; blocks there while the fs is frozen."""
+
+    def __init__(self, path: str | os.PathLike[str], data: bytes = b"probe\n") -> None:
+        code = (
+            "import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o644);"
+            "os.write(fd,sys.argv[2].encode());os.fsync(fd);os.close(fd)"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, os.fspath(path), data.decode()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def done(self, timeout: float) -> bool:
+        """True when the write finished within ``timeout`` seconds."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"write probe failed: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+        return True
+
+
+def start_write(path: str | os.PathLike[str], data: bytes = b"probe\n") -> WriteProbe:
+    return WriteProbe(path, data)
+
+
+def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> None:
+    """Fail (after thawing, so the machine survives) when ``path`` is frozen."""
+    probe = start_write(Path(path) / f".snapcore-probe-{uuid.uuid4().hex[:6]}")
+    if not probe.done(timeout):
+        thaw_quietly(path)
+        probe.done(30)
+        pytest.fail(f"{path} was left frozen")

@@ -1,0 +1,272 @@
+"""Typed records that cross the hook boundary.
+
+Every record is a frozen, slotted, keyword-only dataclass: plugins receive and
+return these, never bare dicts, so a field added later does not break them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Role(StrEnum):
+    """What a backend can do for a target."""
+
+    IMAGER = "imager"
+    EXPORTER = "exporter"
+
+
+class Consistency(StrEnum):
+    """How far an image can be trusted, stated honestly in the manifest."""
+
+    #: One point in time for the whole target (a snapshot of a device or subvolume).
+    ATOMIC = "atomic"
+    #: Copied while the filesystem was frozen: every write before, none after.
+    FS_FROZEN = "fs-frozen"
+    #: Synced and frozen at the checkpoint instant, but nothing was kept.
+    QUIESCED = "quiesced"
+    #: A snapshot taken without freezing the filesystem: as after a power cut.
+    CRASH_CONSISTENT = "crash-consistent"
+    #: A live tree copied while the tasks were frozen; the change watch judges it.
+    LIVE_COPY = "live-copy"
+
+
+class Outcome(StrEnum):
+    """How a checkpoint, or one target of it, ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Phase(StrEnum):
+    """Phases of the checkpoint transaction, in order (used in timings and errors)."""
+
+    RESOLVE = "resolve"
+    SELECT = "select"
+    PREPARE = "prepare"
+    BEFORE_FREEZE = "before_freeze"
+    FREEZE = "freeze"
+    SNAPSHOT = "snapshot"
+    THAW = "thaw"
+    AFTER_THAW = "after_thaw"
+    PAYLOAD = "payload"
+    EXPORT = "export"
+    DISCARD = "discard"
+    MANIFEST = "manifest"
+    END = "end"
+
+
+class OptionKind(StrEnum):
+    """Value types a backend option may declare."""
+
+    STR = "string"
+    INT = "integer"
+    BOOL = "boolean"
+    PATH = "absolute path"
+    DURATION = "duration"
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mount:
+    """One line of ``/proc/self/mountinfo``, enriched with the device behind it."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    mount_options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+    #: Block device node (``/dev/loop3``), when the filesystem sits on one.
+    devnode: str | None = None
+    #: Backing file of a loop device.
+    loop_backing_file: str | None = None
+    #: device-mapper name and uuid (``vg-lv``, ``LVM-...``).
+    dm_name: str | None = None
+    dm_uuid: str | None = None
+
+    @property
+    def dev(self) -> int:
+        """The ``st_dev`` of files on this mount."""
+        return os.makedev(self.major, self.minor)
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.mount_options
+
+    def super_option(self, name: str) -> str | None:
+        """Value of a superblock option such as btrfs ``subvol``; ``""`` for a flag."""
+        prefix = name + "="
+        for opt in self.super_options:
+            if opt == name:
+                return ""
+            if opt.startswith(prefix):
+                return opt[len(prefix) :]
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendInfo:
+    """What a backend says about itself (``snapcore_backend_info``)."""
+
+    name: str
+    roles: frozenset[Role]
+    description: str
+    #: The imager holds the live filesystem frozen from ``freeze`` to ``thaw`` and
+    #: its image is that live tree: exporters must copy it inside the window.
+    live_image: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Support:
+    """A backend's answer to ``snapcore_probe``: can it image this mount, and why."""
+
+    ok: bool
+    reason: str
+    #: Higher wins in ``auto`` selection (a snapshot beats a freeze).
+    score: int = 0
+
+    @classmethod
+    def yes(cls, reason: str, score: int = 50) -> Support:
+        return cls(ok=True, reason=reason, score=score)
+
+    @classmethod
+    def no(cls, reason: str) -> Support:
+        return cls(ok=False, reason=reason, score=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Option:
+    """One per-mount option a backend accepts under ``options: {backend: {...}}``."""
+
+    name: str
+    kind: OptionKind
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Keep:
+    """Retention for a mount: the newest ``last`` images and/or those ``within`` s."""
+
+    last: int | None = None
+    within: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """A mount with its chosen imager, optional exporter and their options."""
+
+    checkpoint_id: str
+    mount: Mount
+    imager: str
+    exporter: str | None = None
+    #: Validated options, keyed by backend name.
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: EMPTY)
+    required: bool = True
+    freeze_timeout: float = 10.0
+    keep: Keep | None = None
+    state_dir: Path = Path("/var/lib/snapcore")
+
+    def options_for(self, backend: str) -> Mapping[str, Any]:
+        """Options of one backend for this target (defaults filled in)."""
+        return self.options.get(backend, EMPTY)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``STATE/checkpoints/ID``: where this checkpoint's manifest lives."""
+        return self.state_dir / "checkpoints" / self.checkpoint_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Image:
+    """A point-in-time image an imager made (``snapcore_snapshot``)."""
+
+    backend: str
+    #: Backend-defined reference (a snapshot path, an LV name); None: nothing kept.
+    ref: str | None
+    consistency: Consistency
+    #: Where an exporter reads the image from (a snapshot path, the frozen mount).
+    path: str | None = None
+    #: The image is the live filesystem, readable only while it stays frozen.
+    live: bool = False
+    details: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "ref": self.ref,
+            "consistency": self.consistency.value,
+            "path": self.path,
+            "live": self.live,
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Image:
+        return cls(
+            backend=str(data["backend"]),
+            ref=data.get("ref"),
+            consistency=Consistency(data["consistency"]),
+            path=data.get("path"),
+            live=bool(data.get("live", False)),
+            details=MappingProxyType(dict(data.get("details") or {})),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Export:
+    """A copy of an image that an exporter wrote (``snapcore_export``)."""
+
+    backend: str
+    ref: str
+    path: str | None = None
+    details: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "ref": self.ref, "path": self.path, "details": dict(self.details)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Export:
+        return cls(
+            backend=str(data["backend"]),
+            ref=str(data["ref"]),
+            path=data.get("path"),
+            details=MappingProxyType(dict(data.get("details") or {})),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageEntry:
+    """One image found by ``snapcore_list_images`` (for ``list`` and ``prune``)."""
+
+    backend: str
+    ref: str
+    checkpoint_id: str | None
+    created: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    """The transaction as observer hooks see it."""
+
+    id: str
+    targets: tuple[Target, ...]
+    policy: str | None
+    state_dir: Path
+    started: str
