@@ -6,11 +6,11 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from snapcore.checkpoint import Payload, Selection, Transaction, check_payload
-from snapcore.checkpoint import plan as _plan
 from snapcore.manifest import Manifest
 from snapcore.plugins import Plugins, make_plugins
 from snapcore.policy import Policy, load_policy, state_dir_of
+from snapcore.transaction import Payload, Selection, Transaction, check_payload
+from snapcore.transaction import plan as _plan
 from snapcore.watchdog import Watchdog
 
 PathLike = str | os.PathLike[str]

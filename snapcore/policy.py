@@ -140,7 +140,10 @@ def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         bad_line = mark.line + 1 if mark else None
-        raise PolicyError(f"YAML syntax error: {exc.problem or exc}", file=name, line=bad_line) from None
+        context = ""
+        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+            context = f" ({exc.context} that starts on line {exc.context_mark.line + 1})"
+        raise PolicyError(f"YAML syntax error: {exc.problem or exc}{context}", file=name, line=bad_line) from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"YAML error: {exc}", file=name) from None
     if node is None:
@@ -162,6 +165,8 @@ class Rule:
     exporter: str | None = None
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: EMPTY)
     option_lines: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    #: Line of each key of this rule, for messages about the key.
+    key_lines: Mapping[str, int] = field(default_factory=lambda: EMPTY)
     keep: Keep | None = None
     required: bool = True
     freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT
@@ -361,6 +366,7 @@ def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Prob
         exporter=values.get("exporter", base.exporter),
         options=values.get("options", base.options),
         option_lines=values.get("option_lines", base.option_lines),
+        key_lines=MappingProxyType(dict(lines)),
         keep=values.get("keep", base.keep),
         required=values.get("required", base.required),
         freeze_timeout=values.get("freeze_timeout", base.freeze_timeout),
@@ -577,7 +583,7 @@ def rule_problems(policy: Policy, rule: Rule, plugins: Any) -> list[PolicyError]
     file = policy.path
 
     def err(msg: str, key: str) -> None:
-        line = rule.line
+        line = rule.key_lines.get(key, rule.line)
         errors.append(PolicyError(msg, file=file, line=line, mount=rule.mount, key=key))
 
     used: list[str] = []

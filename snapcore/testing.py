@@ -72,6 +72,9 @@ class LoopFS:
     def __fspath__(self) -> str:
         return str(self.mount_point)
 
+    def __str__(self) -> str:
+        return str(self.mount_point)
+
     def write(self, relpath: str, data: bytes | str) -> Path:
         path = self.mount_point / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,8 @@ class LoopFactory:
         problems: list[str] = []
         for fs in reversed(self.made):
             thaw_quietly(fs.mount_point)
+        problems += reap_probes()
+        for fs in reversed(self.made):
             for cleanup in reversed(fs.cleanups):
                 try:
                     cleanup()
@@ -219,6 +224,7 @@ class WriteProbe:
     """A write to ``path`` in a child process; blocks there while the fs is frozen."""
 
     def __init__(self, path: str | os.PathLike[str], data: bytes = b"probe\n") -> None:
+        self.path = os.fspath(path)
         code = (
             "import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o644);"
             "os.write(fd,sys.argv[2].encode());os.fsync(fd);os.close(fd)"
@@ -229,16 +235,36 @@ class WriteProbe:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        _PROBES.append(self)
 
     def done(self, timeout: float) -> bool:
         """True when the write finished within ``timeout`` seconds."""
         try:
-            self.proc.wait(timeout)
+            _, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             return False
+        if self in _PROBES:
+            _PROBES.remove(self)
         if self.proc.returncode != 0:
-            raise RuntimeError(f"write probe failed: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            raise RuntimeError(f"write probe failed: {err.decode(errors='replace')}")
         return True
+
+
+_PROBES: list[WriteProbe] = []
+
+
+def reap_probes(timeout: float = 20.0) -> list[str]:
+    """Wait for write probes a test left behind (after thawing), so none lingers."""
+    problems = []
+    for probe in list(_PROBES):
+        try:
+            probe.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            probe.proc.kill()
+            probe.proc.communicate()
+            problems.append(f"write probe {probe.path} never finished: a filesystem stayed frozen")
+        _PROBES.remove(probe)
+    return problems
 
 
 def start_write(path: str | os.PathLike[str], data: bytes = b"probe\n") -> WriteProbe:
@@ -252,3 +278,20 @@ def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> Non
         thaw_quietly(path)
         probe.done(30)
         pytest.fail(f"{path} was left frozen")
+
+
+@pytest.fixture(scope="session")
+def qemu_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Session fixture: a :class:`snapcore.vm.TestVM` (Debian's kernel under qemu).
+
+    Each ``vm.run(cmd)`` / ``vm.pytest(args)`` is one boot; batch scenarios into one
+    call (``vm.pytest`` with the same args reuses the boot). Skips, with the reason,
+    only where qemu, the kernel or vng cannot be found.
+    """
+    from snapcore.vm import TestVM, VMUnavailable
+
+    try:
+        vm = TestVM(workdir=tmp_path_factory.mktemp("vm"))
+    except VMUnavailable as exc:
+        pytest.skip(str(exc))
+    yield vm

@@ -6,7 +6,7 @@ always) → after_thaw → payload → export → manifest → checkpoint_end.
 
 Any failure thaws everything, discards what this checkpoint made, and still writes
 a manifest that says what failed. Tasks (freezing processes, open-file inventory)
-join in a later step: :meth:`Transaction._open` and the window are their seams.
+join in a later step: :meth:`Transaction._resolve` and the window are their seams.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def select(plugins: Plugins, mount: Mount, rule: Rule) -> Selection:
     for name in imagers:
         sel.answers[name] = plugins.probe(name, mount)
     if rule.auto:
-        usable = [(a.score, n) for n, a in sel.answers.items() if a is not None and a.ok]
+        # a score of 0 means "usable when named, never chosen by auto" (``none``)
+        usable = [(a.score, n) for n, a in sel.answers.items() if a is not None and a.ok and a.score > 0]
         if usable:
             sel.imager = max(usable, key=lambda s: (s[0], [-ord(c) for c in s[1]]))[1]
     else:
@@ -248,8 +249,9 @@ class Transaction:
 
     def run(self, payload: Payload | None = None) -> Manifest:
         """The whole checkpoint in one call; raises :class:`CheckpointFailed` on failure."""
+        self._resolve()
         try:
-            self._open()
+            self._prepare_all()
             with self._window():
                 pass
             self._after_window(payload)
@@ -271,8 +273,9 @@ class Transaction:
         any exit the targets are thawed, exports run, and the manifest is written.
         An exception from the body fails the checkpoint and is re-raised.
         """
+        self._resolve()
         try:
-            self._open()
+            self._prepare_all()
             with self._window():
                 yield self
             self._after_window(None)
@@ -295,8 +298,13 @@ class Transaction:
     def _phase(self, phase: Phase, start: float) -> None:
         self.manifest.timings[phase.value] = round((time.perf_counter() - start) * 1000, 3)
 
-    def _open(self) -> None:
-        """Resolve, select and prepare. Nothing is frozen here."""
+    def _resolve(self) -> None:
+        """Resolve the targets and select their backends; changes nothing.
+
+        A problem found here is the caller's (bad policy, bad path, no usable
+        backend for a required target): it is raised as it is, exit code 2, and no
+        manifest is written, since no checkpoint was attempted.
+        """
         t = time.perf_counter()
         problems = check_backends(self.policy, self.plugins)
         if problems:
@@ -358,6 +366,9 @@ class Transaction:
         )
         self._phase(Phase.SELECT, t)
 
+    def _prepare_all(self) -> None:
+        """Prepare every target. Nothing is frozen here."""
+        path = manifest_path(self.state_dir, self.id)
         # the manifest's directory is made now: a state dir we cannot write to must
         # fail before anything is frozen, not after
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -375,6 +386,7 @@ class Transaction:
         if not self.active:
             raise SnapcoreError("no target left to checkpoint")
         self.deadline_s = min(r.target.freeze_timeout for r in self.active)
+        self.watchdog.start()
         width = max((len(level) for level in self.levels), default=1)
         if width > 1:
             self._pool = ThreadPoolExecutor(max_workers=min(width, 64), thread_name_prefix="snapcore")
@@ -573,9 +585,12 @@ class Transaction:
                 record.consistency = image.consistency.value
                 record.image = image.ref
             record.image_record = image.to_json()
+            # a backend's warnings about its image (e.g. btrfs: nested subvolumes left out)
+            record.warnings.extend(str(w) for w in image.details.get("warnings") or ())
         if run.export is not None:
             record.export = run.export.ref
             record.export_record = run.export.to_json()
+            record.warnings.extend(str(w) for w in run.export.details.get("warnings") or ())
         record.outcome = Outcome.OK.value
 
     def _run_payload(self, payload: Payload) -> None:
@@ -631,6 +646,7 @@ class Transaction:
             run.image = None
 
     def _close(self) -> None:
+        self.watchdog.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -136,7 +136,8 @@ class Support:
 
     ok: bool
     reason: str
-    #: Higher wins in ``auto`` selection (a snapshot beats a freeze).
+    #: Higher wins in ``auto`` selection (a snapshot beats a freeze); 0 means
+    #: usable when a policy names the backend, never chosen by ``auto``.
     score: int = 0
 
     @classmethod
@@ -259,6 +260,9 @@ class ImageEntry:
     ref: str
     checkpoint_id: str | None
     created: float | None = None
+    #: Health problems a person must see in ``list`` (an overflowed, invalid dm
+    #: snapshot; a COW nearly full); empty when the image is fine.
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapcore.plugins import Plugins, make_plugins
+
+
+@pytest.fixture(autouse=True)
+def core_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core's tests run with the core's plugins and fsfreeze alone, whatever else
+    is installed: other backends are tested by their own distributions."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze")
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    """A fresh plugin manager with every installed backend."""
+    return make_plugins()
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> Iterator[object]:
+    """Write a policy file and return its path: ``write_policy(text, name=...)``."""
+    counter = iter(range(1000))
+
+    def write(text: str | bytes, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"policy-{next(counter)}.yaml")
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return path
+
+    yield write
+
+
+@pytest.fixture
+def root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
