@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from snapcore.manifest import Manifest
 from snapcore.plugins import Plugins, make_plugins
@@ -31,6 +32,7 @@ def _transaction(
     state_dir: PathLike | None,
     plugins: Plugins | None,
     watchdog: Watchdog | None,
+    run_dir: PathLike | None = None,
 ) -> Transaction:
     pol = _policy(policy)
     return Transaction(
@@ -38,6 +40,7 @@ def _transaction(
         pol,
         paths,
         state_dir=state_dir_of(pol, os.fspath(state_dir) if state_dir else None),
+        run_dir=Path(run_dir) if run_dir else None,
         checkpoint_id=checkpoint_id,
         watchdog=watchdog,
     )
@@ -52,6 +55,7 @@ def checkpoint(
     payload: Payload | None = None,
     plugins: Plugins | None = None,
     watchdog: Watchdog | None = None,
+    run_dir: PathLike | None = None,
 ) -> Manifest:
     """Checkpoint the mounts holding ``paths`` (and/or the policy's mounts).
 
@@ -63,7 +67,7 @@ def checkpoint(
     failure, with every target thawed and partial images discarded.
     """
     check_payload(payload)
-    return _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog).run(payload)
+    return _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir).run(payload)
 
 
 @contextmanager
@@ -75,6 +79,7 @@ def hold(
     state_dir: PathLike | None = None,
     plugins: Plugins | None = None,
     watchdog: Watchdog | None = None,
+    run_dir: PathLike | None = None,
 ) -> Iterator[Transaction]:
     """Hold the targets imaged and frozen for the body of a ``with`` block.
 
@@ -82,7 +87,7 @@ def hold(
     frozen target from it. On any exit everything is thawed; the deadline
     (``freeze_timeout``) thaws it even if the body hangs.
     """
-    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog)
+    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir)
     with txn.hold() as held:
         yield held
 

@@ -78,14 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("restore", help="bring a checkpoint's images back")
-    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
+    p.add_argument(
+        "--from", dest="from_dir", metavar="EXPORT_DIR", help="restore from an export directory alone (instead of ID)"
+    )
     p.add_argument("--mount", metavar="M", help="only this mount point")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
     where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
 
     p = sub.add_parser("verify", help="images and exports still there and intact")
-    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
+    p.add_argument("--from", dest="from_dir", metavar="EXPORT_DIR", help="verify an export directory (instead of ID)")
+
+    p = sub.add_parser("prune", help="apply each mount's keep: remove old images through their backends")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+    sub.add_parser("recover", help="thaw and clean up after a crash, from the journal")
 
     p = sub.add_parser("policy", help="policy tools")
     policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
@@ -124,6 +133,24 @@ def _state_dir(args: argparse.Namespace, policy: Policy | None = None) -> Path:
     from snapcore.policy import Policy, state_dir_of
 
     return state_dir_of(policy or Policy.default(), args.state_dir)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir or os.environ.get("SNAPCORE_RUN_DIR") or DEFAULT_RUN_DIR)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from snapcore.journal import recover
+
+    _require_root("snapcore recover")
+    report = recover(_run_dir(args), _plugins(args))
+    if not report:
+        print("nothing to recover")
+    for checkpoint_id, done in report:
+        print(f"checkpoint {checkpoint_id}: marked failed")
+        for line in done:
+            print(f"  {line}")
+    return ExitCode.OK
 
 
 def _require_root(what: str) -> None:
@@ -165,7 +192,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from snapcore.checkpoint import plan
+    from snapcore.transaction import plan
 
     plugins = _plugins(args)
     policy = _policy(args)
@@ -219,7 +246,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
-    from snapcore.checkpoint import Transaction, check_payload
+    from snapcore.transaction import Transaction, check_payload
 
     _require_root("snapcore checkpoint")
     plugins = _plugins(args)
@@ -227,7 +254,14 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     if not args.paths and policy.path is None:
         raise UsageError("nothing to checkpoint: give PATHs, or a --policy that names mounts")
     check_payload(command)
-    txn = Transaction(plugins, policy, args.paths, state_dir=_state_dir(args, policy), checkpoint_id=args.checkpoint_id)
+    txn = Transaction(
+        plugins,
+        policy,
+        args.paths,
+        state_dir=_state_dir(args, policy),
+        run_dir=_run_dir(args),
+        checkpoint_id=args.checkpoint_id,
+    )
     try:
         manifest = txn.run(command)
     except CheckpointFailed as exc:
@@ -286,11 +320,19 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _records(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
-    from snapcore.manifest import load
+    from snapcore.manifest import MANIFEST_NAME, load, read_manifest
 
     state_dir = _state_dir(args)
-    manifest = load(state_dir, args.checkpoint_id)
-    records = [t for t in manifest.targets if t.outcome == "ok"]
+    from_dir = getattr(args, "from_dir", None)
+    if (args.checkpoint_id is None) == (from_dir is None):
+        raise UsageError(f"give a checkpoint ID or --from EXPORT_DIR (see 'snapcore {args.command} --help')")
+    if from_dir is not None:
+        # an export carries a copy of its manifest: restore on a host that never saw the checkpoint
+        manifest = read_manifest(Path(from_dir) / MANIFEST_NAME)
+        records = [t for t in manifest.targets if t.outcome == "ok" and t.export_record]
+    else:
+        manifest = load(state_dir, args.checkpoint_id)
+        records = [t for t in manifest.targets if t.outcome == "ok"]
     mount = getattr(args, "mount", None)
     if mount:
         records = [t for t in records if t.mount == os.path.normpath(mount)]
@@ -299,6 +341,16 @@ def _records(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
     if not records:
         raise SnapcoreError(f"checkpoint {manifest.id} has no good image to use (outcome {manifest.outcome})")
     return manifest, records, state_dir
+
+
+def _from_dir(args: argparse.Namespace, export: Any) -> Any:
+    """With ``--from``, the export is wherever its directory is now: ``Export.path``
+    names the directory that holds the manifest copy (the exporters' contract)."""
+    if export is None or not getattr(args, "from_dir", None):
+        return export
+    import dataclasses
+
+    return dataclasses.replace(export, path=os.path.abspath(args.from_dir))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -311,7 +363,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     table = MountTable.read()
     for record in records:
         target = target_of(manifest, record, state_dir, table)
-        image, export = image_of(record), export_of(record)
+        image, export = image_of(record), _from_dir(args, export_of(record))
         backend = record.exporter if export is not None and record.exporter else record.imager
         if backend is None:
             raise SnapcoreError(f"{record.mount}: nothing to restore from")
@@ -335,9 +387,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for record in records:
         target = target_of(manifest, record, state_dir, table)
-        image, export = image_of(record), export_of(record)
+        image, export = image_of(record), _from_dir(args, export_of(record))
         found: list[str] = []
-        if record.imager and image is not None and image.ref is not None:
+        if record.imager and image is not None and image.ref is not None and not args.from_dir:
             found += plugins.verify(record.imager, target, image, None)
         if record.exporter and export is not None:
             found += plugins.verify(record.exporter, target, image, export)
@@ -347,6 +399,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"  {p}")
     if problems:
         raise SnapcoreError(f"checkpoint {manifest.id}: {len(problems)} problem(s) found")
+    return ExitCode.OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from snapcore.retention import describe, prune
+
+    if not args.dry_run:
+        _require_root("snapcore prune")
+    report = prune(_state_dir(args), _plugins(args), dry_run=args.dry_run)
+    for line in describe(report, args.dry_run):
+        print(line)
+    if report.errors:
+        raise SnapcoreError(f"prune: {len(report.errors)} image(s) could not be removed")
     return ExitCode.OK
 
 
@@ -392,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "show": cmd_show,
             "restore": cmd_restore,
             "verify": cmd_verify,
+            "recover": cmd_recover,
+            "prune": cmd_prune,
             "policy": cmd_policy_check,
         }
         return int(handlers[args.command](args))

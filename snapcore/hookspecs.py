@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         Mount,
         Option,
         Outcome,
+        Rescue,
         Role,
         Support,
         Target,
@@ -114,6 +115,26 @@ def snapcore_prepare(target: Target, role: Role) -> None:
 
     **Raises**: the checkpoint fails before any freeze (or the target is skipped
     with a warning when it is not ``required``).
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_rescue(target: Target) -> Rescue | None:
+    """Say how another process can thaw ``target`` if the controller dies.
+
+    **When**: on the selected imager, once per target, after ``prepare`` and before
+    anything is frozen. The answer goes to the guard process (which thaws on the
+    controller's death or at the deadline) and to the journal (for ``snapcore
+    recover`` after a crash).
+
+    **Returns**: a :class:`~snapcore.types.Rescue` (FITHAW on the mount, or a
+    command such as ``dmsetup resume``); ``None`` when ``freeze`` holds nothing
+    that outlives the controller (a btrfs snapshot freezes nothing).
+
+    **Must not**: freeze or change anything.
+
+    **Raises**: the checkpoint fails before any freeze: a freeze nobody else could
+    undo is not taken.
     """
 
 

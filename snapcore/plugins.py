@@ -30,6 +30,7 @@ from snapcore.types import (
     Mount,
     Option,
     Outcome,
+    Rescue,
     Role,
     Support,
     Target,
@@ -209,6 +210,12 @@ class Plugins:
 
     def prepare(self, name: str, target: Target, role: Role) -> None:
         self._one(name, "snapcore_prepare")(target=target, role=role)
+
+    def rescue(self, name: str, target: Target) -> Rescue | None:
+        if not self.implements(name, "snapcore_rescue"):
+            return None
+        result: Rescue | None = self._one(name, "snapcore_rescue")(target=target)
+        return result
 
     def freeze(self, name: str, target: Target) -> None:
         self._one(name, "snapcore_freeze")(target=target)

@@ -32,6 +32,8 @@ from snapcore.errors import (
     UnsupportedMount,
     UsageError,
 )
+from snapcore.journal import Journal, recover, secure_dir
+from snapcore.locks import MountLock
 from snapcore.manifest import (
     Manifest,
     TargetRecord,
@@ -57,11 +59,12 @@ from snapcore.types import (
     Mount,
     Outcome,
     Phase,
+    Rescue,
     Role,
     Support,
     Target,
 )
-from snapcore.watchdog import ThreadWatchdog, Watchdog
+from snapcore.watchdog import ProcessWatchdog, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,7 @@ class TargetRun:
     export: Export | None = None
     frozen: bool = False
     dropped: bool = False
+    rescue: Rescue | None = None
     prepared: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -222,6 +226,7 @@ class Transaction:
         paths: Sequence[str | os.PathLike[str]] = (),
         *,
         state_dir: Path,
+        run_dir: Path | None = None,
         checkpoint_id: str | None = None,
         watchdog: Watchdog | None = None,
         table: MountTable | None = None,
@@ -230,8 +235,11 @@ class Transaction:
         self.policy = policy
         self.paths = list(paths)
         self.state_dir = state_dir
+        self.run_dir = run_dir or default_run_dir()
         self.id = check_checkpoint_id(checkpoint_id) if checkpoint_id else new_checkpoint_id()
-        self.watchdog: Watchdog = watchdog or ThreadWatchdog()
+        self.journal = Journal(self.run_dir, self.id)
+        self.watchdog: Watchdog = watchdog or ProcessWatchdog(record=str(self.journal.guard_record))
+        self.locks: list[MountLock] = []
         self.table = table
         self.runs: list[TargetRun] = []
         self.levels: list[list[TargetRun]] = []
@@ -249,7 +257,7 @@ class Transaction:
 
     def run(self, payload: Payload | None = None) -> Manifest:
         """The whole checkpoint in one call; raises :class:`CheckpointFailed` on failure."""
-        self._resolve()
+        self._resolve_or_stop()
         try:
             self._prepare_all()
             with self._window():
@@ -273,7 +281,7 @@ class Transaction:
         any exit the targets are thawed, exports run, and the manifest is written.
         An exception from the body fails the checkpoint and is re-raised.
         """
-        self._resolve()
+        self._resolve_or_stop()
         try:
             self._prepare_all()
             with self._window():
@@ -297,6 +305,15 @@ class Transaction:
 
     def _phase(self, phase: Phase, start: float) -> None:
         self.manifest.timings[phase.value] = round((time.perf_counter() - start) * 1000, 3)
+
+    def _resolve_or_stop(self) -> None:
+        # the guard process starts first: its start-up overlaps resolving and preparing
+        self.watchdog.start()
+        try:
+            self._resolve()
+        except BaseException:
+            self.watchdog.stop()
+            raise
 
     def _resolve(self) -> None:
         """Resolve the targets and select their backends; changes nothing.
@@ -367,11 +384,24 @@ class Transaction:
         self._phase(Phase.SELECT, t)
 
     def _prepare_all(self) -> None:
-        """Prepare every target. Nothing is frozen here."""
+        """Recover crashed checkpoints, lock, journal, prepare. Nothing is frozen here."""
         path = manifest_path(self.state_dir, self.id)
         # the manifest's directory is made now: a state dir we cannot write to must
         # fail before anything is frozen, not after
+        secure_dir(self.state_dir)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_dir(self.run_dir)
+        self._check_run_dir()
+        for checkpoint_id, done in recover(self.run_dir, self.plugins):
+            what = "; ".join(done) or "nothing left"
+            self.manifest.warnings.append(f"recovered crashed checkpoint {checkpoint_id}: {what}")
+        for run in self.runs:
+            lock = MountLock(self.run_dir, run.mount_point, self.id)
+            lock.acquire()
+            self.locks.append(lock)
+        self.journal.open(state_dir=str(self.state_dir), started=self.manifest.started)
+        for run in self.runs:
+            self.journal.record("target", key=run.mount_point, record=run.record.to_json())
 
         t = time.perf_counter()
         for run in self.runs:
@@ -382,6 +412,13 @@ class Transaction:
                     run.record.error = _describe(exc)
                     raise
                 self._drop(run, Phase.PREPARE, exc)
+        rescues = {}
+        for run in self.active:
+            rescue = self.plugins.rescue(run.target.imager, run.target)
+            run.rescue = rescue
+            if rescue is not None:
+                rescues[run.mount_point] = rescue
+        self.watchdog.watch(rescues)
         self._phase(Phase.PREPARE, t)
         if not self.active:
             raise SnapcoreError("no target left to checkpoint")
@@ -399,6 +436,18 @@ class Transaction:
         futures = [self._pool.submit(barrier.wait, 5.0) for _ in range(min(n, 64))]
         for f in futures:
             f.result()
+
+    def _check_run_dir(self) -> None:
+        """The journal is written inside the window: never on a mount we freeze."""
+        from snapcore.mounts import mount_id_of
+
+        run_mount = mount_id_of(self.run_dir)
+        for run in self.runs:
+            if run.target.mount.mount_id == run_mount:
+                raise UsageError(
+                    f"the run directory {self.run_dir} is on {run.mount_point}, which this checkpoint freezes: "
+                    "put it elsewhere (--run-dir or SNAPCORE_RUN_DIR; /run/snapcore by default)"
+                )
 
     def _prepare(self, run: TargetRun) -> None:
         t = time.perf_counter()
@@ -454,7 +503,18 @@ class Transaction:
         if self.expired:
             raise DeadlineExceeded(f"freeze_timeout ({self.deadline_s:g}s) passed before {run.mount_point} froze")
         t = time.perf_counter()
-        self.plugins.freeze(run.target.imager, run.target)
+        if run.rescue is not None:
+            # intent first: a controller that dies from here on leaves a record
+            self.journal.record("freeze", key=run.mount_point, rescue=run.rescue.to_json())
+            self.watchdog.freezing(run.mount_point)
+        try:
+            self.plugins.freeze(run.target.imager, run.target)
+        except BaseException:
+            if run.rescue is not None:
+                # not frozen by us (EBUSY: by someone else): nobody may thaw it for us
+                self.journal.record("thawed", key=run.mount_point, failed=True)
+                self.watchdog.thawed(run.mount_point)
+            raise
         with run.lock:
             run.frozen = True
             late = self.expired
@@ -464,7 +524,9 @@ class Transaction:
 
     def _snapshot_one(self, run: TargetRun) -> None:
         t = time.perf_counter()
+        self.journal.record("snapshot", key=run.mount_point)
         run.image = self.plugins.snapshot(run.target.imager, run.target)
+        self.journal.record("image", key=run.mount_point, image=run.image.to_json())
         run.time(Phase.SNAPSHOT, t)
 
     def _export_one(self, run: TargetRun) -> None:
@@ -485,6 +547,9 @@ class Transaction:
         t = time.perf_counter()
         try:
             self.plugins.thaw(run.target.imager, run.target)
+            if run.rescue is not None:
+                self.journal.record("thawed", key=run.mount_point)
+                self.watchdog.thawed(run.mount_point)
         except BaseException as exc:
             run.record.error = f"thaw failed, the filesystem may still be frozen: {_describe(exc)}"
             log.error("%s: thaw failed: %s", run.mount_point, _describe(exc))
@@ -643,10 +708,11 @@ class Transaction:
                 self.plugins.discard(run.target.imager, run.target, run.image, None)
             except Exception as exc:
                 run.record.warnings.append(f"discarding the image failed: {_describe(exc)}")
+            else:
+                self.journal.record("discarded", key=run.mount_point)
             run.image = None
 
     def _close(self) -> None:
-        self.watchdog.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -664,11 +730,21 @@ class Transaction:
                 self.manifest.outcome = Outcome.FAILED.value
                 self.manifest.error = str(self._failure)
         self._phase(Phase.MANIFEST, t)
+        # the manifest is written: nothing is left for a recovery to do
+        self.journal.close(self.manifest.outcome)
+        self.watchdog.stop()
+        for lock in self.locks:
+            lock.release()
+        self.locks.clear()
         if self.info is not None:
             try:
                 self.plugins.checkpoint_end(self.info, Outcome(self.manifest.outcome), self.manifest)
             except Exception as exc:
                 log.warning("checkpoint_end raised %s", _describe(exc))
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("SNAPCORE_RUN_DIR") or "/run/snapcore")
 
 
 def check_payload(payload: Payload | None) -> None:

@@ -161,6 +161,31 @@ class Option:
     choices: tuple[str, ...] = ()
 
 
+class RescueKind(StrEnum):
+    """How a process other than the controller thaws a target."""
+
+    #: FITHAW on a directory of the mount (the guard opens it before the freeze).
+    FITHAW = "fithaw"
+    #: Run a command (e.g. ``dmsetup resume NAME``).
+    COMMAND = "command"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rescue:
+    """What the out-of-process guard and ``snapcore recover`` do to thaw a target."""
+
+    kind: RescueKind
+    path: str | None = None
+    argv: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "path": self.path, "argv": list(self.argv)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rescue:
+        return cls(kind=RescueKind(data["kind"]), path=data.get("path"), argv=tuple(data.get("argv") or ()))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Keep:
     """Retention for a mount: the newest ``last`` images and/or those ``within`` s."""

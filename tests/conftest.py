@@ -10,10 +10,14 @@ from snapcore.plugins import Plugins, make_plugins
 
 
 @pytest.fixture(autouse=True)
-def core_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def core_backends_only(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The core's tests run with the core's plugins and fsfreeze alone, whatever else
-    is installed: other backends are tested by their own distributions."""
+    is installed: other backends are tested by their own distributions. Each test
+    has its own run directory (journal, locks)."""
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze")
+    run_dir = tmp_path_factory.mktemp("run")
+    run_dir.chmod(0o700)
+    monkeypatch.setenv("SNAPCORE_RUN_DIR", str(run_dir))
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from snapcore import (
     Mount,
     Option,
     OptionKind,
+    Rescue,
+    RescueKind,
     Role,
     Support,
     Target,
@@ -67,6 +69,11 @@ def snapcore_prepare(target: Target, role: Role) -> None:
             syncfs(target.mount.mount_point)
         except OSError as exc:
             raise BackendError(f"syncfs failed: {exc.strerror}", mount=target.mount.mount_point, backend=NAME) from exc
+
+
+@hookimpl
+def snapcore_rescue(target: Target) -> Rescue:
+    return Rescue(kind=RescueKind.FITHAW, path=target.mount.mount_point)
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""snapcore backends for btrfs: read-only subvolume snapshots and send/receive exports."""

@@ -1,0 +1,125 @@
+"""pluggy hooks of the ``btrfs-send`` exporter; the work is in :mod:`.send`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapcore import BackendInfo, Export, Image, Option, OptionKind, Role, Target, hookimpl
+from snapcore_btrfs import backend, send
+from snapcore_btrfs.send import NAME, fail
+
+
+@hookimpl
+def snapcore_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        roles=frozenset({Role.EXPORTER}),
+        description="btrfs send stream of a btrfs snapshot (optionally zstd), incremental against the last export",
+    )
+
+
+@hookimpl
+def snapcore_option_schema() -> Sequence[Option]:
+    return (
+        Option(
+            name="dest",
+            kind=OptionKind.PATH,
+            help="directory for the streams (default: STATE/checkpoints/ID/exports/btrfs-send); "
+            "share it between checkpoints to get incremental streams",
+        ),
+        Option(name="compress", kind=OptionKind.CHOICE, default="none", choices=("none", "zstd"), help="compression"),
+        Option(
+            name="incremental",
+            kind=OptionKind.BOOL,
+            default=True,
+            help="send against the previous export of the same mount (-p) when its snapshot still exists",
+        ),
+    )
+
+
+@hookimpl
+def snapcore_prepare(target: Target, role: Role) -> None:
+    if target.imager != backend.NAME:
+        raise fail(
+            f"btrfs-send exports btrfs snapshots, not images of {target.imager!r}: use 'imager: btrfs'",
+            target.mount.mount_point,
+        )
+    send.need_tools(str(target.options_for(NAME).get("compress") or "none"))
+
+
+def _dest(target: Target, export: Export | None = None) -> Path:
+    if export is not None and export.path:
+        return Path(export.path)
+    dest = target.options_for(NAME).get("dest")
+    return Path(dest) if dest else target.checkpoint_dir / "exports" / NAME
+
+
+@hookimpl
+def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
+    if image.path is None:
+        raise fail("the image has no path to send", target.mount.mount_point)
+    opts = target.options_for(NAME)
+    record, notes = send.export(
+        checkpoint_id=target.checkpoint_id,
+        mount=target.mount.mount_point,
+        snapshot=Path(image.path),
+        dest=dest,
+        compress=str(opts.get("compress") or "none"),
+        incremental=bool(opts.get("incremental", True)),
+    )
+    return Export(
+        backend=NAME,
+        ref=os.fspath(dest / record.stream),
+        path=os.fspath(dest),
+        details={
+            "parent": record.parent,
+            "chain": list(record.chain),
+            "size": record.size,
+            "sha256": record.sha256,
+            "compress": record.compress,
+            "warnings": notes,
+        },
+    )
+
+
+@hookimpl
+def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
+    if export is None:
+        return
+    send.discard(_dest(target, export), target.checkpoint_id)
+
+
+@hookimpl
+def snapcore_restore(
+    target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
+) -> str:
+    mp = target.mount.mount_point
+    if export is None:
+        raise fail("the checkpoint has no btrfs-send export", mp)
+    where = _dest(target, export)
+    record = send.load(where, target.checkpoint_id, mp)
+    if in_place:
+        problems = send.check_chain(where, record)
+        if problems:
+            raise fail("cannot restore: " + "; ".join(problems), mp)
+        return backend.rollback(
+            target.mount,
+            target.checkpoint_id,
+            receive=lambda staging: send.receive(where, record, staging, mp),
+        )
+    if dest is None:
+        raise fail("restore needs --to DIR or --in-place", mp)
+    return send.restore_to(where, record, dest, mp)
+
+
+@hookimpl
+def snapcore_verify(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
+    if export is None:
+        return []
+    where = _dest(target, export)
+    record = send.read_record(send.record_path(where, target.checkpoint_id))
+    if record is None:
+        return [f"the export record {send.record_path(where, target.checkpoint_id)} is missing"]
+    return send.verify(where, record)

@@ -1,0 +1,157 @@
+"""The CLI with btrfs mounts (checkpoint, show, verify, restore, prune) and retention."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import btrfsutil
+import pytest
+from btrfs_testlib import (  # the fixtures are used by name
+    SubvolFactory,
+    mount,
+    need,
+)
+
+import snapcore
+from snapcore.cli import main
+from snapcore.manifest import load
+from snapcore.plugins import Plugins
+from snapcore.retention import prune
+from snapcore_btrfs import backend
+
+Run = Callable[..., tuple[int, str, str]]
+
+# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+pytest_plugins = ["btrfs_fixtures"]
+
+
+@pytest.fixture
+def run(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    def call(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["--state-dir", str(state_dir), *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def test_cli_several_mounts(btrfs_subvol: SubvolFactory, run: Run, state_dir: Path) -> None:
+    a = btrfs_subvol()
+    b = btrfs_subvol(fs=a.fs, name="@b")
+    c = btrfs_subvol()
+    for sv in (a, b, c):
+        sv.write("who", sv.name)
+    code, out, err = run("checkpoint", str(a.path), str(b.path), str(c.path), "--id", "k1", "--json")
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["outcome"] == "ok" and len(manifest["targets"]) == 3
+    assert {t["imager"] for t in manifest["targets"]} == {"btrfs"}
+    code, out, _ = run("verify", "k1")
+    assert code == 0 and out.count("OK") == 3
+    code, out, _ = run("restore", "k1", "--mount", str(b.path), "--to", str(a.fs.mount_point / "back"))
+    assert code == 0 and (a.fs.mount_point / "back" / "who").read_text() == "@b"
+    # damage: an image deleted behind snapcore's back
+    backend.delete_image(c.path / ".snapshots" / "k1")
+    code, out, _ = run("verify", "k1")
+    assert code == 1 and "missing" in out
+
+
+def test_cli_bad_input(
+    btrfs_subvol: SubvolFactory, run: Run, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    ro = btrfs_subvol(ro=True)
+    policy = policy_file(f"version: 1\nmounts:\n  {ro.path}:\n    imager: btrfs\n")
+    code, _, err = run("checkpoint", "--policy", str(policy))
+    assert code == 2 and "read-only" in err
+    sv = btrfs_subvol()
+    (sv.path / "dir").mkdir()
+    bind = mount(["--bind", str(sv.path / "dir")], tmp_path / "bind", sv.fs)
+    policy = policy_file(f"version: 1\nmounts:\n  {bind}:\n    imager: btrfs\n")
+    code, _, err = run("checkpoint", "--policy", str(policy))
+    assert code == 2 and "not a subvolume" in err
+    code, _, err = run("checkpoint", str(sv.path), "--id", "ok1")
+    assert code == 0, err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code, _, err = run("restore", "ok1", "--to", str(tmp_path / "full"))
+    assert code == 1 and "not empty" in err
+    assert (tmp_path / "full" / "x").read_text() == "x"
+    code, _, err = run("restore", "ok1", "--in-place", "--mount", str(sv.fs.mount_point))
+    assert code == 2
+
+
+def _keep_policy(policy_file: Callable[[str], Path], mp: Path, keep: str, exporter: str = "") -> Path:
+    return policy_file(f"version: 1\nmounts:\n  {mp}:\n    imager: btrfs\n{exporter}    keep: {keep}\n")
+
+
+def test_prune_last(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    need("zstd")
+    sv = btrfs_subvol()
+    other = btrfs_subvol()
+    exporter = f"    exporter: btrfs-send\n    options:\n      btrfs-send: {{dest: {tmp_path / 's'}, compress: zstd}}\n"
+    policy = _keep_policy(policy_file, sv.path, "{last: 2}", exporter)
+    other_policy = policy_file(f"version: 1\nmounts:\n  {other.path}:\n    imager: btrfs\n")  # no keep
+    for i in range(4):
+        sv.write("n", str(i))
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=f"k{i}")
+        time.sleep(0.01)
+    snapcore.checkpoint(policy=other_policy, state_dir=state_dir, checkpoint_id="other")
+    # an image whose manifest is gone (an orphan) and a snapshot that is not snapcore's
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="orphan")
+    manifest_dir = state_dir / "checkpoints" / "orphan"
+    for p in manifest_dir.iterdir():
+        p.unlink()
+    manifest_dir.rmdir()
+    btrfsutil.create_snapshot(str(sv.path), str(sv.path / ".snapshots" / "mine"), read_only=True)
+    code, out, err = run("prune", "--dry-run")
+    assert code == 0, err
+    assert "would remove k1" in out and "would remove k0" in out and "would remove orphan" in out
+    assert "keep   k3" in out and "keep   k2" in out
+    assert f"{other.path}: no keep rule" in out
+    assert (sv.path / ".snapshots" / "k0").exists()
+    code, out, err = run("prune")
+    assert code == 0, err
+    names = sorted(p.name for p in (sv.path / ".snapshots").iterdir())
+    assert names == ["k2", "k2.snapcore.json", "k3", "k3.snapcore.json", "mine"]
+    assert not (state_dir / "checkpoints" / "k0").exists() and (state_dir / "checkpoints" / "k3").exists()
+    assert (other.path / ".snapshots" / "other").exists()
+    # exports went with their images, but k2's chain (k0, k1 streams) stays while k2/k3 need it
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.btrfs-send.json")) != []
+    assert run("restore", "k2", "--to", str(other.path / "r2"))[0] == 0
+    assert (other.path / "r2" / "n").read_text() == "2"
+    code, out, _ = run("prune")
+    assert code == 0 and "remove" not in out.replace("would remove", "")
+
+
+def test_prune_within_never_removes_the_newest(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], plugins: Plugins
+) -> None:
+    a = btrfs_subvol()
+    b = btrfs_subvol()
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {a.path}:\n    imager: btrfs\n    keep: {{within: 1h}}\n"
+        f"  {b.path}:\n    imager: btrfs\n    keep: {{last: 1}}\n"
+    )
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w1")
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w2")
+    report = prune(state_dir, plugins, now=time.time() + 3 * 3600)  # three hours later
+    removed = {(e.mount, e.checkpoint_id) for e in report.removed}
+    assert removed == {(str(a.path), "w1"), (str(b.path), "w1")}
+    assert not report.errors
+    assert not (state_dir / "checkpoints" / "w1").exists()
+    assert (a.path / ".snapshots" / "w2").exists() and (b.path / ".snapshots" / "w2").exists()
+    # a checkpoint with one target pruned and one kept is rewritten, not removed
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {a.path}:\n    imager: btrfs\n    keep: {{last: 5}}\n"
+        f"  {b.path}:\n    imager: btrfs\n    keep: {{last: 1}}\n"
+    )
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w3")
+    prune(state_dir, plugins)
+    w2 = load(state_dir, "w2")
+    assert [t.outcome for t in w2.targets] == ["ok", "pruned"]

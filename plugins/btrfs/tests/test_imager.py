@@ -1,0 +1,300 @@
+"""The ``btrfs`` imager on real loop-backed btrfs: probe, snapshot, list, discard, restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import btrfsutil
+import pytest
+from btrfs_testlib import (  # the fixtures are used by name
+    SubvolFactory,
+    mount,
+    populate,
+    tree,
+)
+
+import snapcore
+from snapcore import CheckpointFailed, Consistency
+from snapcore.mounts import MountTable
+from snapcore.plugins import Plugins
+from snapcore.testing import LoopFactory
+from snapcore_btrfs import backend
+
+# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+pytest_plugins = ["btrfs_fixtures"]
+
+
+def _mount(path: Path) -> snapcore.Mount:
+    return MountTable.read().find(path)
+
+
+def test_probe_names_the_subvolume(btrfs_subvol: SubvolFactory, plugins: Plugins) -> None:
+    sv = btrfs_subvol()
+    answer = plugins.probe("btrfs", _mount(sv.path))
+    assert answer is not None and answer.ok
+    assert "/@data" in answer.reason and "id 256" in answer.reason
+    assert answer.score > plugins.probe("fsfreeze", _mount(sv.path)).score  # type: ignore[union-attr]
+
+
+def test_probe_says_no_for_a_plain_directory(btrfs_subvol: SubvolFactory, plugins: Plugins, tmp_path: Path) -> None:
+    sv = btrfs_subvol()
+    (sv.path / "dir").mkdir()
+    bind = mount(["--bind", str(sv.path / "dir")], tmp_path / "bind", sv.fs)
+    answer = plugins.probe("btrfs", _mount(bind))
+    assert answer is not None and not answer.ok
+    assert "plain directory inside subvolume /@data" in answer.reason
+
+
+def test_probe_says_no_for_ext4_and_read_only(
+    loop_fs: LoopFactory, btrfs_subvol: SubvolFactory, plugins: Plugins
+) -> None:
+    ext4 = loop_fs("ext4")
+    answer = plugins.probe("btrfs", _mount(ext4.mount_point))
+    assert answer is not None and not answer.ok and "not btrfs" in answer.reason
+    ro = btrfs_subvol(ro=True)
+    answer = plugins.probe("btrfs", _mount(ro.path))
+    assert answer is not None and not answer.ok and "read-only" in answer.reason
+
+
+def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
+    btrfs_subvol: SubvolFactory, state_dir: Path
+) -> None:
+    sv = btrfs_subvol()
+    populate(sv.path)
+    # a writer that keeps going through the checkpoint: f<n> first, then 'last' = n
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os,sys\nd=sys.argv[1]\nn=0\nwhile True:\n"
+            " open(f'{d}/w/f{n}','w').write(str(n)*100)\n"
+            " open(f'{d}/w/.last','w').write(str(n)); os.replace(f'{d}/w/.last', f'{d}/w/last')\n"
+            " n+=1\n",
+            str(sv.path),
+        ]
+    )
+    (sv.path / "w").mkdir()
+    try:
+        while not (sv.path / "w" / "last").exists():
+            pass
+        seen: dict[str, str] = {}
+
+        def payload(_: object) -> int:
+            # runs once the image exists: it must already be the checkpoint-time tree
+            seen.update(tree(sv.path / "docs"))
+            return 0
+
+        before = tree(sv.path / "docs")
+        manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="c1", payload=payload)
+    finally:
+        writer.kill()
+        writer.wait()
+    (sv.path / "docs" / "f0.txt").write_text("changed after the checkpoint")
+    (sv.path / "docs" / "f1.txt").unlink()
+    [target] = manifest.targets
+    # btrfs cannot snapshot a frozen filesystem: a write racing with the snapshot ioctl
+    # may land with its metadata but not its data, so the label is honest about it
+    assert target.imager == "btrfs" and target.consistency == Consistency.CRASH_CONSISTENT.value
+    image = Path(target.image or "")
+    assert image == sv.path / ".snapshots" / "c1"
+    assert tree(image / "docs") == before == seen
+    assert btrfsutil.get_subvolume_read_only(str(image))
+    # the concurrent writer: names without gaps, and the complete files form a prefix
+    numbers = sorted(int(p.name[1:]) for p in (image / "w").iterdir() if p.name.startswith("f"))
+    assert numbers == list(range(len(numbers)))
+    complete = [(image / "w" / f"f{k}").read_text() == str(k) * 100 for k in numbers]
+    assert complete == sorted(complete, reverse=True)
+    assert target.timings["snapshot"] < 1000
+
+
+def test_nested_subvolumes_warned_or_recursive(btrfs_subvol: SubvolFactory, state_dir: Path, policy_file) -> None:  # type: ignore[no-untyped-def]
+    sv = btrfs_subvol()
+    btrfsutil.create_subvolume(str(sv.path / "inner"))
+    (sv.path / "inner" / "a.txt").write_text("inner")
+    (sv.path / "sub").mkdir()
+    btrfsutil.create_subvolume(str(sv.path / "sub" / "deep"))
+    (sv.path / "sub" / "deep" / "b.txt").write_text("deep")
+    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="plain")
+    [t] = manifest.targets
+    assert any("inner" in w and "sub/deep" in w and "recursive: true" in w for w in t.warnings)
+    assert os.listdir(Path(t.image or "") / "inner") == []  # only the placeholder
+    # a second checkpoint must not count the first snapshot as a nested subvolume
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n    options:\n      btrfs: {{recursive: true}}\n"
+    )
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="rec")
+    [t] = manifest.targets
+    image = Path(t.image or "")
+    assert (image / "inner" / "a.txt").read_text() == "inner"
+    assert (image / "sub" / "deep" / "b.txt").read_text() == "deep"
+    assert btrfsutil.get_subvolume_read_only(str(image / "sub" / "deep"))
+    assert os.listdir(image / ".snapshots") == ["plain"] or set(os.listdir(image / ".snapshots")) <= {
+        "plain",
+        "plain.snapcore.json",
+    }
+    assert any("one after another" in w for w in t.warnings)
+    backend.delete_image(image)
+    assert not image.exists()
+
+
+def test_several_btrfs_mounts_in_one_checkpoint_api(btrfs_subvol: SubvolFactory, state_dir: Path) -> None:
+    a = btrfs_subvol()
+    b = btrfs_subvol(fs=a.fs, name="@b")  # same filesystem, another subvolume
+    c = btrfs_subvol()  # another filesystem
+    for sv in (a, b, c):
+        sv.write("id", sv.name + str(sv.path))
+    manifest = snapcore.checkpoint([a.path, b.path, c.path], state_dir=state_dir, checkpoint_id="many")
+    assert manifest.outcome == "ok"
+    assert [t.mount for t in manifest.targets] == [str(a.path), str(b.path), str(c.path)]
+    created = []
+    for sv, t in zip((a, b, c), manifest.targets, strict=True):
+        assert t.outcome == "ok" and t.consistency == "crash-consistent" and t.imager == "btrfs"
+        assert (Path(t.image or "") / "id").read_text() == sv.name + str(sv.path)
+        assert "freeze" in t.timings
+        created.append(t.image_record["details"]["created"])  # type: ignore[index]
+    # imaged in parallel: all within a small window of each other
+    assert max(created) - min(created) < 0.5
+    assert manifest.freeze_window_ms is not None and manifest.freeze_window_ms < 1000
+
+
+def test_list_and_discard_only_what_snapcore_made(
+    btrfs_subvol: SubvolFactory, state_dir: Path, plugins: Plugins
+) -> None:
+    sv = btrfs_subvol()
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="one")
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="two")
+    # someone else's snapshot in the same directory, and one that claims a marker falsely
+    btrfsutil.create_snapshot(str(sv.path), str(sv.path / ".snapshots" / "theirs"), read_only=True)
+    btrfsutil.create_snapshot(str(sv.path), str(sv.path / ".snapshots" / "fake"), read_only=True)
+    marker = json.loads((sv.path / ".snapshots" / "one.snapcore.json").read_text())
+    (sv.path / ".snapshots" / "fake.snapcore.json").write_text(json.dumps({**marker, "checkpoint_id": "fake"}))
+    listed = plugins.list_images("btrfs", _mount(sv.path))
+    assert [e.checkpoint_id for e in listed] == ["two", "one"]
+    assert all(e.backend == "btrfs" and e.created for e in listed)
+    for name in ("theirs", "fake"):
+        with pytest.raises(snapcore.BackendError, match="not a snapshot snapcore made"):
+            backend.delete_image(sv.path / ".snapshots" / name)
+        assert (sv.path / ".snapshots" / name).exists()
+    assert backend.delete_image(sv.path / ".snapshots" / "one")
+    assert not (sv.path / ".snapshots" / "one.snapcore.json").exists()
+    assert not backend.delete_image(sv.path / ".snapshots" / "one")  # idempotent
+    assert [e.checkpoint_id for e in plugins.list_images("btrfs", _mount(sv.path))] == ["two"]
+
+
+def test_restore_to_new_and_empty_dirs(btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory) -> None:
+    sv = btrfs_subvol()
+    populate(sv.path)
+    before = tree(sv.path)
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r1")
+    (sv.path / "big.bin").unlink()
+    image = sv.path / ".snapshots" / "r1"
+    dest = sv.fs.mount_point / "restored" / "here"
+    assert "restored to" in backend.restore_to(image, dest)
+    assert tree(dest) == before
+    (dest / "new").write_text("writable")
+    empty = sv.fs.mount_point / "empty"
+    empty.mkdir()
+    backend.restore_to(image, empty)
+    assert tree(empty) == before
+    with pytest.raises(snapcore.BackendError, match="not empty"):
+        backend.restore_to(image, dest)
+    other = loop_fs("ext4")
+    with pytest.raises(snapcore.BackendError, match="not on the btrfs filesystem"):
+        backend.restore_to(image, other.mount_point / "x")
+    assert not (other.mount_point / "x").exists()
+
+
+@pytest.mark.usefixtures("no_leftover_mounts")
+def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, state_dir: Path) -> None:
+    sv = btrfs_subvol()
+    populate(sv.path)
+    btrfsutil.create_subvolume(str(sv.path / "nested"))
+    (sv.path / "nested" / "n.txt").write_text("nested stays current")
+    before = tree(sv.path, skip=(".snapshots", "nested"))
+    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r1")
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r2")
+    (sv.path / "big.bin").unlink()
+    (sv.path / "after.txt").write_text("written after")
+    (sv.path / "nested" / "n.txt").write_text("nested changed")
+    image = Path(manifest.targets[0].image or "")
+    where = backend.rollback(_mount(sv.path), "r1", image=image)
+    assert "mounted again" in where and "@data.snapcore-before-r1-" in where
+    assert tree(sv.path, skip=(".snapshots", "nested")) == before
+    assert not (sv.path / "after.txt").exists()
+    # nested subvolumes and the snapshots came along, so images stay where the manifests say
+    assert (sv.path / "nested" / "n.txt").read_text() == "nested changed"
+    assert backend.recognise(sv.path / ".snapshots" / "r1") is not None
+    assert backend.recognise(sv.path / ".snapshots" / "r2") is not None
+    aside = [n for n in os.listdir(sv.fs.mount_point) if n.startswith("@data.snapcore-before-r1-")]
+    assert len(aside) == 1
+    assert (sv.fs.mount_point / aside[0] / "after.txt").read_text() == "written after"
+
+
+@pytest.mark.usefixtures("no_leftover_mounts")
+def test_restore_in_place_busy_mount_and_refusals(
+    btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory
+) -> None:
+    sv = btrfs_subvol()
+    sv.write("a", "old")
+    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="b1")
+    sv.write("a", "new")
+    image = Path(manifest.targets[0].image or "")
+    with open(sv.path / "a") as busy:
+        where = backend.rollback(_mount(sv.path), "b1", image=image)
+        assert "busy" in where and busy.read() == "new"
+    # still the old subvolume until the next mount
+    assert (sv.path / "a").read_text() == "new"
+    subprocess.run(["umount", str(sv.path)], check=True)
+    subprocess.run(["mount", "-o", "subvol=@data", sv.fs.device, str(sv.path)], check=True)
+    assert (sv.path / "a").read_text() == "old"
+    # the top-level subvolume cannot be replaced
+    top = sv.fs.mount_point
+    manifest = snapcore.checkpoint([top], state_dir=state_dir, checkpoint_id="t1")
+    with pytest.raises(snapcore.BackendError, match="top-level subvolume"):
+        backend.rollback(_mount(top), "t1", image=Path(manifest.targets[0].image or ""))
+    # not a snapcore image
+    btrfsutil.create_snapshot(str(sv.path), str(sv.path / "foreign"), read_only=True)
+    with pytest.raises(snapcore.BackendError, match="not a snapshot snapcore made"):
+        backend.rollback(_mount(sv.path), "b1", image=sv.path / "foreign")
+
+
+def test_errors_no_space(btrfs_subvol: SubvolFactory, state_dir: Path) -> None:
+    sv = btrfs_subvol(mkfs_args=("--mixed",))
+    (sv.path / ".snapshots").mkdir()
+    with pytest.raises(OSError), open(sv.path / "fill", "wb") as f:
+        while True:
+            f.write(b"\xff" * (1 << 20))
+    with pytest.raises(CheckpointFailed, match="no space left") as info:
+        snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="full")
+    assert info.value.manifest.outcome == "failed"  # type: ignore[attr-defined]
+    assert os.listdir(sv.path / ".snapshots") == []
+
+
+def test_errors_snapshot_dir(btrfs_subvol: SubvolFactory, state_dir: Path, policy_file, loop_fs: LoopFactory) -> None:  # type: ignore[no-untyped-def]
+    sv = btrfs_subvol()
+    other = loop_fs("btrfs")
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
+        f"    options:\n      btrfs: {{snapshot_dir: {other.mount_point}/snaps}}\n"
+    )
+    with pytest.raises(CheckpointFailed, match="on another filesystem"):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x1")
+    assert not (other.mount_point / "snaps").exists()
+    (sv.path / "afile").write_text("")
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
+        f"    options:\n      btrfs: {{snapshot_dir: {sv.path}/afile}}\n"
+    )
+    with pytest.raises(CheckpointFailed, match="exists and is not a directory"):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x2")
+    # a snapshot_dir elsewhere on the same filesystem is fine
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
+        f"    options:\n      btrfs: {{snapshot_dir: {sv.fs.mount_point}/snaps}}\n"
+    )
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x3")
+    assert manifest.targets[0].image == f"{sv.fs.mount_point}/snaps/x3"

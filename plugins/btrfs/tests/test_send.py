@@ -1,0 +1,156 @@
+"""The ``btrfs-send`` exporter: full and incremental streams, receive round trips, broken chains."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from btrfs_testlib import (  # the fixtures are used by name
+    SubvolFactory,
+    need,
+    populate,
+    tree,
+)
+
+import snapcore
+from snapcore import CheckpointFailed
+from snapcore.cli import main
+from snapcore.mounts import MountTable
+from snapcore.records import export_of, target_of
+from snapcore_btrfs import backend, send, send_hooks
+
+# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+pytest_plugins = ["btrfs_fixtures"]
+
+
+def _policy(sv_path: Path, dest: Path, compress: str = "zstd", extra: str = "") -> str:
+    return (
+        f"version: 1\nmounts:\n  {sv_path}:\n    imager: btrfs\n    exporter: btrfs-send\n"
+        f"    options:\n      btrfs-send: {{dest: {dest}, compress: {compress}}}\n{extra}"
+    )
+
+
+@pytest.mark.parametrize("compress", ["zstd", "none"])
+def test_full_and_incremental_round_trip(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path, compress: str
+) -> None:
+    if compress == "zstd":
+        need("zstd")
+    sv = btrfs_subvol()
+    other = btrfs_subvol()  # receive on another filesystem, as on another node
+    populate(sv.path, n=50)
+    dest = tmp_path / "streams"
+    policy = policy_file(_policy(sv.path, dest, compress))
+    m1 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s1")
+    first = tree(sv.path)
+    sv.write("docs/f3.txt", "changed")
+    (sv.path / "docs" / "f4.txt").unlink()
+    sv.write("added/new.bin", b"\x00\x01" * 5000)
+    m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s2")
+    second = tree(sv.path)
+    e1, e2 = export_of(m1.targets[0]), export_of(m2.targets[0])
+    assert e1 is not None and e2 is not None
+    assert e1.details["parent"] is None and e2.details["parent"] == "s1"
+    assert Path(e2.ref).stat().st_size < Path(e1.ref).stat().st_size / 4  # only the change
+    suffix = ".btrfs.zst" if compress == "zstd" else ".btrfs"
+    assert e1.ref == f"{dest}/s1{suffix}"
+    # byte-for-byte, through the CLI, on another filesystem
+    assert main(["--state-dir", str(state_dir), "restore", "s2", "--to", str(other.path / "r2")]) == 0
+    assert tree(other.path / "r2") == second
+    assert main(["--state-dir", str(state_dir), "restore", "s1", "--to", str(other.path / "r1")]) == 0
+    assert tree(other.path / "r1") == first
+    (other.path / "r2" / "writable").write_text("yes")
+    assert main(["--state-dir", str(state_dir), "verify", "s2"]) == 0
+    # nothing of the staging is left behind
+    assert sorted(p.name for p in other.path.iterdir()) == ["r1", "r2"]
+
+
+def test_deleted_parents(
+    btrfs_subvol: SubvolFactory,
+    state_dir: Path,
+    policy_file: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    need("zstd")
+    sv = btrfs_subvol()
+    other = btrfs_subvol()
+    populate(sv.path)
+    dest = tmp_path / "streams"
+    policy = policy_file(_policy(sv.path, dest))
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p1")
+    sv.write("x", "x")
+    m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p2")
+    assert m2.targets[0].export_record["details"]["parent"] == "p1"  # type: ignore[index]
+    # the parent snapshot is deleted: the next export is a full stream, and says so
+    backend.delete_image(sv.path / ".snapshots" / "p2")
+    sv.write("y", "y")
+    m3 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p3")
+    assert m3.targets[0].export_record["details"]["parent"] == "p1"  # type: ignore[index]
+    backend.delete_image(sv.path / ".snapshots" / "p1")
+    backend.delete_image(sv.path / ".snapshots" / "p3")
+    m4 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p4")
+    [t4] = m4.targets
+    assert t4.export_record["details"]["parent"] is None  # type: ignore[index]
+    assert any("full stream" in w for w in t4.warnings)
+    # a parent stream deleted by hand: restore and verify say which one, nothing is made
+    (dest / "p1.btrfs.zst").unlink()
+    capsys.readouterr()
+    assert main(["--state-dir", str(state_dir), "restore", "p2", "--to", str(other.path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "p1.btrfs.zst is missing" in err and "needs it as its parent" in err
+    assert not (other.path / "r").exists() and list(other.path.iterdir()) == []
+    assert main(["--state-dir", str(state_dir), "verify", "p2"]) == 1
+    # the full one still restores
+    assert main(["--state-dir", str(state_dir), "restore", "p4", "--to", str(other.path / "r4")]) == 0
+    assert (other.path / "r4" / "y").read_text() == "y"
+
+
+def test_discard_keeps_streams_a_later_export_needs(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    need("zstd")
+    sv = btrfs_subvol()
+    populate(sv.path)
+    dest = tmp_path / "streams"
+    policy = policy_file(_policy(sv.path, dest))
+    m1 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d1")
+    sv.write("x", "x")
+    m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2")
+    table = MountTable.read()
+    t1 = target_of(m1, m1.targets[0], state_dir, table)
+    send_hooks.snapcore_discard(target=t1, image=None, export=export_of(m1.targets[0]))
+    assert (dest / "d1.btrfs.zst").exists()  # d2 is incremental on it
+    assert json.loads((dest / "d1.btrfs-send.json").read_text())["discarded"]
+    assert send.find_parent(dest, str(sv.path), "d3") is not None
+    t2 = target_of(m2, m2.targets[0], state_dir, table)
+    send_hooks.snapcore_discard(target=t2, image=None, export=export_of(m2.targets[0]))
+    assert sorted(p.name for p in dest.iterdir()) == []
+
+
+def test_in_place_from_stream(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    need("zstd")
+    sv = btrfs_subvol()
+    populate(sv.path)
+    before = tree(sv.path)
+    policy = policy_file(_policy(sv.path, tmp_path / "streams"))
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="i1")
+    backend.delete_image(sv.path / ".snapshots" / "i1")  # only the stream is left
+    sv.write("later", "later")
+    assert main(["--state-dir", str(state_dir), "restore", "i1", "--in-place"]) == 0
+    assert tree(sv.path) == before
+    assert not any(n.startswith(".snapcore-receive") for n in os.listdir(sv.fs.mount_point))
+
+
+def test_exporter_needs_the_btrfs_imager(
+    loop_fs: object, btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    sv = btrfs_subvol()
+    policy = policy_file(f"version: 1\nmounts:\n  {sv.path}:\n    imager: fsfreeze\n    exporter: btrfs-send\n")
+    with pytest.raises(CheckpointFailed, match="use 'imager: btrfs'"):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="e1")

@@ -1,0 +1,277 @@
+"""The crash journal and ``snapcore recover``.
+
+Before each freeze and each image, the controller appends an intent record to
+``RUN/journal/ID.jsonl`` and flushes it; the file goes away when the checkpoint
+ends. A journal whose owner is dead therefore says exactly what may still be frozen
+and which images may be half-made. ``recover`` (run by ``snapcore recover`` and at
+the start of every checkpoint) thaws the former (only targets this checkpoint froze
+and never recorded as thawed), discards the latter, marks the checkpoint failed in
+its manifest, and removes the journal. Running it twice is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snapcore.errors import SnapcoreError
+from snapcore.manifest import Manifest, TargetRecord, load, manifest_path, utc_now
+from snapcore.types import Consistency, Image, Rescue, RescueKind
+
+if TYPE_CHECKING:
+    from snapcore.plugins import Plugins
+
+FITHAW = 0xC0045878
+
+
+def secure_dir(path: Path) -> Path:
+    """Create ``path`` 0700 if needed; refuse a symlink or a directory others can write."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    import stat
+
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise SnapcoreError(f"{path} is not a directory (a symlink?): refusing to use it")
+    if st.st_mode & 0o022:
+        raise SnapcoreError(f"{path} is writable by others (mode {st.st_mode & 0o777:o}): chmod 700 it")
+    return path
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Journal:
+    """Intent records of one checkpoint, appended and flushed one by one."""
+
+    def __init__(self, run_dir: Path, checkpoint_id: str) -> None:
+        self.dir = run_dir / "journal"
+        self.path = self.dir / f"{checkpoint_id}.jsonl"
+        self.guard_record = self.dir / f"{checkpoint_id}.guard.jsonl"
+        self.checkpoint_id = checkpoint_id
+        self.fd: int | None = None
+
+    def open(self, **header: Any) -> None:
+        secure_dir(self.dir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, 0o600)
+        pid = os.getpid()
+        self.record("begin", id=self.checkpoint_id, pid=pid, pid_start=_start_time(pid), **header)
+
+    def record(self, op: str, **fields: Any) -> None:
+        """Append one record. No fsync: the journal guards against the controller's
+        death, which a write survives; a machine crash thaws every filesystem by
+        itself (and ``/run`` is a tmpfs on a normal host). Records are written from
+        inside the freeze window, where an fsync could cost milliseconds."""
+        if self.fd is None:
+            return
+        os.write(self.fd, (json.dumps({"op": op, **fields}) + "\n").encode())
+
+    def close(self, outcome: str) -> None:
+        """The checkpoint is over and its manifest written: nothing to recover."""
+        if self.fd is None:
+            return
+        self.record("end", outcome=outcome)
+        os.close(self.fd)
+        self.fd = None
+        for path in (self.path, self.guard_record):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@dataclass(slots=True)
+class Pending:
+    """What a dead controller's journal says."""
+
+    path: Path
+    checkpoint_id: str
+    pid: int | None
+    state_dir: Path | None
+    started: str | None
+    frozen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshotting: set[str] = field(default_factory=set)
+    guard: list[dict[str, Any]] = field(default_factory=list)
+    ended: str | None = None
+
+
+def _alive(pid: int | None, start: str | None) -> bool:
+    if pid is None:
+        return False
+    current = _start_time(pid)
+    return current is not None and (start is None or current == start)
+
+
+def read_journal(path: Path) -> tuple[Pending, bool]:
+    """Parse one journal; the flag says whether its owner is still running."""
+    pending = Pending(path=path, checkpoint_id=path.name[: -len(".jsonl")], pid=None, state_dir=None, started=None)
+    alive = False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line: the controller died while writing it
+            op, key = rec.get("op"), rec.get("key")
+            if op == "begin":
+                pending.pid = rec.get("pid")
+                pending.state_dir = Path(rec["state_dir"]) if rec.get("state_dir") else None
+                pending.started = rec.get("started")
+                alive = _alive(pending.pid, rec.get("pid_start"))
+            elif op == "target":
+                pending.targets[key] = rec
+            elif op == "freeze":
+                pending.frozen[key] = rec
+            elif op == "thawed":
+                pending.frozen.pop(key, None)
+            elif op == "snapshot":
+                pending.snapshotting.add(key)
+            elif op == "image":
+                pending.images[key] = rec["image"]
+            elif op == "discarded":
+                pending.images.pop(key, None)
+                pending.snapshotting.discard(key)
+            elif op == "end":
+                pending.ended = rec.get("outcome")
+    guard = path.with_name(path.name[: -len(".jsonl")] + ".guard.jsonl")
+    if guard.exists():
+        with open(guard, encoding="utf-8", errors="replace") as f:
+            pending.guard = [json.loads(line) for line in f if line.strip()]
+    return pending, alive
+
+
+def _thaw(rescue: Rescue) -> str:
+    if rescue.kind is RescueKind.FITHAW and rescue.path:
+        fd = os.open(rescue.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+            return "thawed"
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return "was not frozen"
+            raise
+        finally:
+            os.close(fd)
+    if rescue.kind is RescueKind.COMMAND and rescue.argv:
+        subprocess.run(list(rescue.argv), check=True, timeout=60, capture_output=True, stdin=subprocess.DEVNULL)
+        return "resumed"
+    return "nothing to do"
+
+
+def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
+    """Thaw, discard and mark failed what ``pending`` left; returns what was done."""
+    from snapcore.mounts import MountTable
+    from snapcore.records import target_of
+
+    done: list[str] = []
+    for entry in pending.guard:
+        if entry.get("thawed"):
+            done.append(f"the guard had thawed {', '.join(entry['thawed'])} ({entry.get('reason')})")
+    for key, rec in reversed(list(pending.frozen.items())):
+        rescue = rec.get("rescue")
+        if not rescue:
+            continue
+        try:
+            done.append(f"{key}: {_thaw(Rescue.from_json(rescue))}")
+        except Exception as exc:
+            done.append(f"{key}: THAW FAILED: {exc}")
+    if pending.ended == "ok":
+        pending.path.unlink(missing_ok=True)
+        return done
+    table = None
+    with contextlib.suppress(OSError):
+        table = MountTable.read()
+    manifest = Manifest(id=pending.checkpoint_id, outcome="failed", started=pending.started or utc_now())
+    for key in sorted(pending.snapshotting | set(pending.images)):
+        info = pending.targets.get(key) or {}
+        record = _record_of(key, info)
+        if plugins is None or not record.imager or record.imager not in plugins.backends:
+            done.append(f"{key}: cannot discard images: backend {record.imager!r} is not loaded")
+            continue
+        target = target_of(manifest, record, pending.state_dir or Path("/var/lib/snapcore"), table)
+        images = []
+        if key in pending.images:
+            images.append(Image.from_json(pending.images[key]))
+        try:
+            for found in plugins.list_images(record.imager, target.mount):
+                if found.checkpoint_id == pending.checkpoint_id and all(i.ref != found.ref for i in images):
+                    images.append(Image(backend=found.backend, ref=found.ref, consistency=Consistency.CRASH_CONSISTENT))
+        except Exception as exc:
+            done.append(f"{key}: listing images failed: {exc}")
+        for image in images:
+            if image.ref is None:
+                continue
+            try:
+                plugins.discard(record.imager, target, image, None)
+                done.append(f"{key}: discarded half-made image {image.ref}")
+            except Exception as exc:
+                done.append(f"{key}: discarding {image.ref} failed: {exc}")
+    _mark_failed(pending, done)
+    pending.path.unlink(missing_ok=True)
+    pending.path.with_name(pending.checkpoint_id + ".guard.jsonl").unlink(missing_ok=True)
+    return done
+
+
+def _record_of(key: str, info: dict[str, Any]) -> TargetRecord:
+    blank = {"mount": key, "source": "", "fstype": "", "imager": None, "exporter": None}
+    return TargetRecord.from_json(info.get("record") or blank)
+
+
+def _mark_failed(pending: Pending, done: list[str]) -> None:
+    if pending.state_dir is None:
+        return
+    reason = f"the controller (pid {pending.pid}) died; recovered at {utc_now()}"
+    path = manifest_path(pending.state_dir, pending.checkpoint_id)
+    if path.exists():
+        manifest = load(pending.state_dir, pending.checkpoint_id)
+        if manifest.outcome == "ok":
+            return
+        manifest.warnings.append(reason)
+    else:
+        manifest = Manifest(id=pending.checkpoint_id, outcome="failed", started=pending.started or utc_now())
+        manifest.error = reason
+        for key, info in pending.targets.items():
+            record = _record_of(key, info)
+            record.outcome = "failed"
+            record.image = None
+            record.export = None
+            record.image_record = None
+            record.export_record = None
+            manifest.targets.append(record)
+    manifest.outcome = "failed"
+    manifest.finished = utc_now()
+    manifest.warnings.extend(done)
+    manifest.write(pending.state_dir)
+
+
+
+def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]]]:
+    """Recover every journal under ``run_dir`` whose owner is dead."""
+    journal_dir = run_dir / "journal"
+    if not journal_dir.is_dir():
+        return []
+    report = []
+    for path in sorted(journal_dir.glob("*.jsonl")):
+        if path.name.endswith(".guard.jsonl"):
+            continue
+        try:
+            pending, alive = read_journal(path)
+        except OSError:
+            continue
+        if alive:
+            continue
+        report.append((pending.checkpoint_id, recover_one(pending, plugins)))
+    return report

@@ -1,0 +1,63 @@
+"""One checkpoint per mount at a time: ``flock`` on ``RUN/locks/<mount>.lock``."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from snapcore.errors import SnapcoreError
+
+
+class LockBusy(SnapcoreError):
+    """Another checkpoint holds the mount; the message names it."""
+
+
+class MountLock:
+    """An exclusive, non-blocking lock on one mount point, released on close or death."""
+
+    def __init__(self, run_dir: Path, mount_point: str, checkpoint_id: str) -> None:
+        digest = hashlib.sha256(mount_point.encode()).hexdigest()[:16]
+        self.path = run_dir / "locks" / f"{digest}.lock"
+        self.mount_point = mount_point
+        self.checkpoint_id = checkpoint_id
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        from snapcore.journal import secure_dir
+
+        secure_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockBusy(f"{self.mount_point} is being checkpointed already: {holder}") from None
+            raise
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "checkpoint": self.checkpoint_id, "since": time.time(), "mount": self.mount_point}
+        os.write(fd, json.dumps(info).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return "by another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.get("since", 0)))
+    return f"checkpoint {data.get('checkpoint')!r} of pid {data.get('pid')} since {since}"

@@ -1,0 +1,200 @@
+"""The safety net: the guard process, the journal and recover, mount locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import snapcore
+from snapcore.cli import main
+from snapcore.journal import Journal, read_journal, recover
+from snapcore.locks import LockBusy, MountLock
+from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_quietly
+
+pytestmark = pytest.mark.usefixtures("root_only")
+
+CONTROLLER = """
+import sys, time, snapcore
+from pathlib import Path
+policy, state, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+with snapcore.hold(policy=policy, state_dir=state, checkpoint_id="victim"):
+    ready.write_text("frozen")
+    time.sleep(120)
+"""
+
+
+def _policy(tmp_path: Path, mounts: list[LoopFactory | object], timeout: str = "60s") -> Path:
+    body = "".join(f"  {m}:\n    imager: fsfreeze\n" for m in mounts)
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"version: 1\ndefaults:\n  freeze_timeout: {timeout}\nmounts:\n{body}")
+    return path
+
+
+def _start_controller(tmp_path: Path, policy: Path, state: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(policy), str(state), str(ready)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"controller never froze: {proc.stderr.read() if proc.stderr else b''!r}")
+        time.sleep(0.01)
+    return proc, ready
+
+
+def test_sigkill_of_the_controller_is_thawed_by_the_guard(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    a, b = loop_fs("ext4"), loop_fs("xfs")
+    policy = _policy(tmp_path, [a, b])
+    proc, _ = _start_controller(tmp_path, policy, state_dir)
+    try:
+        probes = [start_write(fs.mount_point / "after-kill") for fs in (a, b)]
+        assert not probes[0].done(0.2), "the controller should be holding the freeze"
+        killed = time.monotonic()
+        proc.kill()
+        for probe in probes:
+            assert probe.done(5), "the guard did not thaw after the controller died"
+        elapsed = time.monotonic() - killed
+        assert elapsed < 2.0  # measured precisely by bench/safety.py (target: 100 ms)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        for fs in (a, b):
+            thaw_quietly(fs.mount_point)
+    run_dir = Path(os.environ["SNAPCORE_RUN_DIR"])
+    pending, alive = read_journal(run_dir / "journal" / "victim.jsonl")
+    assert not alive
+    assert set(pending.frozen) == {str(a), str(b)}  # frozen, never recorded as thawed
+    assert pending.guard and pending.guard[0]["reason"] == "controller gone"
+    # recover: marks the checkpoint failed, removes the journal; twice is harmless
+    assert main(["--state-dir", str(state_dir), "recover"]) == 0
+    manifest = json.loads((state_dir / "checkpoints" / "victim" / "manifest.json").read_text())
+    assert manifest["outcome"] == "failed" and "died" in manifest["error"]
+    assert not (run_dir / "journal" / "victim.jsonl").exists()
+    assert main(["--state-dir", str(state_dir), "recover"]) == 0
+    for fs in (a, b):
+        assert_not_frozen(fs.mount_point)
+
+
+def test_guard_thaws_at_the_deadline_when_the_controller_is_stuck(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    fs = loop_fs("ext4")
+    policy = _policy(tmp_path, [fs], timeout="500ms")
+    proc, _ = _start_controller(tmp_path, policy, state_dir)
+    try:
+        proc.send_signal(signal.SIGSTOP)  # the controller's own deadline thread cannot run now
+        probe = start_write(fs.mount_point / "late")
+        assert probe.done(5), "the guard did not thaw at the deadline"
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        thaw_quietly(fs.mount_point)
+    recover(Path(os.environ["SNAPCORE_RUN_DIR"]), None)
+
+
+def test_recover_runs_at_the_start_of_the_next_checkpoint(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    fs = loop_fs("ext4")
+    run_dir = Path(os.environ["SNAPCORE_RUN_DIR"])
+    # a journal left by a controller that died while holding the freeze
+    subprocess.run(["fsfreeze", "-f", str(fs.mount_point)], check=True)
+    try:
+        journal = Journal(run_dir, "crashed")
+        journal.open(state_dir=str(state_dir), started="2026-01-01T00:00:00Z")
+        journal.record("freeze", key=str(fs), rescue={"kind": "fithaw", "path": str(fs), "argv": []})
+        assert journal.fd is not None
+        os.close(journal.fd)
+        journal.fd = None
+        # make the owner look dead: rewrite the begin record with a pid that is gone
+        lines = journal.path.read_text().splitlines()
+        begin = json.loads(lines[0])
+        begin["pid"], begin["pid_start"] = 999_999_999, "0"
+        journal.path.write_text("\n".join([json.dumps(begin), *lines[1:]]) + "\n")
+        manifest = snapcore.checkpoint([fs], state_dir=state_dir, checkpoint_id="next")
+    finally:
+        thaw_quietly(fs.mount_point)
+    assert any("recovered crashed checkpoint crashed" in w for w in manifest.warnings)
+    crashed = json.loads((state_dir / "checkpoints" / "crashed" / "manifest.json").read_text())
+    assert crashed["outcome"] == "failed"
+    assert_not_frozen(fs.mount_point)
+
+
+def test_a_second_checkpoint_of_a_mount_fails_at_once_naming_the_holder(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    fs = loop_fs("ext4")
+    with snapcore.hold([fs], state_dir=state_dir, checkpoint_id="holder"):
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", str(fs), "--id", "second"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert time.monotonic() - start < 5
+    assert result.returncode == 1, result
+    assert "being checkpointed already" in result.stderr
+    assert "'holder'" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_not_frozen(fs.mount_point)
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom snapcore.locks import MountLock\n"
+        "MountLock(Path(sys.argv[1]), '/srv', 'x').acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockBusy, match="checkpoint 'x' of pid"):
+            MountLock(run_dir, "/srv", "y").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    lock = MountLock(run_dir, "/srv", "y")
+    lock.acquire()
+    lock.release()
+
+
+def test_run_dir_on_a_frozen_target_is_refused(loop_fs: LoopFactory, state_dir: Path) -> None:
+    fs = loop_fs("ext4")
+    run_dir = fs.mount_point / "run"
+    with pytest.raises(snapcore.CheckpointFailed, match="run directory"):
+        snapcore.checkpoint([fs], state_dir=state_dir, run_dir=run_dir)
+    assert_not_frozen(fs.mount_point)
+
+
+def test_state_dir_writable_by_others_is_refused(loop_fs: LoopFactory, tmp_path: Path) -> None:
+    fs = loop_fs("ext4")
+    state = tmp_path / "open-state"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    with pytest.raises(snapcore.CheckpointFailed, match="writable by others"):
+        snapcore.checkpoint([fs], state_dir=state)
+    link = tmp_path / "link-state"
+    link.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(snapcore.CheckpointFailed, match="symlink"):
+        snapcore.checkpoint([fs], state_dir=link)
