@@ -79,6 +79,12 @@ class Journal:
             return
         os.write(self.fd, (json.dumps({"op": op, **fields}) + "\n").encode())
 
+    def detach(self) -> None:
+        """Stop writing but leave the journal for ``recover`` (no manifest was written)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def close(self, outcome: str) -> None:
         """The checkpoint is over and its manifest written: nothing to recover."""
         if self.fd is None:

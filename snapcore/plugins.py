@@ -21,6 +21,7 @@ import pluggy
 
 from snapcore import hookspecs
 from snapcore.errors import PluginError
+from snapcore.faults import inject
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -209,6 +210,7 @@ class Plugins:
         return tuple(result or ())
 
     def prepare(self, name: str, target: Target, role: Role) -> None:
+        inject("prepare", name)
         self._one(name, "snapcore_prepare")(target=target, role=role)
 
     def rescue(self, name: str, target: Target) -> Rescue | None:
@@ -218,24 +220,29 @@ class Plugins:
         return result
 
     def freeze(self, name: str, target: Target) -> None:
+        inject("freeze", name)
         self._one(name, "snapcore_freeze")(target=target)
 
     def snapshot(self, name: str, target: Target) -> Image:
+        inject("snapshot", name)
         image: Image | None = self._one(name, "snapcore_snapshot")(target=target)
         if image is None:
             raise PluginError(f"backend {name!r} implements no snapcore_snapshot")
         return image
 
     def thaw(self, name: str, target: Target) -> None:
+        inject("thaw", name)
         self._one(name, "snapcore_thaw")(target=target)
 
     def export(self, name: str, target: Target, image: Image, dest: Path) -> Export:
+        inject("export", name)
         export: Export | None = self._one(name, "snapcore_export")(target=target, image=image, dest=dest)
         if export is None:
             raise PluginError(f"backend {name!r} implements no snapcore_export")
         return export
 
     def discard(self, name: str, target: Target, image: Image | None, export: Export | None) -> None:
+        inject("discard", name)
         self._one(name, "snapcore_discard")(target=target, image=image, export=export)
 
     def restore(

@@ -10,6 +10,7 @@ number of nodes visited, so an alias bomb is an error and not an outage.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import posixpath
 import re
@@ -26,8 +27,13 @@ from snapcore.types import EMPTY, Keep, Option, OptionKind, Role
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_NODES = 20_000
+#: Deeper YAML would exhaust the recursion of PyYAML's composer and of our walker.
+MAX_DEPTH = 64
 DEFAULT_STATE_DIR = "/var/lib/snapcore"
 DEFAULT_FREEZE_TIMEOUT = 10.0
+#: A frozen filesystem hangs every writer; past an hour it is an outage, and a huge
+#: value overflows the watchdog's timer (threading's wait raises OverflowError).
+MAX_FREEZE_TIMEOUT = 3600.0
 ON_CHANGE = ("fail", "warn")
 AUTO = "auto"
 FALLBACK = "*"
@@ -36,6 +42,9 @@ _RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeo
 _TOP_KEYS = ("version", "state_dir", "defaults", "mounts")
 _KEEP_KEYS = ("last", "within")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -43,15 +52,27 @@ def parse_duration(value: object) -> float:
     """``10s``, ``500ms``, ``2m``, ``7d``, or a bare number of seconds → seconds."""
     if isinstance(value, bool):
         raise ValueError("a duration, not a boolean")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        # float(10**400) raises OverflowError; .inf and .nan are no durations either
+        seconds = float(value) if not isinstance(value, int) or value < 10**300 else math.inf
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"a duration such as 10s, 500ms, 2m, 7d; got {value!r}")
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None:
+        raise ValueError(f"a duration such as 10s, 500ms, 2m, 7d; got {_short(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"a finite duration such as 10s, 500ms, 2m, 7d; got {_short(value)}")
+    return seconds
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut short: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -78,12 +99,56 @@ class _Walker:
     file: str
     constructor: yaml.SafeLoader
     visited: int = 0
+    #: The collections being walked, by id: an alias back to one of them is a cycle.
+    path: list[int] = field(default_factory=list)
 
     def value(self, node: yaml.Node) -> Any:
         self.visited += 1
         if self.visited > MAX_NODES:
             raise PolicyError(
                 f"more than {MAX_NODES} YAML nodes (an alias bomb?): a policy is small",
+                file=self.file,
+                line=node.start_mark.line + 1,
+            )
+        if isinstance(node, yaml.CollectionNode):
+            # aliases make a graph of the tree: it may loop (&a [*a]) or chain deeper
+            # than the composer's own limit, and this walk recurses
+            if id(node) in self.path:
+                raise PolicyError(
+                    "an alias refers to a node that contains it (a recursive structure)",
+                    file=self.file,
+                    line=node.start_mark.line + 1,
+                )
+            if len(self.path) >= MAX_DEPTH:
+                raise PolicyError(
+                    f"nested deeper than {MAX_DEPTH} levels (through aliases): a policy is shallow",
+                    file=self.file,
+                    line=node.start_mark.line + 1,
+                )
+            self.path.append(id(node))
+            try:
+                return self._collection(node)
+            finally:
+                self.path.pop()
+        try:
+            return self.constructor.construct_object(node)
+        except yaml.MarkedYAMLError as exc:
+            raise PolicyError(f"bad value: {_one_line(exc)}", file=self.file, line=node.start_mark.line + 1) from None
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, yaml.YAMLError):
+            # PyYAML's scalar constructors fail with whatever int(), float(), datetime()
+            # or a dict lookup raise on a malformed value: !!int x, 0x_, 2024-13-45
+            raise PolicyError(
+                f"bad value {_short(node.value)} for its type ({node.tag.rsplit(':', 1)[-1]})",
+                file=self.file,
+                line=node.start_mark.line + 1,
+            ) from None
+
+    def _collection(self, node: yaml.CollectionNode) -> Any:
+        if node.tag not in (_MAP, _SEQ):
+            # walked by hand, a tagged collection would silently lose its tag
+            # (!!set, !!omap, !!python/object/apply:...): a policy has no use for one
+            raise PolicyError(
+                f"YAML tag {node.tag!r} is not supported: a policy holds plain mappings and lists",
                 file=self.file,
                 line=node.start_mark.line + 1,
             )
@@ -97,10 +162,10 @@ class _Walker:
                     raise PolicyError("YAML merge keys (<<) are not supported", file=self.file, line=line)
                 key = self.value(key_node)
                 if not isinstance(key, str):
-                    raise PolicyError(f"keys must be strings, got {key!r}", file=self.file, line=line)
+                    raise PolicyError(f"keys must be strings, got {_short(key)}", file=self.file, line=line)
                 if key in result:
                     raise PolicyError(
-                        f"duplicate key {key!r} (first at line {result.lines[key]})", file=self.file, line=line
+                        f"duplicate key {_short(key)} (first at line {result.lines[key]})", file=self.file, line=line
                     )
                 result.lines[key] = line
                 result[key] = self.value(value_node)
@@ -109,10 +174,50 @@ class _Walker:
             seq = YSeq(self.value(item) for item in node.value)
             seq.line = node.start_mark.line + 1
             return seq
+        raise AssertionError(f"not a collection node: {node!r}")  # pragma: no cover
+
+
+class _TooBig(yaml.YAMLError):
+    def __init__(self, message: str, mark: yaml.Mark) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = mark.line + 1
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with limits: its composer recurses once per level of
+    nesting (``[[[[...`` would raise RecursionError) and builds every node of a large
+    document before our walker could count them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _TooBig(f"more than {MAX_NODES} YAML nodes: a policy is small", self._mark())
+        if self._depth >= MAX_DEPTH:
+            raise _TooBig(f"nested deeper than {MAX_DEPTH} levels: a policy is shallow", self._mark())
+        self._depth += 1
         try:
-            return self.constructor.construct_object(node)
-        except yaml.YAMLError as exc:
-            raise PolicyError(f"bad value: {exc}", file=self.file, line=node.start_mark.line + 1) from None
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _mark(self) -> yaml.Mark:
+        mark: yaml.Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        return mark
+
+
+def _one_line(exc: yaml.MarkedYAMLError) -> str:
+    """The problem of a PyYAML error without the source excerpt str() adds."""
+    mark = exc.problem_mark or exc.context_mark
+    text = exc.problem or exc.context or type(exc).__name__
+    if exc.problem and exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        text += f" ({exc.context} that starts on line {exc.context_mark.line + 1})"
+    return " ".join(text.split())
 
 
 def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -120,32 +225,44 @@ def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
     name = os.fspath(path)
     try:
         size = os.stat(name).st_size
-        if size > MAX_POLICY_BYTES:
-            raise PolicyError(f"{size} bytes: a policy is at most {MAX_POLICY_BYTES} bytes", file=name)
         with open(name, "rb") as f:
-            raw = f.read(MAX_POLICY_BYTES + 1)
+            raw = f.read(MAX_POLICY_BYTES + 1)  # never more, whatever the file's size
     except FileNotFoundError:
         raise PolicyError("no such file", file=name) from None
     except IsADirectoryError:
         raise PolicyError("is a directory, not a policy file", file=name) from None
     except PermissionError:
         raise PolicyError("permission denied", file=name) from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        # the line where the limit falls, so that the message has a line like every other
+        line = raw[:MAX_POLICY_BYTES].count(b"\n") + 1
+        raise PolicyError(
+            f"{max(size, len(raw))} bytes: a policy is at most {MAX_POLICY_BYTES} bytes (line {line} passes it)",
+            file=name,
+            line=line,
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise PolicyError(f"not UTF-8 text (byte {exc.start})", file=name, line=line) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
+    except _TooBig as exc:
+        raise PolicyError(exc.message, file=name, line=exc.line) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         bad_line = mark.line + 1 if mark else None
-        context = ""
-        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
-            context = f" ({exc.context} that starts on line {exc.context_mark.line + 1})"
-        raise PolicyError(f"YAML syntax error: {exc.problem or exc}{context}", file=name, line=bad_line) from None
+        raise PolicyError(f"YAML syntax error: {_one_line(exc)}", file=name, line=bad_line) from None
+    except yaml.reader.ReaderError as exc:
+        # a control character; PyYAML gives a position in the text, not a line
+        line = text[: exc.position].count("\n") + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        raise PolicyError(f"character {char} is not allowed in YAML: {exc.reason}", file=name, line=line) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(f"YAML error: {exc}", file=name) from None
+        raise PolicyError(f"YAML error: {' '.join(str(exc).split())}", file=name) from None
     if node is None:
         return None, text
     walker = _Walker(file=name, constructor=yaml.SafeLoader(""))
@@ -237,11 +354,11 @@ def _type_name(value: object) -> str:
     if isinstance(value, float):
         return "a number"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {_short(value)}"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     if isinstance(value, dict):
-        return "a mapping"
+        return "a mapping" if value else "an empty mapping"
     return type(value).__name__
 
 
@@ -311,6 +428,8 @@ def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Prob
             timeout = parse_duration(node["freeze_timeout"])
             if timeout <= 0:
                 raise ValueError("a positive duration such as 10s or 500ms")
+            if timeout > MAX_FREEZE_TIMEOUT:
+                raise ValueError(f"at most {MAX_FREEZE_TIMEOUT:g}s (1h): a frozen filesystem hangs every writer")
             values["freeze_timeout"] = timeout
         except ValueError as exc:
             p.add(f"expected {exc}", line=lines["freeze_timeout"], mount=mount, key="freeze_timeout")
@@ -319,8 +438,9 @@ def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Prob
         if raw in ON_CHANGE:
             values["on_change"] = raw
         else:
+            hint = did_you_mean(raw, ON_CHANGE) if isinstance(raw, str) else ""
             p.add(
-                f"expected one of {', '.join(ON_CHANGE)}, got {_type_name(raw)}",
+                f"expected one of {', '.join(ON_CHANGE)}, got {_type_name(raw)}{hint}",
                 line=lines["on_change"],
                 mount=mount,
                 key="on_change",
@@ -408,16 +528,19 @@ def parse_policy(doc: object, file: str) -> Policy:
     """Build a :class:`Policy` from a walked YAML document; collect every problem."""
     p = _Problems(file)
     if doc is None:
-        raise PolicyError("the policy is empty; it needs at least 'version: 1' and 'mounts'", file=file)
+        raise PolicyError("the policy is empty; it needs at least 'version: 1' and 'mounts'", file=file, line=1)
     if not isinstance(doc, YMap):
-        raise PolicyError(f"expected a mapping at the top, got {_type_name(doc)}", file=file, line=1)
+        line = doc.line if isinstance(doc, YSeq) else 1
+        raise PolicyError(f"expected a mapping at the top, got {_type_name(doc)}", file=file, line=line)
     _check_keys(doc, _TOP_KEYS, p, None, "the policy")
     version = doc.get("version")
     if "version" not in doc:
         p.add("missing 'version: 1'", line=doc.line, key="version")
-    elif version != 1 or isinstance(version, bool):
+    elif version != 1 or not isinstance(version, int) or isinstance(version, bool):
         p.add(
-            f"unsupported version {version!r}: this snapcore reads version 1", line=doc.lines["version"], key="version"
+            f"unsupported version {_short(version)}: this snapcore reads version 1",
+            line=doc.lines["version"],
+            key="version",
         )
     state_dir = doc.get("state_dir")
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
@@ -425,7 +548,13 @@ def parse_policy(doc: object, file: str) -> Policy:
         state_dir = None
     defaults = Rule(mount=FALLBACK)
     if "defaults" in doc:
+        start = len(p.errors)
         defaults = _parse_rule(FALLBACK, doc["defaults"], doc.lines["defaults"], defaults, p, "defaults")
+        # the defaults are no mount: name the key under 'defaults', not "mount *"
+        p.errors[start:] = [
+            PolicyError(e.problem, file=e.file, line=e.line, key=f"defaults.{e.key}" if e.key else "defaults")
+            for e in p.errors[start:]
+        ]
         defaults = Rule(
             mount=FALLBACK,
             imager=defaults.imager,
@@ -452,8 +581,17 @@ def parse_policy(doc: object, file: str) -> Policy:
         first_line: dict[str, tuple[str, int]] = {}
         for key, value in mounts.items():
             line = mounts.lines[key]
+            if _CONTROL.search(key):
+                # the message is one line of a terminal: no newline or escape inside
+                p.add(f"a mount point cannot contain control characters, got {_short(key)}", line=line, key="mounts")
+                continue
             if key != FALLBACK and not key.startswith("/"):
-                p.add(f'a mount point must be an absolute path or "*", got {key!r}', line=line, mount=key, key="mounts")
+                p.add(
+                    f'a mount point must be an absolute path or "*", got {_short(key)}',
+                    line=line,
+                    mount=key or None,
+                    key="mounts",
+                )
                 continue
             norm = normalize_mount_key(key)
             if norm in first_line:

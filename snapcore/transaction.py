@@ -32,6 +32,7 @@ from snapcore.errors import (
     UnsupportedMount,
     UsageError,
 )
+from snapcore.faults import inject
 from snapcore.journal import Journal, recover, secure_dir
 from snapcore.locks import MountLock
 from snapcore.manifest import (
@@ -660,6 +661,7 @@ class Transaction:
 
     def _run_payload(self, payload: Payload) -> None:
         assert self.info is not None
+        inject("payload")
         if callable(payload):
             status = payload(self.info)
             if status:
@@ -714,24 +716,34 @@ class Transaction:
 
     def _close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         if self._failure is None:
             self.manifest.outcome = Outcome.OK.value
         self.manifest.finished = utc_now()
         self.manifest.timings["total"] = round((time.perf_counter() - self._t0) * 1000, 3)
         t = time.perf_counter()
+        written = False
         try:
+            inject("manifest")
             self.manifest.write(self.state_dir)
-        except OSError as exc:
-            log.error("cannot write the manifest to %s: %s", self.state_dir, exc)
+            written = True
+        except Exception as exc:
+            log.error("cannot write the manifest to %s: %s", self.state_dir, _describe(exc))
             if self._failure is None:
-                self._failure = SnapcoreError(f"cannot write the manifest under {self.state_dir}: {exc}")
+                self._failure = SnapcoreError(f"cannot write the manifest under {self.state_dir}: {_describe(exc)}")
                 self.manifest.outcome = Outcome.FAILED.value
                 self.manifest.error = str(self._failure)
+            # an image without a manifest is a half-made checkpoint: undo it
+            for run in reversed(self.runs):
+                self._discard(run)
+                if run.record.outcome == Outcome.OK.value:
+                    run.record.outcome = Outcome.FAILED.value
         self._phase(Phase.MANIFEST, t)
-        # the manifest is written: nothing is left for a recovery to do
-        self.journal.close(self.manifest.outcome)
+        if written:  # nothing is left for a recovery to do
+            self.journal.close(self.manifest.outcome)
+        else:  # the journal stays: 'snapcore recover' will write the failed manifest
+            self.journal.detach()
         self.watchdog.stop()
         for lock in self.locks:
             lock.release()

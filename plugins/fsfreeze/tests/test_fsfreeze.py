@@ -13,6 +13,7 @@ from snapcore import BackendError, FrozenElsewhere, Role, Target
 from snapcore.mounts import MountTable
 from snapcore.plugins import make_plugins
 from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_quietly
+from snapcore.contract import BackendContract
 from snapcore_fsfreeze.backend import Freezer, freezable, syncfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FIFREEZE needs root")
@@ -125,3 +126,8 @@ def test_freeze_of_a_non_freezable_filesystem(tmp_path: Path) -> None:
             Freezer().freeze("k", str(tmpfs))
     finally:
         subprocess.run(["umount", str(tmpfs)], check=True)
+
+
+class TestContract(BackendContract):
+    imager = "fsfreeze"
+    fstype = "ext4"
