@@ -7,6 +7,7 @@ older snapcore survives a newer manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,8 +163,13 @@ class Manifest:
         """Write atomically (temporary file, fsync, rename) and return the path."""
         path = manifest_path(state_dir, self.id)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent.is_symlink():  # never follow a link planted in the state dir
+            raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
         tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(self.dumps())
             f.flush()
             os.fsync(f.fileno())

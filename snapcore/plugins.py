@@ -154,7 +154,7 @@ class Plugins:
                 continue
             dist_name = ep.dist.name if ep.dist else "unknown"
             dist_version = ep.dist.version if ep.dist else ""
-            self._load_safely(ep.name, ep.load, dist_name, dist_version)
+            self._load_safely(ep.name, functools.partial(_load_trusted, ep), dist_name, dist_version)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -279,6 +279,22 @@ class Plugins:
 
     def checkpoint_end(self, checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
         self.pm.hook.snapcore_checkpoint_end(checkpoint=checkpoint, outcome=outcome, manifest=manifest)
+
+
+def _load_trusted(ep: Any) -> object:
+    """Import an entry point's module, refusing code others could have planted:
+    as root, a plugin whose module or directory is writable by others is broken."""
+    plugin = ep.load()
+    if os.geteuid() == 0:
+        path = getattr(plugin, "__file__", None)
+        if path:
+            for place in (path, os.path.dirname(path)):
+                mode = os.stat(place).st_mode
+                if mode & 0o002 and not mode & 0o1000:
+                    raise PluginError(
+                        f"refused: {place} is writable by others (mode {mode & 0o7777:o}); chmod o-w it"
+                    )
+    return plugin
 
 
 def _version() -> str:

@@ -390,7 +390,10 @@ class Transaction:
         # the manifest's directory is made now: a state dir we cannot write to must
         # fail before anything is frozen, not after
         secure_dir(self.state_dir)
+        secure_dir(path.parent.parent)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent.is_symlink():
+            raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
         secure_dir(self.run_dir)
         self._check_run_dir()
         for checkpoint_id, done in recover(self.run_dir, self.plugins):

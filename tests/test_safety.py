@@ -198,3 +198,48 @@ def test_state_dir_writable_by_others_is_refused(loop_fs: LoopFactory, tmp_path:
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     with pytest.raises(snapcore.CheckpointFailed, match="symlink"):
         snapcore.checkpoint([fs], state_dir=link)
+
+
+def test_policy_writable_by_others_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nmounts:\n  /srv: {}\n")
+    policy.chmod(0o666)
+    assert main(["policy", "check", str(policy)]) == 2
+    assert "writable by group or others" in capsys.readouterr().err
+    policy.chmod(0o644)
+    os.chown(policy, 65534, 65534)
+    assert main(["policy", "check", str(policy)]) == 2
+    assert "not root" in capsys.readouterr().err
+
+
+def test_plugin_in_a_world_writable_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapcore.plugins import make_plugins
+
+    site = tmp_path / "site"
+    dist = site / "snapcore_evil-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: snapcore-evil\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[snapcore]\nevil = evil_backend\n")
+    (site / "evil_backend.py").write_text("x = 1\n")
+    site.chmod(0o777)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "evil")
+    plugins = make_plugins()
+    assert [b.name for b in plugins.broken] == ["evil"]
+    assert "writable by others" in plugins.broken[0].error
+
+
+def test_manifest_never_written_through_a_planted_symlink(loop_fs: LoopFactory, tmp_path: Path) -> None:
+    fs = loop_fs("ext4")
+    state = tmp_path / "state"
+    (state / "checkpoints").mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (state / "checkpoints" / "planted").symlink_to(victim)
+    with pytest.raises(snapcore.CheckpointFailed, match="symlink"):
+        snapcore.checkpoint([fs], state_dir=state, checkpoint_id="planted")
+    assert list(victim.iterdir()) == []
+    assert_not_frozen(fs.mount_point)
+    # refused before anything was frozen or imaged
+    assert not (tmp_path / "state" / "checkpoints" / "planted" / "manifest.json").exists()
