@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup apt venv lint bench clean
+.PHONY: demo test setup apt criu venv lint bench clean
 
 demo: setup
 	$(PY) examples/demo.py
@@ -24,10 +24,13 @@ lint: setup
 bench: setup
 	$(PY) bench/freeze.py
 
-setup: apt $(STAMP)
+setup: apt criu $(STAMP)
 
 apt:
 	@scripts/setup-apt.sh
+
+criu: apt
+	@scripts/setup-criu.sh
 
 $(STAMP): pyproject.toml $(PLUGINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,284 @@
+"""snapcore.inventory with real processes holding real files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapcore.inventory import (
+    FileState,
+    Inventory,
+    OpenFile,
+    UseKind,
+    copy_ghosts,
+    take_inventory,
+)
+from snapcore.mounts import mount_id_of
+from snapcore.testing import LoopFactory
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="map_files and other tasks' fdinfo need root")
+
+# Opens files as told ("r:PATH" reads 3 bytes, "w:PATH", "a:PATH", "m:PATH" maps and
+# closes the fd, "cwd:PATH"), touches READY, then sleeps.
+HOLDER = r"""
+import ctypes, mmap, os, resource, sys, time
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+keep = []
+specs = sys.argv[2:]
+if specs and specs[0].startswith("@"):
+    specs = open(specs[0][1:]).read().split("\n")
+for spec in specs:
+    if not spec:
+        continue
+    mode, path = spec.split(":", 1)
+    if mode == "cwd":
+        os.chdir(path)
+        continue
+    if mode == "m":  # libc mmap: Python's mmap module would keep a dup of the fd
+        fd = os.open(path, os.O_RDONLY)
+        libc.mmap(None, os.fstat(fd).st_size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+        os.close(fd)
+        continue
+    flags = {"r": os.O_RDONLY, "w": os.O_RDWR, "a": os.O_WRONLY | os.O_APPEND}[mode]
+    fd = os.open(path, flags)
+    if mode == "r":
+        os.read(fd, 3)
+    keep.append(fd)
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+class Holders:
+    """Starts holder processes and kills them all at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, *specs: str, timeout: float = 30.0) -> int:
+        ready = self.base / f"ready-{len(self.procs)}"
+        args = list(specs)
+        if len(args) > 100:
+            listing = self.base / f"specs-{len(self.procs)}"
+            listing.write_text("\n".join(args))
+            args = [f"@{listing}"]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(ready), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"holder failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("holder did not start")
+            time.sleep(0.005)
+        return proc.pid
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[Holders]:
+    holders = Holders(tmp_path)
+    try:
+        yield holders
+    finally:
+        holders.close()
+
+
+def content(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 131 + seed * 7 + i // 251) % 256 for i in range(n))
+
+
+def one(inv: Inventory, path: str | Path) -> OpenFile:
+    found = [f for f in inv.files if f.path == str(path) or str(path) in f.other_paths]
+    assert len(found) == 1, [f.path for f in inv.files]
+    return found[0]
+
+
+def test_present_file_flags_position_and_mount(holder: Holders, tmp_path: Path) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(content(1000))
+    log = tmp_path / "log.txt"
+    log.write_text("x")
+    pid = holder(f"r:{data}", f"a:{log}", f"cwd:{tmp_path}")
+    inv = take_inventory([pid])
+    f = one(inv, data)
+    st = data.stat()
+    assert (f.dev, f.ino, f.size, f.mtime_ns) == (st.st_dev, st.st_ino, 1000, st.st_mtime_ns)
+    assert f.state is FileState.PRESENT and not f.mapped and f.kind == "file"
+    assert f.mount_id == mount_id_of(data)
+    (use,) = f.uses
+    assert use.kind is UseKind.FD and use.pid == pid and use.pos == 3
+    assert use.flags is not None and use.flags & os.O_ACCMODE == os.O_RDONLY
+    a = one(inv, log)
+    assert a.uses[0].flags is not None and a.uses[0].flags & os.O_APPEND
+    cwd = one(inv, tmp_path)
+    assert cwd.kind == "dir" and any(u.kind is UseKind.CWD for u in cwd.uses)
+    # the interpreter is mapped; /dev/null (stdin, devtmpfs) is a pseudo filesystem
+    assert any(f.mapped and f.kind == "file" for f in inv.files)
+    assert not any(f.path == "/dev/null" for f in inv.files) and inv.skipped >= 1
+    assert f.mount_id in {m.mount_id for m in inv.mounts}
+    record = f.to_json()
+    assert record["path"] == str(data) and record["state"] == "present" and record["deleted"] is False
+    assert record["pos"] == 3 and record["device"] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    assert record["inode"] == st.st_ino and record["ghost"] is None
+
+
+def test_deleted_while_open_gets_a_byte_exact_ghost(holder: Holders, tmp_path: Path) -> None:
+    doomed = tmp_path / "doomed.bin"
+    payload = content(300_000, seed=3)
+    doomed.write_bytes(payload)
+    pid = holder(f"w:{doomed}")
+    doomed.unlink()
+    inv = take_inventory([pid], ghost_dir=tmp_path / "ghosts")
+    f = one(inv, doomed)
+    assert f.state is FileState.DELETED and f.nlink == 0 and f.needs_ghost
+    assert f.ghost is not None and f.ghost.path is not None and f.ghost.size == len(payload)
+    assert Path(f.ghost.path).read_bytes() == payload
+    assert f.to_json()["deleted"] is True and f.to_json()["ghost"]["sha256"]
+
+
+def test_renamed_and_renamed_over(holder: Holders, tmp_path: Path) -> None:
+    moved = tmp_path / "moved.txt"
+    moved.write_text("moved")
+    victim = tmp_path / "victim.txt"
+    original = content(5000, seed=5)
+    victim.write_bytes(original)
+    pid = holder(f"r:{moved}", f"r:{victim}")
+    moved.rename(tmp_path / "moved-away.txt")
+    newcomer = tmp_path / "newcomer.txt"
+    newcomer.write_text("not the file the task opened")
+    newcomer.rename(victim)
+    inv = take_inventory([pid], ghost_dir=tmp_path / "ghosts")
+    # the kernel follows a rename: the file is where it went, and still present
+    assert one(inv, tmp_path / "moved-away.txt").state is FileState.PRESENT
+    over = one(inv, victim)
+    assert over.state is FileState.RENAMED_OVER
+    assert over.ghost is not None and over.ghost.path is not None
+    assert Path(over.ghost.path).read_bytes() == original
+    assert victim.read_text() == "not the file the task opened"
+
+
+def test_mapped_then_deleted(holder: Holders, tmp_path: Path) -> None:
+    lib = tmp_path / "mapped.bin"
+    payload = content(8192 * 3, seed=9)
+    lib.write_bytes(payload)
+    pid = holder(f"m:{lib}")
+    lib.unlink()
+    inv = take_inventory([pid])
+    f = one(inv, lib)
+    assert f.mapped and f.state is FileState.DELETED
+    assert all(u.kind is UseKind.MAP for u in f.uses) and f.uses[0].mapping
+    assert "/map_files/" in f.via
+    inv = copy_ghosts(inv, tmp_path / "ghosts")
+    ghost = one(inv, lib).ghost
+    assert ghost is not None and ghost.path is not None
+    assert Path(ghost.path).read_bytes() == payload
+
+
+def test_hard_links(holder: Holders, tmp_path: Path) -> None:
+    a = tmp_path / "a.txt"
+    a.write_text("shared inode")
+    b = tmp_path / "b.txt"
+    os.link(a, b)
+    pid = holder(f"r:{a}", f"r:{b}")
+    inv = take_inventory([pid])
+    f = one(inv, a)
+    assert f.nlink == 2 and len(f.uses) == 2 and f.state is FileState.PRESENT
+    assert {f.path, *f.other_paths} == {str(a), str(b)}
+    # one name unlinked: the other still names the inode
+    a.unlink()
+    f = one(take_inventory([pid]), b)
+    assert f.path == str(b) and f.state is FileState.PRESENT and f.nlink == 1
+    # opened only through a name that is then unlinked: deleted, though still linked
+    c = tmp_path / "c.txt"
+    c.write_text("only c")
+    pid2 = holder(f"r:{c}")
+    os.link(c, tmp_path / "d.txt")
+    c.unlink()
+    g = one(take_inventory([pid2], ghost_dir=tmp_path / "ghosts"), c)
+    assert g.state is FileState.DELETED and g.nlink == 1
+    assert g.ghost is not None and g.ghost.path is not None and Path(g.ghost.path).read_text() == "only c"
+
+
+def test_nested_mount(loop_fs: LoopFactory, holder: Holders, tmp_path: Path) -> None:
+    # loop_fs first: it is torn down last, after the holder let go of its files
+    fs = loop_fs("ext4", mount_point=tmp_path / "nested")
+    inner = fs.write("dir/inner.txt", "on the loop filesystem")
+    outer = tmp_path / "outer.txt"
+    outer.write_text("on the outer filesystem")
+    pid = holder(f"r:{inner}", f"r:{outer}")
+    inv = take_inventory([pid])
+    f = one(inv, inner)
+    assert f.mount_point == str(fs.mount_point) and f.fstype == "ext4"
+    assert f.mount_id == mount_id_of(fs.mount_point)
+    assert one(inv, outer).mount_id != f.mount_id
+    assert str(fs.mount_point) in {m.mount_point for m in inv.mounts}
+
+
+def test_ghost_limit(holder: Holders, tmp_path: Path) -> None:
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"big{i}.bin"
+        p.write_bytes(content(40_000, seed=i))
+        paths.append(p)
+    pid = holder(*(f"r:{p}" for p in paths))
+    for p in paths:
+        p.unlink()
+    inv = take_inventory([pid], ghost_dir=tmp_path / "ghosts", ghost_limit=100_000)
+    ghosts = [one(inv, p).ghost for p in paths]
+    copied = [g for g in ghosts if g is not None and g.path is not None]
+    skipped = [g for g in ghosts if g is not None and g.path is None]
+    assert len(copied) == 2 and len(skipped) == 1
+    assert skipped[0].note and "ghost_limit" in skipped[0].note
+    assert any("ghost_limit" in w for w in inv.warnings)
+
+
+def test_exited_task_is_a_warning(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    inv = take_inventory([proc.pid])
+    assert inv.files == () and inv.warnings and "exited" in inv.warnings[0]
+
+
+def test_many_files(holder: Holders, tmp_path: Path) -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    specs = []
+    for i in range(1000):
+        p = tree / f"f{i:04d}"
+        p.write_bytes(b"x" * (i % 7))
+        specs.append(f"r:{p}")
+    pid = holder(*specs)
+    inv = take_inventory([pid])
+    assert len([f for f in inv.files if f.path.startswith(str(tree))]) == 1000
