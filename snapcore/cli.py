@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--id", dest="checkpoint_id", metavar="ID")
     p.add_argument("--json", action="store_true", help="print the manifest")
+    tasks = p.add_mutually_exclusive_group()
+    tasks.add_argument("--pid", type=int, metavar="PID", help="freeze this process and its descendants too")
+    tasks.add_argument("--cgroup", metavar="PATH", help="freeze every process of this cgroup too")
 
     p = sub.add_parser("list", help="checkpoints, newest first")
     p.add_argument("--json", action="store_true")
@@ -95,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
     sub.add_parser("recover", help="thaw and clean up after a crash, from the journal")
+
+    p = sub.add_parser(
+        "criu-hook",
+        help="CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
+        usage="criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
+    )
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
 
     p = sub.add_parser("policy", help="policy tools")
     policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
@@ -133,6 +144,58 @@ def _state_dir(args: argparse.Namespace, policy: Policy | None = None) -> Path:
     from snapcore.policy import Policy, state_dir_of
 
     return state_dir_of(policy or Policy.default(), args.state_dir)
+
+
+CRIU_ID_FILE = "snapcore-checkpoint"
+
+
+def cmd_criu_hook(args: argparse.Namespace) -> int:
+    """``criu dump/restore --action-script 'snapcore criu-hook'``."""
+    from snapcore.criu import ActionEvent, handle_action
+    from snapcore.transaction import TaskSpec, Transaction
+
+    def post_dump(event: ActionEvent) -> None:
+        # CRIU holds the tasks stopped: image their filesystems now
+        if event.init_pid is None or event.images_dir is None:
+            raise SnapcoreError("post-dump without CRTOOLS_INIT_PID or CRTOOLS_IMAGE_DIR")
+        policy = _policy(args)
+        spec = TaskSpec(pid=event.init_pid, stopped_by="CRIU", criu_images=event.images_dir)
+        txn = Transaction(
+            _plugins(args), policy, args.paths, state_dir=_state_dir(args, policy), run_dir=_run_dir(args), tasks=spec
+        )
+        manifest = txn.run()
+        (Path(event.images_dir) / CRIU_ID_FILE).write_text(manifest.id + "\n")
+        print(f"snapcore: checkpoint {manifest.id} of the dumped tasks' filesystems", file=sys.stderr)
+
+    def pre_restore(event: ActionEvent) -> None:
+        # before CRIU opens the files: put the checkpoint's images back in place
+        if event.images_dir is None:
+            raise SnapcoreError("pre-restore without CRTOOLS_IMAGE_DIR")
+        id_file = Path(event.images_dir) / CRIU_ID_FILE
+        if not id_file.exists():
+            raise SnapcoreError(f"{id_file} is missing: these CRIU images were not dumped through snapcore criu-hook")
+        restore_args = argparse.Namespace(**vars(args))
+        restore_args.checkpoint_id = id_file.read_text().strip()
+        restore_args.from_dir = None
+        restore_args.mount = None
+        restore_args.to = None
+        restore_args.in_place = True
+        cmd_restore(restore_args)
+
+    return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})
+
+
+def _run_after_restore(command: list[str]) -> int:
+    """``snapcore restore ID -- criu restore -D DIR``: the files first, then CMD."""
+    import shutil
+    import subprocess
+
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]}")
+    status = subprocess.run(command, check=False).returncode
+    if status != 0:
+        raise SnapcoreError(f"command {' '.join(command)!r} exited with status {status}")
+    return ExitCode.OK
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -251,9 +314,12 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     _require_root("snapcore checkpoint")
     plugins = _plugins(args)
     policy = _policy(args)
-    if not args.paths and policy.path is None:
-        raise UsageError("nothing to checkpoint: give PATHs, or a --policy that names mounts")
+    if not args.paths and policy.path is None and args.pid is None and not args.cgroup:
+        raise UsageError("nothing to checkpoint: give PATHs, --pid, --cgroup, or a --policy that names mounts")
     check_payload(command)
+    from snapcore.transaction import TaskSpec
+
+    tasks = TaskSpec(pid=args.pid, cgroup=args.cgroup) if args.pid is not None or args.cgroup else None
     txn = Transaction(
         plugins,
         policy,
@@ -261,6 +327,7 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
         state_dir=_state_dir(args, policy),
         run_dir=_run_dir(args),
         checkpoint_id=args.checkpoint_id,
+        tasks=tasks,
     )
     try:
         manifest = txn.run(command)
@@ -446,10 +513,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(args_list)
         _setup_logging(args.verbose, args.quiet)
-        if command is not None and args.command != "checkpoint":
-            raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint', not {args.command!r}")
+        if command is not None and args.command not in ("checkpoint", "restore"):
+            raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint' and 'restore', not {args.command!r}")
         if args.command == "checkpoint":
             return int(cmd_checkpoint(args, command))
+        if args.command == "restore":
+            code = int(cmd_restore(args))
+            if command:
+                return _run_after_restore(command)
+            return code
         handlers = {
             "backends": cmd_backends,
             "plan": cmd_plan,
@@ -458,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "restore": cmd_restore,
             "verify": cmd_verify,
             "recover": cmd_recover,
+            "criu-hook": cmd_criu_hook,
             "prune": cmd_prune,
             "policy": cmd_policy_check,
         }

@@ -123,6 +123,14 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     payload: dict[str, Any] | None = None
+    #: The checkpointed tasks and how they were stopped (``--pid``/``--cgroup``).
+    tasks: dict[str, Any] | None = None
+    #: The open-file inventory of those tasks, with states and ghost copies.
+    files: list[dict[str, Any]] | None = None
+    #: What the change watch saw between the tasks' freeze and thaw.
+    changes: list[dict[str, Any]] | None = None
+    #: CRIU's image directory and command, when the payload was a CRIU dump.
+    criu: dict[str, Any] | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,6 +147,10 @@ class Manifest:
         "timings",
         "warnings",
         "payload",
+        "tasks",
+        "files",
+        "changes",
+        "criu",
     )
 
     def to_json(self) -> dict[str, Any]:

@@ -39,7 +39,20 @@ AUTO = "auto"
 FALLBACK = "*"
 
 _RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeout", "on_change")
-_TOP_KEYS = ("version", "state_dir", "defaults", "mounts")
+_TOP_KEYS = ("version", "state_dir", "ghost_limit", "defaults", "mounts")
+DEFAULT_GHOST_LIMIT = 64 << 20
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> int:
+    """``64M``, ``1G``, ``512KiB`` or a number of bytes → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
+    raise ValueError(f"a size such as 64M, 1G or a number of bytes; got {value!r}")
 _KEEP_KEYS = ("last", "within")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _MAP = "tag:yaml.org,2002:map"
@@ -303,6 +316,8 @@ class Policy:
     state_dir: str | None = None
     rules: Mapping[str, Rule] = field(default_factory=lambda: EMPTY)
     fallback: Rule | None = None
+    #: Bytes of deleted-but-open files copied into a checkpoint (ghost copies).
+    ghost_limit: int = DEFAULT_GHOST_LIMIT
 
     @classmethod
     def default(cls) -> Policy:
@@ -542,6 +557,12 @@ def parse_policy(doc: object, file: str) -> Policy:
             line=doc.lines["version"],
             key="version",
         )
+    ghost_limit = DEFAULT_GHOST_LIMIT
+    if "ghost_limit" in doc:
+        try:
+            ghost_limit = parse_size(doc["ghost_limit"])
+        except ValueError as exc:
+            p.add(f"expected {exc}", line=doc.lines["ghost_limit"], key="ghost_limit")
     state_dir = doc.get("state_dir")
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
         p.add(f"expected an absolute path, got {_type_name(state_dir)}", line=doc.lines["state_dir"], key="state_dir")
@@ -616,6 +637,7 @@ def parse_policy(doc: object, file: str) -> Policy:
         state_dir=state_dir,
         rules=MappingProxyType(rules),
         fallback=fallback,
+        ghost_limit=ghost_limit,
     )
 
 

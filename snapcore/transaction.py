@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from snapcore.errors import (
     CheckpointFailed,
@@ -213,6 +214,23 @@ class TargetRun:
         self.record.timings[phase.value] = round((time.perf_counter() - start) * 1000, 3)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec:
+    """The tasks of a checkpoint: a process and its descendants, or a cgroup."""
+
+    pid: int | None = None
+    cgroup: str | None = None
+    #: Someone else already stopped the tasks (``"CRIU"`` in an action script):
+    #: they are inventoried and watched, not frozen again.
+    stopped_by: str | None = None
+    #: CRIU's image directory, for the manifest.
+    criu_images: str | None = None
+
+
+class ChangeDetected(SnapcoreError):
+    """A file the tasks need changed between their freeze and thaw (``on_change: fail``)."""
+
+
 class PayloadFailed(SnapcoreError):
     """The caller's command (``-- CMD``) failed; its status decides the outcome."""
 
@@ -231,7 +249,14 @@ class Transaction:
         checkpoint_id: str | None = None,
         watchdog: Watchdog | None = None,
         table: MountTable | None = None,
+        tasks: TaskSpec | None = None,
     ) -> None:
+        self.task_spec = tasks
+        self.taskset: Any = None
+        self.inventory: Any = None
+        self.freezer: Any = None
+        self.watch: Any = None
+        self._tasks_frozen_at: float | None = None
         self.plugins = plugins
         self.policy = policy
         self.paths = list(paths)
@@ -261,6 +286,7 @@ class Transaction:
         self._resolve_or_stop()
         try:
             self._prepare_all()
+            self._freeze_tasks()
             with self._window():
                 pass
             self._after_window(payload)
@@ -285,6 +311,7 @@ class Transaction:
         self._resolve_or_stop()
         try:
             self._prepare_all()
+            self._freeze_tasks()
             with self._window():
                 yield self
             self._after_window(None)
@@ -328,7 +355,10 @@ class Transaction:
         if problems:
             raise PolicyProblems(problems)
         table = self.table or MountTable.read()
-        mounts, warnings = resolve_mounts(table, self.policy, self.paths)
+        if self.task_spec is not None:
+            mounts, warnings = self._task_mounts(table)
+        else:
+            mounts, warnings = resolve_mounts(table, self.policy, self.paths)
         self.manifest.warnings.extend(warnings)
         path = manifest_path(self.state_dir, self.id)
         if path.exists():
@@ -423,6 +453,23 @@ class Transaction:
             if rescue is not None:
                 rescues[run.mount_point] = rescue
         self.watchdog.watch(rescues)
+        if self.taskset is not None:
+            from snapcore.tasks import TaskFreezer
+            from snapcore.watch import Watch
+
+            spec = self.task_spec
+            assert spec is not None
+            if spec.stopped_by is None:
+                self.journal.record("tasks", name=self.id)
+                self.freezer = TaskFreezer(self.taskset, name=self.id)
+                self.freezer.attach()  # moving tasks costs an RCU wait: outside the window
+            else:
+                self.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
+                self._tasks_frozen_at = time.monotonic()
+            if spec.criu_images:
+                self.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
+            self.watch = Watch(self.inventory)
+            self.watch.start()
         self._phase(Phase.PREPARE, t)
         if not self.active:
             raise SnapcoreError("no target left to checkpoint")
@@ -440,6 +487,44 @@ class Transaction:
         futures = [self._pool.submit(barrier.wait, 5.0) for _ in range(min(n, 64))]
         for f in futures:
             f.result()
+
+    def _task_mounts(self, table: MountTable) -> tuple[list[tuple[Mount, Rule]], list[str]]:
+        """Targets from what the tasks use (DESIGN step 1), plus any PATHs named."""
+        from snapcore.inventory import take_inventory
+        from snapcore.mounts import mount_id_of
+        from snapcore.tasks import resolve_cgroup, resolve_pid
+
+        spec = self.task_spec
+        assert spec is not None
+        self.taskset = resolve_pid(spec.pid) if spec.pid is not None else resolve_cgroup(spec.cgroup or "")
+        self.manifest.tasks = self.taskset.to_json()
+        self.inventory = take_inventory(self.taskset.pids, table=table)
+        result, warnings = resolve_mounts(table, self.policy, self.paths) if self.paths else ([], [])
+        warnings.extend(self.inventory.warnings)
+        seen = {m.mount_id for m, _ in result}
+        own: set[int] = set()
+        for path in (self.state_dir, self.run_dir):
+            probe = path
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            own.add(mount_id_of(probe))
+        for mount in self.inventory.mounts:
+            if mount.mount_id in seen:
+                continue
+            named = mount.mount_point in self.policy.rules
+            if not named and (mount.mount_point == "/" or mount.mount_id in own):
+                why = "the root filesystem" if mount.mount_point == "/" else "it holds snapcore's state"
+                warnings.append(f"{mount.mount_point}: used by the tasks but not frozen ({why}); name it to include it")
+                continue
+            rule = self.policy.rule_for(mount.mount_point)
+            if rule is None:
+                warnings.append(f"{mount.mount_point}: used by the tasks but not covered by the policy")
+                continue
+            seen.add(mount.mount_id)
+            result.append((table.enrich(mount), rule))
+        if not result:
+            raise UsageError("the tasks use no mount that can be checkpointed (see the warnings with -v)")
+        return result, warnings
 
     def _check_run_dir(self) -> None:
         """The journal is written inside the window: never on a mount we freeze."""
@@ -473,6 +558,58 @@ class Transaction:
         run.record.error = f"{phase.value}: {_describe(exc)}"
         run.record.warnings.append(f"not required, so the checkpoint went on without it ({phase.value} failed)")
         self.manifest.warnings.append(f"{run.mount_point}: {phase.value} failed: {_describe(exc)}")
+
+    def _freeze_tasks(self) -> None:
+        """DESIGN step 5: stop the tasks, then copy what only they still hold."""
+        if self.inventory is None:
+            return
+        from snapcore.inventory import copy_ghosts
+
+        if self.freezer is not None:
+            t = time.perf_counter()
+            self.freezer.freeze()
+            self._tasks_frozen_at = time.monotonic()
+            self.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
+        if self.inventory.ghosts_needed:
+            ghosts = manifest_path(self.state_dir, self.id).parent / "ghosts"
+            self.inventory = copy_ghosts(self.inventory, ghosts, limit=self.policy.ghost_limit)
+        self.manifest.files = self.inventory.to_json()
+
+    def _thaw_tasks(self) -> None:
+        """Tasks go last: after the filesystems, whatever happened."""
+        freezer, self.freezer = self.freezer, None
+        try:
+            if self.watch is not None:
+                self.watch.stop()
+        finally:
+            if freezer is not None:
+                t = time.perf_counter()
+                freezer.close()
+                self.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
+                self.manifest.tasks = freezer.to_json()
+
+    def _check_changes(self) -> None:
+        """DESIGN step 8: what changed under the frozen tasks decides (on_change)."""
+        if self.watch is None:
+            return
+        from snapcore.watch import apply_changes
+
+        changes = self.watch.results(since=self._tasks_frozen_at)
+        self.manifest.changes = [c.to_json() for c in changes]
+        self.inventory = apply_changes(self.inventory, changes)
+        self.manifest.files = self.inventory.to_json()
+        mount_of = {(f.dev, f.ino): f.mount_point for f in self.inventory.files}
+        fatal = []
+        for change in changes:
+            mount_point = mount_of.get((change.dev, change.ino)) if change.dev is not None else None
+            rule = self.policy.rule_for(mount_point) if mount_point else self.policy.fallback
+            message = f"{change.path}: {change.kind} after the tasks were frozen"
+            if rule is not None and rule.on_change == "warn":
+                self.manifest.warnings.append(message)
+            else:
+                fatal.append(message)
+        if fatal:
+            raise ChangeDetected("a file the tasks need changed: " + "; ".join(fatal))
 
     def _each(self, runs: Sequence[TargetRun], phase: Phase, step: Callable[[TargetRun], None]) -> None:
         """Run ``step`` on every run, in parallel when a pool exists; then raise the
@@ -636,6 +773,8 @@ class Transaction:
         pending = [r for r in self.active if r.target.exporter and r.export is None]
         self._each(pending, Phase.EXPORT, self._export_one)
         self._phase(Phase.EXPORT, t)
+        self._check_changes()
+        self._thaw_tasks()
         for run in self.active:
             self._settle(run)
 
@@ -677,6 +816,7 @@ class Transaction:
         for i, run in enumerate(self.active):
             if run.image is not None and run.image.path:
                 env[f"SNAPCORE_IMAGE_{i}"] = f"{run.mount_point}={run.image.path}"
+        cmd = self._criu_payload(cmd, env)
         try:
             proc = subprocess.run(cmd, env=env, check=False)
         except OSError as exc:
@@ -684,6 +824,25 @@ class Transaction:
         self.manifest.payload = {"argv": cmd, "status": proc.returncode}
         if proc.returncode != 0:
             raise PayloadFailed(f"command {' '.join(cmd)!r} exited with status {proc.returncode}")
+
+    def _criu_payload(self, cmd: list[str], env: dict[str, str]) -> list[str]:
+        """A ``criu dump`` of tasks we froze must be told their freezer cgroup, or
+        it hangs trying to interrupt them; its image directory goes in the manifest."""
+        group = getattr(self.freezer, "criu_freeze_cgroup", None)
+        if group:
+            env["SNAPCORE_FREEZE_CGROUP"] = str(group)
+        if os.path.basename(cmd[0]) != "criu" or "dump" not in cmd[1:]:
+            return cmd
+        images = None
+        for i, arg in enumerate(cmd):
+            if arg in ("-D", "--images-dir") and i + 1 < len(cmd):
+                images = cmd[i + 1]
+            elif arg.startswith("--images-dir="):
+                images = arg.split("=", 1)[1]
+        if group and not any(a == "--freeze-cgroup" or a.startswith("--freeze-cgroup=") for a in cmd):
+            cmd = [*cmd, "--freeze-cgroup", str(group)]
+        self.manifest.criu = {"images_dir": os.path.abspath(images) if images else None, "argv": cmd}
+        return cmd
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
@@ -694,6 +853,10 @@ class Transaction:
             self.manifest.warnings.append(f"thaw failed during cleanup: {_describe(thaw_error)}")
         self.watchdog.disarm()
         self._after_thaw()
+        try:
+            self._thaw_tasks()
+        except Exception as exc:
+            self.manifest.warnings.append(f"thawing the tasks failed: {_describe(exc)}")
         t = time.perf_counter()
         for run in reversed(self.runs):
             self._discard(run)
@@ -718,6 +881,8 @@ class Transaction:
             run.image = None
 
     def _close(self) -> None:
+        if self.freezer is not None or self.watch is not None:
+            self._thaw_tasks()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

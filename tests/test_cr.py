@@ -1,0 +1,225 @@
+"""The checkpoint/restart sequence through the transaction: --pid, inventory, ghosts,
+change watch, task freezing around the filesystems, and CRIU as the payload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapcore.cli import main
+from snapcore.criu import Criu
+from snapcore.testing import LoopFactory, assert_not_frozen
+
+pytestmark = pytest.mark.usefixtures("root_only")
+
+HOLDER = """
+import os, sys, time
+path, ready, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+f = open(path, "w+")
+f.write("original bytes\\n"); f.flush()
+if mode == "delete":
+    os.unlink(path)
+os.chdir(os.path.dirname(path))
+open(ready, "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[object]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(path: Path, mode: str = "keep") -> subprocess.Popen[bytes]:
+        ready = tmp_path / f"ready-{len(procs)}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), str(ready), mode],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "holder did not start"
+            time.sleep(0.01)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def _state(proc: subprocess.Popen[bytes]) -> str:
+    with open(f"/proc/{proc.pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_pid_checkpoint_targets_the_mounts_the_task_uses(
+    loop_fs: LoopFactory, state_dir: Path, holder: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fs = loop_fs("ext4")
+    proc = holder(fs.mount_point / "data.txt")  # type: ignore[operator]
+    code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "t1", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert [t["mount"] for t in manifest["targets"]] == [str(fs.mount_point)]
+    assert any("root filesystem" in w for w in manifest["warnings"])
+    assert manifest["tasks"]["method"]
+    files = {f["path"]: f for f in manifest["files"]}
+    data = files[str(fs.mount_point / "data.txt")]
+    assert data["state"] == "present" and data["size"] == len("original bytes\n")
+    assert manifest["changes"] == []
+    assert _state(proc) in "SR", "the task was not thawed"
+    assert_not_frozen(fs.mount_point)
+
+
+def test_deleted_open_file_is_copied_as_a_ghost(loop_fs: LoopFactory, state_dir: Path, holder: object) -> None:
+    fs = loop_fs("xfs")
+    proc = holder(fs.mount_point / "ghost.txt", "delete")  # type: ignore[operator]
+    assert main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "g1"]) == 0
+    manifest = json.loads((state_dir / "checkpoints" / "g1" / "manifest.json").read_text())
+    ghost_file = next(f for f in manifest["files"] if f["deleted"])
+    assert ghost_file["state"] == "deleted"
+    assert Path(ghost_file["ghost"]["path"]).read_bytes() == b"original bytes\n"
+
+
+@pytest.mark.parametrize("on_change", ["fail", "warn"])
+def test_a_change_under_the_frozen_task_decides(
+    loop_fs: LoopFactory, state_dir: Path, holder: object, tmp_path: Path, on_change: str
+) -> None:
+    fs = loop_fs("ext4")
+    target = fs.mount_point / "data.txt"
+    proc = holder(target)  # type: ignore[operator]
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    on_change: {on_change}\n")
+    # the payload runs while the task is frozen: it changes the file under it
+    code = main(
+        [
+            *["--state-dir", str(state_dir), "checkpoint", "--policy", str(policy), "--pid", str(proc.pid)],
+            *["--id", f"c-{on_change}", "--", "sh", "-c", f"echo tampered >> {target}"],
+        ]
+    )
+    manifest = json.loads((state_dir / "checkpoints" / f"c-{on_change}" / "manifest.json").read_text())
+    kinds = {c["kind"] for c in manifest["changes"]}
+    assert "modify" in kinds, manifest["changes"]
+    if on_change == "fail":
+        assert code == 1 and manifest["outcome"] == "failed"
+        assert "changed" in manifest["error"] and str(target) in manifest["error"]
+    else:
+        assert code == 0 and any(str(target) in w for w in manifest["warnings"])
+    assert _state(proc) in "SR"
+    assert_not_frozen(fs.mount_point)
+
+
+def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--state-dir", str(state_dir), "checkpoint", "--pid", "999999999"]) == 2
+    assert main(["--state-dir", str(state_dir), "checkpoint", "--cgroup", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("snapcore: error:") == 2
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-R", str(path)], check=False)
+
+
+@pytest.fixture
+def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path) -> tuple[Criu, Path]:
+    """A working CRIU, the btrfs backend, and a btrfs subvolume mounted on its own
+    (so that it can be rolled back in place)."""
+    from snapcore.criu import CriuUnavailable, check_criu
+    from snapcore.plugins import make_plugins
+
+    try:
+        criu = check_criu()
+    except CriuUnavailable as exc:
+        pytest.skip(f"CRIU unusable here: {exc}")
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
+    if "btrfs" not in make_plugins().backends:
+        pytest.skip("the btrfs backend is not installed")
+    fs = loop_fs("btrfs")
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(fs.mount_point / "data")], check=True)
+    mnt = tmp_path / "data-mount"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "subvol=data", fs.device, str(mnt)], check=True)
+    fs.cleanups.append(lambda: _umount(mnt))
+    return criu, mnt
+
+
+def test_criu_dump_and_restore_with_a_btrfs_image(
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path
+) -> None:
+    criu, mnt = criu_and_btrfs
+    data = mnt / "data.txt"
+    proc = holder(data)  # type: ignore[operator]
+    images = tmp_path / "criu-images"
+    images.mkdir()
+    code = main(
+        [
+            *["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "cr1", "--"],
+            *[criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"],
+        ]
+    )
+    assert code == 0, (images / "dump.log").read_text()[-2000:]
+    manifest = json.loads((state_dir / "checkpoints" / "cr1" / "manifest.json").read_text())
+    assert manifest["criu"]["images_dir"] == str(images)
+    assert "--freeze-cgroup" in manifest["criu"]["argv"]
+    assert manifest["targets"][0]["imager"] == "btrfs"
+    proc.wait(10)  # criu dump ends the dumped tasks
+    data.write_text("changed after the checkpoint, longer than before\n")
+    # files back from the image, then CRIU: the program must find the bytes it had
+    code = main(
+        [
+            *["--state-dir", str(state_dir), "restore", "cr1", "--in-place", "--"],
+            *[criu.path, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "restore.log"],
+        ]
+    )
+    assert code == 0, (images / "restore.log").read_text()[-2000:]
+    try:
+        assert data.read_text() == "original bytes\n"
+        fd_target = next(Path(f"/proc/{proc.pid}/fd").iterdir())
+        assert fd_target.exists()
+    finally:
+        subprocess.run(["kill", "-9", str(proc.pid)], check=False)
+
+
+def test_criu_action_script(criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path) -> None:
+    criu, mnt = criu_and_btrfs
+    data = mnt / "data.txt"
+    proc = holder(data)  # type: ignore[operator]
+    images = tmp_path / "criu-images"
+    images.mkdir()
+    # CRIU runs an action script by path, without a shell: the way an admin would
+    hook = tmp_path / "snapcore-hook"
+    hook.write_text(f"#!/bin/sh\nexec {sys.executable} -m snapcore --state-dir {state_dir} criu-hook\n")
+    hook.chmod(0o755)
+    base = [criu.path, "--action-script", str(hook)]
+    dump = subprocess.run(
+        [*base[:3], "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"], capture_output=True
+    )
+    assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+    cid = (images / "snapcore-checkpoint").read_text().strip()
+    manifest = json.loads((state_dir / "checkpoints" / cid / "manifest.json").read_text())
+    assert manifest["outcome"] == "ok" and manifest["tasks"]["method"] == "stopped by CRIU"
+    assert manifest["criu"]["images_dir"] == str(images)
+    assert any(f["path"] == str(data) for f in manifest["files"])
+    proc.wait(10)
+    data.write_text("changed after the checkpoint, longer than before\n")
+    restore = subprocess.run(
+        [*base[:3], "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "restore.log"],
+        capture_output=True,
+    )
+    assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
+    try:
+        assert data.read_text() == "original bytes\n"
+    finally:
+        subprocess.run(["kill", "-9", str(proc.pid)], check=False)
