@@ -1,0 +1,1 @@
+"""snapcore's exporters: ``tar`` (GNU tar archives) and ``rsync`` (trees with --link-dest)."""

@@ -1,0 +1,256 @@
+"""What the tar and rsync exporters share: the layout of an export directory, tools,
+atomic writes, and the sidecar files that let an export be restored on its own.
+
+An export destination ``DEST`` holds one directory per checkpoint::
+
+    DEST/
+      <slug>.latest                  id of the newest complete export of that mount
+      <checkpoint-id>/
+        manifest.json                copy of the checkpoint's manifest (written last)
+        <slug>.export.json           what this export is: backend, level, chain, sizes
+        <slug>.tar[.gz|.zst]         tar: the archive          rsync: <slug>/ the tree
+        <slug>.tar[.gz|.zst].sha256  tar: its checksum         rsync: <slug>.files, the file list
+        <slug>.snar                  tar --listed-incremental snapshot (incremental only)
+
+``slug`` names the mount point: ``/srv/db`` → ``srv-db``, ``/`` → ``-``; a ``-``
+or any byte outside ``[A-Za-z0-9._]`` is written ``%XX``, so two mounts never
+share a slug.
+
+An export is written in two steps. ``export`` (inside the freeze window when the
+image is the live, frozen filesystem) only copies: the archive or tree under a
+temporary name, renamed when whole, and ``export.json``. ``finish``, called from
+``snapcore_checkpoint_end`` once the checkpoint succeeded and its manifest is
+written, adds what would slow the copy down: the sha256 (read back from the page
+cache) or the file list, one ``syncfs``, then the manifest copy and the
+``latest`` pointer. An export is complete only when ``manifest.json`` is there;
+a failed checkpoint has its exports discarded, a crash leaves them without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from snapcore import BackendError, MissingTool, Target
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+#: Environment for every tool run: C locale, so tar's and rsync's messages and
+#: name quoting are the same on every host.
+TOOL_LOCALE = {"LC_ALL": "C", "LANG": "C"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+#: tool → Debian package that provides it
+PACKAGES = {"tar": "tar", "rsync": "rsync", "zstd": "zstd", "gzip": "gzip"}
+
+
+def slug(mount_point: str) -> str:
+    """A file name for ``mount_point`` that no other mount point maps to."""
+    path = mount_point.strip("/")
+    if not path:
+        return "-"
+    out: list[str] = []
+    for i, part in enumerate(path.split("/")):
+        if i:
+            out.append("-")
+        for j, byte in enumerate(os.fsencode(part)):
+            ch = chr(byte)
+            if (ch.isascii() and ch.isalnum()) or ch == "_" or (ch == "." and not (i == 0 and j == 0)):
+                out.append(ch)
+            else:
+                out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def tool(name: str, backend: str) -> str:
+    """Absolute path of ``name`` on ``PATH``, else :class:`MissingTool` naming the package."""
+    path = shutil.which(name)
+    if path is None:
+        raise MissingTool(name, PACKAGES.get(name, name), backend=backend)
+    return path
+
+
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TOOL_LOCALE)
+    return env
+
+
+def tail(text: str | bytes | None, lines: int = 6) -> str:
+    """The last lines of a tool's stderr, on one line, for an error message."""
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    return "; ".join(kept)
+
+
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``path`` under a temporary name, (fsync,) rename: never half a file.
+
+    ``sync=False`` inside an export: the checkpoint's end syncs the whole
+    filesystem once (:func:`syncfs`) before the manifest makes the export complete.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json(path: Path, data: Mapping[str, Any], *, sync: bool = True) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), sync=sync)
+
+
+def syncfs(path: Path) -> None:
+    """Write back the whole filesystem holding ``path`` (one call for a tree of files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+def check_dest_dir(dest: Path, target: Target, backend: str) -> None:
+    """``dest`` exists, is a writable directory, and is not on the filesystem it copies."""
+    where = target.mount.mount_point
+    if not dest.is_absolute():
+        raise BackendError(f"dest {dest} is not an absolute path", mount=where, backend=backend)
+    try:
+        st = dest.stat()
+    except FileNotFoundError:
+        raise BackendError(
+            f"dest {dest} does not exist: create it (mkdir -p {dest}) or fix options.{backend}.dest",
+            mount=where,
+            backend=backend,
+        ) from None
+    except OSError as exc:
+        raise BackendError(f"dest {dest}: {exc.strerror}", mount=where, backend=backend) from exc
+    if not dest.is_dir():
+        raise BackendError(f"dest {dest} is not a directory", mount=where, backend=backend)
+    if st.st_dev == target.mount.dev:
+        raise BackendError(
+            f"dest {dest} is on the filesystem being exported: an export must go to another filesystem "
+            "(with a live image it would also block on the frozen filesystem)",
+            mount=where,
+            backend=backend,
+        )
+    probe = dest / f".snapcore-probe-{os.getpid()}-{os.urandom(3).hex()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        hint = " (a read-only filesystem)" if exc.errno == errno.EROFS else ""
+        raise BackendError(f"dest {dest} is not writable{hint}: {exc.strerror}", mount=where, backend=backend) from exc
+
+
+def full_hint(path: Path) -> str:
+    """A hint when the filesystem holding ``path`` is (nearly) full, else ``""``.
+
+    GNU tar reports a full disk as a short write ("Wrote only 8192 of 10240
+    bytes"), without the errno: say it plainly.
+    """
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bfree * st.f_frsize  # root writes into the reserved blocks too
+    log.debug("free space under %s after a failure: %d bytes (%d for non-root)", path, free, st.f_bavail * st.f_frsize)
+    if free < (4 << 20) or st.f_bavail == 0:
+        return f"the filesystem of {path} is full (No space left on device; {free >> 10} KiB free); "
+    return ""
+
+
+def same_filesystem_as_target(dest: Path, targets: tuple[Target, ...]) -> Target | None:
+    """The target of this checkpoint whose filesystem holds ``dest``, if any."""
+    try:
+        dev = dest.stat().st_dev
+    except OSError:
+        return None
+    for other in targets:
+        if other.mount.dev == dev:
+            return other
+    return None
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` (a file or a tree), never following symlinks; missing is fine."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def copy_manifest(export_dir: Path, manifest_text: str) -> None:
+    write_atomic(export_dir / MANIFEST_NAME, manifest_text.encode())
+
+
+def manifest_problem(export_dir: Path, checkpoint_id: str) -> str | None:
+    """Why the manifest copy in ``export_dir`` cannot be trusted, or None."""
+    path = export_dir / MANIFEST_NAME
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return f"{path} is missing: the checkpoint never finished, this export is incomplete"
+    except (OSError, ValueError) as exc:
+        return f"{path} is unreadable: {exc}"
+    if data.get("id") != checkpoint_id:
+        return f"{path} belongs to checkpoint {data.get('id')!r}, not {checkpoint_id!r}"
+    if data.get("outcome") != "ok":
+        return f"{path} says the checkpoint {data.get('outcome')!r}"
+    return None
+
+
+def latest_pointer(dest: Path, name: str) -> Path:
+    return dest / f"{name}.latest"
+
+
+def read_latest(dest: Path, name: str) -> str | None:
+    try:
+        value = latest_pointer(dest, name).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return value or None

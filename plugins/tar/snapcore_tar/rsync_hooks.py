@@ -1,0 +1,138 @@
+"""pluggy hooks of the ``rsync`` exporter; the work is in :mod:`.rsync_backend`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapcore import (
+    BackendError,
+    BackendInfo,
+    Checkpoint,
+    Export,
+    Image,
+    Option,
+    OptionKind,
+    Outcome,
+    Role,
+    Target,
+    hookimpl,
+)
+from snapcore_tar import common, rsync_backend
+from snapcore_tar.rsync_backend import NAME
+
+if TYPE_CHECKING:
+    from snapcore import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@hookimpl
+def snapcore_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        roles=frozenset({Role.EXPORTER}),
+        description="rsync tree per checkpoint, unchanged files hard-linked to the last (--link-dest); "
+        "local, rsync daemon or ssh",
+    )
+
+
+@hookimpl
+def snapcore_option_schema() -> Sequence[Option]:
+    return (
+        Option(
+            name="dest",
+            kind=OptionKind.STR,
+            required=True,
+            help="absolute path, rsync://HOST[:PORT]/MODULE[/PATH], HOST::MODULE[/PATH] or [USER@]HOST:PATH",
+        ),
+        Option(name="rsh", kind=OptionKind.STR, default=None, help="remote shell for an ssh dest (rsync -e)"),
+        Option(
+            name="password_file",
+            kind=OptionKind.STR,
+            default=None,
+            help="rsync daemon password file (rsync --password-file)",
+        ),
+        Option(
+            name="timeout",
+            kind=OptionKind.DURATION,
+            default=30.0,
+            help="give up on an unreachable or silent destination after this long",
+        ),
+    )
+
+
+@hookimpl
+def snapcore_prepare(target: Target, role: Role) -> None:
+    if role is Role.EXPORTER:
+        rsync_backend.prepare(target)
+
+
+@hookimpl
+def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
+    for target in checkpoint.targets:
+        if target.exporter != NAME:
+            continue
+        dest = rsync_backend.local_dest(target)
+        other = common.same_filesystem_as_target(dest, checkpoint.targets) if dest else None
+        if other is not None:
+            raise BackendError(
+                f"dest {dest} is on {other.mount.mount_point}, a target of this checkpoint: "
+                "the export would write to a filesystem being frozen",
+                mount=target.mount.mount_point,
+                backend=NAME,
+            )
+
+
+@hookimpl
+def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
+    # the dest option may be a URL, which a Path would mangle: read the option itself
+    return rsync_backend.export(target, image)
+
+
+@hookimpl
+def snapcore_discard(target: Target, export: Export | None) -> None:
+    if export is not None and export.backend == NAME:
+        rsync_backend.discard(target, export)
+
+
+@hookimpl
+def snapcore_verify(target: Target, export: Export | None) -> Sequence[str]:
+    if export is None or export.backend != NAME:
+        return []
+    return rsync_backend.verify(target, export)
+
+
+@hookimpl
+def snapcore_restore(target: Target, export: Export | None, dest: Path | None, in_place: bool) -> str:
+    if export is None:
+        raise BackendError(
+            "this checkpoint has no rsync export to restore", mount=target.mount.mount_point, backend=NAME
+        )
+    if in_place or dest is None:
+        raise BackendError(
+            "an rsync export is restored into a new, empty directory (--to DIR), never in place",
+            mount=target.mount.mount_point,
+            backend=NAME,
+        )
+    return rsync_backend.restore(target, export, dest)
+
+
+@hookimpl
+def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    if outcome is not Outcome.OK:
+        return
+    text = manifest.dumps()
+    for record in manifest.targets:
+        if record.exporter != NAME or record.outcome != Outcome.OK.value or not record.export_record:
+            continue
+        target = next((t for t in checkpoint.targets if t.mount.mount_point == record.mount), None)
+        if target is None:
+            continue
+        try:
+            rsync_backend.finish(target, Export.from_json(record.export_record), text)
+        except Exception as exc:
+            # never raise: pluggy would skip the other plugins' checkpoint_end
+            log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)

@@ -1,0 +1,563 @@
+"""The ``tar`` exporter: one GNU tar archive per target and checkpoint.
+
+Archives keep what a backup must (numeric owners, modes, times, hard links,
+symlinks, device nodes, xattrs, ACLs, sparse files) and stay on one filesystem.
+With ``incremental: true`` they form chains made with ``--listed-incremental``:
+level 0, then increments, each with the snapshot file it left beside it; a
+restore extracts the chain in order. See :mod:`snapcore_tar.common` for the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapcore import BackendError, Export, Image, Target
+from snapcore_tar import common
+from snapcore_tar.common import (
+    EXPORT_FORMAT,
+    MANIFEST_NAME,
+    manifest_problem,
+    read_json,
+    read_latest,
+    slug,
+    tool,
+    write_atomic,
+    write_json,
+)
+from snapcore_tar.progress import Progress, bar_wanted
+from snapcore_tar.runner import LineCounter, SizeWatcher, run, sha256_file
+from snapcore_tar.safety import ScanState, UnsafeArchive, check_stderr, scan_listing
+
+log = logging.getLogger(__name__)
+
+NAME = "tar"
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    name: str
+    suffix: str
+    tool: str | None
+    create: tuple[str, ...]
+    read: tuple[str, ...]
+
+
+COMPRESSIONS: dict[str, Compression] = {
+    "none": Compression("none", "", None, (), ()),
+    "gzip": Compression("gzip", ".gz", "gzip", ("--gzip",), ("--gzip",)),
+    # multi-threaded: the export may run inside the freeze window
+    "zstd": Compression("zstd", ".zst", "zstd", ("--use-compress-program=zstd -T0 -q",), ("--zstd",)),
+}
+
+#: What every archive keeps. posix (pax) format: xattrs and ACLs need it.
+CREATE_FLAGS = (
+    "--format=posix",
+    "--one-file-system",
+    "--numeric-owner",
+    "--sparse",
+    "--acls",
+    "--xattrs",
+    "--xattrs-include=*",
+    # ACLs travel as SCHILY.acl.*; keeping their raw xattrs too would store them twice
+    "--xattrs-exclude=system.posix_acl_*",
+)
+EXTRACT_FLAGS = (
+    "--numeric-owner",
+    "--same-owner",
+    "--same-permissions",
+    "--acls",
+    "--xattrs",
+    "--xattrs-include=*",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TarOptions:
+    compress: Compression
+    incremental: bool
+    full_every: int
+
+    @classmethod
+    def of(cls, target: Target) -> TarOptions:
+        opts = target.options_for(NAME)
+        name = opts.get("compress") or "none"
+        if name not in COMPRESSIONS:
+            raise BackendError(
+                f"unknown compression {name!r} (none, gzip or zstd)", mount=target.mount.mount_point, backend=NAME
+            )
+        return cls(
+            compress=COMPRESSIONS[name],
+            incremental=bool(opts.get("incremental", False)),
+            full_every=int(opts.get("full_every") or 0),
+        )
+
+
+def _fail(message: str, target: Target | None) -> BackendError:
+    return BackendError(message, mount=target.mount.mount_point if target else None, backend=NAME)
+
+
+def archive_name(name: str, compress: Compression) -> str:
+    return f"{name}.tar{compress.suffix}"
+
+
+# -- prepare ----------------------------------------------------------------------------
+
+
+def prepare(target: Target, dest: Path) -> None:
+    opts = TarOptions.of(target)
+    tool("tar", NAME)
+    if opts.compress.tool:
+        tool(opts.compress.tool, NAME)
+    common.check_dest_dir(dest, target, NAME)
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    level: int
+    chain: list[str]
+    parent_snar: Path | None
+
+
+def _plan(target: Target, dest: Path, name: str, opts: TarOptions) -> _Plan:
+    """Level 0, or the next increment of the newest complete chain in ``dest``."""
+    me = target.checkpoint_id
+    full = _Plan(level=0, chain=[me], parent_snar=None)
+    if not opts.incremental:
+        return full
+    prev = read_latest(dest, name)
+    if prev is None or prev == me:
+        return full
+    prev_dir = dest / prev
+    why: str | None = None
+    info: dict[str, Any] = {}
+    try:
+        info = read_json(prev_dir / f"{name}.export.json")
+    except (OSError, ValueError) as exc:
+        why = f"cannot read it: {exc}"
+    if why is None and (info.get("backend") != NAME or not info.get("incremental")):
+        why = "it is not an incremental tar export"
+    if why is None:
+        why = manifest_problem(prev_dir, prev)
+    snar = prev_dir / f"{name}.snar"
+    if why is None and not snar.is_file():
+        why = f"its snapshot file {snar} is missing"
+    chain = [str(c) for c in info.get("chain") or []]
+    if why is None:
+        missing = [c for c in chain if not (dest / c / f"{name}.export.json").is_file()]
+        if missing:
+            why = f"its chain is broken ({', '.join(missing)} missing)"
+    if why is not None:
+        log.warning(
+            "%s: starting a new level-0 archive: the previous export %s cannot be continued: %s",
+            target.mount.mount_point,
+            prev,
+            why,
+        )
+        return full
+    level = int(info.get("level", 0)) + 1
+    if opts.full_every and level > opts.full_every:
+        return full
+    return _Plan(level=level, chain=[*chain, me], parent_snar=snar)
+
+
+def export(target: Target, image: Image, dest: Path) -> Export:
+    """Write the archive of ``image`` under ``dest/ID/``; nothing looks complete on failure."""
+    opts = TarOptions.of(target)
+    if not image.path:
+        raise _fail(f"the {image.backend} image has no path to copy", target)
+    src = Path(image.path)
+    name = slug(target.mount.mount_point)
+    export_dir = dest / target.checkpoint_id
+    plan = _plan(target, dest, name, opts)
+    archive = export_dir / archive_name(name, opts.compress)
+    part = export_dir / f".{archive.name}.part"
+    snar = export_dir / f"{name}.snar"
+    snar_part = export_dir / f".{name}.snar.part"
+    made_dir = not export_dir.exists()
+    try:
+        export_dir.mkdir(mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise _fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
+    if archive.exists() or (export_dir / f"{name}.export.json").exists():
+        raise _fail(f"{archive} already exists: checkpoint ids must be unique per dest", target)
+
+    argv = [tool("tar", NAME), "--create", f"--file={part}", f"--directory={src}", *CREATE_FLAGS]
+    argv += opts.compress.create
+    if opts.incremental:
+        # device numbers change between snapshots (btrfs subvolumes): compare inodes only
+        argv += [f"--listed-incremental={snar_part}", "--no-check-device"]
+    if bar_wanted(sys.stderr):
+        argv.append("--verbose")  # one line per member: the file count of the bar
+    argv.append(".")
+
+    total_bytes = total_files = None
+    try:
+        st = os.statvfs(src)
+        total_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
+        total_files = st.f_files - st.f_ffree
+    except OSError:
+        pass
+    progress = Progress(
+        f"tar {target.mount.mount_point} → {archive}",
+        total_bytes=total_bytes if opts.compress.name == "none" else None,
+        total_files=total_files,
+    )
+    watcher: SizeWatcher | None = None
+    counter = LineCounter(progress) if progress.bar else None
+    ok = False
+    try:
+        # a leftover of a crashed run goes; tar creates the file itself: truncating an
+        # existing file would make ext4 (auto_da_alloc) write it all back at close
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        if plan.parent_snar is not None:
+            shutil.copyfile(plan.parent_snar, snar_part)
+        if progress.bar:
+            watcher = SizeWatcher(part, progress)
+            watcher.start()
+        result = run(
+            argv,
+            target=target,
+            backend=NAME,
+            what="GNU tar",
+            on_out=counter,
+            ok_codes=(0, 1),
+            hint=lambda: common.full_hint(export_dir),
+        )
+        size = part.stat().st_size
+        warnings: list[str] = []
+        if result.exit_code == 1:
+            # "file changed as we read it": the copy is complete but not a point in time
+            warnings.append(f"GNU tar: some files changed while they were read: {common.tail(result.stderr)}")
+            log.warning("%s: %s", target.mount.mount_point, warnings[-1])
+        os.chmod(part, 0o600)
+        os.rename(part, archive)
+        if opts.incremental:
+            os.rename(snar_part, snar)
+        details: dict[str, Any] = {
+            "dest": str(dest),
+            "slug": name,
+            "archive": archive.name,
+            # computed after the thaw, in finish(): hashing while tar writes halves its speed
+            "sha256": None,
+            "bytes": size,
+            "files": counter.count if counter is not None else None,
+            "compress": opts.compress.name,
+            "incremental": opts.incremental,
+            "level": plan.level,
+            "chain": plan.chain,
+            "snar": snar.name if opts.incremental else None,
+            "warnings": warnings,
+        }
+        write_json(
+            export_dir / f"{name}.export.json",
+            {
+                "format": EXPORT_FORMAT,
+                "backend": NAME,
+                "checkpoint_id": target.checkpoint_id,
+                "mount": target.mount.mount_point,
+                "created": common.utc_now(),
+                **details,
+            },
+            sync=False,
+        )
+        ok = True
+    except OSError as exc:
+        raise _fail(f"writing {archive} failed: {exc.strerror or exc}", target) from exc
+    finally:
+        progress.close(ok)
+        if watcher is not None:
+            watcher.stop()
+        if not ok:
+            for path in (part, snar_part, archive, snar, export_dir / f"{archive.name}.sha256"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if made_dir:
+                common.remove_if_empty(export_dir)
+    return Export(backend=NAME, ref=str(archive), path=str(export_dir), details=details)
+
+
+# -- after the checkpoint ---------------------------------------------------------------
+
+
+def finish(target: Target, export: Export, manifest_text: str) -> None:
+    """Complete the export after the thaw: checksum, sync, manifest copy, ``latest`` pointer.
+
+    The archive was just written, so the checksum reads it from the page cache.
+    """
+    export_dir = Path(export.path or Path(export.ref).parent)
+    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    archive = Path(export.ref)
+    sha = sha256_file(archive)
+    write_atomic(export_dir / f"{archive.name}.sha256", f"{sha}  {archive.name}\n".encode(), sync=False)
+    info_path = export_dir / f"{name}.export.json"
+    info = read_json(info_path)
+    info["sha256"] = sha
+    write_json(info_path, info, sync=False)
+    common.syncfs(export_dir)  # the archive and its sidecars, before the manifest says "complete"
+    common.copy_manifest(export_dir, manifest_text)
+    dest = export_dir.parent
+    write_atomic(common.latest_pointer(dest, name), f"{target.checkpoint_id}\n".encode())
+
+
+def discard(target: Target, export: Export) -> None:
+    """Delete this export's files; refuse to break a chain that later exports build on."""
+    export_dir = Path(export.path or Path(export.ref).parent)
+    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    dest = export_dir.parent
+    me = export_dir.name
+    children = []
+    with contextlib.suppress(OSError):
+        for other in dest.iterdir():
+            if other.name == me or not other.is_dir():
+                continue
+            try:
+                info = read_json(other / f"{name}.export.json")
+            except (OSError, ValueError):
+                continue
+            if me in (info.get("chain") or [])[:-1]:
+                children.append(other.name)
+    if children:
+        raise _fail(
+            f"export {me} is the base of later increments ({', '.join(sorted(children))}): discard those first",
+            target,
+        )
+    archive_file = str(export.details.get("archive") or Path(export.ref).name)
+    for path in (
+        export_dir / f"{name}.export.json",  # first: the export stops looking complete
+        export_dir / archive_file,
+        export_dir / f"{archive_file}.sha256",
+        export_dir / f"{name}.snar",
+        export_dir / f".{archive_file}.part",
+        export_dir / f".{name}.snar.part",
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if read_latest(dest, name) == me:
+        with contextlib.suppress(FileNotFoundError):
+            common.latest_pointer(dest, name).unlink()
+    _drop_dir_if_done(export_dir)
+
+
+def _drop_dir_if_done(export_dir: Path) -> None:
+    """Remove the checkpoint's export directory once no export is left in it."""
+    try:
+        left = [p.name for p in export_dir.iterdir()]
+    except OSError:
+        return
+    if all(n == MANIFEST_NAME or n.startswith(".") for n in left):
+        with contextlib.suppress(FileNotFoundError):
+            (export_dir / MANIFEST_NAME).unlink()
+        common.remove_if_empty(export_dir)
+
+
+# -- reading archives -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One archive of a chain, as its ``export.json`` describes it."""
+
+    checkpoint_id: str
+    dir: Path
+    info: Mapping[str, Any]
+
+    @property
+    def archive(self) -> Path:
+        return self.dir / str(self.info.get("archive"))
+
+    @property
+    def compress(self) -> Compression:
+        name = str(self.info.get("compress") or "none")
+        if name not in COMPRESSIONS:
+            raise BackendError(f"{self.dir}: unknown compression {name!r}", backend=NAME)
+        return COMPRESSIONS[name]
+
+
+def chain_of(export_dir: Path, name: str) -> list[Link]:
+    """The archives to extract, level 0 first, ending with the one in ``export_dir``."""
+    try:
+        info = read_json(export_dir / f"{name}.export.json")
+    except FileNotFoundError:
+        raise BackendError(
+            f"no tar export named {name!r} in {export_dir} ({name}.export.json is missing)", backend=NAME
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{export_dir / (name + '.export.json')}: unreadable: {exc}", backend=NAME) from exc
+    if info.get("backend") != NAME:
+        raise BackendError(f"{export_dir}: {name} is a {info.get('backend')!r} export, not tar", backend=NAME)
+    me = export_dir.name
+    ids = [str(c) for c in info.get("chain") or [info.get("checkpoint_id") or me]]
+    links: list[Link] = []
+    for cid in ids[:-1]:
+        if "/" in cid or cid in ("", ".", ".."):
+            raise BackendError(f"{export_dir}: bad chain entry {cid!r}", backend=NAME)
+        d = export_dir.parent / cid
+        try:
+            links.append(Link(cid, d, read_json(d / f"{name}.export.json")))
+        except (OSError, ValueError) as exc:
+            raise BackendError(
+                f"the increment in {export_dir} needs the earlier export {cid}, expected beside it at {d}: {exc}",
+                backend=NAME,
+            ) from exc
+    links.append(Link(ids[-1], export_dir, info))
+    return links
+
+
+def _check_sum(link: Link) -> str | None:
+    expected = str(link.info.get("sha256") or "")
+    if not expected:
+        return f"{link.archive}: no sha256 recorded in {link.dir}"
+    try:
+        actual = sha256_file(link.archive)
+    except FileNotFoundError:
+        return f"{link.archive} is missing"
+    except OSError as exc:
+        return f"{link.archive}: {exc.strerror}"
+    if actual != expected:
+        return (
+            f"{link.archive}: sha256 mismatch (recorded {expected[:16]}…, found {actual[:16]}…): the archive is corrupt"
+        )
+    return None
+
+
+def scan(link: Link, state: ScanState) -> int:
+    """Read ``link``'s archive to the end with GNU tar and check every member; returns
+    the number of members. Raises :class:`UnsafeArchive` or :class:`BackendError`."""
+    before = state.members
+    out = LineCounter(None, keep=True)
+    argv = [
+        tool("tar", NAME),
+        "--list",
+        "-vv",
+        "--numeric-owner",
+        "--quoting-style=c",
+        "--listed-incremental=/dev/null",
+        f"--file={link.archive}",
+        *link.compress.read,
+    ]
+    try:
+        result = run(argv, target=None, backend=NAME, what=f"reading {link.archive}", on_out=out)
+    except BackendError as exc:
+        cause = exc.__cause__
+        stderr = getattr(cause, "stderr", b"") or b""
+        check_stderr(stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr))
+        raise
+    # our own reading first (it names the member), then GNU tar's warnings: it shows
+    # hard-link targets already stripped of a leading "/" and says so only there
+    scan_listing(out.text().split("\n"), state)
+    check_stderr(result.stderr)
+    return state.members - before
+
+
+def verify(export: Export, name: str) -> list[str]:
+    export_dir = Path(export.path or Path(export.ref).parent)
+    try:
+        links = chain_of(export_dir, name)
+    except BackendError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    problem = manifest_problem(export_dir, links[-1].checkpoint_id)
+    if problem:
+        problems.append(problem)
+    state = ScanState()
+    for link in links:
+        problem = _check_sum(link)
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            members = scan(link, state)
+        except UnsafeArchive as exc:
+            problems.append(f"{link.archive}: unsafe to restore: {exc}")
+            continue
+        except BackendError as exc:
+            problems.append(f"{link.archive}: unreadable: {exc}")
+            continue
+        recorded = link.info.get("files")
+        if isinstance(recorded, int) and recorded != members:
+            problems.append(f"{link.archive}: {members} members, {recorded} recorded: the archive is incomplete")
+        if link.dir != export_dir:
+            problem = manifest_problem(link.dir, link.checkpoint_id)
+            if problem:
+                problems.append(f"chain: {problem}")
+    return problems
+
+
+# -- restore ----------------------------------------------------------------------------
+
+
+def prepare_restore_dir(dest: Path) -> bool:
+    """Make sure ``dest`` is an empty directory; True when we created it."""
+    if dest.is_symlink():
+        raise BackendError(f"{dest} is a symlink: restore into a real, empty directory", backend=NAME)
+    if dest.exists():
+        if not dest.is_dir():
+            raise BackendError(f"{dest} is not a directory", backend=NAME)
+        if any(dest.iterdir()):
+            raise BackendError(f"{dest} is not empty: restore into an empty directory", backend=NAME)
+        return False
+    try:
+        dest.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise BackendError(f"cannot create {dest}: {exc.strerror}", backend=NAME) from exc
+    return True
+
+
+def empty_restore_dir(dest: Path, created: bool) -> None:
+    """Undo a failed restore: the directory was empty (or absent) before."""
+    with contextlib.suppress(OSError):
+        for child in dest.iterdir():
+            common.remove_tree(child)
+    if created:
+        common.remove_if_empty(dest)
+
+
+def restore(export: Export, name: str, dest: Path) -> str:
+    """Extract the chain ending at ``export`` into the empty directory ``dest``."""
+    export_dir = Path(export.path or Path(export.ref).parent)
+    links = chain_of(export_dir, name)
+    for link in links:  # every checksum first: nothing is extracted from a corrupt chain
+        problem = _check_sum(link)
+        if problem:
+            raise BackendError(f"refusing to restore: {problem}", backend=NAME)
+    dest = Path(os.path.abspath(dest))
+    created = prepare_restore_dir(dest)
+    state = ScanState()
+    try:
+        for link in links:
+            try:
+                scan(link, state)
+            except UnsafeArchive as exc:
+                raise BackendError(f"refusing to restore {link.archive}: {exc}", backend=NAME) from exc
+            argv = [
+                tool("tar", NAME),
+                "--extract",
+                f"--file={link.archive}",
+                f"--directory={dest}",
+                *EXTRACT_FLAGS,
+                *link.compress.read,
+            ]
+            if link.info.get("incremental"):
+                argv.append("--listed-incremental=/dev/null")
+            run(argv, target=None, backend=NAME, what=f"extracting {link.archive}")
+    except BaseException:
+        empty_restore_dir(dest, created)
+        raise
+    levels = f"levels 0-{len(links) - 1}" if len(links) > 1 else "level 0"
+    return f"restored {len(links)} archive(s) ({levels}) from {export_dir} into {dest}"
+
+
+def restore_in_place_refused(target: Target) -> BackendError:
+    return _fail("a tar export is restored into a new, empty directory (--to DIR), never in place", target)

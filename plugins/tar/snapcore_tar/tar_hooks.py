@@ -1,0 +1,149 @@
+"""pluggy hooks of the ``tar`` exporter; the work is in :mod:`.tar_backend`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapcore import (
+    BackendError,
+    BackendInfo,
+    Checkpoint,
+    Export,
+    Image,
+    Option,
+    OptionKind,
+    Outcome,
+    Role,
+    Target,
+    hookimpl,
+)
+from snapcore_tar import common, tar_backend
+from snapcore_tar.tar_backend import NAME
+
+if TYPE_CHECKING:
+    from snapcore import Manifest
+
+
+def _dest(target: Target) -> Path:
+    dest = target.options_for(NAME).get("dest")
+    if not dest:
+        raise BackendError(
+            "no dest: set options.tar.dest to an absolute path", mount=target.mount.mount_point, backend=NAME
+        )
+    return Path(str(dest))
+
+
+def _name(target: Target, export: Export) -> str:
+    return str(export.details.get("slug") or common.slug(target.mount.mount_point))
+
+
+log = logging.getLogger(__name__)
+
+
+@hookimpl
+def snapcore_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        roles=frozenset({Role.EXPORTER}),
+        description="GNU tar archive per checkpoint (gzip/zstd, --listed-incremental chains), with its manifest",
+    )
+
+
+@hookimpl
+def snapcore_option_schema() -> Sequence[Option]:
+    return (
+        Option(
+            name="dest",
+            kind=OptionKind.PATH,
+            required=True,
+            help="directory (on another filesystem) that receives DEST/ID/<mount>.tar*",
+        ),
+        Option(
+            name="compress",
+            kind=OptionKind.CHOICE,
+            default="none",
+            choices=tuple(tar_backend.COMPRESSIONS),
+            help="compression of the archive",
+        ),
+        Option(
+            name="incremental",
+            kind=OptionKind.BOOL,
+            default=False,
+            help="level 0 then increments (GNU tar --listed-incremental)",
+        ),
+        Option(
+            name="full_every",
+            kind=OptionKind.INT,
+            default=0,
+            help="start a new level-0 archive after this many increments (0: never)",
+        ),
+    )
+
+
+@hookimpl
+def snapcore_prepare(target: Target, role: Role) -> None:
+    if role is Role.EXPORTER:
+        tar_backend.prepare(target, _dest(target))
+
+
+@hookimpl
+def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
+    for target in checkpoint.targets:
+        if target.exporter != NAME:
+            continue
+        other = common.same_filesystem_as_target(_dest(target), checkpoint.targets)
+        if other is not None:
+            raise BackendError(
+                f"dest {_dest(target)} is on {other.mount.mount_point}, a target of this checkpoint: "
+                "the export would write to a filesystem being frozen",
+                mount=target.mount.mount_point,
+                backend=NAME,
+            )
+
+
+@hookimpl
+def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
+    return tar_backend.export(target, image, dest)
+
+
+@hookimpl
+def snapcore_discard(target: Target, export: Export | None) -> None:
+    if export is not None and export.backend == NAME:
+        tar_backend.discard(target, export)
+
+
+@hookimpl
+def snapcore_verify(target: Target, export: Export | None) -> Sequence[str]:
+    if export is None or export.backend != NAME:
+        return []
+    return tar_backend.verify(export, _name(target, export))
+
+
+@hookimpl
+def snapcore_restore(target: Target, export: Export | None, dest: Path | None, in_place: bool) -> str:
+    if export is None:
+        raise BackendError("this checkpoint has no tar export to restore", mount=target.mount.mount_point, backend=NAME)
+    if in_place or dest is None:
+        raise tar_backend.restore_in_place_refused(target)
+    return tar_backend.restore(export, _name(target, export), dest)
+
+
+@hookimpl
+def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    if outcome is not Outcome.OK:
+        return
+    text = manifest.dumps()
+    for record in manifest.targets:
+        if record.exporter != NAME or record.outcome != Outcome.OK.value or not record.export_record:
+            continue
+        target = next((t for t in checkpoint.targets if t.mount.mount_point == record.mount), None)
+        if target is None:
+            continue
+        try:
+            tar_backend.finish(target, Export.from_json(record.export_record), text)
+        except Exception as exc:
+            # never raise: pluggy would skip the other plugins' checkpoint_end
+            log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)

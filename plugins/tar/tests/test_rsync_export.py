@@ -1,0 +1,198 @@
+"""The rsync exporter on real loop filesystems, locally and to an rsync daemon on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tar_helpers import MiB, assert_same_tree, describe, free_port, make_every_kind, rsync_daemon, write_policy
+
+import snapcore
+from snapcore import CheckpointFailed
+from snapcore.cli import main
+from snapcore.plugins import make_plugins
+from snapcore.testing import LoopFactory, assert_not_frozen
+from snapcore_tar.progress import Progress
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
+
+
+def _details(manifest: snapcore.Manifest) -> dict[str, object]:
+    record = manifest.targets[0]
+    assert record.outcome == "ok", record.error
+    assert record.export_record is not None
+    return dict(record.export_record["details"])
+
+
+def test_rsync_round_trip_and_link_dest_chain(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = loop_fs("ext4", size_mb=64)
+    out = loop_fs("ext4", size_mb=160)
+    make_every_kind(src.mount_point)
+    dest = out.mount_point / "trees"
+    dest.mkdir()
+    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
+    states = []
+    for step, cid in enumerate(["r0", "r1", "r2"]):
+        if step == 1:
+            (src.mount_point / "small.txt").write_text("changed\n")
+            (src.mount_point / "new-file").write_bytes(os.urandom(3000))
+        elif step == 2:
+            (src.mount_point / "new-file").unlink()
+            (src.mount_point / "dir" / "sub").rename(src.mount_point / "dir" / "moved")
+        states.append(describe(src.mount_point))
+        manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
+        details = _details(manifest)
+        assert details["link_dest"] == (None if step == 0 else f"r{step - 1}")
+        assert manifest.targets[0].consistency == "fs-frozen"
+    assert_not_frozen(src.mount_point)
+    name = str(details["slug"])
+
+    # unchanged files are hard links to the previous tree; changed ones are not
+    big = Path("dir") / "random.bin"
+    assert (dest / "r0" / name / big).stat().st_ino == (dest / "r2" / name / big).stat().st_ino
+    assert (dest / "r0" / name / "small.txt").stat().st_ino != (dest / "r1" / name / "small.txt").stat().st_ino
+    assert (dest / "r2" / "manifest.json").is_file() and (dest / f"{name}.latest").read_text().strip() == "r2"
+
+    for cid, state in zip(["r0", "r1", "r2"], states, strict=True):
+        assert main(["--state-dir", str(state_dir), "verify", cid]) == 0
+        restored = out.mount_point / f"restored-{cid}"
+        assert main(["restore", "--from", str(dest / cid), "--to", str(restored)]) == 0
+        assert_same_tree(restored, state)
+    capsys.readouterr()
+
+    # a file gone from a tree is found by verify, against the recorded file list
+    (dest / "r1" / name / "dir" / "sub" / "deep.txt").unlink()
+    assert main(["--state-dir", str(state_dir), "verify", "r1"]) == 1
+    assert "dir/sub/deep.txt: missing from the tree" in capsys.readouterr().out
+
+    # a failed checkpoint leaves nothing, and the earlier trees stay as they were
+    before = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+    with pytest.raises(CheckpointFailed):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="r3", payload=lambda c: 1)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == before
+
+
+def test_rsync_daemon_dest(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    src = loop_fs("ext4", size_mb=32)
+    out = loop_fs("ext4", size_mb=96)
+    make_every_kind(src.mount_point)
+    module = out.mount_point / "module"
+    (module / "exports").mkdir(parents=True)
+    with rsync_daemon(module, tmp_path) as url:
+        dest = f"{url}/exports"
+        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest})
+        states = []
+        for step, cid in enumerate(["d0", "d1"]):
+            if step:
+                (src.mount_point / "small.txt").write_text("changed on the daemon\n")
+            states.append(describe(src.mount_point))
+            details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
+            assert details["dest"] == dest
+        name = str(details["slug"])
+        trees = module / "exports"
+        assert json.loads((trees / "d1" / "manifest.json").read_text())["id"] == "d1"
+        big = Path("dir") / "random.bin"
+        assert (trees / "d0" / name / big).stat().st_ino == (trees / "d1" / name / big).stat().st_ino, (
+            "--link-dest works on the daemon side"
+        )
+        assert main(["--state-dir", str(state_dir), "verify", "d1"]) == 0
+        restored = out.mount_point / "restored"
+        assert main(["--state-dir", str(state_dir), "restore", "d1", "--to", str(restored)]) == 0
+        assert_same_tree(restored, states[1])
+        # discard on the daemon: a failing payload after the export
+        with pytest.raises(CheckpointFailed):
+            snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2", payload=lambda c: 1)
+        assert not (trees / "d2" / name).exists() and not (trees / "d2" / f"{name}.export.json").exists()
+        assert (trees / f"{name}.latest").read_text().strip() == "d1"
+
+
+def test_rsync_bad_input(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = loop_fs("ext4")
+    out = loop_fs("ext4")
+    src.write("f", "x")
+    sd = ["--state-dir", str(state_dir)]
+
+    def run(dest: str, cid: str) -> int:
+        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "timeout": "5s"}, name=cid)
+        return main([*sd, "checkpoint", "--policy", str(policy), "--id", cid])
+
+    # nobody listens on this port of 127.0.0.1
+    assert run(f"rsync://127.0.0.1:{free_port()}/backup", "u1") == 1
+    assert "reaching rsync://127.0.0.1" in capsys.readouterr().err
+    assert run("relative/path", "u2") == 1
+    assert "neither an absolute path" in capsys.readouterr().err
+    assert run(str(out.mount_point / "missing"), "u3") == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert_not_frozen(src.mount_point)
+
+
+def test_rsync_full_dest_fails_cleanly(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    src = loop_fs("ext4", size_mb=64)
+    small = loop_fs("ext4", size_mb=16)
+    for i in range(3):
+        src.write(f"big-{i}", os.urandom(10 * MiB))
+    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(small.mount_point)})
+    with pytest.raises(CheckpointFailed) as info:
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="full")
+    assert "No space left on device" in str(info.value), str(info.value)
+    assert sorted(p.name for p in small.mount_point.iterdir()) == ["lost+found"]
+    assert_not_frozen(src.mount_point)
+
+
+def test_btrfs_snapshot_then_rsync(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    if "btrfs" not in make_plugins().backends:
+        pytest.skip("the btrfs backend (snapcore-btrfs) is not installed")
+    src = loop_fs("btrfs")
+    out = loop_fs("ext4", size_mb=64)
+    make_every_kind(src.mount_point)
+    dest = out.mount_point
+    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)}, imager="btrfs")
+    expected = describe(src.mount_point)
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="b1")
+    details = _details(manifest)
+    assert manifest.targets[0].imager == "btrfs" and manifest.targets[0].image
+    # written after the snapshot: not in the export
+    (src.mount_point / "after").write_text("later")
+    assert main(["--state-dir", str(state_dir), "verify", "b1"]) == 0
+    restored = out.mount_point / "restored"
+    assert main(["restore", "--from", str(dest / "b1"), "--to", str(restored)]) == 0
+    got = describe(restored)
+    # the snapshot directory (a nested subvolume) is not copied: one filesystem only
+    expected = {k: v for k, v in expected.items() if not k.startswith(b".snapshots")}
+    got = {k: v for k, v in got.items() if not k.startswith(b".snapshots")}
+    root = b"."
+    expected.pop(root)
+    got.pop(root)
+    assert got == expected
+    assert not (restored / "after").exists()
+    info = json.loads((dest / "b1" / f"{details['slug']}.export.json").read_text())
+    assert info["files"] == len((dest / "b1" / f"{details['slug']}.files").read_text().splitlines()) > 20
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    monkeypatch.setenv("SNAPCORE_PROGRESS", "always")
+    bar = Progress("tar /x", total_bytes=4 * MiB, stream=stream)
+    bar.add(nbytes=MiB, files=10)
+    bar._drawn = 0.0
+    bar.add(nbytes=MiB, files=5)
+    bar.close(True)
+    text = stream.getvalue()
+    assert "\r" in text and "2.0 MiB" in text and "15 files" in text and "50%" in text and "/s" in text
+    monkeypatch.setenv("SNAPCORE_PROGRESS", "auto")
+    plain = io.StringIO()  # not a terminal: log lines only, nothing drawn
+    quiet = Progress("tar /x", stream=plain)
+    quiet.add(nbytes=MiB, files=1)
+    quiet.close(True)
+    assert plain.getvalue() == ""

@@ -1,0 +1,228 @@
+"""Hostile archives: restore never writes outside its directory, for any archive.
+
+The archives are crafted with Python's tarfile (snapcore never makes such things),
+wrapped in an export directory with a valid checksum and manifest (an attacker can
+compute those too), and restored with ``snapcore restore --from``. Every escape
+would land inside a loop filesystem the test made, never on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from snapcore.cli import main
+from snapcore.manifest import Manifest, TargetRecord
+from snapcore.testing import LoopFactory
+from snapcore_tar.safety import ScanState, UnsafeArchive, scan_listing
+
+Builder = Callable[[tarfile.TarFile, Path], None]
+
+
+def _add(
+    t: tarfile.TarFile,
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"pwned\n",
+    link: str = "",
+    pax: dict[str, str] | None = None,
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    if pax:
+        info.pax_headers = pax
+    if kind == tarfile.REGTYPE:
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    else:
+        t.addfile(info)
+
+
+def craft_export(root: Path, cid: str, builders: list[Builder], outside: Path, incremental: bool = False) -> Path:
+    """An export directory chain ``root/<cid>-N`` with archives made by ``builders``."""
+    slug = "data"
+    chain = [f"{cid}-{i}" for i in range(len(builders))]
+    for i, build in enumerate(builders):
+        d = root / chain[i]
+        d.mkdir(parents=True)
+        archive = d / f"{slug}.tar"
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as t:
+            build(t, outside)
+        sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+        (d / f"{slug}.tar.sha256").write_text(f"{sha}  {archive.name}\n")
+        info = {
+            "format": 1,
+            "backend": "tar",
+            "checkpoint_id": chain[i],
+            "mount": "/data",
+            "slug": slug,
+            "archive": archive.name,
+            "sha256": sha,
+            "compress": "none",
+            "incremental": incremental,
+            "level": i,
+            "chain": chain[: i + 1],
+        }
+        (d / f"{slug}.export.json").write_text(json.dumps(info))
+        record = TargetRecord(
+            mount="/data",
+            source="/dev/x",
+            fstype="ext4",
+            imager="fsfreeze",
+            exporter="tar",
+            outcome="ok",
+            export=str(archive),
+            export_record={"backend": "tar", "ref": str(archive), "path": str(d), "details": {"slug": slug}},
+        )
+        manifest = Manifest(id=chain[i], outcome="ok", started="2026-11-25T00:00:00Z", targets=[record])
+        (d / "manifest.json").write_text(manifest.dumps())
+    return root / chain[-1]
+
+
+def _abs_name(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "ok.txt")
+    _add(t, str(outside / "abs-pwned"))
+
+
+def _dotdot(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "../../outside/dotdot-pwned")
+
+
+def _dotdot_inside(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "a/", tarfile.DIRTYPE)
+    _add(t, "a/../../../outside/inner-pwned")
+
+
+def _through_symlink(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "lnk", tarfile.SYMTYPE, link=str(outside))
+    _add(t, "lnk/symlink-pwned")
+
+
+def _through_relative_symlink(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "sub/", tarfile.DIRTYPE)
+    _add(t, "sub/up", tarfile.SYMTYPE, link="../../../outside")
+    _add(t, "sub/up/rel-pwned")
+
+
+def _hardlink_absolute(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "hl", tarfile.LNKTYPE, link=str(outside / "victim"))
+
+
+def _hardlink_dotdot(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "hl", tarfile.LNKTYPE, link="../../outside/victim")
+
+
+def _hardlink_through_symlink(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "s", tarfile.SYMTYPE, link=str(outside))
+    _add(t, "h", tarfile.LNKTYPE, link="s/victim")
+
+
+def _symlink_as_top(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, ".", tarfile.SYMTYPE, link=str(outside))
+
+
+def _dumpdir_rename_out(t: tarfile.TarFile, outside: Path) -> None:
+    # GNU tar renames R → T while extracting an incremental archive
+    _add(t, "./", tarfile.DIRTYPE, pax={"GNU.dumpdir": "R../../outside/victim-dir\0T./stolen\0\0"})
+
+
+def _chain_base_symlink(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "x", tarfile.SYMTYPE, link=str(outside))
+
+
+def _chain_write_through(t: tarfile.TarFile, outside: Path) -> None:
+    _add(t, "x/chain-pwned")
+
+
+CASES: dict[str, tuple[list[Builder], str]] = {
+    "absolute-name": ([_abs_name], "absolute name"),
+    "dotdot": ([_dotdot], "'..' component"),
+    "dotdot-inside": ([_dotdot_inside], "'..' component"),
+    "through-symlink": ([_through_symlink], "through the symlink"),
+    "through-relative-symlink": ([_through_relative_symlink], "through the symlink"),
+    "hardlink-absolute": ([_hardlink_absolute], "from hard link targets"),
+    "hardlink-dotdot": ([_hardlink_dotdot], "from hard link targets"),
+    "hardlink-through-symlink": ([_hardlink_through_symlink], "goes through the symlink"),
+    "symlink-as-top": ([_symlink_as_top], "top directory"),
+    "dumpdir-rename-out": ([_dumpdir_rename_out], "outside the directory"),
+    "chain-symlink-then-write": ([_chain_base_symlink, _chain_write_through], "through the symlink"),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems need root")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_archive_is_refused(loop_fs: LoopFactory, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fs = loop_fs("ext4")
+    root = fs.mount_point
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("precious\n")
+    (outside / "victim-dir").mkdir()
+    builders, message = CASES[case]
+    export_dir = craft_export(
+        root / "exports", "evil", builders, outside, incremental=case.startswith(("dumpdir", "chain"))
+    )
+    restored = root / "r" / "deep" / "restored"
+    before = sorted(str(p) for p in outside.rglob("*"))
+
+    assert main(["restore", "--from", str(export_dir), "--to", str(restored)]) == 1
+    err = capsys.readouterr().err
+    assert "refusing" in err and message in err, err
+    assert sorted(str(p) for p in outside.rglob("*")) == before, "nothing written outside"
+    assert (outside / "victim").read_text() == "precious\n"
+    assert not restored.exists() or not any(restored.iterdir()), "nothing left half-restored"
+    assert not list(root.rglob("*pwned*"))
+    # verify says why, too
+    assert main(["verify", "--from", str(export_dir)]) == 1
+    assert "unsafe to restore" in capsys.readouterr().out
+
+
+def _lines(*lines: str) -> list[str]:
+    return list(lines)
+
+
+def test_listing_parser_reads_quoted_names_and_split_records() -> None:
+    state = ScanState()
+    scan_listing(
+        _lines(
+            'drwxr-xr-x 0/0               0 2026-11-25 14:15 "./"',
+            "D dir",
+            "Y new",  # a name with a newline, printed raw by GNU tar over two lines
+            "line",
+            "",
+            '-rw-r--r-- 0/0               2 2026-11-25 14:15 "./dir/new\\nline"',
+            'lrwxrwxrwx 0/0               0 2026-11-25 14:15 "./arrow -> x" -> "y -> z"',
+            'hrw-r--r-- 0/0               0 2026-11-25 14:15 "./h" link to "./dir/new\\nline"',
+            'crw-r--r-- 0/0             1,3 2026-11-25 14:15 "./null"',
+            '-rw-r--r-- 0/0               2 2026-11-25 14:15 "./caf\\303\\251"',
+        ),
+        state,
+    )
+    assert state.members == 6
+    assert (b"arrow -> x",) in state.symlinks
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "R ./a\n/../../etc",
+        "T ../x",
+        "R /etc",
+        '-rw-r--r-- 0/0 1 2026-11-25 14:15 "a/../../x"',
+        'V--------- 0/0 0 2026-11-25 14:15 "label"',
+        '-rw-r--r-- 0/0 1 2026-11-25 14:15 "x" trailing',
+        '-rw-r--r-- 0/0 1 2026-11-25 14:15 "unterminated',
+    ],
+)
+def test_listing_parser_refuses(line: str) -> None:
+    with pytest.raises(UnsafeArchive):
+        scan_listing(line.split("\n"), ScanState())
