@@ -33,14 +33,17 @@ def demo(base: Path) -> int:
     tmpfs = base / "tmpfs"
     try:
         step("making demo filesystems (loop devices) under " + str(base))
-        ext4, xfs, btrfs = loops("ext4"), loops("xfs"), loops("btrfs")
+        ext4, xfs, btrfs, backup = loops("ext4"), loops("xfs"), loops("btrfs"), loops("ext4", size_mb=64)
+        for sub in ("tar", "rsync"):
+            (backup.mount_point / sub).mkdir()
         tmpfs.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "demo-tmpfs", str(tmpfs)], check=True)
         for fs in (ext4, xfs, btrfs):
             fs.write("app/data.txt", f"demo data on {fs.fstype}\n")
         policy = base / "policy.yaml"
         text = (HERE / "policy.yaml.in").read_text()
-        for key, value in {"@EXT4@": ext4, "@XFS@": xfs, "@BTRFS@": btrfs, "@TMPFS@": tmpfs}.items():
+        places = {"@EXT4@": ext4, "@XFS@": xfs, "@BTRFS@": btrfs, "@TMPFS@": tmpfs, "@BACKUP@": backup}
+        for key, value in places.items():
             text = text.replace(key, str(value))
         policy.write_text(text)
         state = base / "state"
@@ -68,6 +71,13 @@ def demo(base: Path) -> int:
         )
         step("list")
         run("--state-dir", str(state), "list")
+        step("verify: every image and export still there and intact")
+        run("--state-dir", str(state), "verify", "demo")
+        step("restore the ext4 mount's tar export into a new directory")
+        (ext4.mount_point / "app" / "data.txt").write_text("changed after the checkpoint\n")
+        restored = base / "restored"
+        run("--state-dir", str(state), "restore", "demo", "--mount", str(ext4), "--to", str(restored))
+        print("restored app/data.txt:", (restored / "app" / "data.txt").read_text().strip())
         step("the manifest's summary")
         run("--state-dir", str(state), "show", "demo")
         print(f"\n(the whole manifest: {state}/checkpoints/demo/manifest.json)")
