@@ -39,7 +39,7 @@ AUTO = "auto"
 FALLBACK = "*"
 
 _RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeout", "on_change")
-_TOP_KEYS = ("version", "state_dir", "ghost_limit", "defaults", "mounts")
+_TOP_KEYS = ("version", "state_dir", "ghost_limit", "uncovered", "defaults", "mounts")
 DEFAULT_GHOST_LIMIT = 64 << 20
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
@@ -318,6 +318,8 @@ class Policy:
     fallback: Rule | None = None
     #: Bytes of deleted-but-open files copied into a checkpoint (ghost copies).
     ghost_limit: int = DEFAULT_GHOST_LIMIT
+    #: A mount the tasks use that no rule covers: ``warn`` (default) or ``fail``.
+    uncovered: str = "warn"
 
     @classmethod
     def default(cls) -> Policy:
@@ -557,6 +559,10 @@ def parse_policy(doc: object, file: str) -> Policy:
             line=doc.lines["version"],
             key="version",
         )
+    uncovered = doc.get("uncovered", "warn")
+    if uncovered not in ON_CHANGE:
+        p.add(f"expected one of {', '.join(ON_CHANGE)}", line=doc.lines.get("uncovered"), key="uncovered")
+        uncovered = "warn"
     ghost_limit = DEFAULT_GHOST_LIMIT
     if "ghost_limit" in doc:
         try:
@@ -638,6 +644,7 @@ def parse_policy(doc: object, file: str) -> Policy:
         rules=MappingProxyType(rules),
         fallback=fallback,
         ghost_limit=ghost_limit,
+        uncovered=uncovered,
     )
 
 

@@ -518,7 +518,10 @@ class Transaction:
                 continue
             rule = self.policy.rule_for(mount.mount_point)
             if rule is None:
-                warnings.append(f"{mount.mount_point}: used by the tasks but not covered by the policy")
+                message = f"{mount.mount_point}: used by the tasks but not covered by the policy {self.policy.path}"
+                if self.policy.uncovered == "fail":
+                    raise UsageError(message + " (uncovered: fail)")
+                warnings.append(message)
                 continue
             seen.add(mount.mount_id)
             result.append((table.enrich(mount), rule))
@@ -592,9 +595,19 @@ class Transaction:
         """DESIGN step 8: what changed under the frozen tasks decides (on_change)."""
         if self.watch is None:
             return
-        from snapcore.watch import apply_changes
+        from snapcore.inventory import FileState
+        from snapcore.watch import ChangeKind, apply_changes
 
-        changes = self.watch.results(since=self._tasks_frozen_at)
+        nameless = {
+            (f.dev, f.ino) for f in self.inventory.files if f.state in (FileState.DELETED, FileState.RENAMED_OVER)
+        }
+        changes = tuple(
+            c
+            for c in self.watch.results(since=self._tasks_frozen_at)
+            # a file that had no name left is released when its last holder closes it
+            # (CRIU ends the dumped tasks): that is no change to what was checkpointed
+            if not (c.kind is ChangeKind.DELETE and (c.dev, c.ino) in nameless)
+        )
         self.manifest.changes = [c.to_json() for c in changes]
         self.inventory = apply_changes(self.inventory, changes)
         self.manifest.files = self.inventory.to_json()

@@ -4,6 +4,8 @@ change watch, task freezing around the filesystems, and CRIU as the payload."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -223,3 +225,133 @@ def test_criu_action_script(criu_and_btrfs: tuple[Criu, Path], state_dir: Path, 
         assert data.read_text() == "original bytes\n"
     finally:
         subprocess.run(["kill", "-9", str(proc.pid)], check=False)
+
+
+SCENARIO = """
+import mmap, os, signal, sys, time
+mode, path, ready, result = sys.argv[1:5]
+content = b"the bytes the program had\\n" * 64
+with open(path, "wb") as f:
+    f.write(content)
+if mode == "hardlink":
+    os.link(path, path + ".link")
+f = open(path + (".link" if mode == "hardlink" else ""), "rb")
+m = None
+if mode == "mapped-deleted":
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    f.close()
+if mode in ("deleted", "mapped-deleted"):
+    os.unlink(path)
+elif mode == "renamed":
+    os.rename(path, path + ".new")
+elif mode == "renamed-over":
+    with open(path + ".other", "wb") as g:
+        g.write(b"another file\\n")
+    os.rename(path + ".other", path)
+
+def report(signum, frame):
+    data = m[:] if m is not None else os.pread(f.fileno(), 1 << 20, 0)
+    with open(result, "wb") as out:
+        out.write(data)
+
+signal.signal(signal.SIGUSR1, report)
+open(ready, "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+CHANGES = {
+    # what happens to the files between the checkpoint and the restore
+    "present": lambda p: p.write_bytes(b"changed after the checkpoint\n"),
+    "modified": lambda p: p.write_bytes(b"x" * 4096),
+    "truncated": lambda p: p.write_bytes(b""),
+    "deleted": lambda p: p.with_name(p.name + ".newcomer").write_bytes(b"unrelated\n"),
+    "renamed": lambda p: p.with_name(p.name + ".new").write_bytes(b"overwritten\n"),
+    "renamed-over": lambda p: p.write_bytes(b"yet another file\n"),
+    "mapped-deleted": lambda p: p.with_name("other").write_bytes(b"unrelated\n"),
+    "hardlink": lambda p: p.with_name(p.name + ".link").write_bytes(b"changed through the link\n"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(CHANGES))
+def test_criu_restart_reads_the_bytes_it_had(
+    mode: str, criu_and_btrfs: tuple[Criu, Path], state_dir: Path, tmp_path: Path
+) -> None:
+    criu, mnt = criu_and_btrfs
+    path = mnt / "data.bin"
+    ready, result = tmp_path / "ready", tmp_path / "result"
+    program_mode = "keep" if mode in ("present", "modified", "truncated") else mode
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCENARIO, program_mode, str(path), str(ready), str(result)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "scenario program did not start"
+            time.sleep(0.01)
+        images = tmp_path / "images"
+        images.mkdir()
+        dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
+        code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "s", "--", *dump])
+        assert code == 0, (images / "dump.log").read_text()[-2000:]
+        manifest = json.loads((state_dir / "checkpoints" / "s" / "manifest.json").read_text())
+        states = {f["state"] for f in manifest["files"] if f["path"].startswith(str(mnt))}
+        expected = {"deleted": "deleted", "mapped-deleted": "deleted", "renamed-over": "renamed-over"}
+        assert expected.get(mode, "present") in states, manifest["files"]
+        if mode in expected:  # only the program held these bytes: snapcore kept a ghost copy
+            ghost = next(f["ghost"] for f in manifest["files"] if f["state"] == expected[mode])
+            assert Path(ghost["path"]).read_bytes() == b"the bytes the program had\n" * 64
+        proc.wait(10)
+        CHANGES[mode](path)
+        restore = [criu.path, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore"]
+        code = main(
+            ["--state-dir", str(state_dir), "restore", "s", "--in-place", "--", *restore, "--log-file", "r.log"]
+        )
+        assert code == 0, (images / "r.log").read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not result.exists() or result.stat().st_size < 64:
+            assert time.monotonic() < deadline, "the restarted program did not answer"
+            time.sleep(0.02)
+        assert result.read_bytes() == b"the bytes the program had\n" * 64
+    finally:
+        subprocess.run(["kill", "-9", str(proc.pid)], check=False, capture_output=True)
+        proc.wait()
+
+
+@pytest.mark.parametrize("uncovered", ["warn", "fail"])
+def test_mounts_the_policy_does_not_cover(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, uncovered: str
+) -> None:
+    covered, other = loop_fs("ext4"), loop_fs("ext4")
+    # one task holding a file on each mount; the policy names only the first
+    proc = subprocess.Popen(
+        ["sh", "-c", f"exec 3>{covered.mount_point}/a.txt 4>{other.mount_point}/b.txt; exec sleep 60"],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proc.pid}/fd")) < 5 or not (other.mount_point / "b.txt").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.05)  # the exec into sleep keeps fds 3 and 4
+        policy = tmp_path / "p.yaml"
+        policy.write_text(
+            f"version: 1\nuncovered: {uncovered}\nmounts:\n  {covered.mount_point}: {{imager: fsfreeze}}\n"
+        )
+        argv = ["--state-dir", str(state_dir), "checkpoint", "--policy", str(policy), "--pid", str(proc.pid)]
+        code = main([*argv, "--id", f"u-{uncovered}"])
+        if uncovered == "fail":
+            assert code == 2
+        else:
+            assert code == 0
+            manifest = json.loads((state_dir / "checkpoints" / "u-warn" / "manifest.json").read_text())
+            assert [t["mount"] for t in manifest["targets"]] == [str(covered.mount_point)]
+            assert any(str(other.mount_point) in w and "not covered" in w for w in manifest["warnings"])
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,1 @@
+"""snapcore backend for device-mapper snapshots (LVM thick and thin, raw dm)."""

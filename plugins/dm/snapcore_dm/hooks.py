@@ -1,0 +1,322 @@
+"""pluggy hooks of the ``dm`` backend; the work is in :mod:`.backend`.
+
+Life of a dm image in a checkpoint:
+
+* ``prepare``: classify the device, check room (free extents, pool room, a COW
+  device) and build the ``lvcreate``/``dmsetup`` command; ``syncfs`` the mount.
+* ``freeze``: nothing. The kernel freezes the filesystem itself while it suspends
+  the origin for the snapshot (dm lockfs); a FIFREEZE first would make that
+  suspend fail (a double freeze), and would hold writers longer for nothing.
+* ``snapshot``: one ``lvcreate -s`` (or the dmsetup sequence), inside the window.
+* ``after_thaw``: mount each snapshot read-only for its exporter (outside the
+  window), at ``image.path``.
+* ``checkpoint_end``: COW health into the manifest (warning past ``warn_percent``),
+  then unmount. ``discard`` unmounts and deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import TYPE_CHECKING, Any
+
+from snapcore import (
+    BackendError,
+    BackendInfo,
+    Checkpoint,
+    Consistency,
+    Export,
+    Image,
+    ImageEntry,
+    Mount,
+    Option,
+    OptionKind,
+    Outcome,
+    Rescue,
+    RescueKind,
+    Role,
+    Support,
+    Target,
+    hookimpl,
+)
+from snapcore_dm import backend
+
+if TYPE_CHECKING:
+    from snapcore.manifest import Manifest
+
+NAME = backend.NAME
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Made:
+    target: Target
+    image: Image
+    mounted: bool = False
+
+
+_lock = threading.Lock()
+_plans: dict[tuple[str, str], backend.Plan] = {}
+_made: dict[str, list[_Made]] = {}
+
+
+def _key(target: Target) -> tuple[str, str]:
+    return (target.checkpoint_id, target.mount.mount_point)
+
+
+def _warn_percent(target: Target) -> float:
+    return float(target.options_for(NAME).get("warn_percent") or 80)
+
+
+@hookimpl
+def snapcore_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        roles=frozenset({Role.IMAGER}),
+        description="device-mapper snapshots: LVM thick and thin LVs (lvcreate -s), raw dm (dmsetup)",
+    )
+
+
+@hookimpl
+def snapcore_option_schema() -> Sequence[Option]:
+    return (
+        Option(
+            name="size",
+            kind=OptionKind.STR,
+            default="20%ORIGIN",
+            help="COW size of a thick LVM snapshot, in lvcreate syntax (20%ORIGIN, 512M, 1G); thin ones take none",
+        ),
+        Option(
+            name="cow_device",
+            kind=OptionKind.PATH,
+            help="raw dm devices only: a spare block device for the snapshot's COW (it is overwritten)",
+        ),
+        Option(
+            name="warn_percent",
+            kind=OptionKind.INT,
+            default=80,
+            help="warn in the manifest (and in list) when the COW, or the thin pool, is this full",
+        ),
+        Option(
+            name="mount",
+            kind=OptionKind.BOOL,
+            default=False,
+            help="mount the snapshot read-only for the payload even without an exporter",
+        ),
+    )
+
+
+@hookimpl
+def snapcore_probe(mount: Mount) -> Support:
+    return backend.probe(mount)
+
+
+@hookimpl
+def snapcore_prepare(target: Target, role: Role) -> None:
+    if role is not Role.IMAGER:
+        return
+    where = target.mount.mount_point
+    plan = backend.plan(target.mount, target.checkpoint_id, target.options_for(NAME))
+    try:
+        backend.syncfs(where)
+    except OSError as exc:
+        raise BackendError(f"syncfs failed: {exc.strerror}", mount=where, backend=NAME) from exc
+    with _lock:
+        _plans[_key(target)] = plan
+
+
+@hookimpl
+def snapcore_rescue(target: Target) -> Rescue:
+    """If the controller dies while ``lvcreate``/``dmsetup`` holds the origin
+    suspended (and so its filesystem frozen), the guard resumes it; resuming a
+    device that is not suspended does nothing."""
+    with _lock:
+        plan = _plans.get(_key(target))
+    name = plan.source.device.name if plan is not None else target.mount.dm_name
+    if not name:
+        raise BackendError("no device-mapper name to resume", mount=target.mount.mount_point, backend=NAME)
+    return Rescue(kind=RescueKind.COMMAND, argv=("dmsetup", "resume", name))
+
+
+@hookimpl
+def snapcore_freeze(target: Target) -> None:
+    # deliberately nothing: the dm suspend inside snapshot() freezes the filesystem
+    return None
+
+
+@hookimpl
+def snapcore_snapshot(target: Target) -> Image:
+    where = target.mount.mount_point
+    with _lock:
+        plan = _plans.pop(_key(target), None)
+    if plan is None:  # prepare was skipped (an API caller): plan now, inside the window
+        plan = backend.plan(target.mount, target.checkpoint_id, target.options_for(NAME))
+    details: dict[str, Any] = backend.snapshot(plan, mount=where)
+    details["fstype"] = target.mount.fstype
+    details["frozen_by"] = "dm suspend (lockfs)"
+    path = None
+    if target.exporter or target.options_for(NAME).get("mount"):
+        path = str(backend.image_mount_dir(target.checkpoint_id, where))
+    ref = f"{details['vg']}/{details['lv']}" if details["kind"] != "raw" else f"dm:{details['dm_name']}"
+    image = Image(
+        backend=NAME,
+        ref=ref,
+        # the kernel froze the filesystem while suspending the origin: a clean
+        # filesystem at one instant of the window
+        consistency=Consistency.ATOMIC,
+        path=path,
+        details=details,
+    )
+    with _lock:
+        _made.setdefault(target.checkpoint_id, []).append(_Made(target=target, image=image))
+    return image
+
+
+@hookimpl
+def snapcore_thaw(target: Target) -> None:
+    # the origin was resumed by lvcreate/dmsetup before snapshot() returned
+    return None
+
+
+@hookimpl
+def snapcore_after_thaw(checkpoint: Checkpoint) -> None:
+    """Mount this checkpoint's snapshots read-only for the exporters (outside the window)."""
+    with _lock:
+        made = list(_made.get(checkpoint.id, ()))
+    errors = []
+    for entry in made:
+        if entry.image.path is None or entry.mounted:
+            continue
+        try:
+            backend.mount_image(entry.image.details, entry.target.mount.fstype, Path(entry.image.path))
+            entry.mounted = True
+        except BackendError as exc:
+            errors.append(f"{entry.target.mount.mount_point}: {exc}")
+    if errors:
+        raise BackendError("cannot mount the snapshot for export: " + "; ".join(errors), backend=NAME)
+
+
+def _forget(checkpoint_id: str, image: Image | None) -> None:
+    with _lock:
+        made = _made.get(checkpoint_id, [])
+        _made[checkpoint_id] = [m for m in made if image is None or m.image.ref != image.ref]
+        if not _made[checkpoint_id]:
+            del _made[checkpoint_id]
+
+
+@hookimpl
+def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
+    if export is not None or image is None:
+        return
+    if image.path:
+        backend.unmount_image(Path(image.path))
+    backend.discard(image.details)
+    _forget(target.checkpoint_id, image)
+
+
+@hookimpl
+def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    """Record COW health in the manifest (rewritten), then unmount the snapshots."""
+    with _lock:
+        made = _made.pop(checkpoint.id, [])
+        for key in [k for k in _plans if k[0] == checkpoint.id]:  # prepared, never snapshotted
+            del _plans[key]
+    if not made:
+        return
+    changed = False
+    try:
+        for entry in made:
+            record = next(
+                (t for t in manifest.targets if t.mount == entry.target.mount.mount_point and t.imager == NAME), None
+            )
+            if record is None or record.outcome != Outcome.OK.value:
+                continue
+            state = backend.health(entry.image.details)
+            if record.image_record is not None and state.used_percent is not None:
+                record.image_record.setdefault("details", {})["cow_percent_at_end"] = round(state.used_percent, 2)
+                changed = True
+            for problem in state.problems(_warn_percent(entry.target)):
+                record.warnings.append(f"dm snapshot {entry.image.ref}: {problem}")
+                changed = True
+        if changed:
+            manifest.write(checkpoint.state_dir)
+    finally:
+        for entry in made:
+            if entry.image.path:
+                backend.unmount_image(Path(entry.image.path))
+
+
+@hookimpl
+def snapcore_verify(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
+    if export is not None or image is None:
+        return []
+    # only what makes the image unusable; a COW filling up is shown by list
+    return backend.health(image.details).problems(None)
+
+
+@hookimpl
+def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
+    dev = backend.dm_device_of_mount(mount)
+    if dev is None:
+        return []
+    entries = []
+    if dev.is_lvm:
+        for lv in backend.list_lvm(dev):
+            details = {"kind": "thin" if lv.thin else "thick", "vg": lv.vg, "lv": lv.name, "pool": lv.pool}
+            entries.append(
+                ImageEntry(
+                    backend=NAME,
+                    ref=lv.ref,
+                    checkpoint_id=lv.checkpoint_id,
+                    created=lv.created,
+                    problems=tuple(backend.health(details).problems(80.0)),
+                )
+            )
+        return entries
+    for name in backend.raw_snapshots_of(dev.name):
+        checkpoint_id = name.rsplit("-snapcore-", 1)[-1] if "-snapcore-" in name else None
+        state = backend.health({"kind": "raw", "dm_name": name})
+        entries.append(
+            ImageEntry(
+                backend=NAME,
+                ref=f"dm:{name}",
+                checkpoint_id=checkpoint_id,
+                problems=tuple(state.problems(80.0)),
+            )
+        )
+    return entries
+
+
+@hookimpl
+def snapcore_restore(
+    target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
+) -> str:
+    if image is None:
+        raise BackendError("no dm image to restore from", mount=target.mount.mount_point, backend=NAME)
+    problems = backend.health(image.details).problems(None)
+    if problems:
+        raise BackendError(f"{image.ref}: {'; '.join(problems)}", mount=target.mount.mount_point, backend=NAME)
+    if in_place:
+        if image.details.get("kind") == "raw":
+            return backend.merge_raw(image.details)
+        return backend.merge_lvm(image.details)
+    if dest is None:
+        raise BackendError("restore needs a destination or in_place", backend=NAME)
+    where = Path(mkdtemp(prefix="restore-", dir=_ensure(backend.run_dir())))
+    try:
+        backend.mount_image(image.details, str(image.details.get("fstype") or target.mount.fstype), where)
+        backend.copy_tree(where, dest)
+    finally:
+        with contextlib.suppress(BackendError):
+            backend.unmount_image(where)
+    return f"copied {image.ref} into {dest}"
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

@@ -1,0 +1,159 @@
+"""Host-side tests of the dm backend's parsing and decisions (no device-mapper needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from snapcore import Mount
+from snapcore.vm import find_kernel, parse_junit
+from snapcore_dm import backend
+
+LVS_JSON = {
+    "report": [
+        {
+            "lv": [
+                {
+                    "vg_name": "vg0",
+                    "lv_name": "data",
+                    "lv_attr": "-wi-ao----",
+                    "segtype": "linear",
+                    "lv_size": "1073741824",
+                    "pool_lv": "",
+                    "origin": "",
+                    "vg_free": "536870912",
+                    "vg_extent_size": "4194304",
+                    "data_percent": "",
+                    "metadata_percent": "",
+                    "lv_tags": "",
+                    "lv_dm_path": "/dev/mapper/vg0-data",
+                    "lv_time": "1764000000",
+                },
+                {
+                    "vg_name": "vg0",
+                    "lv_name": "data-snapcore-20261125T140102Z-1a2b",
+                    "lv_attr": "swi-a-s---",
+                    "segtype": "linear",
+                    "lv_size": "214748364",
+                    "pool_lv": "",
+                    "origin": "data",
+                    "vg_free": "536870912",
+                    "vg_extent_size": "4194304",
+                    "data_percent": "12.50",
+                    "metadata_percent": "",
+                    "lv_tags": "snapcore,snapcore-checkpoint=20261125T140102Z-1a2b",
+                    "lv_dm_path": "/dev/mapper/vg0-data--snapcore--20261125T140102Z--1a2b",
+                    "lv_time": "1764000100",
+                },
+            ]
+        }
+    ]
+}
+
+
+def test_parse_lvs() -> None:
+    origin, snap = backend.parse_lvs(json.dumps(LVS_JSON))
+    assert origin.ref == "vg0/data" and origin.active and not origin.is_snapshot
+    assert origin.vg_free == 512 << 20 and origin.created == 1764000000
+    assert snap.is_snapshot and snap.origin == "data" and snap.checkpoint_id == "20261125T140102Z-1a2b"
+    assert snap.data_percent == 12.5 and "snapcore" in snap.tags
+    assert snap.dm_name == "vg0-data--snapcore--20261125T140102Z--1a2b"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("vg0-data", ("vg0", "data")), ("my--vg-lv--1", ("my-vg", "lv-1")), ("a-b--snapcore--x", ("a", "b-snapcore-x"))],
+)
+def test_split_lvm_name(name: str, expected: tuple[str, str]) -> None:
+    assert backend.split_lvm_name(name) == expected
+
+
+def test_snapshot_sizes() -> None:
+    (origin, _) = backend.parse_lvs(json.dumps(LVS_JSON))
+    assert backend.snapshot_size_bytes("20%ORIGIN", origin) == int(0.2 * (1 << 30))
+    assert backend.snapshot_size_bytes("1G", origin) == 1 << 30
+    assert backend.snapshot_size_bytes("512", origin) == 512 << 20  # LVM's default unit is MiB
+    assert backend.snapshot_size_bytes("50%FREE", origin) == 256 << 20
+    assert backend.size_args("20%origin") == ["-l", "20%ORIGIN"]
+    assert backend.size_args("1G") == ["-L", "1G"]
+    with pytest.raises(ValueError, match="LVM syntax"):
+        backend.snapshot_size_bytes("lots", origin)
+
+
+@pytest.mark.parametrize(
+    ("status", "valid", "percent"),
+    [
+        ("0 131072 snapshot 16/8192 16\n", True, 16 / 8192 * 100),
+        ("0 131072 snapshot Invalid\n", False, None),
+        ("0 131072 snapshot Overflow\n", False, None),
+        ("0 131072 snapshot Merge failed\n", False, None),
+        ("0 131072 thin 2048 131071\n", True, None),
+        ("0 131072 thin Fail\n", False, None),
+    ],
+)
+def test_parse_status(status: str, valid: bool, percent: float | None) -> None:
+    health = backend.parse_status(status)
+    assert health.valid is valid
+    assert health.used_percent == percent
+    if not valid:
+        assert "INVALID" in health.problems(80)[0]
+
+
+def test_health_warning_threshold() -> None:
+    health = backend.Health(exists=True, used_percent=85.0)
+    assert health.problems(None) == []
+    assert "85.0% full" in health.problems(80)[0]
+    assert backend.Health(exists=False).problems(80) == ["the snapshot is gone"]
+
+
+def test_snapshot_names_fit() -> None:
+    assert backend.snapshot_name("data", "20261125T140102Z-1a2b") == "data-snapcore-20261125T140102Z-1a2b"
+    long = backend.snapshot_name("x" * 100, "y" * 128)
+    assert len(long) <= 100 and "-snapcore-" in long
+
+
+def test_probe_of_a_plain_mount_says_why_not() -> None:
+    mount = Mount(
+        mount_id=1,
+        parent_id=0,
+        major=0,
+        minor=40,
+        root="/",
+        mount_point="/run",
+        mount_options=("rw",),
+        fstype="tmpfs",
+        source="tmpfs",
+        super_options=(),
+    )
+    support = backend.probe(mount)
+    assert not support.ok and "not a device-mapper device" in support.reason
+
+
+def test_mount_options_never_replay_journals() -> None:
+    assert backend.mount_options("ext4") == "ro,noload"
+    assert backend.mount_options("xfs") == "ro,nouuid,norecovery"
+
+
+def test_parse_junit(tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite><testcase classname="plugins.dm.tests.guest.test_x" name="test_a"/>'
+        '<testcase classname="plugins.dm.tests.guest.test_x" name="test_b"><failure message="boom">tb</failure>'
+        '</testcase><testcase classname="c" name="test_c"><skipped message="why"/></testcase></testsuite></testsuites>'
+    )
+    outcomes, messages = parse_junit(xml)
+    assert outcomes["plugins/dm/tests/guest/test_x.py::test_a"] == "passed"
+    assert outcomes["plugins/dm/tests/guest/test_x.py::test_b"] == "failed"
+    assert messages["plugins/dm/tests/guest/test_x.py::test_b"].startswith("boom")
+    assert outcomes["c.py::test_c"] == "skipped"
+    assert parse_junit(tmp_path / "missing.xml") == ({}, {})
+
+
+def test_find_kernel(tmp_path: Path) -> None:
+    for name in ("vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-56-amd64", "vmlinuz-6.18.0-custom"):
+        (tmp_path / name).write_bytes(b"")
+    found = find_kernel(tmp_path)
+    assert found is not None and found.name == "vmlinuz-6.1.0-56-amd64"
+    assert find_kernel(tmp_path / "none") is None
