@@ -263,7 +263,6 @@ def _mark_failed(pending: Pending, done: list[str]) -> None:
     manifest.write(pending.state_dir)
 
 
-
 def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]]]:
     """Recover every journal under ``run_dir`` whose owner is dead."""
     journal_dir = run_dir / "journal"

@@ -291,9 +291,7 @@ def _load_trusted(ep: Any) -> object:
             for place in (path, os.path.dirname(path)):
                 mode = os.stat(place).st_mode
                 if mode & 0o002 and not mode & 0o1000:
-                    raise PluginError(
-                        f"refused: {place} is writable by others (mode {mode & 0o7777:o}); chmod o-w it"
-                    )
+                    raise PluginError(f"refused: {place} is writable by others (mode {mode & 0o7777:o}); chmod o-w it")
     return plugin
 
 

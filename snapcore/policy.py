@@ -53,6 +53,8 @@ def parse_size(value: object) -> int:
         if match:
             return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
     raise ValueError(f"a size such as 64M, 1G or a number of bytes; got {value!r}")
+
+
 _KEEP_KEYS = ("last", "within")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _MAP = "tag:yaml.org,2002:map"
