@@ -37,7 +37,7 @@ from snapcore.testing import HookRecorder, LoopFactory, assert_not_frozen
 from snapcore.types import Consistency, Role
 
 #: Phases a fault is injected at: the backend hooks, then the core's own steps.
-FAULT_PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "payload", "manifest")
+FAULT_PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "finish", "payload", "manifest")
 DEADLINE_S = 0.5
 HONEST = {c.value for c in Consistency}
 

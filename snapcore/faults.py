@@ -1,7 +1,7 @@
 """Test-only fault injection: make a phase raise, hang, or kill the controller.
 
 ``SNAPCORE_FAULT="PHASE[:BACKEND]=ACTION[,...]"`` with PHASE one of ``prepare``,
-``freeze``, ``snapshot``, ``thaw``, ``export``, ``discard`` (backend hooks, optionally
+``freeze``, ``snapshot``, ``thaw``, ``export``, ``finish``, ``discard`` (backend hooks, optionally
 only for one backend), ``manifest`` or ``payload`` (the core's own steps), and ACTION
 ``raise``, ``hang`` (sleeps an hour) or ``kill`` (SIGKILL to the controller itself).
 These are fakes of failures that cannot be caused for real on demand; they exist so
@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "discard", "manifest", "payload")
+PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "finish", "discard", "manifest", "payload")
 ACTIONS = ("raise", "hang", "kill")
 
 

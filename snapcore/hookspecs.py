@@ -236,6 +236,24 @@ def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
 
 
 @hookspec(firstresult=True)
+def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str] | None:
+    """Complete an image (imager) or an export (exporter; ``export`` is set) before
+    the manifest calls it good: checksums, ``syncfs``, a health check.
+
+    **When**: once per target of a checkpoint that is about to succeed, after every
+    export, after the change check and the tasks' thaw, before the manifest is
+    written. Nothing is frozen. Called on the imager with ``export=None``, then on
+    the exporter with the export.
+
+    **Returns**: warnings for the manifest (e.g. a COW nearly full), or ``None``.
+
+    **Must not**: leave the export looking complete if it raises.
+
+    **Raises**: the checkpoint fails; every image and export it made is discarded.
+    """
+
+
+@hookspec(firstresult=True)
 def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
     """Delete an image (imager) or an export (exporter; ``export`` is set).
 

@@ -241,6 +241,13 @@ class Plugins:
             raise PluginError(f"backend {name!r} implements no snapcore_export")
         return export
 
+    def finish(self, name: str, target: Target, image: Image | None, export: Export | None) -> list[str]:
+        if not self.implements(name, "snapcore_finish"):
+            return []
+        inject("finish", name)
+        warnings = self._one(name, "snapcore_finish")(target=target, image=image, export=export)
+        return [str(w) for w in warnings or ()]
+
     def discard(self, name: str, target: Target, image: Image | None, export: Export | None) -> None:
         inject("discard", name)
         self._one(name, "snapcore_discard")(target=target, image=image, export=export)

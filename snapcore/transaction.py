@@ -788,8 +788,23 @@ class Transaction:
         self._phase(Phase.EXPORT, t)
         self._check_changes()
         self._thaw_tasks()
+        t = time.perf_counter()
+        for run in self.active:
+            self._finish(run)
+        self._phase(Phase.FINISH, t)
         for run in self.active:
             self._settle(run)
+
+    def _finish(self, run: TargetRun) -> None:
+        """Let the backends complete what they made, before the manifest says ok."""
+        try:
+            if run.image is not None:
+                run.record.warnings += self.plugins.finish(run.target.imager, run.target, run.image, None)
+            if run.export is not None and run.target.exporter:
+                run.record.warnings += self.plugins.finish(run.target.exporter, run.target, run.image, run.export)
+        except Exception as exc:
+            run.record.error = f"{Phase.FINISH.value}: {_describe(exc)}"
+            raise
 
     def _settle(self, run: TargetRun) -> None:
         record = run.record

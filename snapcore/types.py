@@ -60,6 +60,7 @@ class Phase(StrEnum):
     AFTER_THAW = "after_thaw"
     PAYLOAD = "payload"
     EXPORT = "export"
+    FINISH = "finish"
     DISCARD = "discard"
     MANIFEST = "manifest"
     END = "end"

@@ -220,35 +220,28 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
 
 
 @hookimpl
+def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
+    """COW health once the exports are done, into the manifest before it is written."""
+    if export is not None or image is None:
+        return []
+    state = backend.health(image.details)
+    problems = state.problems(_warn_percent(target))
+    if not state.exists or not state.valid:
+        # an invalid snapshot is no image: the checkpoint fails rather than call it good
+        raise BackendError(problems[0], mount=target.mount.mount_point, backend=NAME)
+    return [f"dm snapshot {image.ref}: {problem}" for problem in problems]
+
+
+@hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
-    """Record COW health in the manifest (rewritten), then unmount the snapshots."""
+    """Unmount the snapshots mounted for the exporters."""
     with _lock:
         made = _made.pop(checkpoint.id, [])
         for key in [k for k in _plans if k[0] == checkpoint.id]:  # prepared, never snapshotted
             del _plans[key]
-    if not made:
-        return
-    changed = False
-    try:
-        for entry in made:
-            record = next(
-                (t for t in manifest.targets if t.mount == entry.target.mount.mount_point and t.imager == NAME), None
-            )
-            if record is None or record.outcome != Outcome.OK.value:
-                continue
-            state = backend.health(entry.image.details)
-            if record.image_record is not None and state.used_percent is not None:
-                record.image_record.setdefault("details", {})["cow_percent_at_end"] = round(state.used_percent, 2)
-                changed = True
-            for problem in state.problems(_warn_percent(entry.target)):
-                record.warnings.append(f"dm snapshot {entry.image.ref}: {problem}")
-                changed = True
-        if changed:
-            manifest.write(checkpoint.state_dir)
-    finally:
-        for entry in made:
-            if entry.image.path:
-                backend.unmount_image(Path(entry.image.path))
+    for entry in made:
+        if entry.image.path:
+            backend.unmount_image(Path(entry.image.path))
 
 
 @hookimpl

@@ -403,13 +403,12 @@ def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | N
 # -- after the checkpoint ---------------------------------------------------------------
 
 
-def finish(target: Target, export: Export, manifest_text: str) -> None:
-    """Make the tree durable, then copy the manifest and move the ``latest`` pointer."""
+def complete(target: Target, export: Export) -> None:
+    """After the thaw, before the manifest says ok: record the file list, sync the tree."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
     name = str(export.details.get("slug") or slug(target.mount.mount_point))
-    me = target.checkpoint_id
     if opts.dest.local:
-        export_dir = opts.dest.path(me)
+        export_dir = opts.dest.path(target.checkpoint_id)
         entries, nbytes = walk_tree(export_dir / name)
         write_atomic(export_dir / f"{name}.files", ("\n".join(entries) + "\n").encode("latin-1"), sync=False)
         info_path = export_dir / f"{name}.export.json"
@@ -417,6 +416,15 @@ def finish(target: Target, export: Export, manifest_text: str) -> None:
         info.update(files=len(entries), bytes=nbytes)
         write_json(info_path, info, sync=False)
         common.syncfs(export_dir)  # the tree and its sidecars, before the manifest says "complete"
+
+
+def publish(target: Target, export: Export, manifest_text: str) -> None:
+    """Once the manifest is written: its copy beside the tree, then ``latest``."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    me = target.checkpoint_id
+    if opts.dest.local:
+        export_dir = opts.dest.path(me)
         common.copy_manifest(export_dir, manifest_text)
         write_atomic(common.latest_pointer(opts.dest.path(), name), f"{me}\n".encode())
         return

@@ -121,6 +121,13 @@ def snapcore_restore(target: Target, export: Export | None, dest: Path | None, i
 
 
 @hookimpl
+def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
+    if export is not None:
+        rsync_backend.complete(target, export)
+    return []
+
+
+@hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
     if outcome is not Outcome.OK:
         return
@@ -132,7 +139,7 @@ def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: 
         if target is None:
             continue
         try:
-            rsync_backend.finish(target, Export.from_json(record.export_record), text)
+            rsync_backend.publish(target, Export.from_json(record.export_record), text)
         except Exception as exc:
             # never raise: pluggy would skip the other plugins' checkpoint_end
             log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)

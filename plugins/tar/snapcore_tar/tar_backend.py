@@ -291,10 +291,11 @@ def export(target: Target, image: Image, dest: Path) -> Export:
 # -- after the checkpoint ---------------------------------------------------------------
 
 
-def finish(target: Target, export: Export, manifest_text: str) -> None:
-    """Complete the export after the thaw: checksum, sync, manifest copy, ``latest`` pointer.
+def complete(target: Target, export: Export) -> None:
+    """After the thaw, before the manifest says ok: checksum and sync the archive.
 
-    The archive was just written, so the checksum reads it from the page cache.
+    The archive was just written, so the checksum reads it from the page cache. A
+    failure here fails the checkpoint (the core's ``finish`` step).
     """
     export_dir = Path(export.path or Path(export.ref).parent)
     name = str(export.details.get("slug") or slug(target.mount.mount_point))
@@ -306,6 +307,12 @@ def finish(target: Target, export: Export, manifest_text: str) -> None:
     info["sha256"] = sha
     write_json(info_path, info, sync=False)
     common.syncfs(export_dir)  # the archive and its sidecars, before the manifest says "complete"
+
+
+def publish(target: Target, export: Export, manifest_text: str) -> None:
+    """Once the manifest is written: its copy beside the archive, then ``latest``."""
+    export_dir = Path(export.path or Path(export.ref).parent)
+    name = str(export.details.get("slug") or slug(target.mount.mount_point))
     common.copy_manifest(export_dir, manifest_text)
     dest = export_dir.parent
     write_atomic(common.latest_pointer(dest, name), f"{target.checkpoint_id}\n".encode())
