@@ -7,7 +7,8 @@ only (it must start fast and never import anything while filesystems are frozen)
 Protocol (one JSON object per line on stdin; answers on stdout):
 
 * ``{"op": "targets", "targets": [{"key", "kind": "fithaw", "path"} |
-  {"key", "kind": "command", "argv"}]}`` → opens a directory descriptor for each
+  {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"}]}``
+  (the last thaws a cgroup of frozen tasks) → opens a directory descriptor for each
   ``fithaw`` target now, answers ``ready``;
 * ``{"op": "freezing", "key"}`` before each freeze; ``{"op": "thawed", "key"}``
   after each thaw; only targets between the two are ever thawed by the guard;
@@ -84,6 +85,12 @@ class Guard:
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:  # EINVAL: it was not frozen
                             raise
+                elif target.get("kind") == "write":
+                    fd = os.open(str(target["path"]), os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.write(fd, str(target.get("value") or "").encode())
+                    finally:
+                        os.close(fd)
                 elif target.get("kind") == "command":
                     argv = [str(a) for a in target.get("argv") or []]  # type: ignore[attr-defined]
                     subprocess.run(argv, check=True, timeout=30, stdin=subprocess.DEVNULL, capture_output=True)

@@ -112,6 +112,8 @@ class Pending:
     snapshotting: set[str] = field(default_factory=set)
     guard: list[dict[str, Any]] = field(default_factory=list)
     ended: str | None = None
+    #: The name of the temporary freezer cgroups the tasks were moved into.
+    tasks: str | None = None
 
 
 def _alive(pid: int | None, start: str | None) -> bool:
@@ -152,6 +154,8 @@ def read_journal(path: Path) -> tuple[Pending, bool]:
                 pending.snapshotting.discard(key)
             elif op == "end":
                 pending.ended = rec.get("outcome")
+            elif op == "tasks":
+                pending.tasks = rec.get("name")
     guard = path.with_name(path.name[: -len(".jsonl")] + ".guard.jsonl")
     if guard.exists():
         with open(guard, encoding="utf-8", errors="replace") as f:
@@ -171,6 +175,12 @@ def _thaw(rescue: Rescue) -> str:
             raise
         finally:
             os.close(fd)
+    if rescue.kind is RescueKind.WRITE and rescue.path:
+        try:
+            Path(rescue.path).write_text(rescue.value or "")
+        except FileNotFoundError:
+            return "already gone"
+        return "thawed"
     if rescue.kind is RescueKind.COMMAND and rescue.argv:
         subprocess.run(list(rescue.argv), check=True, timeout=60, capture_output=True, stdin=subprocess.DEVNULL)
         return "resumed"
@@ -194,6 +204,15 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
             done.append(f"{key}: {_thaw(Rescue.from_json(rescue))}")
         except Exception as exc:
             done.append(f"{key}: THAW FAILED: {exc}")
+    if pending.tasks:
+        # the tasks go after the filesystems, as in the transaction
+        from snapcore.tasks import recover_temporary_cgroups
+
+        try:
+            for group in recover_temporary_cgroups(name=pending.tasks):
+                done.append(f"tasks thawed and moved back from {group}")
+        except Exception as exc:
+            done.append(f"thawing the tasks failed: {exc}")
     if pending.ended == "ok":
         pending.path.unlink(missing_ok=True)
         return done

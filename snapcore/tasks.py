@@ -396,6 +396,21 @@ class TaskFreezer:
             return self.tasks.pids
         return tuple(self._state.moved)
 
+    def rescues(self) -> list[tuple[str, str]]:
+        """``(control file, value)`` that thaws each cgroup this freezer will freeze,
+        for a process that outlives us (snapcore's guard). After :meth:`attach`; a
+        ``--cgroup`` someone else already froze is left out (never thawed by us)."""
+        result = []
+        for group in self._state.groups.values():
+            control = "cgroup.freeze" if group.version == 2 else "freezer.state"
+            path = os.path.join(group.directory, control)
+            if group.home is None:
+                with contextlib.suppress(OSError):
+                    if Path(path).read_text().strip() in ("1", "FROZEN"):
+                        continue
+            result.append((path, "0" if group.version == 2 else "THAWED"))
+        return result
+
     @property
     def criu_freeze_cgroup(self) -> str | None:
         """The cgroup to pass as ``criu dump --freeze-cgroup`` (CRIU cannot seize a

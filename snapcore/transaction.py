@@ -11,6 +11,7 @@ join in a later step: :meth:`Transaction._resolve` and the window are their seam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -62,6 +63,7 @@ from snapcore.types import (
     Outcome,
     Phase,
     Rescue,
+    RescueKind,
     Role,
     Support,
     Target,
@@ -257,6 +259,7 @@ class Transaction:
         self.freezer: Any = None
         self.watch: Any = None
         self._tasks_frozen_at: float | None = None
+        self._task_rescues: dict[str, Rescue] = {}
         self.plugins = plugins
         self.policy = policy
         self.paths = list(paths)
@@ -452,7 +455,6 @@ class Transaction:
             run.rescue = rescue
             if rescue is not None:
                 rescues[run.mount_point] = rescue
-        self.watchdog.watch(rescues)
         if self.taskset is not None:
             from snapcore.tasks import TaskFreezer
             from snapcore.watch import Watch
@@ -463,6 +465,12 @@ class Transaction:
                 self.journal.record("tasks", name=self.id)
                 self.freezer = TaskFreezer(self.taskset, name=self.id)
                 self.freezer.attach()  # moving tasks costs an RCU wait: outside the window
+                # the guard thaws the tasks too if we die: nothing may depend on us
+                self._task_rescues = {
+                    f"tasks:{path}": Rescue(kind=RescueKind.WRITE, path=path, value=value)
+                    for path, value in self.freezer.rescues()
+                }
+                rescues.update(self._task_rescues)
             else:
                 self.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
                 self._tasks_frozen_at = time.monotonic()
@@ -470,6 +478,7 @@ class Transaction:
                 self.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
             self.watch = Watch(self.inventory)
             self.watch.start()
+        self.watchdog.watch(rescues)
         self._phase(Phase.PREPARE, t)
         if not self.active:
             raise SnapcoreError("no target left to checkpoint")
@@ -569,6 +578,9 @@ class Transaction:
         from snapcore.inventory import copy_ghosts
 
         if self.freezer is not None:
+            for key, rescue in self._task_rescues.items():
+                self.journal.record("freeze", key=key, rescue=rescue.to_json())
+                self.watchdog.freezing(key)
             t = time.perf_counter()
             self.freezer.freeze()
             self._tasks_frozen_at = time.monotonic()
@@ -590,6 +602,10 @@ class Transaction:
                 freezer.close()
                 self.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
                 self.manifest.tasks = freezer.to_json()
+                for key in self._task_rescues:
+                    self.journal.record("thawed", key=key)
+                    with contextlib.suppress(SnapcoreError):
+                        self.watchdog.thawed(key)
 
     def _check_changes(self) -> None:
         """DESIGN step 8: what changed under the frozen tasks decides (on_change)."""

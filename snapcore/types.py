@@ -169,6 +169,8 @@ class RescueKind(StrEnum):
     FITHAW = "fithaw"
     #: Run a command (e.g. ``dmsetup resume NAME``).
     COMMAND = "command"
+    #: Write ``value`` to the file ``path`` (a cgroup's ``cgroup.freeze``: ``0``).
+    WRITE = "write"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,13 +180,19 @@ class Rescue:
     kind: RescueKind
     path: str | None = None
     argv: tuple[str, ...] = ()
+    value: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "path": self.path, "argv": list(self.argv)}
+        return {"kind": self.kind.value, "path": self.path, "argv": list(self.argv), "value": self.value}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Rescue:
-        return cls(kind=RescueKind(data["kind"]), path=data.get("path"), argv=tuple(data.get("argv") or ()))
+        return cls(
+            kind=RescueKind(data["kind"]),
+            path=data.get("path"),
+            argv=tuple(data.get("argv") or ()),
+            value=data.get("value"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

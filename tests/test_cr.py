@@ -355,3 +355,36 @@ def test_mounts_the_policy_does_not_cover(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_tasks_are_thawed_by_the_guard_when_the_controller_dies(
+    loop_fs: LoopFactory, state_dir: Path, holder: object
+) -> None:
+    fs = loop_fs("ext4")
+    proc = holder(fs.mount_point / "data.txt")  # type: ignore[operator]
+    env = dict(os.environ, SNAPCORE_FAULT="payload=kill")
+    argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid)]
+    result = subprocess.run([*argv, "--id", "k", "--", "true"], env=env, capture_output=True, timeout=60)
+    assert result.returncode == -9  # killed with the tasks frozen and the filesystem imaged
+    # the guard wrote cgroup.freeze = 0: the task runs again without anyone's help
+    deadline = time.monotonic() + 5
+    while "frozen 0" not in _cgroup_events(proc.pid):
+        assert time.monotonic() < deadline, "the tasks stayed frozen after the controller died"
+        time.sleep(0.02)
+    assert_not_frozen(fs.mount_point)
+    # recover moves them back out of the temporary cgroup and marks the checkpoint failed
+    assert main(["--state-dir", str(state_dir), "recover"]) == 0
+    assert "snapcore-k" not in Path(f"/proc/{proc.pid}/cgroup").read_text()
+    manifest = json.loads((state_dir / "checkpoints" / "k" / "manifest.json").read_text())
+    assert manifest["outcome"] == "failed"
+
+
+def _cgroup_events(pid: int) -> str:
+    from snapcore.tasks import cgroup_hierarchies, task_cgroup
+
+    v2, _ = cgroup_hierarchies()
+    assert v2 is not None
+    group = task_cgroup(pid, 2)
+    directory = v2.dir_of(group or "/")
+    assert directory is not None
+    return Path(directory, "cgroup.events").read_text()
