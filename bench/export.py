@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from types import MappingProxyType
 
 from snapcore import Consistency, Export, Image, Target
@@ -40,6 +41,12 @@ from snapcore_tar.common import slug
 
 MiB = 1 << 20
 MANIFEST = '{{"id": "{}", "outcome": "ok"}}\n'
+
+
+def _finish(module: Any, target: Any, export: Any, manifest_text: str) -> None:
+    """What the core does after the thaw: the ``finish`` hook, then ``checkpoint_end``."""
+    module.complete(target, export)
+    module.publish(target, export, manifest_text)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = target_for(src, dest, "tar", cid, state)
                 export: list[Export] = []
                 t = timed(lambda: export.append(tar_backend.export(target, image_of(src), dest)))
-                after.append(timed(lambda: tar_backend.finish(target, export[0], MANIFEST.format(cid))))
+                after.append(timed(lambda: _finish(tar_backend, target, export[0], MANIFEST.format(cid))))
                 tar_backend.discard(target, export[0])
                 return t
 
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             # -- rsync ----------------------------------------------------------------
             base = target_for(src, dest, "rsync", "base", state)
             base_export = rsync_backend.export(base, image_of(src))
-            rsync_backend.finish(base, base_export, MANIFEST.format("base"))
+            _finish(rsync_backend, base, base_export, MANIFEST.format("base"))
             changed = change_some(src, args.files, args.size, args.changed)
             subprocess.run(["sync"], check=True)
             link = f"--link-dest=../../base/{name}"
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = timed(lambda: export.append(rsync_backend.export(target, image_of(src))))
                 assert export[0].details["link_dest"] == "base"
                 after_r.append(
-                    timed(lambda: rsync_backend.finish(target, export[0], MANIFEST.format(target.checkpoint_id)))
+                    timed(lambda: _finish(rsync_backend, target, export[0], MANIFEST.format(target.checkpoint_id)))
                 )
                 (dest / f"{name}.latest").write_text("base\n")  # the next run links to base again
                 rsync_backend.discard(target, export[0])
