@@ -30,8 +30,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from types import MappingProxyType
+from typing import Any
 
 from snapcore import Consistency, Export, Image, Target
 from snapcore.mounts import MountTable
