@@ -24,6 +24,7 @@ from snapcore.errors import (
     UnsupportedMount,
     UsageError,
 )
+from snapcore.fsutil import syncfs
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -99,4 +100,5 @@ __all__ = [
     "hold",
     "hookimpl",
     "plan",
+    "syncfs",
 ]

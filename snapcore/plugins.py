@@ -242,9 +242,9 @@ class Plugins:
         return export
 
     def finish(self, name: str, target: Target, image: Image | None, export: Export | None) -> list[str]:
+        inject("finish", name)
         if not self.implements(name, "snapcore_finish"):
             return []
-        inject("finish", name)
         warnings = self._one(name, "snapcore_finish")(target=target, image=image, export=export)
         return [str(w) for w in warnings or ()]
 

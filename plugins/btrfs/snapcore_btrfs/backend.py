@@ -19,7 +19,6 @@ parallel threads, so several btrfs mounts are imaged within the same few ms.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -47,8 +46,6 @@ RDONLY = 1
 BTRFS_IOC_FS_INFO = 0x8400941F
 #: Names snapcore gives to subvolumes it parks during a restore.
 STAGING_PREFIX = ".snapcore-"
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fail(message: str, mount: str | None = None) -> BackendError:
@@ -83,16 +80,6 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def syncfs(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
 
 
 def subvolume_name(mount: Mount) -> str:

@@ -21,6 +21,7 @@ from snapcore import (
     Support,
     Target,
     hookimpl,
+    syncfs,
 )
 from snapcore_btrfs import backend
 from snapcore_btrfs.backend import NAME
@@ -78,7 +79,7 @@ def snapcore_prepare(target: Target, role: Role) -> None:
     plan = backend.plan(target, create=True)
     if target.options_for(NAME).get("sync", True):
         try:
-            backend.syncfs(target.mount.mount_point)
+            syncfs(target.mount.mount_point)
         except OSError as exc:
             raise backend.fail(f"syncfs failed: {exc.strerror}", target.mount.mount_point) from exc
     with _lock:

@@ -25,7 +25,6 @@ Only what snapcore made is ever listed or deleted: LVM snapshots carry the tag
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
@@ -495,18 +494,6 @@ def check_pool(pool: LV, *, mount: str | None = None) -> None:
 
 
 # -- prepare / snapshot --------------------------------------------------------------
-
-
-def syncfs(path: str) -> None:
-    """Write back the filesystem so the suspend's own flush is short."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
 
 
 def snapshot_name(origin: str, checkpoint_id: str) -> str:

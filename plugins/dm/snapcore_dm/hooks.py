@@ -43,6 +43,7 @@ from snapcore import (
     Support,
     Target,
     hookimpl,
+    syncfs,
 )
 from snapcore_dm import backend
 
@@ -123,7 +124,7 @@ def snapcore_prepare(target: Target, role: Role) -> None:
     where = target.mount.mount_point
     plan = backend.plan(target.mount, target.checkpoint_id, target.options_for(NAME))
     try:
-        backend.syncfs(where)
+        syncfs(where)
     except OSError as exc:
         raise BackendError(f"syncfs failed: {exc.strerror}", mount=where, backend=NAME) from exc
     with _lock:

@@ -7,7 +7,6 @@ filesystem that someone (the deadline watchdog) already thawed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -24,19 +23,6 @@ FITHAW = 0xC0045878
 FREEZABLE = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "nilfs2", "gfs2", "ocfs2", "bcachefs"}
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(path: str) -> None:
-    """Write back the filesystem holding ``path`` so that a freeze after it is short."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
 
 
 def freezable(mount: Mount) -> tuple[bool, str]:

@@ -19,8 +19,9 @@ from snapcore import (
     Support,
     Target,
     hookimpl,
+    syncfs,
 )
-from snapcore_fsfreeze.backend import Freezer, freezable, syncfs
+from snapcore_fsfreeze.backend import Freezer, freezable
 
 NAME = "fsfreeze"
 _freezer = Freezer()

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from snapcore import BackendError, FrozenElsewhere, Role, Target
+from snapcore import BackendError, FrozenElsewhere, Role, Target, syncfs
 from snapcore.contract import BackendContract
 from snapcore.mounts import MountTable
 from snapcore.plugins import make_plugins
 from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_quietly
-from snapcore_fsfreeze.backend import Freezer, freezable, syncfs
+from snapcore_fsfreeze.backend import Freezer, freezable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FIFREEZE needs root")
 

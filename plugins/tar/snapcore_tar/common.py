@@ -29,18 +29,20 @@ a failed checkpoint has its exports discarded, a crash leaves them without it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from snapcore import BackendError, MissingTool, Target
+from snapcore import BackendError, Checkpoint, Export, MissingTool, Outcome, Target
+
+if TYPE_CHECKING:
+    from snapcore import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ MANIFEST_NAME = "manifest.json"
 #: name quoting are the same on every host.
 TOOL_LOCALE = {"LC_ALL": "C", "LANG": "C"}
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 #: tool → Debian package that provides it
 PACKAGES = {"tar": "tar", "rsync": "rsync", "zstd": "zstd", "gzip": "gzip"}
@@ -124,17 +125,6 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
 
 def write_json(path: Path, data: Mapping[str, Any], *, sync: bool = True) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), sync=sync)
-
-
-def syncfs(path: Path) -> None:
-    """Write back the whole filesystem holding ``path`` (one call for a tree of files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -254,3 +244,28 @@ def read_latest(dest: Path, name: str) -> str | None:
     except OSError:
         return None
     return value or None
+
+
+def publish_exports(
+    name: str,
+    checkpoint: Checkpoint,
+    outcome: Outcome,
+    manifest: Manifest,
+    publish: Callable[[Target, Export, str], None],
+) -> None:
+    """``checkpoint_end`` of an exporter: once the manifest is written, put its copy
+    beside each of this exporter's exports (the mark of a complete export)."""
+    if outcome is not Outcome.OK:
+        return
+    text = manifest.dumps()
+    for record in manifest.targets:
+        if record.exporter != name or record.outcome != Outcome.OK.value or not record.export_record:
+            continue
+        target = next((t for t in checkpoint.targets if t.mount.mount_point == record.mount), None)
+        if target is None:
+            continue
+        try:
+            publish(target, Export.from_json(record.export_record), text)
+        except Exception as exc:
+            # never raise: pluggy would skip the other plugins' checkpoint_end
+            log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)

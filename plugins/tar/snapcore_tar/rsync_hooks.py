@@ -129,17 +129,4 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 
 @hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
-    if outcome is not Outcome.OK:
-        return
-    text = manifest.dumps()
-    for record in manifest.targets:
-        if record.exporter != NAME or record.outcome != Outcome.OK.value or not record.export_record:
-            continue
-        target = next((t for t in checkpoint.targets if t.mount.mount_point == record.mount), None)
-        if target is None:
-            continue
-        try:
-            rsync_backend.publish(target, Export.from_json(record.export_record), text)
-        except Exception as exc:
-            # never raise: pluggy would skip the other plugins' checkpoint_end
-            log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)
+    common.publish_exports(NAME, checkpoint, outcome, manifest, rsync_backend.publish)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, Target
+from snapcore import BackendError, Export, Image, Target, syncfs
 from snapcore_tar import common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -306,7 +306,7 @@ def complete(target: Target, export: Export) -> None:
     info = read_json(info_path)
     info["sha256"] = sha
     write_json(info_path, info, sync=False)
-    common.syncfs(export_dir)  # the archive and its sidecars, before the manifest says "complete"
+    syncfs(export_dir)  # the archive and its sidecars, before the manifest says "complete"
 
 
 def publish(target: Target, export: Export, manifest_text: str) -> None:

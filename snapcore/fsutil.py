@@ -1,0 +1,27 @@
+"""Small filesystem helpers the core and backends share."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write back the whole filesystem holding ``path`` (syncfs(2)).
+
+    Called before a freeze so the freeze itself is short, and after an export so it
+    is on disk before the manifest calls it complete.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)
