@@ -53,6 +53,12 @@ class BackendContract:
     fstype: ClassVar[str] = "ext4"
     #: backends to load (SNAPCORE_PLUGINS); default: the imager and exporter
     plugins: ClassVar[tuple[str, ...]] = ()
+    #: the policy's ``freeze_timeout`` in seconds; raise it only where the snapshot
+    #: itself is slow (e.g. ``lvcreate -s`` in an emulated VM)
+    deadline_s: ClassVar[float] = DEADLINE_S
+    #: how long past the deadline a ``hang`` fault is waited for before the
+    #: controller is killed: it must have reached the fault by then
+    hang_grace_s: ClassVar[float] = 1.0
 
     # -- hooks for subclasses -----------------------------------------------------
 
@@ -86,7 +92,7 @@ class BackendContract:
 
     @pytest.fixture
     def contract_policy(self, contract_mount: Path, tmp_path: Path) -> Path:
-        rule: dict[str, Any] = {"imager": self.imager, "freeze_timeout": f"{int(DEADLINE_S * 1000)}ms"}
+        rule: dict[str, Any] = {"imager": self.imager, "freeze_timeout": f"{int(self.deadline_s * 1000)}ms"}
         if self.exporter:
             rule["exporter"] = self.exporter
         options = self.backend_options(tmp_path)
@@ -177,10 +183,10 @@ class BackendContract:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             # a hang is bounded by the deadline (the guard thaws); then we give up on it
-            code = proc.wait(timeout=DEADLINE_S + 20 if action != "hang" else DEADLINE_S + 1)
+            code = proc.wait(timeout=self.deadline_s + (20 if action != "hang" else self.hang_grace_s))
         except subprocess.TimeoutExpired:
             assert action == "hang", f"{phase}={action}: the controller did not finish"
-            assert_not_frozen(contract_mount, timeout=DEADLINE_S + 0.5)
+            assert_not_frozen(contract_mount, timeout=self.deadline_s + 0.5)
             proc.kill()
             code = proc.wait()
         finally:

@@ -10,8 +10,9 @@ Protocol (one JSON object per line on stdin; answers on stdout):
   {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"}]}``
   (the last thaws a cgroup of frozen tasks) → opens a directory descriptor for each
   ``fithaw`` target now, answers ``ready``;
-* ``{"op": "freezing", "key"}`` before each freeze; ``{"op": "thawed", "key"}``
-  after each thaw; only targets between the two are ever thawed by the guard;
+* ``{"op": "freezing", "keys": [...]}`` before freezing them; ``{"op": "thawed",
+  "keys": [...]}`` after thawing them; only targets between the two are ever
+  thawed by the guard (a thaw of one already thawed is harmless);
 * ``{"op": "arm", "deadline_s"}`` / ``{"op": "disarm"}``;
 * ``{"op": "exit"}``.
 
@@ -51,7 +52,7 @@ class Guard:
 
     def handle(self, msg: dict[str, object]) -> bool:
         op = msg.get("op")
-        key = str(msg.get("key", ""))
+        keys = [str(k) for k in msg.get("keys") or [msg.get("key", "")]]  # type: ignore[attr-defined]
         if op == "targets":
             for target in msg.get("targets") or []:  # type: ignore[attr-defined]
                 tkey = str(target["key"])
@@ -60,11 +61,9 @@ class Guard:
                     self.fds[tkey] = os.open(str(target["path"]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self.say("ready")
         elif op == "freezing":
-            if key not in self.frozen:
-                self.frozen.append(key)
+            self.frozen.extend(k for k in keys if k not in self.frozen)
         elif op == "thawed":
-            if key in self.frozen:
-                self.frozen.remove(key)
+            self.frozen = [k for k in self.frozen if k not in keys]
         elif op == "arm":
             self.deadline = time.monotonic() + float(msg["deadline_s"])  # type: ignore[arg-type]
         elif op == "disarm":

@@ -75,9 +75,13 @@ class Journal:
         death, which a write survives; a machine crash thaws every filesystem by
         itself (and ``/run`` is a tmpfs on a normal host). Records are written from
         inside the freeze window, where an fsync could cost milliseconds."""
-        if self.fd is None:
+        self.record_many([{"op": op, **fields}])
+
+    def record_many(self, records: list[dict[str, Any]]) -> None:
+        """Append several records in one write."""
+        if self.fd is None or not records:
             return
-        os.write(self.fd, (json.dumps({"op": op, **fields}) + "\n").encode())
+        os.write(self.fd, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def detach(self) -> None:
         """Stop writing but leave the journal for ``recover`` (no manifest was written)."""

@@ -260,6 +260,8 @@ class Transaction:
         self.watch: Any = None
         self._tasks_frozen_at: float | None = None
         self._task_rescues: dict[str, Rescue] = {}
+        self._thawed_keys: list[str] = []
+        self._thawed_lock = threading.Lock()
         self.plugins = plugins
         self.policy = policy
         self.paths = list(paths)
@@ -578,9 +580,11 @@ class Transaction:
         from snapcore.inventory import copy_ghosts
 
         if self.freezer is not None:
-            for key, rescue in self._task_rescues.items():
-                self.journal.record("freeze", key=key, rescue=rescue.to_json())
-                self.watchdog.freezing(key)
+            self.journal.record_many(
+                [{"op": "freeze", "key": key, "rescue": r.to_json()} for key, r in self._task_rescues.items()]
+            )
+            if self._task_rescues:
+                self.watchdog.freezing(*self._task_rescues)
             t = time.perf_counter()
             self.freezer.freeze()
             self._tasks_frozen_at = time.monotonic()
@@ -602,10 +606,10 @@ class Transaction:
                 freezer.close()
                 self.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
                 self.manifest.tasks = freezer.to_json()
-                for key in self._task_rescues:
-                    self.journal.record("thawed", key=key)
+                self.journal.record_many([{"op": "thawed", "key": key} for key in self._task_rescues])
+                if self._task_rescues:
                     with contextlib.suppress(SnapcoreError):
-                        self.watchdog.thawed(key)
+                        self.watchdog.thawed(*self._task_rescues)
 
     def _check_changes(self) -> None:
         """DESIGN step 8: what changed under the frozen tasks decides (on_change)."""
@@ -673,10 +677,6 @@ class Transaction:
         if self.expired:
             raise DeadlineExceeded(f"freeze_timeout ({self.deadline_s:g}s) passed before {run.mount_point} froze")
         t = time.perf_counter()
-        if run.rescue is not None:
-            # intent first: a controller that dies from here on leaves a record
-            self.journal.record("freeze", key=run.mount_point, rescue=run.rescue.to_json())
-            self.watchdog.freezing(run.mount_point)
         try:
             self.plugins.freeze(run.target.imager, run.target)
         except BaseException:
@@ -691,13 +691,45 @@ class Transaction:
         run.time(Phase.FREEZE, t)
         if late:  # the watchdog went past this target while it was freezing
             self._thaw_one(run)
+            self._flush_thawed()
+
+    def _announce_freezes(self, level: Sequence[TargetRun]) -> None:
+        """Intent first, once per level: a controller that dies from here on leaves a
+        journal record and a guard that knows. One write and one message for the whole
+        level: a guard woken once per target was measured to slow the parallel freezes
+        (its CPU time lengthens the kernel's RCU waits inside FIFREEZE)."""
+        runs = [r for r in level if r.rescue is not None and not r.dropped]
+        if not runs:
+            return
+        self.journal.record_many(
+            [{"op": "freeze", "key": r.mount_point, "rescue": r.rescue.to_json()} for r in runs if r.rescue]
+        )
+        self.watchdog.freezing(*(r.mount_point for r in runs))
+
+    def _flush_thawed(self) -> None:
+        with self._thawed_lock:
+            keys, self._thawed_keys = self._thawed_keys, []
+        if keys:
+            self.journal.record_many([{"op": "thawed", "key": key} for key in keys])
+            with contextlib.suppress(SnapcoreError):
+                self.watchdog.thawed(*keys)
 
     def _snapshot_one(self, run: TargetRun) -> None:
         t = time.perf_counter()
-        self.journal.record("snapshot", key=run.mount_point)
         run.image = self.plugins.snapshot(run.target.imager, run.target)
-        self.journal.record("image", key=run.mount_point, image=run.image.to_json())
         run.time(Phase.SNAPSHOT, t)
+
+    def _snapshot_all(self) -> None:
+        # intents before, images after, one journal write each: a crash in between
+        # is cleaned up by listing the backend's images of this checkpoint id
+        self.journal.record_many([{"op": "snapshot", "key": r.mount_point} for r in self.active])
+        try:
+            self._each(self.active, Phase.SNAPSHOT, self._snapshot_one)
+        finally:
+            made = [r for r in self.runs if r.image is not None]
+            self.journal.record_many(
+                [{"op": "image", "key": r.mount_point, "image": r.image.to_json()} for r in made if r.image]
+            )
 
     def _export_one(self, run: TargetRun) -> None:
         exporter = run.target.exporter
@@ -718,8 +750,8 @@ class Transaction:
         try:
             self.plugins.thaw(run.target.imager, run.target)
             if run.rescue is not None:
-                self.journal.record("thawed", key=run.mount_point)
-                self.watchdog.thawed(run.mount_point)
+                with self._thawed_lock:
+                    self._thawed_keys.append(run.mount_point)
         except BaseException as exc:
             run.record.error = f"thaw failed, the filesystem may still be frozen: {_describe(exc)}"
             log.error("%s: thaw failed: %s", run.mount_point, _describe(exc))
@@ -737,6 +769,7 @@ class Transaction:
                     self._thaw_one(run)
                 except BaseException as exc:
                     first = first or exc
+        self._flush_thawed()
         return first
 
     def _expire(self) -> None:
@@ -758,8 +791,9 @@ class Transaction:
         self._window_start = time.perf_counter()
         try:
             for level in self.levels:
+                self._announce_freezes(level)
                 self._each(level, Phase.FREEZE, self._freeze_one)
-            self._each(self.active, Phase.SNAPSHOT, self._snapshot_one)
+            self._snapshot_all()
             live = [r for r in self.active if r.live and r.target.exporter]
             if live:
                 self._each(live, Phase.EXPORT, self._export_one)

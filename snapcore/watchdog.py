@@ -30,11 +30,11 @@ class Watchdog(Protocol):
     def watch(self, rescues: Mapping[str, Rescue]) -> None:
         """Before the first freeze: how to thaw each target (by key) without us."""
 
-    def freezing(self, key: str) -> None:
-        """Right before the target ``key`` is frozen."""
+    def freezing(self, *keys: str) -> None:
+        """Right before the targets ``keys`` are frozen."""
 
-    def thawed(self, key: str) -> None:
-        """Right after the target ``key`` was thawed."""
+    def thawed(self, *keys: str) -> None:
+        """After the targets ``keys`` were thawed."""
 
     def arm(self, deadline_s: float, on_expiry: Callable[[], None]) -> None:
         """Call ``on_expiry`` once ``deadline_s`` seconds pass without ``disarm``."""
@@ -64,10 +64,10 @@ class ThreadWatchdog:
     def watch(self, rescues: Mapping[str, Rescue]) -> None:
         return None  # in the controller's own process: it thaws through the hooks
 
-    def freezing(self, key: str) -> None:
+    def freezing(self, *keys: str) -> None:
         return None
 
-    def thawed(self, key: str) -> None:
+    def thawed(self, *keys: str) -> None:
         return None
 
     def start(self) -> None:
@@ -203,11 +203,11 @@ class ProcessWatchdog:
         if not self._ready.wait(timeout):
             raise GuardError(f"the guard process did not get ready within {timeout:g}s")
 
-    def freezing(self, key: str) -> None:
-        self._send(op="freezing", key=key)
+    def freezing(self, *keys: str) -> None:
+        self._send(op="freezing", keys=list(keys))
 
-    def thawed(self, key: str) -> None:
-        self._send(op="thawed", key=key)
+    def thawed(self, *keys: str) -> None:
+        self._send(op="thawed", keys=list(keys))
 
     def arm(self, deadline_s: float, on_expiry: Callable[[], None]) -> None:
         self._on_expiry = on_expiry

@@ -341,16 +341,24 @@ def lvs(*selection: str, select: str | None = None, mount: str | None = None) ->
     return parse_lvs(run("lvm", *args, *selection, mount=mount))
 
 
+def vg_lvs(vg: str, *, mount: str | None = None) -> list[LV]:
+    """Every LV of ``vg``, hidden ones too; none when LVM does not know the VG."""
+    try:
+        return lvs(vg, mount=mount)
+    except ToolFailed as exc:
+        if "not found" in exc.stderr or "Failed to find" in exc.stderr:
+            return []
+        raise
+
+
+def pick(found: Sequence[LV], lv: str) -> LV | None:
+    return next((x for x in found if x.name == lv), None)
+
+
 def find_lv(vg: str, lv: str, *, mount: str | None = None) -> LV | None:
     # the whole VG with -a, not VG/LV: a snapshot waiting to merge is hidden ([NAME])
     # and 'lvs VG/NAME' no longer finds it
-    try:
-        found = lvs(vg, mount=mount)
-    except ToolFailed as exc:
-        if "not found" in exc.stderr or "Failed to find" in exc.stderr:
-            return None
-        raise
-    return next((x for x in found if x.name == lv), None)
+    return pick(vg_lvs(vg, mount=mount), lv)
 
 
 def lvm_names(dev: DmDevice) -> tuple[str, str]:
@@ -403,6 +411,9 @@ class Source:
     kind: str  # "thick" | "thin" | "raw"
     device: DmDevice
     lv: LV | None = None
+    #: Every LV of its VG when it was classified (LVM only): one ``lvs`` answers
+    #: for the origin, its pool and a clashing snapshot name (~0.3 s each emulated)
+    siblings: tuple[LV, ...] = ()
     #: The raw origin's dm table (raw only).
     table: str = ""
 
@@ -438,7 +449,8 @@ def classify(dev: DmDevice, *, mount: str | None = None) -> Source:
     """Say what kind of source ``dev`` is, or raise :class:`BackendError` saying why not."""
     if dev.is_lvm:
         vg, name = lvm_names(dev)
-        lv = find_lv(vg, name, mount=mount)
+        siblings = tuple(vg_lvs(vg, mount=mount))
+        lv = pick(siblings, name)
         if lv is None:
             raise BackendError(f"LVM does not know {vg}/{name}", mount=mount, backend=NAME)
         if lv.is_snapshot:
@@ -446,11 +458,11 @@ def classify(dev: DmDevice, *, mount: str | None = None) -> Source:
         if not lv.active:
             raise BackendError(f"{lv.ref} is not active (lvchange -ay {lv.ref})", mount=mount, backend=NAME)
         if lv.thin:
-            pool = find_lv(lv.vg, lv.pool, mount=mount)
+            pool = pick(siblings, lv.pool)
             if pool is None:
                 raise BackendError(f"thin pool {lv.vg}/{lv.pool} not found", mount=mount, backend=NAME)
             check_pool(pool, mount=mount)
-            return Source(kind="thin", device=dev, lv=lv)
+            return Source(kind="thin", device=dev, lv=lv, siblings=siblings)
         if lv.segtype not in THICK_SEGTYPES:
             raise BackendError(
                 f"{lv.ref} is a {lv.segtype} LV: snapshots work on linear, striped and thin LVs",
@@ -463,7 +475,7 @@ def classify(dev: DmDevice, *, mount: str | None = None) -> Source:
                 mount=mount,
                 backend=NAME,
             )
-        return Source(kind="thick", device=dev, lv=lv)
+        return Source(kind="thick", device=dev, lv=lv, siblings=siblings)
     table = run("dmsetup", "table", dev.name, mount=mount).strip()
     types = {line.split()[2] for line in table.splitlines() if len(line.split()) > 2}
     if not types:
@@ -527,7 +539,7 @@ def plan(mount: Mount, checkpoint_id: str, options: Mapping[str, Any]) -> Plan:
         lv = source.lv
         assert lv is not None
         name = snapshot_name(lv.name, checkpoint_id)
-        if find_lv(lv.vg, name, mount=where) is not None:
+        if pick(source.siblings, name) is not None:
             raise BackendError(f"{lv.vg}/{name} already exists", mount=where, backend=NAME)
         if source.kind == "thin":
             # -kn: a thin snapshot skips activation by default; exporters need it active
@@ -791,10 +803,28 @@ def unmount_image(where: Path) -> None:
 # -- discard / list / restore --------------------------------------------------------
 
 
+def details_from_ref(ref: str, origin: DmDevice | None) -> dict[str, Any]:
+    """What an image's ``ref`` alone says, for an image that carries no details.
+
+    ``snapcore recover`` knows only the ref of a snapshot it found by listing (the
+    controller died between making it and journaling it): ``VG/LV`` for LVM,
+    ``dm:NAME`` for a raw one, whose origin is the target's own device.
+    """
+    if ref.startswith("dm:"):
+        name = ref[3:]
+        if origin is None:
+            raise BackendError(f"{ref}: the origin device is gone: cannot tell how to discard it", backend=NAME)
+        return {"kind": "raw", "dm_name": name, "origin": origin.name}
+    vg, sep, lv = ref.partition("/")
+    if not sep or not vg or not lv:
+        raise BackendError(f"{ref!r} is no dm image reference (VG/LV or dm:NAME)", backend=NAME)
+    return {"kind": "lvm", "vg": vg, "lv": lv}  # thick or thin: discarded alike
+
+
 def discard(details: Mapping[str, Any]) -> None:
     """Delete a snapshot snapcore made; a missing one is fine."""
     kind = details.get("kind")
-    if kind in ("thick", "thin"):
+    if kind in ("thick", "thin", "lvm"):
         lv = find_lv(str(details["vg"]), str(details["lv"]))
         if lv is None:
             return

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import mkdtemp
@@ -214,9 +214,14 @@ def _forget(checkpoint_id: str, image: Image | None) -> None:
 def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
     if export is not None or image is None:
         return
-    if image.path:
-        backend.unmount_image(Path(image.path))
-    backend.discard(image.details)
+    details: Mapping[str, Any] = image.details
+    if not details.get("kind") and image.ref:  # found by listing (recover): the ref says it all
+        details = backend.details_from_ref(image.ref, backend.dm_device_of_mount(target.mount))
+    # the image may be mounted for an exporter: at its path, or (a controller that
+    # died before journaling it) where this checkpoint would have mounted it
+    where = image.path or str(backend.image_mount_dir(target.checkpoint_id, target.mount.mount_point))
+    backend.unmount_image(Path(where))
+    backend.discard(details)
     _forget(target.checkpoint_id, image)
 
 

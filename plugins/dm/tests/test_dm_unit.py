@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from snapcore import Mount
+from snapcore import BackendError, Mount
 from snapcore.vm import find_kernel, parse_junit
 from snapcore_dm import backend
 
@@ -112,6 +112,23 @@ def test_snapshot_names_fit() -> None:
     assert backend.snapshot_name("data", "20261125T140102Z-1a2b") == "data-snapcore-20261125T140102Z-1a2b"
     long = backend.snapshot_name("x" * 100, "y" * 128)
     assert len(long) <= 100 and "-snapcore-" in long
+
+
+def test_details_from_a_bare_ref() -> None:
+    # what 'snapcore recover' hands to discard for a snapshot it found by listing
+    assert backend.details_from_ref("vg0/data-snapcore-x", None) == {
+        "kind": "lvm",
+        "vg": "vg0",
+        "lv": "data-snapcore-x",
+    }
+    origin = backend.DmDevice(name="rawsc", uuid="", devnode="/dev/dm-0", major=253, minor=0, size=1 << 20)
+    raw = backend.details_from_ref("dm:rawsc-snapcore-x", origin)
+    assert raw == {"kind": "raw", "dm_name": "rawsc-snapcore-x", "origin": "rawsc"}
+    for bad in ("nothing", "/lv", "vg/"):
+        with pytest.raises(BackendError, match="no dm image reference"):
+            backend.details_from_ref(bad, None)
+    with pytest.raises(BackendError, match="origin device is gone"):
+        backend.details_from_ref("dm:rawsc-snapcore-x", None)
 
 
 def test_probe_of_a_plain_mount_says_why_not() -> None:
