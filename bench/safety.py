@@ -38,11 +38,17 @@ class NoJournal:
 
     def open(self, **header: object) -> None: ...
     def record(self, op: str, **fields: object) -> None: ...
+    def record_many(self, records: object) -> None: ...
     def close(self, outcome: str) -> None: ...
     def detach(self) -> None: ...
 
 
-def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) -> tuple[float, float]:
+def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) -> tuple[float, float, float, float]:
+    """Medians (with, without) of the time outside the freeze window and of the window.
+
+    The window is dominated by the kernel's freeze (tens of ms, with its own noise):
+    the safety net's cost outside it is measured apart so that noise does not hide it.
+    """
     from snapcore.plugins import make_plugins
     from snapcore.policy import Policy
     from snapcore.transaction import Transaction
@@ -50,10 +56,10 @@ def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) 
 
     plugins = make_plugins()
     policy = Policy.default()
-    full: list[float] = []
-    bare: list[float] = []
+    full: list[tuple[float, float]] = []
+    bare: list[tuple[float, float]] = []
 
-    def one(safety: bool) -> float:
+    def one(safety: bool) -> tuple[float, float]:
         if safety:
             txn = Transaction(plugins, policy, mounts, state_dir=state, run_dir=run_dir)
         else:
@@ -61,8 +67,9 @@ def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) 
             txn.journal = NoJournal()  # type: ignore[assignment]
         start = time.perf_counter()
         manifest = txn.run()
-        assert manifest.outcome == "ok"
-        return (time.perf_counter() - start) * 1000
+        assert manifest.outcome == "ok" and manifest.freeze_window_ms is not None
+        total = (time.perf_counter() - start) * 1000
+        return total - manifest.freeze_window_ms, manifest.freeze_window_ms
 
     one(True)
     one(False)
@@ -71,7 +78,12 @@ def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) 
         full.append(one(True))
         time.sleep(0.1)
         bare.append(one(False))
-    return statistics.median(full), statistics.median(bare)
+    return (
+        statistics.median(f[0] for f in full),
+        statistics.median(b[0] for b in bare),
+        statistics.median(f[1] for f in full),
+        statistics.median(b[1] for b in bare),
+    )
 
 
 def crash_to_thaw(mounts: list[str], base: Path, deadline: str, stop_instead: bool) -> float:
@@ -125,10 +137,11 @@ def main() -> int:
             state = base / "state"
             print(f"whole checkpoint, median of {args.rounds} (guard + journal vs none):")
             for n in (1, 16):
-                full, bare = checkpoint_cost(mounts[:n], state, run_dir, args.rounds)
+                out_with, out_without, win_with, win_without = checkpoint_cost(mounts[:n], state, run_dir, args.rounds)
                 print(
-                    f"  {n:2d} mount(s): {full:7.2f} ms with, {bare:7.2f} ms without → "
-                    f"{full - bare:+.2f} ms (target <= 2 ms)"
+                    f"  {n:2d} mount(s): outside the window {out_with:6.2f} ms with, {out_without:6.2f} ms without "
+                    f"({out_with - out_without:+.2f} ms); freeze window {win_with:6.2f} vs {win_without:6.2f} ms "
+                    f"({win_with - win_without:+.2f} ms); target <= 2 ms in all"
                 )
             kills = [crash_to_thaw(mounts[:n], base, "30s", False) for n in (1, 16) for _ in range(5)]
             print(

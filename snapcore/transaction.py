@@ -439,8 +439,9 @@ class Transaction:
             lock.acquire()
             self.locks.append(lock)
         self.journal.open(state_dir=str(self.state_dir), started=self.manifest.started)
-        for run in self.runs:
-            self.journal.record("target", key=run.mount_point, record=run.record.to_json())
+        self.journal.record_many(
+            [{"op": "target", "key": r.mount_point, "record": r.record.to_json()} for r in self.runs]
+        )
 
         t = time.perf_counter()
         for run in self.runs:

@@ -253,16 +253,23 @@ class ProcessWatchdog:
 
 
 def _reap(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
+    """Wait for the guard to exit (it does at once after ``exit``), killing it after
+    ``timeout``: a pidfd wakes us the moment it is gone, no polling."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # already reaped, or no pidfd: fall back to a blocking wait
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-            return
-        time.sleep(0.001)
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
 
 
 class GuardError(SnapcoreError):
