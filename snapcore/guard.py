@@ -160,7 +160,13 @@ def fork(record: str | None) -> tuple[int, int, int]:
     """
     to_guard_r, to_guard_w = os.pipe()
     from_guard_r, from_guard_w = os.pipe()
-    pid = os.fork()
+    import warnings
+
+    with warnings.catch_warnings():
+        # newer Pythons warn on fork with threads: ours are idle and the child
+        # touches nothing of theirs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the guard
         code = 1
         try:

@@ -55,18 +55,20 @@ class _DmContract(BackendContract):
     fstype = "ext4"
     #: the LV to make: "thick" or "thin"
     kind: ClassVar[str] = "thick"
-    deadline_s = 6.0
-    #: a hang after the snapshot is reached ~4-5 s after the controller starts
-    hang_grace_s = 2.0
+    #: the window (one lvcreate -s) took 0.6-1.3 s in the VM
+    deadline_s = 4.0
+    #: a controller in the VM reaches its last fault point (manifest) ~4.5-5.5 s in
+    hang_grace_s = 3.0
     volume: Volume
 
     @pytest.fixture(scope="class")
-    def dm_volume(self, vg: str) -> Iterator[Volume]:
-        if self.exporter and not _installed(self.exporter):
-            pytest.skip(f"the {self.exporter} exporter (plugins/{self.exporter}) is not installed")
+    @classmethod
+    def dm_volume(cls, vg: str) -> Iterator[Volume]:
+        if cls.exporter and not _installed(cls.exporter):
+            pytest.skip(f"the {cls.exporter} exporter (plugins/{cls.exporter}) is not installed")
         factory = VolumeFactory(vg)
         try:
-            yield factory(self.kind, self.fstype, size_mb=64)
+            yield factory(cls.kind, cls.fstype, size_mb=64)
         finally:
             factory.close()
 
