@@ -7,13 +7,15 @@ seconds under emulation — so after every test a teardown proves the contract's
 "nothing left" for dm itself: no dm device suspended, no snapshot of the LV still
 mounted; it then removes the snapshots the successful checkpoints kept.
 
-The freeze window holds a whole ``lvcreate -s`` (~2.3 s emulated, ~0.1 s on real
-hardware), so the deadline here is longer than the contract's 0.5 s.
+The freeze window holds a whole ``lvcreate -s`` (0.6-1.3 s measured in the VM), so
+the deadline here is longer than the contract's 0.5 s (``deadline_s``), and a hung
+controller is given time to reach its fault (``hang_grace_s``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,15 +52,21 @@ def snapshot_mounts(vol: Volume) -> list[str]:
         return [fields[1] for fields in (line.split() for line in f) if fields[0].startswith(prefix)]
 
 
+#: Each class costs ~4 min emulated (two Python starts and a few LVM commands per
+#: fault): the thick one always runs, the thin one and the one with the tar exporter
+#: on demand, with SNAPCORE_DM_CONTRACT=all (test_dm_vm.py passes it into the VM).
+ON_DEMAND = os.environ.get("SNAPCORE_DM_CONTRACT") == "all"
+
+
 class _DmContract(BackendContract):
     imager = "dm"
     fstype = "ext4"
     #: the LV to make: "thick" or "thin"
     kind: ClassVar[str] = "thick"
     #: the window (one lvcreate -s) took 0.6-1.3 s in the VM
-    deadline_s = 4.0
+    deadline_s = 3.0
     #: a controller in the VM reaches its last fault point (manifest) ~4.5-5.5 s in
-    hang_grace_s = 3.0
+    hang_grace_s = 3.5
     volume: Volume
 
     @pytest.fixture(scope="class")
@@ -105,12 +113,15 @@ class TestDmThickContract(_DmContract):
 
 
 class TestDmThinContract(_DmContract):
+    __test__ = ON_DEMAND
     kind = "thin"
 
 
 class TestDmTarContract(_DmContract):
+    __test__ = ON_DEMAND
     kind = "thick"
     exporter = "tar"
+    hang_grace_s = 4.5  # the snapshot is mounted and archived before the last fault points
 
     def backend_options(self, tmp_path: Path) -> dict[str, dict[str, Any]]:
         dest = tmp_path / "exports"  # on the guest's /tmp, not on the LV
