@@ -9,7 +9,6 @@ lives in a process of its own and so also survives the controller's death.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -129,8 +128,7 @@ class ProcessWatchdog:
 
     The guard is forked while the controller runs no thread but its own idle ones
     (about 1 ms), else started as a fresh interpreter (about 14 ms, overlapping the
-    resolving). Stopping it does not wait for it to exit: it exits at once on
-    ``exit``, and is reaped at the next start or when the controller ends.
+    resolving).
     """
 
     def __init__(self, record: str | None = None) -> None:
@@ -149,7 +147,6 @@ class ProcessWatchdog:
         if self.pid is None:
             from snapcore import guard
 
-            _reap_exited()
             if _only_our_threads():
                 self.pid, self._to, self._from = guard.fork(self.record)
             else:
@@ -171,20 +168,9 @@ class ProcessWatchdog:
         self._local.start()
 
     def _read(self) -> None:
-        """Reads the guard's answers until it exits; owns (and closes) the fd."""
-        fd = self._from
-        if fd is None:
-            return
-        try:
-            self._read_from(fd)
-        finally:
-            if self.proc is None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    def _read_from(self, fd: int) -> None:
         buf = b""
-        while True:
+        fd = self._from
+        while fd is not None:
             try:
                 chunk = os.read(fd, 4096)
             except OSError:
@@ -244,7 +230,6 @@ class ProcessWatchdog:
             self._send(op="exit")
         to, self._to = self._to, None
         if self.proc is not None:
-            # a spawned guard: subprocess owns the pipes and the waiting
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
             try:
@@ -252,43 +237,20 @@ class ProcessWatchdog:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            if self._reader is not None:
-                self._reader.join(timeout=5)
+        else:
+            if to is not None:
+                os.close(to)
+            _reap(pid)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+        if self.proc is not None:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
             self.proc = None
-        else:
-            # a forked guard exits at once on "exit" (or on EOF): no need to wait
-            # for it here; the reader thread closes its pipe, the zombie is reaped
-            # at the next start or at exit
-            if to is not None:
-                os.close(to)
-            _EXITING.append(pid)
-            _reap_exited()
-        self._reader = None
+        elif self._from is not None:
+            os.close(self._from)
         self._from = None
-
-
-#: Forked guards told to exit and not reaped yet.
-_EXITING: list[int] = []
-
-
-def _reap_exited() -> None:
-    for pid in list(_EXITING):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _EXITING.remove(pid)
-
-
-def _reap_at_exit() -> None:
-    while _EXITING:
-        _reap(_EXITING.pop(), timeout=5.0)
-
-
-atexit.register(_reap_at_exit)
 
 
 def _only_our_threads() -> bool:
