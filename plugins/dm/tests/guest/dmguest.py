@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -110,3 +111,15 @@ class VolumeFactory:
             for cleanup in reversed(vol.cleanups):
                 cleanup()
         self.made.clear()
+
+
+def installed(name: str) -> bool:
+    """The backend is installed and loads (another team may be halfway through it)."""
+    for ep in importlib.metadata.entry_points(group="snapcore"):
+        if ep.name == name:
+            try:
+                ep.load()
+            except Exception:
+                return False
+            return True
+    return False

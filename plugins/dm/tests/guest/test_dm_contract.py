@@ -14,7 +14,6 @@ controller is given time to reach its fault (``hang_grace_s``).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import subprocess
 from collections.abc import Iterator
@@ -22,21 +21,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from dmguest import VG, Volume, VolumeFactory, sh
+from dmguest import VG, Volume, VolumeFactory, installed, sh
 
 from snapcore.contract import BackendContract
 from snapcore.testing import LoopFactory
-
-
-def _installed(name: str) -> bool:
-    for ep in importlib.metadata.entry_points(group="snapcore"):
-        if ep.name == name:
-            try:
-                ep.load()
-            except Exception:
-                return False
-            return True
-    return False
 
 
 def suspended_devices() -> list[str]:
@@ -72,7 +60,7 @@ class _DmContract(BackendContract):
     @pytest.fixture(scope="class")
     @classmethod
     def dm_volume(cls, vg: str) -> Iterator[Volume]:
-        if cls.exporter and not _installed(cls.exporter):
+        if cls.exporter and not installed(cls.exporter):
             pytest.skip(f"the {cls.exporter} exporter (plugins/{cls.exporter}) is not installed")
         factory = VolumeFactory(vg)
         try:

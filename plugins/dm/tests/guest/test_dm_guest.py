@@ -7,7 +7,6 @@ them, and a raw dm device; every test checks the origin is left as it was.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmguest import VG, Volume, VolumeFactory, drop_loop, make_loop, sh
+from dmguest import VG, Volume, VolumeFactory, drop_loop, installed, make_loop, sh
 
 import snapcore
 from snapcore import Checkpoint, CheckpointFailed, Image
@@ -384,22 +383,10 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
     assert hooks.snapcore_list_images(MountTable.read().find(mnt)) == []
 
 
-def _installed(name: str) -> bool:
-    """The backend is installed and loads (another team may be halfway through it)."""
-    for ep in importlib.metadata.entry_points(group="snapcore"):
-        if ep.name == name:
-            try:
-                ep.load()
-            except Exception:
-                return False
-            return True
-    return False
-
-
 def test_dm_fsfreeze_btrfs_in_one_checkpoint(
     volume: VolumeFactory, loop_fs: Any, policy_file: Any, state_dir: Path
 ) -> None:
-    if not _installed("btrfs"):
+    if not installed("btrfs"):
         pytest.skip("the btrfs backend (plugins/btrfs) is not installed")
     dmvol = volume("thick", "ext4", size_mb=64)
     before = fill(dmvol, 4)
@@ -430,7 +417,7 @@ mounts:
 
 
 def test_dm_with_tar_exporter(volume: VolumeFactory, policy_file: Any, state_dir: Path, tmp_path: Path) -> None:
-    if not _installed("tar"):
+    if not installed("tar"):
         pytest.skip("the tar exporter (plugins/tar) is not installed")
     vol = volume("thin", "xfs")
     before = fill(vol, 6)
