@@ -25,6 +25,7 @@ from snapcore.errors import (
     UsageError,
 )
 from snapcore.fsutil import syncfs
+from snapcore.lazy import lazy_import
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -99,6 +100,7 @@ __all__ = [
     "checkpoint",
     "hold",
     "hookimpl",
+    "lazy_import",
     "plan",
     "syncfs",
 ]

@@ -30,7 +30,100 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_backends(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--id", dest="checkpoint_id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    tasks = p.add_mutually_exclusive_group()
+    tasks.add_argument("--pid", type=int, metavar="PID", help="freeze this process and its descendants too")
+    tasks.add_argument("--cgroup", metavar="PATH", help="freeze every process of this cgroup too")
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def _add_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_restore(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
+    p.add_argument(
+        "--from", dest="from_dir", metavar="EXPORT_DIR", help="restore from an export directory alone (instead of ID)"
+    )
+    p.add_argument("--mount", metavar="M", help="only this mount point")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
+    where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
+    p.add_argument("--from", dest="from_dir", metavar="EXPORT_DIR", help="verify an export directory (instead of ID)")
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+
+def _add_nothing(p: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _add_criu_hook(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="F")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    policy_sub.required = True
+    c = policy_sub.add_parser("check", help="validate a policy, print problems")
+    c.add_argument("file", metavar="F")
+
+
+#: name -> (help, usage or None, adds its arguments)
+_COMMANDS: dict[str, tuple[str, str | None, Any]] = {
+    "backends": ("installed backends, roles, versions, broken plugins", None, _add_backends),
+    "plan": ("per mount: chosen imager/exporter and why; touches nothing", None, _add_plan),
+    "checkpoint": (
+        "freeze, image, (run CMD), thaw, export; write the manifest",
+        "snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
+        _add_checkpoint,
+    ),
+    "list": ("checkpoints, newest first", None, _add_list),
+    "show": ("one manifest", None, _add_show),
+    "restore": ("bring a checkpoint's images back", None, _add_restore),
+    "verify": ("images and exports still there and intact", None, _add_verify),
+    "prune": ("apply each mount's keep: remove old images through their backends", None, _add_prune),
+    "recover": ("thaw and clean up after a crash, from the journal", None, _add_nothing),
+    "criu-hook": (
+        "CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
+        "criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
+        _add_criu_hook,
+    ),
+    "policy": ("policy tools", None, _add_policy),
+}
+#: Options of the top-level parser that take a value (for :func:`_command_of`).
+_VALUED = ("--state-dir", "--run-dir", "--disable-plugin")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` the top level and that one command:
+    argparse spends milliseconds on every command it is told of."""
     parser = _Parser(
         prog="snapcore",
         description="Make the filesystems under a process checkpoint consistent with it.",
@@ -51,68 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="only errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-
-    p = sub.add_parser("backends", help="installed backends, roles, versions, broken plugins")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("plan", help="per mount: chosen imager/exporter and why; touches nothing")
-    p.add_argument("--policy", metavar="F")
-    p.add_argument("paths", nargs="*", metavar="PATH")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser(
-        "checkpoint",
-        help="freeze, image, (run CMD), thaw, export; write the manifest",
-        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
-    )
-    p.add_argument("--policy", metavar="F")
-    p.add_argument("paths", nargs="*", metavar="PATH")
-    p.add_argument("--id", dest="checkpoint_id", metavar="ID")
-    p.add_argument("--json", action="store_true", help="print the manifest")
-    tasks = p.add_mutually_exclusive_group()
-    tasks.add_argument("--pid", type=int, metavar="PID", help="freeze this process and its descendants too")
-    tasks.add_argument("--cgroup", metavar="PATH", help="freeze every process of this cgroup too")
-
-    p = sub.add_parser("list", help="checkpoints, newest first")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("show", help="one manifest")
-    p.add_argument("checkpoint_id", metavar="ID")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("restore", help="bring a checkpoint's images back")
-    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
-    p.add_argument(
-        "--from", dest="from_dir", metavar="EXPORT_DIR", help="restore from an export directory alone (instead of ID)"
-    )
-    p.add_argument("--mount", metavar="M", help="only this mount point")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
-    where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
-
-    p = sub.add_parser("verify", help="images and exports still there and intact")
-    p.add_argument("checkpoint_id", metavar="ID", nargs="?")
-    p.add_argument("--from", dest="from_dir", metavar="EXPORT_DIR", help="verify an export directory (instead of ID)")
-
-    p = sub.add_parser("prune", help="apply each mount's keep: remove old images through their backends")
-    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-
-    sub.add_parser("recover", help="thaw and clean up after a crash, from the journal")
-
-    p = sub.add_parser(
-        "criu-hook",
-        help="CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
-        usage="criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
-    )
-    p.add_argument("--policy", metavar="F")
-    p.add_argument("paths", nargs="*", metavar="PATH")
-
-    p = sub.add_parser("policy", help="policy tools")
-    policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
-    policy_sub.required = True
-    c = policy_sub.add_parser("check", help="validate a policy, print problems")
-    c.add_argument("file", metavar="F")
+    for name, (help_text, usage, add) in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub.add_parser(name, help=help_text, usage=usage))
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv``, when that is certain (else None: parse it all)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED:
+            skip = True
+        elif arg.startswith("-"):
+            if arg in ("-h", "--help", "--version") or arg == "--":
+                return None
+        else:
+            return arg if arg in _COMMANDS else None
+    return None
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    only = _command_of(argv)
+    if only is not None:
+        try:
+            return build_parser(only).parse_args(argv)
+        except UsageError:
+            pass  # an abbreviated option made us guess wrong: the whole parser says why
+    return build_parser().parse_args(argv)
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
@@ -511,7 +572,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        args = build_parser().parse_args(args_list)
+        args = parse_args(args_list)
         _setup_logging(args.verbose, args.quiet)
         if command is not None and args.command not in ("checkpoint", "restore"):
             raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint' and 'restore', not {args.command!r}")

@@ -1,25 +1,37 @@
 """The out-of-process guard: thaws what a checkpoint froze if its controller dies.
 
-Run by :class:`snapcore.watchdog.ProcessWatchdog` as ``python -I -S guard.py
-RECORD``, in a session of its own, before anything is frozen. Standard library
-only (it must start fast and never import anything while filesystems are frozen).
+One guard serves every checkpoint of a controller process: it is started with the
+first one (:class:`snapcore.watchdog.GuardLink`) and lives as long as its end of a
+``SOCK_SEQPACKET`` socket pair stays open, so later checkpoints of the same process
+pay nothing to start it. Standard library only: it must start fast and never import
+anything while filesystems are frozen.
 
-Protocol (one JSON object per line on stdin; answers on stdout):
+Protocol (one JSON object per packet; ``cp`` names the checkpoint, several may be
+in progress at once):
 
-* ``{"op": "targets", "targets": [{"key", "kind": "fithaw", "path"} |
+* ``{"op": "targets", "cp", "record", "targets": [{"key", "kind": "fithaw"} |
   {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"}]}``
-  (the last thaws a cgroup of frozen tasks) → opens a directory descriptor for each
-  ``fithaw`` target now, answers ``ready``;
-* ``{"op": "freezing", "keys": [...]}`` before freezing them; ``{"op": "thawed",
-  "keys": [...]}`` after thawing them; only targets between the two are ever
-  thawed by the guard (a thaw of one already thawed is harmless);
-* ``{"op": "arm", "deadline_s"}`` / ``{"op": "disarm"}``;
-* ``{"op": "exit"}``.
+  with one open directory descriptor of the mount attached (``SCM_RIGHTS``) for
+  each ``fithaw`` target, in order (the last kind thaws a cgroup of frozen tasks).
+  The descriptors travel with the message: once the controller's ``send`` returns,
+  the guard holds them even if the controller dies before the guard reads them, so
+  no answer is awaited;
+* ``{"op": "freezing", "cp", "keys"}`` before freezing them; ``{"op": "thawed",
+  "cp", "keys"}`` after thawing them; only targets between the two are ever thawed
+  by the guard (a thaw of one already thawed is harmless);
+* ``{"op": "arm", "cp", "at"}`` (a ``CLOCK_MONOTONIC`` time, the same in every
+  process: a guard that reads it late still thaws on time) / ``{"op": "disarm", "cp"}``;
+* ``{"op": "end", "cp"}``: the checkpoint is over (anything still marked frozen is
+  thawed first); ``{"op": "exit"}``.
 
-On end of input (the controller died: a pipe closes even on SIGKILL) or when the
-deadline passes, every target still marked frozen is thawed, newest first; what was
-done is appended to RECORD as one JSON line, and ``expired`` is written to stdout
-for a deadline.
+On end of input (the controller died: a socket closes even on SIGKILL) every target
+of every checkpoint still marked frozen is thawed, newest first; when a checkpoint's
+deadline passes, its own are. What was done is appended to the checkpoint's RECORD
+file as one JSON line, which ``snapcore recover`` reads.
+
+A guard forked from its controller shares the controller's memory copy-on-write:
+the controller forks one only while it is small (the CLI), else it starts a fresh
+interpreter, so a long-lived controller is never shadowed by a growing copy.
 """
 
 from __future__ import annotations
@@ -31,14 +43,22 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import _socket
+    import socket
 import time
 
 FITHAW = 0xC0045878
+#: Descriptors per message (the kernel's SCM_MAX_FD is 253).
+MAX_FDS = 200
 
 
-class Guard:
+class Checkpoint:
+    """What the guard holds for one checkpoint."""
+
     def __init__(self, record: str | None) -> None:
         self.record = record
         self.targets: dict[str, dict[str, object]] = {}
@@ -46,41 +66,72 @@ class Guard:
         self.frozen: list[str] = []
         self.deadline: float | None = None
 
-    def say(self, line: str) -> None:
-        with contextlib.suppress(OSError):
-            os.write(1, (line + "\n").encode())
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
 
-    def handle(self, msg: dict[str, object]) -> bool:
+
+class Guard:
+    def __init__(self) -> None:
+        self.cps: dict[str, Checkpoint] = {}
+
+    def handle(self, msg: dict[str, object], fds: list[int]) -> bool:
         op = msg.get("op")
-        keys = [str(k) for k in msg.get("keys") or [msg.get("key", "")]]  # type: ignore[attr-defined]
+        cp_id = str(msg.get("cp", ""))
+        keys = [str(k) for k in msg.get("keys") or []]  # type: ignore[attr-defined]
+        if op == "exit":
+            for cid in list(self.cps):
+                self.end(cid, "exit while frozen")
+            return False
         if op == "targets":
+            cp = self.cps.setdefault(cp_id, Checkpoint(msg.get("record")))  # type: ignore[arg-type]
+            fds = list(fds)
             for target in msg.get("targets") or []:  # type: ignore[attr-defined]
                 tkey = str(target["key"])
-                self.targets[tkey] = target
-                if target.get("kind") == "fithaw":
-                    self.fds[tkey] = os.open(str(target["path"]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self.say("ready")
-        elif op == "freezing":
-            self.frozen.extend(k for k in keys if k not in self.frozen)
+                cp.targets[tkey] = target
+                if target.get("kind") == "fithaw" and fds:
+                    old = cp.fds.pop(tkey, None)
+                    if old is not None:
+                        os.close(old)
+                    cp.fds[tkey] = fds.pop(0)
+            for fd in fds:  # more than announced: not ours to keep
+                os.close(fd)
+            return True
+        for fd in fds:
+            os.close(fd)
+        found = self.cps.get(cp_id)
+        if found is None:
+            return True
+        cp = found
+        if op == "freezing":
+            cp.frozen.extend(k for k in keys if k not in cp.frozen)
         elif op == "thawed":
-            self.frozen = [k for k in self.frozen if k not in keys]
+            cp.frozen = [k for k in cp.frozen if k not in keys]
         elif op == "arm":
-            self.deadline = time.monotonic() + float(msg["deadline_s"])  # type: ignore[arg-type]
+            cp.deadline = float(msg["at"])  # type: ignore[arg-type]
         elif op == "disarm":
-            self.deadline = None
-        elif op == "exit":
-            return False
+            cp.deadline = None
+        elif op == "end":
+            self.end(cp_id, "ended while frozen")
         return True
 
-    def rescue(self, reason: str) -> None:
+    def end(self, cp_id: str, reason: str) -> None:
+        cp = self.cps.pop(cp_id, None)
+        if cp is not None:
+            self.rescue(cp, reason)
+            cp.close()
+
+    def rescue(self, cp: Checkpoint, reason: str) -> None:
         thawed: list[str] = []
         errors: list[str] = []
-        for key in reversed(self.frozen):
-            target = self.targets.get(key, {})
+        for key in reversed(cp.frozen):
+            target = cp.targets.get(key, {})
             try:
                 if target.get("kind") == "fithaw":
                     try:
-                        fcntl.ioctl(self.fds[key], FITHAW, 0)
+                        fcntl.ioctl(cp.fds[key], FITHAW, 0)
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:  # EINVAL: it was not frozen
                             raise
@@ -91,18 +142,20 @@ class Guard:
                     finally:
                         os.close(fd)
                 elif target.get("kind") == "command":
+                    import subprocess  # imported at start (main): never while frozen
+
                     argv = [str(a) for a in target.get("argv") or []]  # type: ignore[attr-defined]
                     subprocess.run(argv, check=True, timeout=30, stdin=subprocess.DEVNULL, capture_output=True)
                 thawed.append(key)
             except Exception as exc:
                 errors.append(f"{key}: {exc}")
-        self.frozen.clear()
-        if self.record and (thawed or errors):
+        cp.frozen.clear()
+        if cp.record and (thawed or errors):
             line = json.dumps(
                 {"op": "guard", "reason": reason, "thawed": thawed, "errors": errors, "time": time.time()}
             )
             try:
-                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                fd = os.open(cp.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 try:
                     os.write(fd, (line + "\n").encode())
                     os.fsync(fd)
@@ -111,55 +164,81 @@ class Guard:
             except OSError:
                 pass
 
-    def run(self) -> int:
-        buf = b""
+    def timeout(self) -> float | None:
+        deadlines = [cp.deadline for cp in self.cps.values() if cp.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for cp in self.cps.values():
+            if cp.deadline is not None and cp.deadline <= now:
+                cp.deadline = None
+                self.rescue(cp, "deadline")
+
+    def run(self, sock: socket.socket) -> int:
+        import socket
+
         while True:
-            timeout = None
-            if self.deadline is not None:
-                timeout = max(0.0, self.deadline - time.monotonic())
-            ready, _, _ = select.select([0], [], [], timeout)
+            ready, _, _ = select.select([sock], [], [], self.timeout())
             if not ready:
-                self.deadline = None
-                self.rescue("deadline")
-                self.say("expired")
+                self.expire()
                 continue
-            chunk = os.read(0, 65536)
-            if not chunk:
-                self.rescue("controller gone")
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 1 << 20, MAX_FDS)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                for cid in list(self.cps):
+                    self.end(cid, "controller gone")
                 return 0
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line.strip() and not self.handle(json.loads(line)):
-                    self.rescue("exit while frozen")
-                    return 0
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                continue
+            if not self.handle(msg, fds):
+                return 0
 
 
-def main(record: str | None = None) -> int:
+def main() -> int:
+    """Serve the controller on the socket at fd 0."""
     # Ctrl-C at the controller's terminal must not kill the one who thaws;
     # a polite kill thaws first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    guard = Guard(record)
+    import subprocess  # noqa: F401  # now, not while filesystems are frozen
+
+    guard = Guard()
 
     def on_term(signum: int, frame: object) -> None:
-        guard.rescue("terminated")
+        for cp in guard.cps.values():
+            guard.rescue(cp, "terminated")
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     os.chdir("/")
-    return guard.run()
+    import socket
+
+    sock = socket.socket(fileno=0)
+    return guard.run(sock)
 
 
-def fork(record: str | None) -> tuple[int, int, int]:
-    """Start the guard as a forked child: ``(pid, fd to write to it, fd to read from it)``.
+def socketpair() -> tuple[_socket.socket, _socket.socket]:
+    """A ``SOCK_SEQPACKET`` pair from the C module: importing :mod:`socket` costs
+    ~1.6 ms of the CLI's start (it builds its enums), and nothing of it is needed."""
+    import _socket
 
-    Forking costs about a millisecond where starting an interpreter costs ~14 ms;
-    the caller forks only while it has a single thread, so the child inherits no
-    lock held by another thread. The child keeps nothing of the parent's but its
-    two pipes.
+    pair: tuple[_socket.socket, _socket.socket] = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    return pair
+
+
+def fork() -> tuple[int, _socket.socket]:
+    """Start the guard as a forked child: ``(pid, the controller's end of the socket)``.
+
+    Forking costs well under a millisecond where starting an interpreter costs ~14 ms;
+    the caller forks only while every other thread is one of its own idle ones, so
+    the child inherits no lock held by another thread. The child keeps nothing of
+    the parent's but its end of the socket.
     """
-    to_guard_r, to_guard_w = os.pipe()
-    from_guard_r, from_guard_w = os.pipe()
+    ours, theirs = socketpair()
     import warnings
 
     with warnings.catch_warnings():
@@ -170,19 +249,22 @@ def fork(record: str | None) -> tuple[int, int, int]:
     if pid == 0:  # the guard
         code = 1
         try:
+            import gc
+
+            gc.disable()  # a cycle of the parent's collected here could close a reused fd
             os.setsid()
-            os.dup2(to_guard_r, 0)
-            os.dup2(from_guard_w, 1)
+            os.dup2(theirs.detach(), 0)
+            ours.detach()
             null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
             os.dup2(null, 2)
             os.closerange(3, 1 << 20)
-            code = main(record)
+            code = main()
         finally:
             os._exit(code)
-    os.close(to_guard_r)
-    os.close(from_guard_w)
-    return pid, to_guard_w, from_guard_r
+    theirs.close()
+    return pid, ours
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
+    sys.exit(main())

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import json
 import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,6 +185,8 @@ def _thaw(rescue: Rescue) -> str:
             return "already gone"
         return "thawed"
     if rescue.kind is RescueKind.COMMAND and rescue.argv:
+        import subprocess
+
         subprocess.run(list(rescue.argv), check=True, timeout=60, capture_output=True, stdin=subprocess.DEVNULL)
         return "resumed"
     return "nothing to do"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -22,8 +21,7 @@ class MountLock:
     """An exclusive, non-blocking lock on one mount point, released on close or death."""
 
     def __init__(self, run_dir: Path, mount_point: str, checkpoint_id: str) -> None:
-        digest = hashlib.sha256(mount_point.encode()).hexdigest()[:16]
-        self.path = run_dir / "locks" / f"{digest}.lock"
+        self.path = run_dir / "locks" / f"{lock_name(mount_point)}.lock"
         self.mount_point = mount_point
         self.checkpoint_id = checkpoint_id
         self.fd: int | None = None
@@ -52,6 +50,29 @@ class MountLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)
+
+
+def lock_name(mount_point: str) -> str:
+    """The mount point escaped as systemd does for unit names (``/var/lib`` is
+    ``var-lib``), so that ``ls RUN/locks`` tells which mounts are busy; a digest
+    when that would be too long for a file name."""
+    path = mount_point.strip("/")
+    if not path:
+        return "-"
+    out = []
+    for i, ch in enumerate(path):
+        if ch == "/":
+            out.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+    name = "".join(out)
+    if len(name) > 200:
+        import hashlib
+
+        name = "long-" + hashlib.sha256(mount_point.encode("utf-8", "surrogateescape")).hexdigest()
+    return name
 
 
 def _read_holder(fd: int) -> str:

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -70,6 +71,17 @@ def _allowlist() -> set[str] | None:
     if value is None:
         return None
     return {n.strip() for n in value.split(",") if n.strip()}
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, but it never touches a module attribute that is not a
+    plain function while looking for hooks: a backend's :func:`snapcore.lazy_import`
+    modules stay unloaded until a hook of that backend really runs."""
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        if isinstance(plugin, ModuleType) and type(plugin.__dict__.get(name)) is not FunctionType:
+            return None  # type(), not isinstance(): no attribute of a lazy module is read
+        return super().parse_hookimpl_opts(plugin, name)
 
 
 class Plugins:
@@ -139,22 +151,19 @@ class Plugins:
 
     def load_entry_points(self, disabled: Iterable[str] = ()) -> None:
         """Load every plugin of the ``snapcore`` entry-point group, keeping broken ones aside."""
-        from importlib.metadata import entry_points
+        from snapcore.entrypoints import entry_points
 
         skip = set(disabled)
         allow = _allowlist()
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in entry_points(ENTRY_POINT_GROUP):
             if ep.name in skip or (allow is not None and ep.name not in allow):
                 continue
             if self.pm.has_plugin(ep.name):
-                dist = ep.dist.name if ep.dist else "unknown"
                 self.broken.append(
-                    BrokenPlugin(name=ep.name, distribution=dist, error=f"name {ep.name!r} is already taken")
+                    BrokenPlugin(name=ep.name, distribution=ep.dist_name, error=f"name {ep.name!r} is already taken")
                 )
                 continue
-            dist_name = ep.dist.name if ep.dist else "unknown"
-            dist_version = ep.dist.version if ep.dist else ""
-            self._load_safely(ep.name, functools.partial(_load_trusted, ep), dist_name, dist_version)
+            self._load_safely(ep.name, functools.partial(_load_trusted, ep), ep.dist_name, ep.dist_version)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -322,7 +331,7 @@ def _trace(pm: pluggy.PluginManager) -> None:
 
 def make_plugins(*, entry_points: bool = True, defaults: bool = True, disabled: Iterable[str] = ()) -> Plugins:
     """Build a plugin manager with the core's plugins and every installed backend."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if os.environ.get("SNAPCORE_TRACE_HOOKS") == "1":
         _trace(pm)

@@ -14,17 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import (
     CheckpointFailed,
@@ -69,6 +66,9 @@ from snapcore.types import (
     Target,
 )
 from snapcore.watchdog import ProcessWatchdog, Watchdog
+
+if TYPE_CHECKING:  # the pool and subprocesses are imported when used: the CLI starts fast
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -888,6 +888,8 @@ class Transaction:
                 env[f"SNAPCORE_IMAGE_{i}"] = f"{run.mount_point}={run.image.path}"
         cmd = self._criu_payload(cmd, env)
         try:
+            import subprocess
+
             proc = subprocess.run(cmd, env=env, check=False)
         except OSError as exc:
             raise PayloadFailed(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
@@ -1004,6 +1006,8 @@ def _shared_pool(width: int) -> ThreadPoolExecutor:
         if _POOL is None or width > _POOL_WIDTH:
             if _POOL is not None:
                 _POOL.shutdown(wait=True)
+            from concurrent.futures import ThreadPoolExecutor
+
             _POOL = ThreadPoolExecutor(max_workers=width, thread_name_prefix="snapcore")
             _POOL_WIDTH = width
             barrier = threading.Barrier(width)
@@ -1023,6 +1027,8 @@ def check_payload(payload: Payload | None) -> None:
     argv = list(payload)
     if not argv:
         raise UsageError("empty command after '--'")
+    import shutil
+
     if shutil.which(argv[0]) is None:
         raise UsageError(f"command not found: {argv[0]}")
 

@@ -21,10 +21,16 @@ from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_q
 pytestmark = pytest.mark.usefixtures("root_only")
 
 CONTROLLER = """
-import sys, time, snapcore
+import os, sys, time, snapcore
 from pathlib import Path
-policy, state, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+from snapcore.watchdog import GuardLink
+policy, state, ready, how = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+if how == "spawn":
+    GuardLink.FORK_MAX_RSS = 0  # as in a big process: a fresh interpreter
 with snapcore.hold(policy=policy, state_dir=state, checkpoint_id="victim"):
+    if how == "child" and os.fork() == 0:  # a child that outlives us must not keep the guard waiting
+        time.sleep(30)
+        os._exit(0)
     ready.write_text("frozen")
     time.sleep(120)
 """
@@ -37,10 +43,12 @@ def _policy(tmp_path: Path, mounts: list[LoopFactory | object], timeout: str = "
     return path
 
 
-def _start_controller(tmp_path: Path, policy: Path, state: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_controller(
+    tmp_path: Path, policy: Path, state: Path, how: str = "fork"
+) -> tuple[subprocess.Popen[bytes], Path]:
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-c", CONTROLLER, str(policy), str(state), str(ready)],
+        [sys.executable, "-c", CONTROLLER, str(policy), str(state), str(ready), how],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -53,12 +61,15 @@ def _start_controller(tmp_path: Path, policy: Path, state: Path) -> tuple[subpro
     return proc, ready
 
 
+@pytest.mark.parametrize("how", ["fork", "spawn", "child"])
 def test_sigkill_of_the_controller_is_thawed_by_the_guard(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, how: str
 ) -> None:
+    """The guard forked, or started as an interpreter, or with a forked child of the
+    controller still alive (it must not hold the guard's socket open)."""
     a, b = loop_fs("ext4"), loop_fs("xfs")
     policy = _policy(tmp_path, [a, b])
-    proc, _ = _start_controller(tmp_path, policy, state_dir)
+    proc, _ = _start_controller(tmp_path, policy, state_dir, how)
     try:
         probes = [start_write(fs.mount_point / "after-kill") for fs in (a, b)]
         assert not probes[0].done(0.2), "the controller should be holding the freeze"
@@ -243,3 +254,74 @@ def test_manifest_never_written_through_a_planted_symlink(loop_fs: LoopFactory, 
     assert_not_frozen(fs.mount_point)
     # refused before anything was frozen or imaged
     assert not (tmp_path / "state" / "checkpoints" / "planted" / "manifest.json").exists()
+
+
+def test_one_guard_serves_every_checkpoint_of_a_process(loop_fs: LoopFactory, state_dir: Path) -> None:
+    from snapcore.watchdog import _LINK
+
+    fs = loop_fs("ext4")
+    snapcore.checkpoint([fs], state_dir=state_dir)
+    pid = _LINK.pid
+    assert pid is not None and os.path.exists(f"/proc/{pid}")
+    snapcore.checkpoint([fs], state_dir=state_dir)
+    assert _LINK.pid == pid
+
+
+def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path) -> None:
+    from snapcore.watchdog import _LINK
+
+    fs = loop_fs("ext4")
+    snapcore.checkpoint([fs], state_dir=state_dir)
+    old = _LINK.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # gone (a zombie until reaped) once /proc says so
+        try:
+            if Path(f"/proc/{old}/stat").read_text().split()[2] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
+    manifest = snapcore.checkpoint([fs], state_dir=state_dir)
+    assert manifest.outcome == "ok"
+    assert _LINK.pid not in (None, old)
+    assert_not_frozen(fs.mount_point)
+
+
+def test_concurrent_checkpoints_share_the_guard_and_each_is_thawed_on_death(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    """Two holds in two threads of one controller, killed together: the guard thaws both."""
+    a, b = loop_fs("ext4"), loop_fs("ext4")
+    ready_a, ready_b = tmp_path / "ready-a", tmp_path / "ready-b"
+    code = f"""
+import threading, time, snapcore
+from pathlib import Path
+def hold(fs, ready, cid):
+    with snapcore.hold([fs], state_dir={str(state_dir)!r}, checkpoint_id=cid):
+        Path(ready).write_text("frozen")
+        time.sleep(120)
+ts = [threading.Thread(target=hold, args=({str(a)!r}, {str(ready_a)!r}, "ta")),
+      threading.Thread(target=hold, args=({str(b)!r}, {str(ready_b)!r}, "tb"))]
+for t in ts:
+    t.start()
+time.sleep(120)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (ready_a.exists() and ready_b.exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the holds never froze"
+            time.sleep(0.01)
+        probes = [start_write(fs.mount_point / "after") for fs in (a, b)]
+        assert not any(p.done(0.2) for p in probes)
+        proc.kill()
+        for probe in probes:
+            assert probe.done(5), "the guard did not thaw a concurrent checkpoint"
+    finally:
+        proc.kill()
+        proc.wait()
+        for fs in (a, b):
+            thaw_quietly(fs.mount_point)
+    recover(Path(os.environ["SNAPCORE_RUN_DIR"]), None)

@@ -1,1 +1,4 @@
 """snapcore backends for btrfs: read-only subvolume snapshots and send/receive exports."""
+
+BTRFS = "btrfs"
+BTRFS_SEND = "btrfs-send"

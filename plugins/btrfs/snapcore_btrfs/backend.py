@@ -35,8 +35,9 @@ from typing import Any
 import btrfsutil
 
 from snapcore import BackendError, Mount, Target
+from snapcore_btrfs import BTRFS
 
-NAME = "btrfs"
+NAME = BTRFS
 MARKER_SUFFIX = ".snapcore.json"
 MARKER_VERSION = 1
 TOP_LEVEL_ID = 5

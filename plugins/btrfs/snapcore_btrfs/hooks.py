@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapcore import (
     BackendError,
@@ -21,10 +22,15 @@ from snapcore import (
     Support,
     Target,
     hookimpl,
+    lazy_import,
     syncfs,
 )
-from snapcore_btrfs import backend
-from snapcore_btrfs.backend import NAME
+from snapcore_btrfs import BTRFS as NAME
+
+if TYPE_CHECKING:
+    from snapcore_btrfs import backend
+else:  # btrfsutil is loaded when a btrfs mount is really met: the CLI starts fast
+    backend = lazy_import("snapcore_btrfs.backend")
 
 #: What ``prepare`` planned, per (checkpoint id, mount point), for ``snapshot``.
 _plans: dict[tuple[str, str], backend.Plan] = {}
@@ -69,6 +75,8 @@ def snapcore_option_schema() -> Sequence[Option]:
 
 @hookimpl
 def snapcore_probe(mount: Mount) -> Support:
+    if mount.fstype != "btrfs":
+        return Support.no(f"{mount.fstype} is not btrfs")
     ok, reason = backend.check_mount(mount)
     # above fsfreeze (20): a snapshot keeps an image and never holds writers
     return Support.yes(reason, score=80) if ok else Support.no(reason)

@@ -28,9 +28,9 @@ from typing import IO, Any, Protocol
 import btrfsutil
 
 from snapcore import BackendError, MissingTool
-from snapcore_btrfs import backend
+from snapcore_btrfs import BTRFS_SEND, backend
 
-NAME = "btrfs-send"
+NAME = BTRFS_SEND
 RECORD_SUFFIX = ".btrfs-send.json"
 CHUNK = 1 << 20
 

@@ -5,10 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from snapcore import BackendInfo, Export, Image, Option, OptionKind, Role, Target, hookimpl
-from snapcore_btrfs import backend, send
-from snapcore_btrfs.send import NAME, fail
+from snapcore import BackendError, BackendInfo, Export, Image, Option, OptionKind, Role, Target, hookimpl, lazy_import
+from snapcore_btrfs import BTRFS
+from snapcore_btrfs import BTRFS_SEND as NAME
+
+if TYPE_CHECKING:
+    from snapcore_btrfs import backend, send
+else:  # loaded when a target really exports with btrfs send: the CLI starts fast
+    backend = lazy_import("snapcore_btrfs.backend")
+    send = lazy_import("snapcore_btrfs.send")
+
+
+def fail(message: str, mount: str | None = None) -> BackendError:
+    return send.fail(message, mount)
 
 
 @hookimpl
@@ -41,7 +52,7 @@ def snapcore_option_schema() -> Sequence[Option]:
 
 @hookimpl
 def snapcore_prepare(target: Target, role: Role) -> None:
-    if target.imager != backend.NAME:
+    if target.imager != BTRFS:
         raise fail(
             f"btrfs-send exports btrfs snapshots, not images of {target.imager!r}: use 'imager: btrfs'",
             target.mount.mount_point,

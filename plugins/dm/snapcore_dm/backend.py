@@ -41,10 +41,10 @@ from typing import Any
 
 from snapcore import BackendError, Mount, Support
 from snapcore.errors import MissingTool
+from snapcore_dm import NAME
 
 log = logging.getLogger(__name__)
 
-NAME = "dm"
 TAG = "snapcore"
 TAG_CHECKPOINT = "snapcore-checkpoint="
 RAW_UUID = "SNAPCORE-SNAP-"

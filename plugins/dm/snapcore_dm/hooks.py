@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import mkdtemp
 from typing import TYPE_CHECKING, Any
 
 from snapcore import (
@@ -43,14 +43,16 @@ from snapcore import (
     Support,
     Target,
     hookimpl,
+    lazy_import,
     syncfs,
 )
-from snapcore_dm import backend
+from snapcore_dm import NAME
 
 if TYPE_CHECKING:
     from snapcore.manifest import Manifest
-
-NAME = backend.NAME
+    from snapcore_dm import backend
+else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts fast
+    backend = lazy_import("snapcore_dm.backend")
 log = logging.getLogger(__name__)
 
 
@@ -114,7 +116,24 @@ def snapcore_option_schema() -> Sequence[Option]:
 
 @hookimpl
 def snapcore_probe(mount: Mount) -> Support:
+    if not _maybe_dm(mount):
+        return Support.no(f"{mount.source} is not a device-mapper device")
     return backend.probe(mount)
+
+
+def _maybe_dm(mount: Mount) -> bool:
+    """False when sysfs says the mount's device is no dm device (a cheap test
+    that spares loading the backend for every other mount)."""
+    if mount.major == 0:  # btrfs and co.: the source names the device
+        if not mount.source.startswith("/dev/"):
+            return False
+        try:
+            devnum = os.stat(mount.devnode or mount.source).st_rdev
+        except OSError:
+            return False
+    else:
+        devnum = mount.dev
+    return os.path.exists(f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}/dm")
 
 
 @hookimpl
@@ -260,6 +279,8 @@ def snapcore_verify(target: Target, image: Image | None, export: Export | None) 
 
 @hookimpl
 def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
+    if not _maybe_dm(mount):
+        return []
     dev = backend.dm_device_of_mount(mount)
     if dev is None:
         return []
@@ -306,6 +327,8 @@ def snapcore_restore(
         return backend.merge_lvm(image.details)
     if dest is None:
         raise BackendError("restore needs a destination or in_place", backend=NAME)
+    from tempfile import mkdtemp
+
     where = Path(mkdtemp(prefix="restore-", dir=_ensure(backend.run_dir())))
     try:
         backend.mount_image(image.details, str(image.details.get("fstype") or target.mount.fstype), where)

@@ -1,1 +1,4 @@
 """snapcore's exporters: ``tar`` (GNU tar archives) and ``rsync`` (trees with --link-dest)."""
+
+TAR = "tar"
+RSYNC = "rsync"

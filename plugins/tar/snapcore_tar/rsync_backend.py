@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore import BackendError, Export, Image, Target, syncfs
-from snapcore_tar import common
+from snapcore_tar import RSYNC, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
     MANIFEST_NAME,
@@ -41,7 +41,7 @@ from snapcore_tar.tar_backend import empty_restore_dir, prepare_restore_dir
 
 log = logging.getLogger(__name__)
 
-NAME = "rsync"
+NAME = RSYNC
 #: What every tree keeps: -a plus hard links, ACLs, xattrs, sparse files, numeric ids.
 #: --modify-window=-1 compares times to the nanosecond: with the default, rsync leaves
 #: a symlink made in the current second with the time of its own creation.

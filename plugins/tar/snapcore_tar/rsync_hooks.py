@@ -19,12 +19,16 @@ from snapcore import (
     Role,
     Target,
     hookimpl,
+    lazy_import,
 )
-from snapcore_tar import common, rsync_backend
-from snapcore_tar.rsync_backend import NAME
+from snapcore_tar import RSYNC as NAME
 
 if TYPE_CHECKING:
     from snapcore import Manifest
+    from snapcore_tar import common, rsync_backend
+else:  # loaded when a target really exports with rsync: the CLI starts fast
+    common = lazy_import("snapcore_tar.common")
+    rsync_backend = lazy_import("snapcore_tar.rsync_backend")
 
 log = logging.getLogger(__name__)
 
@@ -129,4 +133,6 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 
 @hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    if all(t.exporter != NAME for t in checkpoint.targets):
+        return
     common.publish_exports(NAME, checkpoint, outcome, manifest, rsync_backend.publish)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore import BackendError, Export, Image, Target, syncfs
-from snapcore_tar import common
+from snapcore_tar import TAR, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
     MANIFEST_NAME,
@@ -38,7 +38,7 @@ from snapcore_tar.safety import ScanState, UnsafeArchive, check_stderr, scan_lis
 
 log = logging.getLogger(__name__)
 
-NAME = "tar"
+NAME = TAR
 
 
 @dataclass(frozen=True, slots=True)

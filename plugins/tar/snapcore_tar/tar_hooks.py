@@ -19,12 +19,16 @@ from snapcore import (
     Role,
     Target,
     hookimpl,
+    lazy_import,
 )
-from snapcore_tar import common, tar_backend
-from snapcore_tar.tar_backend import NAME
+from snapcore_tar import TAR as NAME
 
 if TYPE_CHECKING:
     from snapcore import Manifest
+    from snapcore_tar import common, tar_backend
+else:  # loaded when a target really exports with tar: the CLI starts fast
+    common = lazy_import("snapcore_tar.common")
+    tar_backend = lazy_import("snapcore_tar.tar_backend")
 
 
 def _dest(target: Target) -> Path:
@@ -140,4 +144,6 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 
 @hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
+    if all(t.exporter != NAME for t in checkpoint.targets):
+        return
     common.publish_exports(NAME, checkpoint, outcome, manifest, tar_backend.publish)
