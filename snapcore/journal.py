@@ -46,8 +46,11 @@ def secure_dir(path: Path) -> Path:
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot): tells a reused pid apart."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode("ascii", "replace")
+        finally:
+            os.close(fd)
     except (OSError, IndexError):
         return None
 
