@@ -2,7 +2,9 @@
 
 On a loop-backed btrfs it makes (root needed; everything is torn down at the end):
 
-* raw ``btrfsutil.create_snapshot(read_only=True)``;
+* raw ``btrfsutil.create_snapshot(read_only=True)``, on a subvolume of its own and,
+  alternating with snapcore's calls, on the very subvolume snapcore snapshots (the
+  ratios use the latter);
 * the ``btrfs subvolume snapshot -r`` command;
 * ``snapper --no-dbus create`` on a snapper config made for the loop filesystem;
 * snapcore's checkpoint through the API (``snapcore.checkpoint``): the whole call,
@@ -124,7 +126,19 @@ def main() -> int:
             hook.append(manifest.targets[0].timings["snapshot"])
             window.append(manifest.freeze_window_ms or 0.0)
 
-        results["snapcore API: whole checkpoint() call"] = timed(api, n)
+        # raw and API alternate on the same subvolume, so that both meet the same
+        # filesystem (its snapshot count grows as the run goes on)
+        same = data / ".raw-snaps"
+        same.mkdir()
+        raw_same: list[float] = []
+        whole: list[float] = []
+        for _ in range(n):
+            raw_same += timed(
+                lambda: btrfsutil.create_snapshot(str(data), str(same / f"r{next(counter)}"), read_only=True), 1
+            )
+            whole += timed(api, 1)
+        results["raw btrfsutil.create_snapshot, same subvolume"] = raw_same
+        results["snapcore API: whole checkpoint() call"] = whole
         results["snapcore API: snapshot hook (manifest)"] = hook
         results["snapcore API: freeze window (manifest)"] = window
         exe = str(Path(sys.executable).parent / "snapcore")
@@ -144,7 +158,7 @@ def main() -> int:
         for name, ms in results.items():
             print(fmt(name, ms))
         med = {k: statistics.median(v) for k, v in results.items()}
-        raw = med["raw btrfsutil.create_snapshot"]
+        raw = med["raw btrfsutil.create_snapshot, same subvolume"]
         api_ms = med["snapcore API: whole checkpoint() call"]
         hook_ratio = med["snapcore API: snapshot hook (manifest)"] / raw
         cli = med["snapcore checkpoint CLI (process, wall)"]

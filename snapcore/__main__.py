@@ -1,5 +1,3 @@
-import sys
+from snapcore.cli import entry
 
-from snapcore.cli import main
-
-sys.exit(main())
+entry()

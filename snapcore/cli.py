@@ -23,8 +23,31 @@ log = logging.getLogger("snapcore")
 DEFAULT_RUN_DIR = "/run/snapcore"
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, told the terminal's width: left to itself it imports
+    :mod:`shutil` (and its compression modules, ~1.4 ms) for every command line."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        if width is None:  # as shutil.get_terminal_size(), less 2 as argparse does
+            try:
+                columns = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                columns = 0
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            width = (columns or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is a :class:`UsageError` (exit 2, one line)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -606,5 +629,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.FAILED)
 
 
+def entry() -> None:
+    """The ``snapcore`` command: :func:`main`, then leave without tearing the
+    interpreter down. Finalising ~250 modules was measured at 7-10 ms of a 65 ms
+    checkpoint (more with a forked guard: the teardown writes to every page the two
+    processes share). Everything of ours is closed by then; the exit handlers
+    (logging's flush, temporary directories' cleanup) still run."""
+    code = main()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what was lost is lost either way
+            code = code or int(ExitCode.FAILED)
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

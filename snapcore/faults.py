@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import time
 
 PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "finish", "discard", "manifest", "payload")
@@ -50,4 +49,6 @@ def inject(phase: str, backend: str | None = None) -> None:
     if action == "hang":
         time.sleep(3600)
     elif action == "kill":
+        import signal
+
         os.kill(os.getpid(), signal.SIGKILL)

@@ -79,8 +79,12 @@ class PluginManager(pluggy.PluginManager):
     modules stay unloaded until a hook of that backend really runs."""
 
     def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
-        if isinstance(plugin, ModuleType) and type(plugin.__dict__.get(name)) is not FunctionType:
-            return None  # type(), not isinstance(): no attribute of a lazy module is read
+        if isinstance(plugin, ModuleType):
+            value = plugin.__dict__.get(name)
+            # type(), not isinstance(): no attribute of a lazy module is read; and
+            # only functions marked @hookimpl go on to pluggy's (slower) inspection
+            if type(value) is not FunctionType or not hasattr(value, self.project_name + "_impl"):
+                return None
         return super().parse_hookimpl_opts(plugin, name)
 
 

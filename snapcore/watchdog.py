@@ -214,9 +214,7 @@ class GuardLink:
                 os.waitpid(self.pid, os.WNOHANG)
         self.pid, self.proc = None, None
 
-    def send(
-        self, msg: Mapping[str, object], fds: Sequence[int] = (), restart: bool = False, ack: float = 0.0
-    ) -> None:
+    def send(self, msg: Mapping[str, object], fds: Sequence[int] = (), restart: bool = False, ack: float = 0.0) -> None:
         """Send one message; with ``restart``, a guard found dead is started anew once;
         with ``ack``, wait that many seconds at most for the guard's ``ok``."""
         if ack:

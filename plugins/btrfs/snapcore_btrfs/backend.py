@@ -23,19 +23,19 @@ import errno
 import fcntl
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import btrfsutil
 
 from snapcore import BackendError, Mount, Target
 from snapcore_btrfs import BTRFS
+
+if TYPE_CHECKING:  # subprocess and shutil only for restores: the CLI starts fast
+    import subprocess
 
 NAME = BTRFS
 MARKER_SUFFIX = ".snapcore.json"
@@ -495,6 +495,8 @@ def restore_to(image: Path, dest: Path, mount: str | None = None) -> str:
 
 def _run(cmd: list[str], what: str, mount: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
+        import subprocess
+
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as exc:
         raise fail(f"{what}: cannot run {cmd[0]}: {exc.strerror}", mount) from exc
@@ -507,6 +509,7 @@ def _run(cmd: list[str], what: str, mount: str | None = None) -> subprocess.Comp
 @contextlib.contextmanager
 def top_level(mount: Mount) -> Iterator[Path]:
     """The filesystem's top-level subvolume (id 5) mounted in a private temporary directory."""
+    import subprocess
     import tempfile  # only for a rollback: keeps the CLI's start short
 
     where = Path(tempfile.mkdtemp(prefix="snapcore-btrfs-top-"))
@@ -569,6 +572,8 @@ def move_subvolume(src: Path, dst: Path) -> None:
     # a snapshot's marker goes with it (a plain file cannot be renamed across subvolumes)
     marker = marker_path(src)
     if marker.exists():
+        import shutil
+
         shutil.copy2(marker, marker_path(dst))
         marker.unlink()
 
@@ -607,7 +612,7 @@ def rollback(
     if image is not None and recognise(image) is None:
         raise fail(f"cannot roll back in place: {image} is missing or is not a snapshot snapcore made", mp)
     old_id = btrfsutil.subvolume_id(mp)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     with top_level(mount) as top:
         current = top / mount.root.strip("/")
         if not _is_subvolume(current) or btrfsutil.subvolume_id(os.fspath(current)) != old_id:
@@ -667,6 +672,8 @@ def rollback(
 
 def _remount(mount: Mount) -> str:
     mp = mount.mount_point
+    import subprocess
+
     done = subprocess.run(["umount", mp], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return f"{mp} is busy, so it shows the restored state from its next mount"

@@ -11,7 +11,6 @@ import errno
 import fcntl
 import os
 import threading
-from dataclasses import dataclass
 
 from snapcore import BackendError, FrozenElsewhere, Mount, ThawError
 
@@ -37,10 +36,12 @@ def freezable(mount: Mount) -> tuple[bool, str]:
     return True, f"{mount.fstype} supports FIFREEZE"
 
 
-@dataclass(slots=True)
 class _Frozen:
-    fd: int
-    path: str
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
 
 
 class Freezer:
