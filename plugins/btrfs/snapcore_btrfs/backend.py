@@ -612,6 +612,14 @@ def rollback(
     if image is not None and recognise(image) is None:
         raise fail(f"cannot roll back in place: {image} is missing or is not a snapshot snapcore made", mp)
     old_id = btrfsutil.subvolume_id(mp)
+    pinned = fstab_subvolid(mp)
+    if pinned is not None and pinned == str(old_id):
+        raise fail(
+            f"cannot roll back in place: {FSTAB} mounts {mp} by subvolid={pinned}, and after a rollback that id "
+            f"is the previous state, kept aside: the next mount would not show the restored one. Change the "
+            f"option to subvol={mount.root} in {FSTAB} first (nothing was changed)",
+            mp,
+        )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     with top_level(mount) as top:
         current = top / mount.root.strip("/")
@@ -668,6 +676,30 @@ def rollback(
         kept += f" (with its nested subvolumes {', '.join(left)})"
     shown = _remount(mount)
     return f"rolled back in place (subvolume {mount.root} is now id {new_id}); {kept}; {shown}"
+
+
+#: Where the mounts made at boot are listed (a test points it elsewhere).
+FSTAB = "/etc/fstab"
+
+
+def fstab_subvolid(mount_point: str) -> str | None:
+    """The ``subvolid=`` that :data:`FSTAB` mounts ``mount_point`` with, if any."""
+    try:
+        with open(FSTAB, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[0].startswith("#"):
+            continue
+        where = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        if os.path.normpath(where) != os.path.normpath(mount_point):
+            continue
+        for option in fields[3].split(","):
+            if option.startswith("subvolid="):
+                return option.partition("=")[2]
+    return None
 
 
 def _remount(mount: Mount) -> str:

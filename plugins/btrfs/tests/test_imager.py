@@ -298,3 +298,29 @@ def test_errors_snapshot_dir(btrfs_subvol: SubvolFactory, state_dir: Path, polic
     )
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x3")
     assert manifest.targets[0].image == f"{sv.fs.mount_point}/snaps/x3"
+
+
+@pytest.mark.usefixtures("no_leftover_mounts")
+def test_restore_in_place_refuses_a_mount_pinned_by_subvolid_in_fstab(
+    btrfs_subvol: SubvolFactory, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sv = btrfs_subvol()
+    sv.write("a", "old")
+    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="f1")
+    sv.write("a", "new")
+    image = Path(manifest.targets[0].image or "")
+    fstab = tmp_path / "fstab"
+    subvol_id = btrfsutil.subvolume_id(str(sv.path))
+    fstab.write_text(f"# a comment line\nUUID=x {sv.path} btrfs defaults,subvolid={subvol_id},noatime 0 0\n")
+    monkeypatch.setattr(backend, "FSTAB", str(fstab))
+    with pytest.raises(snapcore.BackendError, match=f"subvolid={subvol_id}.*subvol=/@data"):
+        backend.rollback(_mount(sv.path), "f1", image=image)
+    # nothing changed: the same subvolume, the same data, nothing set aside
+    assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
+    assert (sv.path / "a").read_text() == "new"
+    assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
+    # by name, the next mount finds the restored subvolume: allowed
+    fstab.write_text(f"UUID=x {sv.path} btrfs defaults,subvol=/@data 0 0\n")
+    where = backend.rollback(_mount(sv.path), "f1", image=image)
+    assert "rolled back in place" in where
+    assert (sv.path / "a").read_text() == "old"
