@@ -35,7 +35,10 @@ from snapcore.plugins import make_plugins
 from snapcore.policy import Policy
 from snapcore.transaction import Transaction
 from snapcore.watchdog import ThreadWatchdog
-mounts, state, run_dir, safety = json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "1"
+mounts, state, run_dir, safety = json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] != "0"
+if sys.argv[5] == "spawn":  # as in a big process: the guard is a fresh interpreter
+    from snapcore.watchdog import GuardLink
+    GuardLink.FORK_MAX_RSS = 0
 plugins, policy = make_plugins(), Policy.default()
 if safety:
     txn = Transaction(plugins, policy, mounts, state_dir=state, run_dir=run_dir)
@@ -111,18 +114,20 @@ def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) 
     )
 
 
-def cold_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) -> tuple[float, float]:
-    """Medians (with, without) of the time outside the window of the first checkpoint
-    of a fresh process (what the CLI pays: the guard is started for it)."""
+def cold_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) -> dict[str, float]:
+    """Medians of the time outside the window of the first checkpoint of a fresh
+    process (the guard is started for it): ``1`` with the guard forked (a small
+    process: the CLI), ``spawn`` with it started as an interpreter (a big process),
+    ``0`` with neither guard nor journal."""
     here = str(Path(__file__).resolve().parent)
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[str, list[float]] = {"1": [], "spawn": [], "0": []}
     for _ in range(rounds):
-        for safety in (True, False):
+        for how in times:
             time.sleep(0.1)
-            argv = [sys.executable, "-c", COLD, here, json.dumps(mounts), str(state), str(run_dir), str(int(safety))]
+            argv = [sys.executable, "-c", COLD, here, json.dumps(mounts), str(state), str(run_dir), how]
             out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-            times[safety].append(float(out.split()[-1]))
-    return statistics.median(times[True]), statistics.median(times[False])
+            times[how].append(float(out.split()[-1]))
+    return {how: statistics.median(t) for how, t in times.items()}
 
 
 def crash_to_thaw(mounts: list[str], base: Path, deadline: str, stop_instead: bool) -> float:
@@ -164,6 +169,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from snapcore.journal import recover
     from snapcore.testing import LoopFactory
+    from snapcore.watchdog import GuardLink
 
     with tempfile.TemporaryDirectory(prefix="snapcore-bench-safety-") as tmp:
         base = Path(tmp)
@@ -183,10 +189,12 @@ def main() -> int:
                     f"({win_with - win_without:+.2f} ms); target <= 2 ms in all"
                 )
             for n in (1, 16):
-                cold_with, cold_without = cold_cost(mounts[:n], state, run_dir, max(5, args.rounds // 2))
+                cold = cold_cost(mounts[:n], state, run_dir, max(5, args.rounds // 2))
                 print(
                     f"  {n:2d} mount(s), first checkpoint of a fresh process (the CLI's case): outside the window "
-                    f"{cold_with:6.2f} ms with, {cold_without:6.2f} ms without ({cold_with - cold_without:+.2f} ms)"
+                    f"{cold['1']:6.2f} ms with, {cold['0']:6.2f} ms without ({cold['1'] - cold['0']:+.2f} ms); "
+                    f"with the guard started as an interpreter (a process over "
+                    f"{GuardLink.FORK_MAX_RSS >> 20} MB): {cold['spawn']:6.2f} ms ({cold['spawn'] - cold['0']:+.2f} ms)"
                 )
             kills = [crash_to_thaw(mounts[:n], base, "30s", False) for n in (1, 16) for _ in range(5)]
             print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -597,6 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(args_list)
         _setup_logging(args.verbose, args.quiet)
+        if os.geteuid() == 0 and (
+            args.command == "checkpoint"
+            or (args.command == "criu-hook" and os.environ.get("CRTOOLS_SCRIPT_ACTION") == "post-dump")
+        ):
+            # the guard boots on the other CPU while this process loads the rest; if
+            # it cannot start now, the checkpoint tries again and says why
+            from snapcore.watchdog import GuardError, start_guard
+
+            with contextlib.suppress(GuardError):
+                start_guard()
         if command is not None and args.command not in ("checkpoint", "restore"):
             raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint' and 'restore', not {args.command!r}")
         if args.command == "checkpoint":

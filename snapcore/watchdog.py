@@ -20,13 +20,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from snapcore.errors import SnapcoreError
 from snapcore.types import Rescue, RescueKind
-
-if TYPE_CHECKING:
-    import subprocess
 
 
 class Watchdog(Protocol):
@@ -151,12 +148,14 @@ class ThreadWatchdog:
 class GuardLink:
     """This process's connection to its guard process (:mod:`snapcore.guard`).
 
-    Started with the first checkpoint and kept for the next ones: the guard is
+    Started with the first checkpoint and kept for the next ones. The guard is
     forked (under a millisecond) while the only other threads are snapcore's own
-    idle ones and the process is small (the CLI), else started as a fresh
-    interpreter: nothing waits for it to come up, since what it is sent waits in
-    the socket. A forked guard shares its parent's memory copy-on-write; forking
-    only a small process bounds what a long-lived controller could make it copy.
+    idle ones and the process is small, else started as a fresh interpreter
+    (``posix_spawn``: nothing is copied). The ``snapcore`` command starts it as an
+    interpreter at once (:func:`start_guard`), so that it boots on the other CPU
+    while the command loads; a fork would cost the command ~2 ms in page copies.
+    A forked guard shares its parent's memory copy-on-write; forking only a small
+    process bounds what a long-lived controller could make it copy.
     """
 
     #: Fork only a process this small (resident); else start an interpreter.
@@ -166,53 +165,48 @@ class GuardLink:
         self._lock = threading.Lock()
         self.sock: _socket.socket | None = None
         self.pid: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def ensure(self) -> None:
+    def ensure(self, spawn: bool = False) -> None:
+        """Have a guard; ``spawn``: start it as an interpreter, never by forking."""
         with self._lock:
             if self.sock is None:
-                self._start()
+                self._start(spawn)
 
-    def _start(self) -> None:
+    def _start(self, spawn: bool = False) -> None:
         from snapcore import guard
 
-        if _only_our_threads() and _rss() <= self.FORK_MAX_RSS:
+        if not spawn and _only_our_threads() and _rss() <= self.FORK_MAX_RSS:
             self.pid, self.sock = guard.fork()
-            self.proc = None
             return
-        import subprocess
-
         ours, theirs = guard.socketpair()
         try:
-            self.proc = subprocess.Popen(
+            self.pid = os.posix_spawn(
+                sys.executable,
                 [sys.executable, "-I", "-S", guard.__file__],
-                stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd="/",
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+                setsid=True,
             )
         except OSError as exc:
             ours.close()
-            raise GuardError(f"cannot start the guard process: {exc}") from exc
+            raise GuardError(f"cannot start the guard process ({sys.executable}): {exc}") from exc
         finally:
             theirs.close()
-        self.pid, self.sock = self.proc.pid, ours
+        self.sock = ours
 
     def _drop(self) -> None:
         """The guard is gone (or we are a forked child): forget it, reap it."""
         sock, self.sock = self.sock, None
         if sock is not None:
             sock.close()
-        if self.proc is not None:
-            import subprocess
-
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                self.proc.wait(timeout=1)
-        elif self.pid is not None:
+        if self.pid is not None:
             with contextlib.suppress(OSError):
                 os.waitpid(self.pid, os.WNOHANG)
-        self.pid, self.proc = None, None
+        self.pid = None
 
     def send(self, msg: Mapping[str, object], fds: Sequence[int] = (), restart: bool = False, ack: float = 0.0) -> None:
         """Send one message; with ``restart``, a guard found dead is started anew once;
@@ -270,6 +264,12 @@ class GuardLink:
 
 _LINK = GuardLink()
 os.register_at_fork(after_in_child=_LINK._after_fork)
+
+
+def start_guard() -> None:
+    """Start this process's guard now, as an interpreter, so that it is up by the
+    time a checkpoint needs it (the ``snapcore`` command calls this first)."""
+    _LINK.ensure(spawn=True)
 
 
 class ProcessWatchdog:
