@@ -53,8 +53,15 @@ hookimpl = pluggy.HookimplMarker("snapcore")
 if TYPE_CHECKING:
     from snapcore.api import checkpoint, hold, plan
     from snapcore.manifest import Manifest
+    from snapcore.watchdog import start_guard
 
-_LAZY = {"checkpoint": "snapcore.api", "hold": "snapcore.api", "plan": "snapcore.api", "Manifest": "snapcore.manifest"}
+_LAZY = {
+    "checkpoint": "snapcore.api",
+    "hold": "snapcore.api",
+    "plan": "snapcore.api",
+    "Manifest": "snapcore.manifest",
+    "start_guard": "snapcore.watchdog",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -102,5 +109,6 @@ __all__ = [
     "hookimpl",
     "lazy_import",
     "plan",
+    "start_guard",
     "syncfs",
 ]
