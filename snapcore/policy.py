@@ -121,6 +121,8 @@ class Rule:
     option_lines: Mapping[str, int] = field(default_factory=lambda: EMPTY)
     #: Line of each key of this rule, for messages about the key.
     key_lines: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    #: Backends whose options this rule gives itself (the others come from ``defaults``).
+    own_options: frozenset[str] = frozenset()
     keep: Keep | None = None
     required: bool = True
     freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT
@@ -318,8 +320,11 @@ def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Prob
                 option_lines[backend] = raw.lines[backend]
                 for key, key_line in opts.lines.items():
                     option_lines[f"{backend}.{key}"] = key_line
-            values["options"] = MappingProxyType(options)
-            values["option_lines"] = MappingProxyType(option_lines)
+            # merged over the defaults, backend by backend and key by key
+            merged = {b: MappingProxyType({**base.options.get(b, {}), **o}) for b, o in options.items()}
+            values["options"] = MappingProxyType({**base.options, **merged})
+            values["option_lines"] = MappingProxyType({**base.option_lines, **option_lines})
+            values["own_options"] = frozenset(options)
     return Rule(
         mount=mount,
         line=line,
@@ -328,6 +333,7 @@ def _parse_rule(mount: str, node: object, line: int | None, base: Rule, p: _Prob
         options=values.get("options", base.options),
         option_lines=values.get("option_lines", base.option_lines),
         key_lines=MappingProxyType(dict(lines)),
+        own_options=values.get("own_options", frozenset()),
         keep=values.get("keep", base.keep),
         required=values.get("required", base.required),
         freeze_timeout=values.get("freeze_timeout", base.freeze_timeout),
@@ -628,6 +634,8 @@ def rule_problems(policy: Policy, rule: Rule, plugins: Any) -> list[PolicyError]
             )
             continue
         if not rule.auto and backend not in used:
+            if backend not in rule.own_options:
+                continue  # a default for backends some mounts use: not this one's business
             errors.append(
                 PolicyError(
                     f"options for {backend!r}, which this mount does not use "
