@@ -196,6 +196,8 @@ class Guard:
             try:
                 msg = json.loads(data)
             except ValueError:
+                for fd in fds:  # not ours to keep
+                    os.close(fd)
                 continue
             if not self.handle(msg, fds):
                 return 0
