@@ -26,6 +26,7 @@ from snapcore.errors import (
 )
 from snapcore.fsutil import syncfs
 from snapcore.lazy import lazy_import
+from snapcore.log import get_logger
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -106,6 +107,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "hold",
+    "get_logger",
     "hookimpl",
     "lazy_import",
     "plan",

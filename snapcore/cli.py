@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from snapcore import __version__
 from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
+from snapcore.log import get_logger
 
 if TYPE_CHECKING:
     from snapcore.plugins import Plugins
     from snapcore.policy import Policy
 
-log = logging.getLogger("snapcore")
+log = get_logger("snapcore")
 
 DEFAULT_RUN_DIR = "/run/snapcore"
 
@@ -201,19 +201,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.WARNING - 10 * verbose + 10 * quiet
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("snapcore: %(levelname)s: %(message)s"))
-    root = logging.getLogger("snapcore")
-    root.handlers[:] = [handler]
-    root.setLevel(max(logging.DEBUG, min(level, logging.CRITICAL)))
-    root.propagate = False
+    from snapcore import log as logs
+
+    logs.configure(verbose, quiet)
 
 
 def _plugins(args: argparse.Namespace) -> Plugins:
     from snapcore.plugins import make_plugins
 
     plugins = make_plugins(disabled=args.disable_plugin)
+    from snapcore.log import apply_if_loaded
+
+    apply_if_loaded()  # a plugin that imported logging may log with it at once
     for broken in plugins.broken:
         log.warning("plugin %s (%s) is broken: %s", broken.name, broken.distribution, broken.error)
     return plugins

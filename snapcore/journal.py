@@ -48,7 +48,7 @@ def _start_time(pid: int) -> str | None:
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode("ascii", "replace")
+            return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode("utf-8", "replace")
         finally:
             os.close(fd)
     except (OSError, IndexError):

@@ -21,7 +21,7 @@ from snapcore.errors import SnapcoreError, UsageError
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # compiled on first use (re's cache)
 
 
 def utc_now() -> str:
@@ -36,7 +36,7 @@ def new_checkpoint_id() -> str:
 
 
 def check_checkpoint_id(value: str) -> str:
-    if not _ID.match(value):
+    if not re.match(_ID, value):
         raise UsageError(
             f"bad checkpoint id {value!r}: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, at most 128 characters"

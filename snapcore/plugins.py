@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import pluggy
 from snapcore import hookspecs
 from snapcore.errors import PluginError
 from snapcore.faults import inject
+from snapcore.log import get_logger
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -41,7 +41,7 @@ from snapcore.types import (
 if TYPE_CHECKING:
     from snapcore.manifest import Manifest
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ENTRY_POINT_GROUP = "snapcore"
 #: Plugins of the core itself, registered exactly like third-party ones.

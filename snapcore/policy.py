@@ -38,7 +38,9 @@ FALLBACK = "*"
 _RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeout", "on_change")
 _TOP_KEYS = ("version", "state_dir", "ghost_limit", "uncovered", "defaults", "mounts")
 DEFAULT_GHOST_LIMIT = 64 << 20
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+# patterns as strings: the re module compiles (and caches) them on first use, so a
+# checkpoint without a policy file never pays for them
+_SIZE = r"(?i)^\s*(\d+)\s*([KMGT]?)i?B?\s*$"
 
 
 def parse_size(value: object) -> int:
@@ -46,15 +48,15 @@ def parse_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
-        match = _SIZE.match(value)
+        match = re.match(_SIZE, value)
         if match:
             return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
     raise ValueError(f"a size such as 64M, 1G or a number of bytes; got {value!r}")
 
 
 _KEEP_KEYS = ("last", "within")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$"
+_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 _UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -69,7 +71,7 @@ def parse_duration(value: object) -> float:
         # float(10**400) raises OverflowError; .inf and .nan are no durations either
         seconds = float(value) if not isinstance(value, int) or value < 10**300 else math.inf
     elif isinstance(value, str):
-        match = _DURATION.match(value)
+        match = re.match(_DURATION, value)
         if match:
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds is None:
@@ -438,7 +440,7 @@ def parse_policy(doc: object, file: str) -> Policy:
         first_line: dict[str, tuple[str, int]] = {}
         for key, value in mounts.items():
             line = mounts.lines[key]
-            if _CONTROL.search(key):
+            if re.search(_CONTROL, key):
                 # the message is one line of a terminal: no newline or escape inside
                 p.add(f"a mount point cannot contain control characters, got {_short(key)}", line=line, key="mounts")
                 continue

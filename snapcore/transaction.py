@@ -12,7 +12,6 @@ join in a later step: :meth:`Transaction._resolve` and the window are their seam
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -34,6 +33,7 @@ from snapcore.errors import (
 from snapcore.faults import inject
 from snapcore.journal import Journal, recover, secure_dir
 from snapcore.locks import MountLock
+from snapcore.log import get_logger
 from snapcore.manifest import (
     Manifest,
     TargetRecord,
@@ -70,7 +70,7 @@ from snapcore.watchdog import ProcessWatchdog, Watchdog
 if TYPE_CHECKING:  # the pool and subprocesses are imported when used: the CLI starts fast
     from concurrent.futures import Future, ThreadPoolExecutor
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: What a payload may be: a command line, or a callable given the checkpoint.
 Payload = Sequence[str] | Callable[[Checkpoint], int | None]

@@ -238,14 +238,19 @@ class GuardLink:
                         raise GuardError(f"the guard process is gone: {exc}") from exc
 
     def _await_ok(self, timeout: float) -> None:
-        import select
-
-        assert self.sock is not None
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        answer = self.sock.recv(64) if ready else b""
+        sock = self.sock
+        assert sock is not None
+        sock.settimeout(timeout)
+        try:
+            answer = sock.recv(64)
+            why = "closed its socket"
+        except TimeoutError:
+            answer, why = b"", f"did not answer within {timeout:g}s"
+        finally:
+            if self.sock is sock:
+                sock.settimeout(None)
         if answer != b"ok":
             self._drop()
-            why = "closed its socket" if ready else f"did not answer within {timeout:g}s"
             raise GuardError(f"the guard process {why}: nothing is frozen without it")
 
     def _after_fork(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -325,3 +326,29 @@ time.sleep(120)
         for fs in (a, b):
             thaw_quietly(fs.mount_point)
     recover(Path(os.environ["SNAPCORE_RUN_DIR"]), None)
+
+
+def test_a_guard_that_does_not_answer_fails_the_checkpoint_before_any_freeze(
+    loop_fs: LoopFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import snapcore.watchdog as watchdog
+
+    fs = loop_fs("ext4")
+    snapcore.checkpoint([fs], state_dir=state_dir)
+    stuck = watchdog._LINK.pid
+    assert stuck is not None
+    monkeypatch.setattr(watchdog, "ACK_TIMEOUT_S", 0.5)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        with pytest.raises(snapcore.CheckpointFailed, match=r"did not answer within 0\.5s") as failed:
+            snapcore.checkpoint([fs], state_dir=state_dir, checkpoint_id="unguarded")
+        assert failed.value.manifest.outcome == "failed"  # type: ignore[attr-defined]
+        assert failed.value.manifest.freeze_window_ms is None  # type: ignore[attr-defined]
+        assert_not_frozen(fs.mount_point)
+    finally:
+        os.kill(stuck, signal.SIGKILL)
+        os.kill(stuck, signal.SIGCONT)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(stuck, 0)
+    assert snapcore.checkpoint([fs], state_dir=state_dir).outcome == "ok"  # a new guard
+    assert watchdog._LINK.pid not in (None, stuck)

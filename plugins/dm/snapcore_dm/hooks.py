@@ -17,7 +17,6 @@ Life of a dm image in a checkpoint:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from snapcore import (
     Role,
     Support,
     Target,
+    get_logger,
     hookimpl,
     lazy_import,
     syncfs,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from snapcore_dm import backend
 else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts fast
     backend = lazy_import("snapcore_dm.backend")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from snapcore import (
     Outcome,
     Role,
     Target,
+    get_logger,
     hookimpl,
     lazy_import,
 )
@@ -30,7 +30,7 @@ else:  # loaded when a target really exports with rsync: the CLI starts fast
     common = lazy_import("snapcore_tar.common")
     rsync_backend = lazy_import("snapcore_tar.rsync_backend")
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @hookimpl

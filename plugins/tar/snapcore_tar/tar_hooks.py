@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from snapcore import (
     Outcome,
     Role,
     Target,
+    get_logger,
     hookimpl,
     lazy_import,
 )
@@ -44,7 +44,7 @@ def _name(target: Target, export: Export) -> str:
     return str(export.details.get("slug") or common.slug(target.mount.mount_point))
 
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @hookimpl
