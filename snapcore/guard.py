@@ -16,10 +16,10 @@ in progress at once):
   The descriptors travel with the message: once the controller's ``send`` returns,
   the guard holds them even if the controller dies before the guard reads them.
   With ``"ack": true`` the guard answers ``ok`` once it has taken them: the
-  controller waits for that before its first freeze, so that the guard is asleep
-  again when the window opens (a process running on the other CPU then was
-  measured to lengthen a 1-mount FIFREEZE from ~22 ms to ~30 ms);
-* ``{"op": "freezing", "cp", "keys"}`` before freezing them; ``{"op": "thawed",
+  controller waits for that before its first freeze (the guard holds them, and
+  is idle again, before anything is frozen);
+* ``{"op": "freezing", "cp", "keys"[, "at"]}`` before freezing them (with the
+  deadline, as for ``arm``, on the first one after arming); ``{"op": "thawed",
   "cp", "keys"}`` after thawing them; only targets between the two are ever thawed
   by the guard (a thaw of one already thawed is harmless);
 * ``{"op": "arm", "cp", "at"}`` (a ``CLOCK_MONOTONIC`` time, the same in every
@@ -111,6 +111,8 @@ class Guard:
         cp = found
         if op == "freezing":
             cp.frozen.extend(k for k in keys if k not in cp.frozen)
+            if "at" in msg:  # armed with the first freeze
+                cp.deadline = float(msg["at"])  # type: ignore[arg-type]
         elif op == "thawed":
             cp.frozen = [k for k in cp.frozen if k not in keys]
         elif op == "arm":

@@ -279,9 +279,9 @@ class ProcessWatchdog:
     the first freeze, and of every freeze and thaw. The socket closing (the
     controller died, even by SIGKILL) or the deadline passing makes it thaw every
     target of this checkpoint still frozen. The controller's own deadline thread
-    stays behind it: two safety nets. Only the targets wait for an answer (the
-    guard holds them, and is idle again before the window opens); a guard that dies
-    later fails the next send, which comes before any freeze.
+    stays behind it: two safety nets. The targets wait for the guard's answer (it
+    holds them before anything is frozen); a guard that died since fails the next
+    send, which comes before any freeze.
     """
 
     _ids = itertools.count()
@@ -292,6 +292,8 @@ class ProcessWatchdog:
         self.cp = f"{os.getpid()}.{next(self._ids)}"
         self._local = ThreadWatchdog()
         self._begun = False
+        #: The deadline, told to the guard with the first freeze after ``arm``.
+        self._arm_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -329,17 +331,25 @@ class ProcessWatchdog:
         self._begun = True
 
     def freezing(self, *keys: str) -> None:
-        self._send(op="freezing", keys=list(keys))
+        """Not answered: the message waits in the socket, so a guard that reads it
+        after our death still thaws (an answer would cost a round trip inside the
+        window for nothing)."""
+        msg: dict[str, object] = {"cp": self.cp, "op": "freezing", "keys": list(keys)}
+        if self._arm_at is not None:  # the deadline goes with the first freeze: one wake-up
+            msg["at"], self._arm_at = self._arm_at, None
+        self.link.send(msg, restart=not self._begun)
+        self._begun = True
 
     def thawed(self, *keys: str) -> None:
         self._send(op="thawed", keys=list(keys))
 
     def arm(self, deadline_s: float, on_expiry: Callable[[], None]) -> None:
-        self._send(op="arm", at=time.monotonic() + deadline_s)
         self._local.arm(deadline_s, on_expiry)
+        self._arm_at = time.monotonic() + deadline_s
 
     def disarm(self) -> None:
         self._local.disarm()
+        self._arm_at = None
         with contextlib.suppress(GuardError):
             self._send(op="disarm")
 
