@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
+    import ctypes  # on first use: ~1 ms of the CLI's start otherwise
+
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -21,6 +26,8 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if _libc().syncfs(fd) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), os.fspath(path))
     finally:
