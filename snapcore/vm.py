@@ -227,6 +227,7 @@ class TestVM:
         script.write_text(_guest_script(line, os.fspath(cwd or os.getcwd()), str(outdir), env or {}))
         host_env = dict(os.environ)
         host_env["PATH"] = f"{Path(sys.executable).parent}:{host_env.get('PATH', '/usr/bin:/bin')}"
+        host_env["TMPDIR"] = str(outdir)  # virtme's own temporary files go with this boot
         with _BOOT_LOCK, _machine_lock():
             start = time.monotonic()
             proc = subprocess.Popen(
