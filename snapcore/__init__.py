@@ -24,7 +24,7 @@ from snapcore.errors import (
     UnsupportedMount,
     UsageError,
 )
-from snapcore.fsutil import syncfs
+from snapcore.fsutil import block_devnum, syncfs
 from snapcore.lazy import lazy_import
 from snapcore.log import get_logger
 from snapcore.types import (
@@ -105,6 +105,7 @@ __all__ = [
     "UnsupportedMount",
     "UsageError",
     "__version__",
+    "block_devnum",
     "checkpoint",
     "hold",
     "get_logger",

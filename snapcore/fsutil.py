@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import ctypes
 
+    from snapcore.types import Mount
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
@@ -32,3 +34,23 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise OSError(err, os.strerror(err), os.fspath(path))
     finally:
         os.close(fd)
+
+
+def block_devnum(mount: Mount) -> int | None:
+    """The number of the block device behind ``mount``, or None when there is none.
+
+    btrfs and others report an anonymous device number: their source (or the device
+    node already found for them) names the real one.
+    """
+    if mount.major != 0:
+        return mount.dev
+    path = mount.devnode or mount.source
+    if not path.startswith("/dev/"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    import stat
+
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore.errors import UnsupportedMount, UsageError
+from snapcore.fsutil import block_devnum
 from snapcore.types import Mount
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -207,23 +208,33 @@ def enrich(mount: Mount) -> Mount:
     reads too; importing it and loading libudev cost ~4 ms of the CLI's start);
     pyudev is the fallback where sysfs does not answer.
     """
-    devnum = _block_devnum(mount)
+    devnum = block_devnum(mount)
     if devnum is None:
         return mount
+    facts = _sysfs_facts(devnum) or _udev_facts(devnum)
+    if facts is None:
+        return mount
+    devnode, backing, dm_name, dm_uuid = facts
+    if backing and backing.endswith(" (deleted)"):
+        backing = backing[: -len(" (deleted)")]
+    return replace(mount, devnode=devnode, loop_backing_file=backing, dm_name=dm_name, dm_uuid=dm_uuid)
+
+
+#: (device node, loop backing file, dm name, dm uuid)
+_Facts = tuple[str | None, str | None, str | None, str | None]
+
+
+def _sysfs_facts(devnum: int) -> _Facts | None:
     sysdir = f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}"
     uevent = _read_attr(f"{sysdir}/uevent")
     if uevent is None:
-        return _enrich_udev(mount, devnum)
+        return None
     props = dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line)
-    backing = _read_attr(f"{sysdir}/loop/backing_file")
-    if backing and backing.endswith(" (deleted)"):
-        backing = backing[: -len(" (deleted)")]
-    return replace(
-        mount,
-        devnode=f"/dev/{props['DEVNAME']}" if props.get("DEVNAME") else None,
-        loop_backing_file=backing,
-        dm_name=_read_attr(f"{sysdir}/dm/name"),
-        dm_uuid=_read_attr(f"{sysdir}/dm/uuid"),
+    return (
+        f"/dev/{props['DEVNAME']}" if props.get("DEVNAME") else None,
+        _read_attr(f"{sysdir}/loop/backing_file"),
+        _read_attr(f"{sysdir}/dm/name"),
+        _read_attr(f"{sysdir}/dm/uuid"),
     )
 
 
@@ -235,13 +246,13 @@ def _read_attr(path: str) -> str | None:
         return None
 
 
-def _enrich_udev(mount: Mount, devnum: int) -> Mount:
+def _udev_facts(devnum: int) -> _Facts | None:
     import pyudev
 
     try:
         device = pyudev.Devices.from_device_number(_udev_context(), "block", devnum)
     except (pyudev.DeviceNotFoundError, OSError, ValueError):
-        return mount
+        return None
     attrs = device.attributes
 
     def attr(name: str) -> str | None:
@@ -251,32 +262,12 @@ def _enrich_udev(mount: Mount, devnum: int) -> Mount:
             return None
         return value or None
 
-    backing = attr("loop/backing_file")
-    if backing and backing.endswith(" (deleted)"):
-        backing = backing[: -len(" (deleted)")]
-    return replace(
-        mount,
-        devnode=device.device_node,
-        loop_backing_file=backing,
-        dm_name=attr("dm/name") or device.properties.get("DM_NAME"),
-        dm_uuid=attr("dm/uuid") or device.properties.get("DM_UUID"),
+    return (
+        device.device_node,
+        attr("loop/backing_file"),
+        attr("dm/name") or device.properties.get("DM_NAME"),
+        attr("dm/uuid") or device.properties.get("DM_UUID"),
     )
-
-
-def _block_devnum(mount: Mount) -> int | None:
-    if mount.major != 0:
-        return mount.dev
-    # btrfs and others report an anonymous device; the source names the real one.
-    if mount.source.startswith("/dev/"):
-        try:
-            st = os.stat(mount.source)
-        except OSError:
-            return None
-        import stat
-
-        if stat.S_ISBLK(st.st_mode):
-            return st.st_rdev
-    return None
 
 
 def resolve_paths(table: MountTable, paths: Iterable[str | os.PathLike[str]]) -> list[Mount]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Mount, Support
+from snapcore import BackendError, Mount, Support, block_devnum
 from snapcore.errors import MissingTool
 from snapcore_dm import NAME
 
@@ -209,15 +209,8 @@ def dm_device(devnum: int) -> DmDevice | None:
 
 
 def dm_device_of_mount(mount: Mount) -> DmDevice | None:
-    if mount.major == 0 and not (mount.devnode or mount.source.startswith("/dev/")):
-        return None
-    devnum = mount.dev
-    if mount.major == 0:
-        try:
-            devnum = os.stat(mount.devnode or mount.source).st_rdev
-        except OSError:
-            return None
-    return dm_device(devnum)
+    devnum = block_devnum(mount)
+    return None if devnum is None else dm_device(devnum)
 
 
 def dm_device_by_name(name: str) -> DmDevice | None:

@@ -41,6 +41,7 @@ from snapcore import (
     Role,
     Support,
     Target,
+    block_devnum,
     get_logger,
     hookimpl,
     lazy_import,
@@ -124,16 +125,8 @@ def snapcore_probe(mount: Mount) -> Support:
 def _maybe_dm(mount: Mount) -> bool:
     """False when sysfs says the mount's device is no dm device (a cheap test
     that spares loading the backend for every other mount)."""
-    if mount.major == 0:  # btrfs and co.: the source names the device
-        if not mount.source.startswith("/dev/"):
-            return False
-        try:
-            devnum = os.stat(mount.devnode or mount.source).st_rdev
-        except OSError:
-            return False
-    else:
-        devnum = mount.dev
-    return os.path.exists(f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}/dm")
+    devnum = block_devnum(mount)
+    return devnum is not None and os.path.exists(f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}/dm")
 
 
 @hookimpl
