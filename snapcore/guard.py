@@ -242,24 +242,15 @@ def recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def socketpair() -> tuple[_socket.socket, _socket.socket]:
-    """A ``SOCK_SEQPACKET`` pair from the C module: importing :mod:`socket` costs
-    ~1.6 ms of the CLI's start (it builds its enums), and nothing of it is needed."""
-    import _socket
-
-    pair: tuple[_socket.socket, _socket.socket] = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    return pair
-
-
-def fork() -> tuple[int, _socket.socket]:
-    """Start the guard as a forked child: ``(pid, the controller's end of the socket)``.
+def fork(ours: _socket.socket, theirs: _socket.socket) -> int:
+    """Start the guard as a forked child serving ``theirs`` (the controller keeps
+    ``ours``, and closes its copy of ``theirs``); returns its pid.
 
     Forking costs well under a millisecond where starting an interpreter costs ~14 ms;
     the caller forks only while every other thread is one of its own idle ones, so
     the child inherits no lock held by another thread. The child keeps nothing of
     the parent's but its end of the socket.
     """
-    ours, theirs = socketpair()
     import warnings
 
     with warnings.catch_warnings():
@@ -283,8 +274,7 @@ def fork() -> tuple[int, _socket.socket]:
             code = main()
         finally:
             os._exit(code)
-    theirs.close()
-    return pid, ours
+    return pid
 
 
 if __name__ == "__main__":

@@ -175,25 +175,24 @@ class GuardLink:
                 self._start(spawn)
 
     def _start(self, spawn: bool = False) -> None:
-        if not spawn and _only_our_threads() and _rss() <= self.FORK_MAX_RSS:
-            from snapcore import guard
-
-            self.pid, self.sock = guard.fork()
-            return
-        # the guard's module is not imported here: the interpreter runs it
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         try:
-            self.pid = os.posix_spawn(
-                sys.executable,
-                [sys.executable, "-I", "-S", _GUARD_SCRIPT],
-                os.environ,
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
-                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-                ],
-                setsid=True,
-            )
+            if not spawn and _only_our_threads() and _rss() <= self.FORK_MAX_RSS:
+                from snapcore import guard
+
+                self.pid = guard.fork(ours, theirs)
+            else:  # the guard's module is not imported here: the interpreter runs it
+                self.pid = os.posix_spawn(
+                    sys.executable,
+                    [sys.executable, "-I", "-S", _GUARD_SCRIPT],
+                    os.environ,
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
+                        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                        (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                    ],
+                    setsid=True,
+                )
         except OSError as exc:
             ours.close()
             raise GuardError(f"cannot start the guard process ({sys.executable}): {exc}") from exc
@@ -294,10 +293,6 @@ class ProcessWatchdog:
         self._begun = False
         #: The deadline, told to the guard with the first freeze after ``arm``.
         self._arm_at: float | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.link.pid
 
     def start(self) -> None:
         self.link.ensure()
