@@ -186,6 +186,19 @@ def full_hint(path: Path) -> str:
     return ""
 
 
+def refuse_dest_on_a_target(name: str, target: Target, dest: Path, targets: tuple[Target, ...]) -> None:
+    """``before_freeze`` of an exporter: an export must not write to a filesystem
+    this checkpoint freezes."""
+    other = same_filesystem_as_target(dest, targets)
+    if other is not None:
+        raise BackendError(
+            f"dest {dest} is on {other.mount.mount_point}, a target of this checkpoint: "
+            "the export would write to a filesystem being frozen",
+            mount=target.mount.mount_point,
+            backend=name,
+        )
+
+
 def same_filesystem_as_target(dest: Path, targets: tuple[Target, ...]) -> Target | None:
     """The target of this checkpoint whose filesystem holds ``dest``, if any."""
     try:

@@ -77,17 +77,10 @@ def snapcore_prepare(target: Target, role: Role) -> None:
 @hookimpl
 def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
     for target in checkpoint.targets:
-        if target.exporter != NAME:
-            continue
-        dest = rsync_backend.local_dest(target)
-        other = common.same_filesystem_as_target(dest, checkpoint.targets) if dest else None
-        if other is not None:
-            raise BackendError(
-                f"dest {dest} is on {other.mount.mount_point}, a target of this checkpoint: "
-                "the export would write to a filesystem being frozen",
-                mount=target.mount.mount_point,
-                backend=NAME,
-            )
+        if target.exporter == NAME:  # else common stays unloaded
+            dest = rsync_backend.local_dest(target)
+            if dest is not None:  # a remote dest is on no filesystem of ours
+                common.refuse_dest_on_a_target(NAME, target, dest, checkpoint.targets)
 
 
 @hookimpl

@@ -96,16 +96,8 @@ def snapcore_prepare(target: Target, role: Role) -> None:
 @hookimpl
 def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
     for target in checkpoint.targets:
-        if target.exporter != NAME:
-            continue
-        other = common.same_filesystem_as_target(_dest(target), checkpoint.targets)
-        if other is not None:
-            raise BackendError(
-                f"dest {_dest(target)} is on {other.mount.mount_point}, a target of this checkpoint: "
-                "the export would write to a filesystem being frozen",
-                mount=target.mount.mount_point,
-                backend=NAME,
-            )
+        if target.exporter == NAME:  # else common stays unloaded
+            common.refuse_dest_on_a_target(NAME, target, _dest(target), checkpoint.targets)
 
 
 @hookimpl
