@@ -14,7 +14,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -414,17 +414,8 @@ def parse_policy(doc: object, file: str) -> Policy:
             PolicyError(e.problem, file=e.file, line=e.line, key=f"defaults.{e.key}" if e.key else "defaults")
             for e in p.errors[start:]
         ]
-        defaults = Rule(
-            mount=FALLBACK,
-            imager=defaults.imager,
-            exporter=defaults.exporter,
-            options=defaults.options,
-            option_lines=defaults.option_lines,
-            keep=defaults.keep,
-            required=defaults.required,
-            freeze_timeout=defaults.freeze_timeout,
-            on_change=defaults.on_change,
-        )
+        # the base of every rule: what ``defaults`` says, but no line or key of its own
+        defaults = replace(defaults, mount=FALLBACK, line=None, key_lines=EMPTY, own_options=frozenset())
     rules: dict[str, Rule] = {}
     fallback: Rule | None = None
     mounts = doc.get("mounts")
