@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,15 +100,6 @@ class Holders:
             proc.wait(10)
             if proc.stderr:
                 proc.stderr.close()
-
-
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Holders]:
-    holders = Holders(tmp_path)
-    try:
-        yield holders
-    finally:
-        holders.close()
 
 
 def content(n: int, seed: int = 1) -> bytes:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from snapcore.watch import Change, ChangeKind, Watch, apply_changes
 from tests.test_inventory import Holders, content
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and other tasks' /proc need root")
-
-
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Holders]:
-    holders = Holders(tmp_path)
-    try:
-        yield holders
-    finally:
-        holders.close()
 
 
 def writer(code: str, *args: str) -> int:
