@@ -54,6 +54,7 @@ hookimpl = pluggy.HookimplMarker("snapcore")
 if TYPE_CHECKING:
     from snapcore.api import checkpoint, hold, plan
     from snapcore.manifest import Manifest
+    from snapcore.mounts import udev_attr, udev_device
     from snapcore.watchdog import start_guard
 
 _LAZY = {
@@ -62,6 +63,8 @@ _LAZY = {
     "plan": "snapcore.api",
     "Manifest": "snapcore.manifest",
     "start_guard": "snapcore.watchdog",
+    "udev_attr": "snapcore.mounts",
+    "udev_device": "snapcore.mounts",
 }
 
 
@@ -114,4 +117,6 @@ __all__ = [
     "plan",
     "start_guard",
     "syncfs",
+    "udev_attr",
+    "udev_device",
 ]

@@ -190,15 +190,35 @@ def is_pseudo(mount: Mount) -> bool:
 
 @functools.cache
 def _udev_context() -> Any:
-    """One pyudev context per process.
+    """One pyudev context per process, the core's and every backend's.
 
     Making a context loads libudev; doing that right before a freeze was measured
     to lengthen the FIFREEZE that followed from ~23 ms to ~38 ms, so it is made
-    once, while resolving targets, long before the window.
+    once, outside any window.
     """
     import pyudev  # lazily: the CLI's --help must stay fast
 
     return pyudev.Context()
+
+
+def udev_device(devnum: int) -> Any:
+    """The pyudev device of block device ``devnum`` (this process's one context),
+    or None when udev does not know it."""
+    import pyudev
+
+    try:
+        return pyudev.Devices.from_device_number(_udev_context(), "block", devnum)
+    except (pyudev.DeviceNotFoundError, OSError, ValueError):
+        return None
+
+
+def udev_attr(device: Any, name: str) -> str | None:
+    """A sysfs attribute of a pyudev device, stripped; None when absent or empty."""
+    try:
+        value: str = device.attributes.asstring(name).strip()
+    except (KeyError, UnicodeDecodeError, OSError):
+        return None
+    return value or None
 
 
 def enrich(mount: Mount) -> Mount:
@@ -247,26 +267,14 @@ def _read_attr(path: str) -> str | None:
 
 
 def _udev_facts(devnum: int) -> _Facts | None:
-    import pyudev
-
-    try:
-        device = pyudev.Devices.from_device_number(_udev_context(), "block", devnum)
-    except (pyudev.DeviceNotFoundError, OSError, ValueError):
+    device = udev_device(devnum)
+    if device is None:
         return None
-    attrs = device.attributes
-
-    def attr(name: str) -> str | None:
-        try:
-            value = attrs.asstring(name).strip()
-        except (KeyError, UnicodeDecodeError, OSError):
-            return None
-        return value or None
-
     return (
         device.device_node,
-        attr("loop/backing_file"),
-        attr("dm/name") or device.properties.get("DM_NAME"),
-        attr("dm/uuid") or device.properties.get("DM_UUID"),
+        udev_attr(device, "loop/backing_file"),
+        udev_attr(device, "dm/name") or device.properties.get("DM_NAME"),
+        udev_attr(device, "dm/uuid") or device.properties.get("DM_UUID"),
     )
 
 

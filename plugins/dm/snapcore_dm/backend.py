@@ -25,7 +25,6 @@ Only what snapcore made is ever listed or deleted: LVM snapshots carry the tag
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Mount, Support, block_devnum
+from snapcore import BackendError, Mount, Support, block_devnum, udev_attr, udev_device
 from snapcore.errors import MissingTool
 from snapcore_dm import NAME
 
@@ -166,39 +165,19 @@ class DmDevice:
         return f"/dev/mapper/{self.name}"
 
 
-@functools.cache
-def _udev_context() -> Any:
-    """One pyudev context per process: making one loads libudev, which must not
-    happen inside a freeze window (the raw snapshot reads a device there)."""
-    import pyudev
-
-    return pyudev.Context()
-
-
 def dm_device(devnum: int) -> DmDevice | None:
     """The dm device with number ``devnum``, or None when it is not one."""
-    import pyudev
-
-    try:
-        device = pyudev.Devices.from_device_number(_udev_context(), "block", devnum)
-    except (pyudev.DeviceNotFoundError, OSError, ValueError):
+    device = udev_device(devnum)
+    if device is None:
         return None
-    attrs = device.attributes
-
-    def attr(name: str) -> str | None:
-        try:
-            return attrs.asstring(name).strip() or None
-        except (KeyError, UnicodeDecodeError, OSError):
-            return None
-
     props = device.properties
-    name = attr("dm/name") or props.get("DM_NAME")
+    name = udev_attr(device, "dm/name") or props.get("DM_NAME")
     if not name:
         return None
-    size = attr("size")
+    size = udev_attr(device, "size")
     return DmDevice(
         name=name,
-        uuid=attr("dm/uuid") or props.get("DM_UUID") or "",
+        uuid=udev_attr(device, "dm/uuid") or props.get("DM_UUID") or "",
         devnode=device.device_node or f"/dev/mapper/{name}",
         major=os.major(devnum),
         minor=os.minor(devnum),
