@@ -24,7 +24,7 @@ from snapcore.errors import (
     UnsupportedMount,
     UsageError,
 )
-from snapcore.fsutil import block_devnum, syncfs
+from snapcore.fsutil import block_devnum, human_bytes, syncfs
 from snapcore.lazy import lazy_import
 from snapcore.log import get_logger
 from snapcore.types import (
@@ -113,6 +113,7 @@ __all__ = [
     "hold",
     "get_logger",
     "hookimpl",
+    "human_bytes",
     "lazy_import",
     "plan",
     "start_guard",

@@ -54,3 +54,12 @@ def block_devnum(mount: Mount) -> int | None:
     import stat
 
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+def human_bytes(n: float) -> str:
+    """``512 B``, ``1.5 MiB``, ``2.0 TiB``: sizes in messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover

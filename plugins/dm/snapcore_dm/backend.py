@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Mount, Support, block_devnum, udev_attr, udev_device
+from snapcore import BackendError, Mount, Support, block_devnum, human_bytes, udev_attr, udev_device
 from snapcore.errors import MissingTool
 from snapcore_dm import NAME
 
@@ -375,14 +375,6 @@ def size_args(size: str) -> list[str]:
     return ["-l", text.upper()] if _PERCENT_RE.match(text) else ["-L", text]
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 # -- probe -------------------------------------------------------------------------
 
 
@@ -415,7 +407,8 @@ def probe(mount: Mount) -> Support:
     if source.kind == "thick":
         assert source.lv is not None
         return Support.yes(
-            f"LVM thick LV {source.lv.ref}: snapshot COW from {human(source.lv.vg_free)} free in VG {source.lv.vg}",
+            f"LVM thick LV {source.lv.ref}: snapshot COW from {human_bytes(source.lv.vg_free)} "
+            f"free in VG {source.lv.vg}",
             score=60,
         )
     if source.kind == "thin":
@@ -534,8 +527,8 @@ def plan(mount: Mount, checkpoint_id: str, options: Mapping[str, Any]) -> Plan:
                 raise BackendError(str(exc), mount=where, backend=NAME) from None
             if needed > lv.vg_free:
                 raise BackendError(
-                    f"a {size} snapshot of {lv.ref} needs {human(needed)} but VG {lv.vg} has "
-                    f"{human(lv.vg_free)} free (vgextend {lv.vg}, or set options.dm.size lower)",
+                    f"a {size} snapshot of {lv.ref} needs {human_bytes(needed)} but VG {lv.vg} has "
+                    f"{human_bytes(lv.vg_free)} free (vgextend {lv.vg}, or set options.dm.size lower)",
                     mount=where,
                     backend=NAME,
                 )

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import TextIO
 
+from snapcore import human_bytes
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -33,14 +35,6 @@ def bar_wanted(stream: TextIO) -> bool:
         return stream.isatty() and sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 class Progress:
@@ -85,7 +79,7 @@ class Progress:
         return self.bytes / elapsed
 
     def line(self) -> str:
-        text = f"{self.label}: {human(self.bytes)}, {self.files:,} files, {human(self.rate())}/s"
+        text = f"{self.label}: {human_bytes(self.bytes)}, {self.files:,} files, {human_bytes(self.rate())}/s"
         if self.total_bytes:
             pct = min(100.0, 100.0 * self.bytes / self.total_bytes)
             filled = int(pct / 5)
