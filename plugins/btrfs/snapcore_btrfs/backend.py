@@ -259,6 +259,19 @@ def plan(target: Target, *, create: bool) -> Plan:
     )
 
 
+def sync(plan: Plan) -> None:
+    """Write back the filesystem holding ``plan``'s mount, outside any window.
+
+    ``BTRFS_IOC_SYNC`` through libbtrfsutil: it starts the write-back of every
+    subvolume's delayed allocations and commits the transaction, as ``syncfs(2)`` does
+    for btrfs, without loading ctypes (~1 ms of the CLI's start) for the call.
+    """
+    try:
+        btrfsutil.sync(plan.mount)
+    except btrfsutil.BtrfsUtilError as exc:
+        raise fail(f"sync failed: {exc}", plan.mount) from exc
+
+
 def _snapshot_error(exc: btrfsutil.BtrfsUtilError, plan: Plan) -> BackendError:
     if exc.errno == errno.ENOSPC:
         why = (

@@ -23,7 +23,6 @@ from snapcore import (
     Target,
     hookimpl,
     lazy_import,
-    syncfs,
 )
 from snapcore_btrfs import BTRFS as NAME
 
@@ -68,7 +67,7 @@ def snapcore_option_schema() -> Sequence[Option]:
             name="sync",
             kind=OptionKind.BOOL,
             default=True,
-            help="syncfs in prepare, so the snapshot's own flush is short",
+            help="sync the filesystem in prepare (btrfs's own sync ioctl), so the snapshot's own flush is short",
         ),
     )
 
@@ -86,10 +85,7 @@ def snapcore_probe(mount: Mount) -> Support:
 def snapcore_prepare(target: Target, role: Role) -> None:
     plan = backend.plan(target, create=True)
     if target.options_for(NAME).get("sync", True):
-        try:
-            syncfs(target.mount.mount_point)
-        except OSError as exc:
-            raise backend.fail(f"syncfs failed: {exc.strerror}", target.mount.mount_point) from exc
+        backend.sync(plan)
     with _lock:
         _plans[_key(target)] = plan
 

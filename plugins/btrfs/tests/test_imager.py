@@ -324,3 +324,22 @@ def test_restore_in_place_refuses_a_mount_pinned_by_subvolid_in_fstab(
     where = backend.rollback(_mount(sv.path), "f1", image=image)
     assert "rolled back in place" in where
     assert (sv.path / "a").read_text() == "old"
+
+
+def _delalloc(path: Path) -> bool:
+    """Does ``path`` still have extents waiting for write-back (FIEMAP, via filefrag)?"""
+    out = subprocess.run(["filefrag", "-v", str(path)], check=True, capture_output=True, text=True).stdout
+    return "delalloc" in out
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_prepare_writes_back_unless_told_not_to(btrfs_subvol: SubvolFactory, plugins: Plugins, sync: bool) -> None:
+    sv = btrfs_subvol()
+    data = sv.path / "unwritten"
+    data.write_bytes(os.urandom(1 << 20))  # buffered: the kernel writes it back in ~30 s
+    assert _delalloc(data)
+    target = snapcore.Target(
+        checkpoint_id="prep", mount=_mount(sv.path), imager="btrfs", options={"btrfs": {"sync": sync}}
+    )
+    plugins.prepare("btrfs", target, snapcore.Role.IMAGER)
+    assert _delalloc(data) is not sync

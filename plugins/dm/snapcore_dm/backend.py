@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Mount, Support, block_devnum, human_bytes, udev_attr, udev_device
+from snapcore import BackendError, Image, Mount, Support, Target, block_devnum, human_bytes, udev_attr, udev_device
 from snapcore.errors import MissingTool
 from snapcore_dm import NAME
 
@@ -490,6 +490,17 @@ def snapshot_name(origin: str, checkpoint_id: str) -> str:
         digest = hashlib.sha256(name.encode()).hexdigest()[:12]
         name = f"{origin[:40]}-snapcore-{digest}"
     return name
+
+
+@dataclass(slots=True)
+class Made:
+    """A snapshot this process made, kept until its checkpoint ends (to mount it for
+    the exporters, and unmount it again). Here, not in the hooks: its class is built
+    when a dm mount is really met, not at every start of the command."""
+
+    target: Target
+    image: Image
+    mounted: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,16 +56,9 @@ else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts f
 log = get_logger(__name__)
 
 
-@dataclass(slots=True)
-class _Made:
-    target: Target
-    image: Image
-    mounted: bool = False
-
-
 _lock = threading.Lock()
 _plans: dict[tuple[str, str], backend.Plan] = {}
-_made: dict[str, list[_Made]] = {}
+_made: dict[str, list[backend.Made]] = {}
 
 
 def _key(target: Target) -> tuple[str, str]:
@@ -186,7 +178,7 @@ def snapcore_snapshot(target: Target) -> Image:
         details=details,
     )
     with _lock:
-        _made.setdefault(target.checkpoint_id, []).append(_Made(target=target, image=image))
+        _made.setdefault(target.checkpoint_id, []).append(backend.Made(target=target, image=image))
     return image
 
 
