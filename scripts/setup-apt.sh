@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(util-linux e2fsprogs xfsprogs btrfs-progs rsync tar zstd acl attr)
+packages=(python3 python3-venv python3-dev util-linux e2fsprogs xfsprogs btrfs-progs rsync tar zstd acl attr)
 for f in plugins/*/apt-packages.txt; do
   [ -f "$f" ] || continue
   while read -r pkg _; do
