@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from snapcore.manifest import Manifest
-from snapcore.plugins import Plugins, make_plugins
+from snapcore.plugins import Plugins, default_plugins
 from snapcore.policy import Policy, load_policy, state_dir_of
 from snapcore.transaction import Payload, Selection, Transaction, check_payload
 from snapcore.transaction import plan as _plan
@@ -36,7 +36,7 @@ def _transaction(
 ) -> Transaction:
     pol = _policy(policy)
     return Transaction(
-        plugins or make_plugins(),
+        plugins or default_plugins(),
         pol,
         paths,
         state_dir=state_dir_of(pol, os.fspath(state_dir) if state_dir else None),
@@ -99,7 +99,7 @@ def plan(
     plugins: Plugins | None = None,
 ) -> list[Selection]:
     """Per mount, the imager and exporter a checkpoint would use, and why. Touches nothing."""
-    selections, _ = _plan(plugins or make_plugins(), _policy(policy), paths)
+    selections, _ = _plan(plugins or default_plugins(), _policy(policy), paths)
     return selections
 
 

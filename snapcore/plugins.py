@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,3 +351,35 @@ def make_plugins(*, entry_points: bool = True, defaults: bool = True, disabled: 
     if entry_points:
         plugins.load_entry_points(disabled)
     return plugins
+
+
+_default: tuple[tuple[object, ...], Plugins] | None = None
+_default_lock = threading.Lock()
+
+
+def _installation() -> tuple[object, ...]:
+    """What :func:`make_plugins` finds depends on, read cheaply: the variables it
+    reads, and each ``sys.path`` entry with its directory's modification time and
+    link count (installing or removing a distribution adds or removes a
+    ``*.dist-info`` directory there; the count tells even within one clock tick)."""
+    entries: list[tuple[str, tuple[int, int] | None]] = []
+    for entry in sys.path:
+        try:
+            st = os.stat(entry or ".")
+            entries.append((entry, (st.st_mtime_ns, st.st_nlink)))
+        except OSError:
+            entries.append((entry, None))
+    return os.environ.get("SNAPCORE_PLUGINS"), os.environ.get("SNAPCORE_TRACE_HOOKS"), tuple(entries)
+
+
+def default_plugins() -> Plugins:
+    """The plugins :func:`snapcore.checkpoint`, ``hold`` and ``plan`` use when given
+    none: built once per process, like pytest's plugin manager, and built anew when
+    what :func:`make_plugins` would find changed (``SNAPCORE_PLUGINS``, ``sys.path``,
+    a distribution installed or removed). Building them costs ~1.5 ms a call."""
+    global _default
+    state = _installation()
+    with _default_lock:
+        if _default is None or _default[0] != state:
+            _default = (state, make_plugins())
+        return _default[1]

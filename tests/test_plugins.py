@@ -12,7 +12,7 @@ import pytest
 from snapcore import BackendInfo, Mount, Role, Support, hookimpl, hookspecs
 from snapcore.cli import main
 from snapcore.errors import PluginError
-from snapcore.plugins import make_plugins
+from snapcore.plugins import default_plugins, make_plugins
 
 MOUNT = Mount(
     mount_id=1,
@@ -141,6 +141,35 @@ def test_allowlist_and_disable(fake_dists: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,good,broken")
     plugins = make_plugins(disabled=["fsfreeze", "broken"])
     assert "fsfreeze" not in plugins.backends and "good" in plugins.backends and plugins.broken == []
+
+
+def test_default_plugins_are_built_once_and_anew_when_the_installation_changes(
+    fake_dists: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = default_plugins()
+    assert default_plugins() is first and "good" in first.backends
+    _fake_distribution(
+        fake_dists,
+        "snapcore-later",
+        {"later": "later_backend"},
+        {
+            "later_backend": (
+                "from snapcore import BackendInfo, Role, hookimpl\n"
+                "@hookimpl\n"
+                "def snapcore_backend_info():\n"
+                "    return BackendInfo(name='later', roles=frozenset({Role.EXPORTER}), description='later')\n"
+            )
+        },
+    )
+    monkeypatch.delitem(sys.modules, "later_backend", raising=False)
+    second = default_plugins()  # a distribution appeared on sys.path: found
+    assert second is not first and "later" in second.backends
+    assert default_plugins() is second
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze")
+    third = default_plugins()
+    assert set(third.backends) == {"fsfreeze", "none"}
+    monkeypatch.undo()  # sys.path and the environment as before the fixture: no fake dists
+    assert "later" not in default_plugins().backends
 
 
 def test_every_hookspec_is_documented() -> None:
