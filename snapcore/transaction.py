@@ -673,9 +673,12 @@ class Transaction:
             self.plugins.freeze(run.target.imager, run.target)
         except BaseException:
             if run.rescue is not None:
-                # not frozen by us (EBUSY: by someone else): nobody may thaw it for us
+                # not frozen by us (EBUSY: by someone else): nobody may thaw it for us.
+                # A guard that died meanwhile thaws nothing either; its error must not
+                # replace the freeze's own
                 self.journal.record("thawed", key=run.mount_point, failed=True)
-                self.watchdog.thawed(run.mount_point)
+                with contextlib.suppress(SnapcoreError):
+                    self.watchdog.thawed(run.mount_point)
             raise
         with run.lock:
             run.frozen = True

@@ -352,3 +352,66 @@ def test_a_guard_that_does_not_answer_fails_the_checkpoint_before_any_freeze(
             os.waitpid(stuck, 0)
     assert snapcore.checkpoint([fs], state_dir=state_dir).outcome == "ok"  # a new guard
     assert watchdog._LINK.pid not in (None, stuck)
+
+
+class GuardDiesThenFrozenElsewhere:
+    """An imager whose freeze first kills the guard (for real), then runs the real
+    fsfreeze code on a filesystem someone else froze (a real EBUSY). The fake part is
+    only the timing: a guard dying between the freeze notice and a refused freeze
+    cannot be caused on demand otherwise."""
+
+    def __init__(self) -> None:
+        from snapcore_fsfreeze.backend import Freezer
+
+        self.freezer = Freezer()
+
+    @snapcore.hookimpl
+    def snapcore_backend_info(self) -> snapcore.BackendInfo:
+        return snapcore.BackendInfo(name="guard-dies", roles=frozenset({snapcore.Role.IMAGER}), description="test")
+
+    @snapcore.hookimpl
+    def snapcore_probe(self, mount: snapcore.Mount) -> snapcore.Support:
+        return snapcore.Support.yes("test", score=0)
+
+    @snapcore.hookimpl
+    def snapcore_rescue(self, target: snapcore.Target) -> snapcore.Rescue:
+        return snapcore.Rescue(kind=snapcore.RescueKind.FITHAW, path=target.mount.mount_point)
+
+    @snapcore.hookimpl
+    def snapcore_freeze(self, target: snapcore.Target) -> None:
+        from snapcore.watchdog import _LINK
+
+        assert _LINK.pid is not None
+        os.kill(_LINK.pid, signal.SIGKILL)
+        os.waitpid(_LINK.pid, 0)
+        self.freezer.freeze(target.mount.mount_point, target.mount.mount_point)
+
+    @snapcore.hookimpl
+    def snapcore_snapshot(self, target: snapcore.Target) -> snapcore.Image:
+        raise AssertionError("never reached: the freeze failed")
+
+    @snapcore.hookimpl
+    def snapcore_thaw(self, target: snapcore.Target) -> None:
+        self.freezer.thaw(target.mount.mount_point)
+
+
+def test_fake_timing_a_refused_freeze_keeps_its_own_error_when_the_guard_died_meanwhile(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
+) -> None:
+    from snapcore.plugins import make_plugins
+
+    fs = loop_fs("ext4")
+    plugins = make_plugins()
+    plugins.register(GuardDiesThenFrozenElsewhere(), "guard-dies")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: guard-dies\n")
+    subprocess.run(["fsfreeze", "-f", str(fs.mount_point)], check=True)  # someone else's freeze
+    try:
+        with pytest.raises(snapcore.CheckpointFailed, match="EBUSY") as failed:
+            snapcore.checkpoint(policy=policy, state_dir=state_dir, plugins=plugins, checkpoint_id="busy")
+        assert "guard" not in str(failed.value)
+        assert not start_write(fs.mount_point / "x").done(0.3), "someone else's freeze was thawed"
+    finally:
+        thaw_quietly(fs.mount_point)
+    assert_not_frozen(fs.mount_point)
+    assert snapcore.checkpoint([fs], state_dir=state_dir).outcome == "ok"  # a new guard
