@@ -103,6 +103,12 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
+def _add_delete(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint_ids", nargs="+", metavar="ID")
+    p.add_argument("--mount", action="append", default=[], metavar="M", help="only this mount's image (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+
 def _add_nothing(p: argparse.ArgumentParser) -> None:
     return None
 
@@ -133,6 +139,7 @@ _COMMANDS: dict[str, tuple[str, str | None, Any]] = {
     "restore": ("bring a checkpoint's images back", None, _add_restore),
     "verify": ("images and exports still there and intact", None, _add_verify),
     "prune": ("apply each mount's keep: remove old images through their backends", None, _add_prune),
+    "delete": ("remove checkpoints: their exports and images, then their manifests", None, _add_delete),
     "recover": ("thaw and clean up after a crash, from the journal", None, _add_nothing),
     "criu-hook": (
         "CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
@@ -566,6 +573,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    from snapcore.retention import delete
+
+    if not args.dry_run:
+        _require_root("snapcore delete")
+    mounts = [os.path.normpath(m) for m in args.mount]
+    done = delete(_state_dir(args), _plugins(args), args.checkpoint_ids, mounts=mounts, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    errors = 0
+    for deletion in done:
+        cid = deletion.manifest.id
+        for mount, what in deletion.removed:
+            print(f"{cid}: {mount}: {verb} {what}")
+        for error in deletion.errors:
+            print(f"{cid}: error: {error}")
+        if deletion.manifest_removed:
+            print(f"{cid}: {verb} its manifest")
+        elif not deletion.removed and not deletion.errors:
+            print(f"{cid}: nothing of it left to remove")
+        errors += len(deletion.errors)
+    if errors:
+        raise SnapcoreError(f"delete: {errors} image(s) or export(s) could not be removed; their manifests keep them")
+    return ExitCode.OK
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from snapcore.policy import PolicyProblems, check_backends, load_policy
 
@@ -626,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "recover": cmd_recover,
             "criu-hook": cmd_criu_hook,
             "prune": cmd_prune,
+            "delete": cmd_delete,
             "policy": cmd_policy_check,
         }
         return int(handlers[args.command](args))

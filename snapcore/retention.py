@@ -1,4 +1,5 @@
-"""Retention: apply each mount's ``keep`` (``snapcore prune``), generic across backends.
+"""Retention: apply each mount's ``keep`` (``snapcore prune``), generic across backends;
+and the removal of one checkpoint on demand (``snapcore delete``).
 
 Per mount, the images are put newest first: those the manifests under
 ``STATE/checkpoints`` record as good, and those the imager's
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from snapcore.manifest import Manifest, TargetRecord, iter_manifests, utc_now
+from snapcore.errors import UsageError
+from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins
 from snapcore.records import export_of, image_of, mount_of, target_of
@@ -37,6 +39,7 @@ from snapcore.types import Consistency, Image, ImageEntry, Keep, Outcome, Target
 log = logging.getLogger(__name__)
 
 PRUNED = "pruned"
+DELETED = "deleted"
 
 
 def _epoch(iso: str | None) -> float:
@@ -248,6 +251,92 @@ def _remove(entry: Entry, state_dir: Path, table: MountTable, plugins: Plugins, 
     assert entry.ref is not None
     image = Image(backend=entry.imager, ref=entry.ref, consistency=Consistency.ATOMIC, path=entry.ref)
     plugins.discard(entry.imager, target, image, None)
+
+
+@dataclass(slots=True, kw_only=True)
+class Deletion:
+    """What ``delete`` did (or, dry, would do) to one checkpoint."""
+
+    manifest: Manifest
+    #: ``(mount, what)``: the image and export of each target removed.
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    manifest_removed: bool = False
+
+
+def _holds(record: TargetRecord) -> str | None:
+    """What a target still keeps on disk, in words; None when nothing."""
+    if record.outcome != Outcome.OK.value:
+        return None  # failed (its images were discarded then), pruned or deleted
+    image, export = image_of(record), export_of(record)
+    parts = []
+    if image is not None and image.ref is not None:
+        parts.append(f"image {image.ref}")
+    if export is not None and record.exporter:
+        parts.append(f"{record.exporter} export {export.path or export.ref}")
+    return ", ".join(parts) or None
+
+
+def delete(
+    state_dir: Path,
+    plugins: Plugins,
+    checkpoint_ids: Sequence[str],
+    *,
+    mounts: Sequence[str] = (),
+    dry_run: bool = False,
+    table: MountTable | None = None,
+) -> list[Deletion]:
+    """Remove checkpoints (or, with ``mounts``, only those mounts' part of them) the way
+    ``snapper delete`` or ``lvremove`` would: each export, then each image, through
+    their backends, which refuse what snapcore did not make and what later increments
+    still build on. A manifest is removed once nothing of it is left, else rewritten
+    with the removed targets marked ``outcome: deleted``. Every id is looked up
+    before anything is removed: an unknown one removes nothing."""
+    manifests = [load(state_dir, checkpoint_id) for checkpoint_id in dict.fromkeys(checkpoint_ids)]
+    for mount in mounts:
+        for manifest in manifests:
+            if not any(t.mount == mount for t in manifest.targets):
+                raise UsageError(f"checkpoint {manifest.id} has no target {mount}")
+    table = table or MountTable.read()
+    done = []
+    for manifest in manifests:
+        deletion = Deletion(manifest=manifest)
+        done.append(deletion)
+        for record in manifest.targets:
+            if mounts and record.mount not in mounts:
+                continue
+            what = _holds(record)
+            if what is None:
+                continue
+            if not dry_run:
+                assert record.imager is not None
+                entry = Entry(
+                    mount=record.mount,
+                    imager=record.imager,
+                    checkpoint_id=manifest.id,
+                    ref=record.image,
+                    created=_epoch(manifest.started),
+                    manifest=manifest,
+                    record=record,
+                )
+                try:
+                    _remove(entry, state_dir, table, plugins, None)
+                except Exception as exc:
+                    deletion.errors.append(f"{record.mount}: cannot remove {what}: {exc}")
+                    continue
+                record.outcome = DELETED
+                record.extra["deleted"] = utc_now()
+            deletion.removed.append((record.mount, what))
+        going = {mount for mount, _ in deletion.removed} if dry_run else set()
+        left = [t for t in manifest.targets if _holds(t) is not None and t.mount not in going]
+        # with ``mounts``, a manifest goes only when this call removes its last image
+        if not left and not deletion.errors and (not mounts or deletion.removed):
+            if not dry_run:
+                shutil.rmtree(state_dir / "checkpoints" / manifest.id, ignore_errors=True)
+            deletion.manifest_removed = True
+        elif deletion.removed and not dry_run:
+            manifest.write(state_dir)
+    return done
 
 
 def describe(report: PruneReport, dry_run: bool) -> Sequence[str]:

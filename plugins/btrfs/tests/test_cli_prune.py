@@ -155,3 +155,38 @@ def test_prune_within_never_removes_the_newest(
     prune(state_dir, plugins)
     w2 = load(state_dir, "w2")
     assert [t.outcome for t in w2.targets] == ["ok", "pruned"]
+
+
+def test_cli_delete(btrfs_subvol: SubvolFactory, run: Run, state_dir: Path) -> None:
+    a = btrfs_subvol()
+    b = btrfs_subvol(fs=a.fs, name="@b")
+    assert run("checkpoint", str(a.path), str(b.path), "--id", "k1")[0] == 0
+    assert run("checkpoint", str(a.path), "--id", "k2")[0] == 0
+    btrfsutil.create_snapshot(str(a.path), str(a.path / ".snapshots" / "mine"), read_only=True)
+    snaps = {(sv.name, cid): sv.path / ".snapshots" / cid for sv in (a, b) for cid in ("k1", "k2")}
+    # bad input removes nothing
+    code, _, err = run("delete", "k1", "nope")
+    assert code == 2 and "no checkpoint 'nope'" in err
+    code, _, err = run("delete", "k1", "--mount", str(a.fs.mount_point))
+    assert code == 2 and "has no target" in err
+    code, out, err = run("delete", "k1", "--dry-run")
+    assert code == 0, err
+    assert f"k1: {a.path}: would remove image {snaps[a.name, 'k1']}" in out and "k1: would remove its manifest" in out
+    assert snaps[a.name, "k1"].exists() and snaps[b.name, "k1"].exists()
+    # one mount's image
+    code, out, err = run("delete", "k1", "--mount", str(b.path) + "/")
+    assert code == 0, err
+    assert not snaps[b.name, "k1"].exists() and snaps[a.name, "k1"].exists()
+    manifest = load(state_dir, "k1")
+    assert {t.mount: t.outcome for t in manifest.targets} == {str(a.path): "ok", str(b.path): "deleted"}
+    assert "its manifest" not in out
+    code, out, _ = run("verify", "k1")
+    assert code == 0 and out.count("OK") == 1
+    # the rest, then nothing is left of it
+    code, out, err = run("delete", "k1")
+    assert code == 0, err
+    assert not snaps[a.name, "k1"].exists() and "k1: removed its manifest" in out
+    assert run("show", "k1")[0] == 2
+    assert snaps[a.name, "k2"].exists() and (a.path / ".snapshots" / "mine").exists()
+    code, out, _ = run("list")
+    assert "k2" in out and "k1" not in out

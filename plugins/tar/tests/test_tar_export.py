@@ -315,3 +315,26 @@ def test_discard_refuses_to_break_a_chain(loop_fs: LoopFactory, state_dir: Path,
     plugins.discard("tar", targets["c0"], None, exports["c0"])  # then its base
     assert not (out.mount_point / "c0").exists()
     assert sorted(p.name for p in out.mount_point.iterdir()) == ["lost+found"]
+
+
+def test_cli_delete_keeps_a_chain_base_until_its_increments_go(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = loop_fs("ext4")
+    out = loop_fs("ext4")
+    src.write("f", "x")
+    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point), "incremental": True})
+    for cid in ("c0", "c1"):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
+    base = ["--state-dir", str(state_dir)]
+    capsys.readouterr()
+    assert main([*base, "delete", "c0"]) == 1  # c1 is an increment on c0
+    out_text, err = capsys.readouterr()
+    assert "base of later increments (c1)" in out_text and "could not be removed" in err
+    assert (out.mount_point / "c0").is_dir() and main([*base, "verify", "c0"]) == 0  # nothing lost
+    capsys.readouterr()
+    assert main([*base, "delete", "c1", "c0"]) == 0  # newest first: both go
+    out_text = capsys.readouterr().out
+    assert "c1: removed its manifest" in out_text and "c0: removed its manifest" in out_text
+    assert sorted(p.name for p in out.mount_point.iterdir()) == ["lost+found"]
+    assert not (state_dir / "checkpoints" / "c0").exists() and not (state_dir / "checkpoints" / "c1").exists()
