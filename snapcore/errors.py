@@ -96,6 +96,11 @@ class FrozenElsewhere(BackendError):
     """The filesystem is already frozen by someone else (FIFREEZE answered EBUSY)."""
 
 
+class StillNeeded(BackendError):
+    """A backend refused to discard an image or export that later ones build on (an
+    incremental chain's base): ``prune`` keeps it, ``delete`` says to remove those first."""
+
+
 class ThawError(BackendError):
     """A thaw failed: the filesystem may still be frozen, which is an outage."""
 

@@ -257,13 +257,17 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
     """Delete an image (imager) or an export (exporter; ``export`` is set).
 
-    **When**: on failure, to undo what this checkpoint made; on ``prune``.
-    Called on the imager with ``export=None``, on the exporter with the export.
+    **When**: on failure, to undo what this checkpoint made; on ``prune`` and
+    ``delete``. Called on the imager with ``export=None``, on the exporter with the
+    export (first).
 
     **Must**: be idempotent (a missing image is not an error) and delete only what
     snapcore made.
 
-    **Raises**: recorded as a warning; the rest is still discarded.
+    **Raises**: recorded as a warning on failure (the rest is still discarded); on
+    ``prune`` and ``delete``, an error keeps the image in its manifest.
+    :class:`~snapcore.errors.StillNeeded` says later images or exports build on this
+    one (an incremental chain's base): ``prune`` keeps it without an error.
     """
 
 

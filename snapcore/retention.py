@@ -12,11 +12,15 @@ deleted by hand). The ``keep`` of the mount's newest manifest decides:
 * with both, an image is kept when either rule keeps it. Orphans never count
   toward ``last``. A mount whose newest manifest has no ``keep`` is left alone.
 
-Images are removed through the backends' ``snapcore_discard`` (the export first,
-then the image). A manifest whose every image is gone is removed with its
-directory; one that still holds an image of another mount is rewritten with the
-pruned target marked ``outcome: pruned``. Manifests of failed checkpoints hold no
-image and are left alone.
+What a target keeps is its image, or, with an imager that keeps none (fsfreeze: the
+exporter copied the frozen live tree), its export. They are removed through the
+backends' ``snapcore_discard`` (the export first, then the image), newest first; an
+export a backend refuses because later ones build on it
+(:class:`~snapcore.errors.StillNeeded`, an incremental chain's base) is kept, and
+said so. A manifest whose every image is gone is removed with its directory; one
+that still holds an image of another mount is rewritten with the pruned target
+marked ``outcome: pruned``. Manifests of failed checkpoints hold no image and are
+left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from snapcore.errors import UsageError
+from snapcore.errors import StillNeeded, UsageError
 from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins
@@ -116,6 +120,17 @@ def decide(entries: list[Entry], keep: Keep, now: float) -> None:
             entry.why = "image without a manifest (orphan)" if entry.orphan else "outside the keep rule"
 
 
+def _kept_ref(record: TargetRecord) -> str | None:
+    """The image a target keeps, or its export when the imager keeps none."""
+    image = image_of(record)
+    if image is not None and image.ref is not None:
+        return image.ref
+    export = export_of(record)
+    if export is not None and record.exporter:
+        return export.path or export.ref
+    return None
+
+
 def plan(
     state_dir: Path, plugins: Plugins, *, now: float | None = None, table: MountTable | None = None
 ) -> list[MountPlan]:
@@ -143,15 +158,15 @@ def plan(
                 plans[record.mount] = MountPlan(mount=record.mount, keep=keep)
             if record.outcome != Outcome.OK.value or not record.image_record:
                 continue
-            image = image_of(record)
-            if image is None or image.ref is None:
-                continue  # an imager that keeps nothing (fsfreeze, none): nothing to prune
+            ref = _kept_ref(record)
+            if ref is None:
+                continue  # nothing kept (fsfreeze or none without an exporter): nothing to prune
             plans[record.mount].entries.append(
                 Entry(
                     mount=record.mount,
                     imager=record.imager,
                     checkpoint_id=manifest.id,
-                    ref=image.ref,
+                    ref=ref,
                     created=_epoch(manifest.started),
                     manifest=manifest,
                     record=record,
@@ -223,6 +238,9 @@ def prune(
         for entry in mount_plan.to_remove:
             try:
                 _remove(entry, state_dir, table, plugins, newest_record)
+            except StillNeeded as exc:
+                entry.keep, entry.why = True, f"still needed: {exc}"
+                continue
             except Exception as exc:
                 report.errors.append(f"{entry.mount}: cannot remove {entry.ref}: {exc}")
                 continue
@@ -355,7 +373,10 @@ def describe(report: PruneReport, dry_run: bool) -> Sequence[str]:
         lines.append(f"{mount_plan.mount}: keep {{{rule}}}")
         for e in mount_plan.entries:
             what = "keep  " if e.keep else verb
-            lines.append(f"  {what} {e.checkpoint_id or '-'} {e.ref} ({e.why})")
+            why = e.why
+            if dry_run and not e.keep and e.record is not None and e.record.export_record:
+                why += "; unless later exports build on it"  # only its backend knows: asked when removing
+            lines.append(f"  {what} {e.checkpoint_id or '-'} {e.ref} ({why})")
         lines.extend(f"  warning: {w}" for w in mount_plan.warnings)
     lines.extend(f"removed manifest {m}" for m in report.manifests_removed)
     lines.extend(f"error: {e}" for e in report.errors)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, Target, syncfs
+from snapcore import BackendError, Export, Image, StillNeeded, Target, syncfs
 from snapcore_tar import TAR, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -336,9 +336,10 @@ def discard(target: Target, export: Export) -> None:
             if me in (info.get("chain") or [])[:-1]:
                 children.append(other.name)
     if children:
-        raise _fail(
+        raise StillNeeded(
             f"export {me} is the base of later increments ({', '.join(sorted(children))}): discard those first",
-            target,
+            mount=target.mount.mount_point,
+            backend=NAME,
         )
     archive_file = str(export.details.get("archive") or Path(export.ref).name)
     for path in (

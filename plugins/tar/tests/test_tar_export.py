@@ -338,3 +338,43 @@ def test_cli_delete_keeps_a_chain_base_until_its_increments_go(
     assert "c1: removed its manifest" in out_text and "c0: removed its manifest" in out_text
     assert sorted(p.name for p in out.mount_point.iterdir()) == ["lost+found"]
     assert not (state_dir / "checkpoints" / "c0").exists() and not (state_dir / "checkpoints" / "c1").exists()
+
+
+def test_prune_applies_keep_to_the_exports_of_a_frozen_tree_and_keeps_chain_bases(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = loop_fs("ext4")
+    out = loop_fs("ext4")
+    chained = out.mount_point / "chained"  # one chain: every export builds on the previous
+    fresh = out.mount_point / "fresh"  # a new level 0 after each increment
+    chained.mkdir()
+    fresh.mkdir()
+    base = ["--state-dir", str(state_dir)]
+    for dest, full_every, name in ((chained, 0, "a"), (fresh, 1, "b")):
+        policy = write_policy(
+            tmp_path,
+            src.mount_point,
+            "tar",
+            {"dest": str(dest), "incremental": True, "full_every": full_every},
+            name=name,
+        )
+        policy.write_text(policy.read_text() + "    keep: {last: 2}\n")
+        for i in range(4):
+            src.write("n", f"{name}{i}")
+            snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=f"{name}{i}")
+        capsys.readouterr()
+        assert main([*base, "prune", "--dry-run"]) == 0
+        assert f"would remove {name}1" in capsys.readouterr().out.replace("\n", " ")
+        assert main([*base, "prune"]) == 0
+        text = capsys.readouterr().out
+        assert "keep   " + f"{name}3" in text and "keep   " + f"{name}2" in text
+        left = sorted(p.name for p in dest.iterdir() if p.is_dir())
+        if full_every:  # b0 <- b1, b2 <- b3: the older chain goes, newest increment first
+            assert left == ["b2", "b3"], text
+            assert not (state_dir / "checkpoints" / "b0").exists()
+        else:  # a0 <- a1 <- a2 <- a3: the kept ones need the whole chain
+            assert left == ["a0", "a1", "a2", "a3"], text
+            assert "still needed" in text and "export a1 is the base of later increments (a2, a3)" in text
+        restored = tmp_path / f"r-{name}"
+        assert main([*base, "restore", f"{name}2", "--to", str(restored)]) == 0
+        assert (restored / "n").read_text() == f"{name}2"
