@@ -109,6 +109,15 @@ def test_rsync_daemon_dest(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
             snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2", payload=lambda c: 1)
         assert not (trees / "d2" / name).exists() and not (trees / "d2" / f"{name}.export.json").exists()
         assert (trees / f"{name}.latest").read_text().strip() == "d1"
+        # keep applies to the trees (fsfreeze keeps no image): prune removes d0 on the daemon
+        policy.write_text(policy.read_text() + "    keep: {last: 2}\n")
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d3")
+        assert main(["--state-dir", str(state_dir), "prune"]) == 0
+        assert not (trees / "d0" / name).exists() and not (state_dir / "checkpoints" / "d0").exists()
+        assert (trees / "d1" / name / big).is_file()
+        assert main(["--state-dir", str(state_dir), "delete", "d1"]) == 0
+        assert not (trees / "d1" / name).exists() and (trees / "d3" / name / big).is_file()
+        assert main(["--state-dir", str(state_dir), "verify", "d3"]) == 0
 
 
 def test_rsync_bad_input(
