@@ -13,7 +13,7 @@ from tar_helpers import MiB, assert_same_tree, describe, make_every_kind, write_
 import snapcore
 from snapcore import CheckpointFailed
 from snapcore.cli import main
-from snapcore.testing import LoopFactory, assert_not_frozen
+from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
 
@@ -293,17 +293,23 @@ def test_dest_on_another_target_of_the_checkpoint_is_refused(
     assert_not_frozen(b.mount_point)
 
 
-def test_discard_refuses_to_break_a_chain(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
-    from snapcore.manifest import load
-    from snapcore.plugins import make_plugins
-    from snapcore.records import export_of, target_of
-
+def _chain_of_two(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> LoopFS:
+    """Checkpoints c0 (level 0) and c1 (an increment on it) exported to a new fs."""
     src = loop_fs("ext4")
     out = loop_fs("ext4")
     src.write("f", "x")
     policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point), "incremental": True})
     for cid in ("c0", "c1"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
+    return out
+
+
+def test_discard_refuses_to_break_a_chain(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    from snapcore.manifest import load
+    from snapcore.plugins import make_plugins
+    from snapcore.records import export_of, target_of
+
+    out = _chain_of_two(loop_fs, state_dir, tmp_path)
     plugins = make_plugins()
     manifests = {cid: load(state_dir, cid) for cid in ("c0", "c1")}
     targets = {cid: target_of(m, m.targets[0], state_dir, None) for cid, m in manifests.items()}
@@ -320,12 +326,7 @@ def test_discard_refuses_to_break_a_chain(loop_fs: LoopFactory, state_dir: Path,
 def test_cli_delete_keeps_a_chain_base_until_its_increments_go(
     loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src = loop_fs("ext4")
-    out = loop_fs("ext4")
-    src.write("f", "x")
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point), "incremental": True})
-    for cid in ("c0", "c1"):
-        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
+    out = _chain_of_two(loop_fs, state_dir, tmp_path)
     base = ["--state-dir", str(state_dir)]
     capsys.readouterr()
     assert main([*base, "delete", "c0"]) == 1  # c1 is an increment on c0
