@@ -438,9 +438,11 @@ def publish(target: Target, export: Export, manifest_text: str) -> None:
             target=target,
             what="uploading the manifest",
         )
+        # --ignore-times: "s0\n" and "s1\n" have one size, and written within one
+        # second one mtime: rsync's quick check would keep the old pointer
         _rsync(
             opts,
-            [str(Path(tmp, f"{name}.latest")), opts.dest.join("")],
+            ["--ignore-times", str(Path(tmp, f"{name}.latest")), opts.dest.join("")],
             target=target,
             what="moving the latest pointer",
         )
@@ -587,8 +589,9 @@ def _scan_remote(opts: RsyncOptions, url: str) -> dict[bytes, tuple[str, int]]:
         kind = _TYPE_OF_MODE.get(m["mode"][0], "S")
         name = m["name"]
         size = int(m["size"].replace(",", ""))
-        if kind == "L":
-            # "name -> target": every split is a candidate; the file list decides
+        if kind == "L" and " -> " in name:
+            # "name -> target" (an rsync daemon shows targets; over ssh rsync shows the
+            # name alone): every split is a candidate; the file list decides
             parts = name.split(" -> ")
             for i in range(1, len(parts)):
                 found[unescape(" -> ".join(parts[:i]))] = (kind, size)

@@ -1,5 +1,6 @@
 """Helpers for the tar/rsync exporter tests: a tree with every kind of file, a
-bit-for-bit description of a tree to compare, policies, and an rsync daemon."""
+bit-for-bit description of a tree to compare, policies, an rsync daemon and an SSH
+server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +192,36 @@ def rsync_daemon(module_path: Path, workdir: Path, module: str = "backup") -> It
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def ssh_server(workdir: Path) -> Iterator[str]:
+    """A real SSH server on 127.0.0.1 (``sshd.py``, asyncssh) that accepts one new key;
+    yields the ``ssh ...`` command line (rsync's ``-e``) that reaches it with that key."""
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / name)], check=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("sshd.py")), str(workdir / "host"), str(workdir / "client.pub")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = proc.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the test SSH server did not start (exit {proc.wait(10)})")
+        yield (
+            f"ssh -p {port} -i {workdir / 'client'} -o BatchMode=yes -o StrictHostKeyChecking=no "
+            "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,14 +1,25 @@
-"""The rsync exporter on real loop filesystems, locally and to an rsync daemon on 127.0.0.1."""
+"""The rsync exporter on real loop filesystems: locally, to an rsync daemon and over
+ssh (OpenSSH's client, a test SSH server), both on 127.0.0.1."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from tar_helpers import MiB, assert_same_tree, describe, free_port, make_every_kind, rsync_daemon, write_policy
+from tar_helpers import (
+    MiB,
+    assert_same_tree,
+    describe,
+    free_port,
+    make_every_kind,
+    rsync_daemon,
+    ssh_server,
+    write_policy,
+)
 
 import snapcore
 from snapcore import CheckpointFailed
@@ -120,6 +131,56 @@ def test_rsync_daemon_dest(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
         assert main(["--state-dir", str(state_dir), "verify", "d3"]) == 0
 
 
+def test_rsync_over_ssh(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = loop_fs("ext4", size_mb=32)
+    out = loop_fs("ext4", size_mb=96)
+    make_every_kind(src.mount_point)
+    trees = out.mount_point / "exports"
+    trees.mkdir()
+    sd = ["--state-dir", str(state_dir)]
+    with ssh_server(tmp_path) as rsh:
+        dest = f"root@127.0.0.1:{trees}"
+        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": rsh})
+        states = []
+        for step, cid in enumerate(["s0", "s1"]):
+            if step:
+                (src.mount_point / "small.txt").write_text("changed over ssh\n")
+            states.append(describe(src.mount_point))
+            details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
+            assert details["dest"] == dest and details["link_dest"] == (f"s{step - 1}" if step else None)
+        name = str(details["slug"])
+        big = Path("dir") / "random.bin"
+        assert (trees / "s0" / name / big).stat().st_ino == (trees / "s1" / name / big).stat().st_ino, (
+            "--link-dest works over ssh"
+        )
+        assert json.loads((trees / "s1" / "manifest.json").read_text())["id"] == "s1"
+        assert main([*sd, "verify", "s1"]) == 0
+        restored = out.mount_point / "restored"
+        assert main([*sd, "restore", "s1", "--to", str(restored)]) == 0
+        assert_same_tree(restored, states[1])
+        # a failed checkpoint takes its tree back over ssh; delete removes one there
+        with pytest.raises(CheckpointFailed):
+            snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s2", payload=lambda c: 1)
+        assert not (trees / "s2" / name).exists() and (trees / f"{name}.latest").read_text().strip() == "s1"
+        assert main([*sd, "delete", "s0"]) == 0
+        assert not (trees / "s0" / name).exists() and (trees / "s1" / name / big).is_file()
+        # a key the server does not accept: refused before anything is frozen
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+        stranger = rsh.replace(str(tmp_path / "client"), str(tmp_path / "stranger"))
+        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": stranger}, name="stranger")
+        capsys.readouterr()
+        assert main([*sd, "checkpoint", "--policy", str(policy), "--id", "s3"]) == 1
+        assert f"reaching {dest}" in capsys.readouterr().err
+        assert not (state_dir / "checkpoints" / "s3").exists() or load_outcome(state_dir, "s3") == "failed"
+    assert_not_frozen(src.mount_point)
+
+
+def load_outcome(state_dir: Path, cid: str) -> str:
+    return str(json.loads((state_dir / "checkpoints" / cid / "manifest.json").read_text())["outcome"])
+
+
 def test_rsync_bad_input(
     loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -205,3 +266,26 @@ def test_progress_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> Non
     quiet.add(nbytes=MiB, files=1)
     quiet.close(True)
     assert plain.getvalue() == ""
+
+
+def test_remote_latest_pointer_moves_within_one_second(loop_fs: LoopFactory, tmp_path: Path) -> None:
+    """Two checkpoints published within one second: the pointers "p0" and "p1" have
+    one size and one mtime, which rsync's quick check alone would take as unchanged."""
+    import time
+
+    from snapcore.mounts import MountTable
+    from snapcore_tar import rsync_backend
+
+    out = loop_fs("ext4")
+    mount = MountTable.read().find(out.mount_point)
+    with rsync_daemon(out.mount_point, tmp_path) as url:
+        time.sleep(1 - time.time() % 1)  # at the start of a second: both fit in it
+        for cid in ("p0", "p1"):
+            target = snapcore.Target(
+                checkpoint_id=cid, mount=mount, imager="fsfreeze", exporter="rsync", options={"rsync": {"dest": url}}
+            )
+            export = snapcore.Export(
+                backend="rsync", ref=f"{url}/{cid}/t", path=f"{url}/{cid}", details={"dest": url, "slug": "t"}
+            )
+            rsync_backend.publish(target, export, json.dumps({"id": cid}))
+        assert (out.mount_point / "t.latest").read_text() == "p1\n"
