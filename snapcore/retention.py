@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 PRUNED = "pruned"
 DELETED = "deleted"
+#: A record's extra field: when its export was removed (its image may remain).
+EXPORT_REMOVED = "export_removed"
 
 
 def _epoch(iso: str | None) -> float:
@@ -243,6 +245,8 @@ def prune(
                 continue
             except Exception as exc:
                 report.errors.append(f"{entry.mount}: cannot remove {entry.ref}: {exc}")
+                if entry.manifest is not None and entry.record is not None and EXPORT_REMOVED in entry.record.extra:
+                    touched[entry.manifest.id] = entry.manifest  # its export went before the error
                 continue
             report.removed.append(entry)
             if entry.manifest is not None and entry.record is not None:
@@ -261,10 +265,14 @@ def prune(
 def _remove(entry: Entry, state_dir: Path, table: MountTable, plugins: Plugins, newest: TargetRecord | None) -> None:
     target = _target_for(entry, state_dir, table, newest)
     if entry.record is not None:
-        export = export_of(entry.record)
-        if export is not None and entry.record.exporter:
-            plugins.discard(entry.record.exporter, target, image_of(entry.record), export)
-        plugins.discard(entry.imager, target, image_of(entry.record), None)
+        record = entry.record
+        export = export_of(record)
+        if export is not None and record.exporter:
+            plugins.discard(record.exporter, target, image_of(record), export)
+            # gone, whatever happens to the image next: the manifest must not offer it
+            record.export, record.export_record = None, None
+            record.extra[EXPORT_REMOVED] = utc_now()
+        plugins.discard(entry.imager, target, image_of(record), None)
         return
     assert entry.ref is not None
     image = Image(backend=entry.imager, ref=entry.ref, consistency=Consistency.ATOMIC, path=entry.ref)
@@ -320,6 +328,7 @@ def delete(
     for manifest in manifests:
         deletion = Deletion(manifest=manifest)
         done.append(deletion)
+        changed = False
         for record in manifest.targets:
             if mounts and record.mount not in mounts:
                 continue
@@ -341,6 +350,7 @@ def delete(
                     _remove(entry, state_dir, table, plugins, None)
                 except Exception as exc:
                     deletion.errors.append(f"{record.mount}: cannot remove {what}: {exc}")
+                    changed = changed or EXPORT_REMOVED in record.extra  # its export went before the error
                     continue
                 record.outcome = DELETED
                 record.extra["deleted"] = utc_now()
@@ -352,7 +362,7 @@ def delete(
             if not dry_run:
                 shutil.rmtree(state_dir / "checkpoints" / manifest.id, ignore_errors=True)
             deletion.manifest_removed = True
-        elif deletion.removed and not dry_run:
+        elif (deletion.removed or changed) and not dry_run:
             manifest.write(state_dir)
     return done
 

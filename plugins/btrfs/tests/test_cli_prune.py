@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,3 +191,30 @@ def test_cli_delete(btrfs_subvol: SubvolFactory, run: Run, state_dir: Path) -> N
     assert snaps[a.name, "k2"].exists() and (a.path / ".snapshots" / "mine").exists()
     code, out, _ = run("list")
     assert "k2" in out and "k1" not in out
+
+
+def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifest(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    sv = btrfs_subvol()
+    streams = tmp_path / "streams"
+    policy = policy_file(
+        f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n    exporter: btrfs-send\n"
+        f"    options:\n      btrfs-send: {{dest: {streams}}}\n"
+    )
+    assert run("checkpoint", "--policy", str(policy), "--id", "k1")[0] == 0
+    snapshots = sv.path / ".snapshots"
+    subprocess.run(["chattr", "+i", str(snapshots)], check=True)  # the snapshot cannot be deleted now
+    try:
+        code, out, err = run("delete", "k1")
+        assert code == 1 and "Operation not permitted" in out and "could not be removed" in err
+        record = load(state_dir, "k1").targets[0]
+        assert record.outcome == "ok" and record.export is None and record.export_record is None
+        assert "export_removed" in record.extra
+        assert (snapshots / "k1").exists() and not list(streams.glob("*.btrfs-send*"))
+        assert run("verify", "k1")[0] == 0  # the image alone, as the manifest now says
+    finally:
+        subprocess.run(["chattr", "-i", str(snapshots)], check=True)
+    code, out, err = run("delete", "k1")
+    assert code == 0, err
+    assert not (snapshots / "k1").exists() and "k1: removed its manifest" in out
