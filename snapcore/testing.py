@@ -173,6 +173,17 @@ def loop_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFactory]:
             pytest.fail("loop filesystem teardown: " + "; ".join(problems))
 
 
+@pytest.fixture(autouse=True)
+def run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each test's own run directory (journal, locks, the guard's records), through
+    ``SNAPCORE_RUN_DIR``: a test never reads or leaves anything in the host's
+    ``/run/snapcore``, and crash records of one test never reach the next."""
+    path = tmp_path_factory.mktemp("run")
+    path.chmod(0o700)
+    monkeypatch.setenv("SNAPCORE_RUN_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     """A private state directory (manifests) for one test."""

@@ -11,14 +11,11 @@ from tests.test_inventory import Holders
 
 
 @pytest.fixture(autouse=True)
-def core_backends_only(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def core_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The core's tests run with the core's plugins and fsfreeze alone, whatever else
-    is installed: other backends are tested by their own distributions. Each test
-    has its own run directory (journal, locks)."""
+    is installed: other backends are tested by their own distributions. (Each test's
+    own run directory comes from snapcore.testing's ``run_dir``.)"""
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze")
-    run_dir = tmp_path_factory.mktemp("run")
-    run_dir.chmod(0o700)
-    monkeypatch.setenv("SNAPCORE_RUN_DIR", str(run_dir))
 
 
 @pytest.fixture
