@@ -565,7 +565,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if not args.dry_run:
         _require_root("snapcore prune")
-    report = prune(_state_dir(args), _plugins(args), dry_run=args.dry_run)
+    report = prune(_state_dir(args), _plugins(args), dry_run=args.dry_run, run_dir=_run_dir(args))
     for line in describe(report, args.dry_run):
         print(line)
     if report.errors:
@@ -579,7 +579,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _require_root("snapcore delete")
     mounts = [os.path.normpath(m) for m in args.mount]
-    done = delete(_state_dir(args), _plugins(args), args.checkpoint_ids, mounts=mounts, dry_run=args.dry_run)
+    state_dir, run_dir = _state_dir(args), _run_dir(args)
+    done = delete(state_dir, _plugins(args), args.checkpoint_ids, mounts=mounts, dry_run=args.dry_run, run_dir=run_dir)
     verb = "would remove" if args.dry_run else "removed"
     errors = 0
     for deletion in done:

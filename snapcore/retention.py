@@ -25,15 +25,17 @@ left alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from snapcore.errors import StillNeeded, UsageError
+from snapcore.locks import LockBusy, MountLock
 from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins
@@ -220,6 +222,20 @@ def _target_for(entry: Entry, state_dir: Path, table: MountTable, newest: Target
     )
 
 
+@contextlib.contextmanager
+def _holding(run_dir: Path | None, mount: str, who: str) -> Iterator[None]:
+    """The mount's checkpoint lock while its images go: a checkpoint running on it
+    may be building on one of them (an incremental send against its parent)."""
+    from snapcore.transaction import default_run_dir
+
+    lock = MountLock(run_dir or default_run_dir(), mount, who)
+    lock.acquire()  # LockBusy: a checkpoint (or another prune or delete) holds it
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prune(
     state_dir: Path,
     plugins: Plugins,
@@ -227,8 +243,11 @@ def prune(
     dry_run: bool = False,
     now: float | None = None,
     table: MountTable | None = None,
+    run_dir: Path | None = None,
 ) -> PruneReport:
-    """Apply every mount's ``keep``; with ``dry_run``, only say what would go."""
+    """Apply every mount's ``keep``; with ``dry_run``, only say what would go. Each
+    mount is pruned holding its checkpoint lock (in ``run_dir``); a busy one is an
+    error, left for the next run."""
     table = table or MountTable.read()
     plans = plan(state_dir, plugins, now=now, table=table)
     report = PruneReport(plans=plans)
@@ -236,23 +255,13 @@ def prune(
         return report
     touched: dict[str, Manifest] = {}
     for mount_plan in plans:
-        newest_record = next((e.record for e in mount_plan.entries if e.record is not None), None)
-        for entry in mount_plan.to_remove:
-            try:
-                _remove(entry, state_dir, table, plugins, newest_record)
-            except StillNeeded as exc:
-                entry.keep, entry.why = True, f"still needed: {exc}"
-                continue
-            except Exception as exc:
-                report.errors.append(f"{entry.mount}: cannot remove {entry.ref}: {exc}")
-                if entry.manifest is not None and entry.record is not None and EXPORT_REMOVED in entry.record.extra:
-                    touched[entry.manifest.id] = entry.manifest  # its export went before the error
-                continue
-            report.removed.append(entry)
-            if entry.manifest is not None and entry.record is not None:
-                entry.record.outcome = PRUNED
-                entry.record.extra["pruned"] = utc_now()
-                touched[entry.manifest.id] = entry.manifest
+        if not mount_plan.to_remove:
+            continue
+        try:
+            with _holding(run_dir, mount_plan.mount, "prune"):
+                _prune_mount(mount_plan, state_dir, table, plugins, report, touched)
+        except LockBusy as exc:
+            report.errors.append(f"{mount_plan.mount}: not pruned: {exc}")
     for manifest in touched.values():
         if any(t.outcome == Outcome.OK.value for t in manifest.targets):
             manifest.write(state_dir)
@@ -260,6 +269,33 @@ def prune(
             shutil.rmtree(state_dir / "checkpoints" / manifest.id, ignore_errors=True)
             report.manifests_removed.append(manifest.id)
     return report
+
+
+def _prune_mount(
+    mount_plan: MountPlan,
+    state_dir: Path,
+    table: MountTable,
+    plugins: Plugins,
+    report: PruneReport,
+    touched: dict[str, Manifest],
+) -> None:
+    newest_record = next((e.record for e in mount_plan.entries if e.record is not None), None)
+    for entry in mount_plan.to_remove:
+        try:
+            _remove(entry, state_dir, table, plugins, newest_record)
+        except StillNeeded as exc:
+            entry.keep, entry.why = True, f"still needed: {exc}"
+            continue
+        except Exception as exc:
+            report.errors.append(f"{entry.mount}: cannot remove {entry.ref}: {exc}")
+            if entry.manifest is not None and entry.record is not None and EXPORT_REMOVED in entry.record.extra:
+                touched[entry.manifest.id] = entry.manifest  # its export went before the error
+            continue
+        report.removed.append(entry)
+        if entry.manifest is not None and entry.record is not None:
+            entry.record.outcome = PRUNED
+            entry.record.extra["pruned"] = utc_now()
+            touched[entry.manifest.id] = entry.manifest
 
 
 def _remove(entry: Entry, state_dir: Path, table: MountTable, plugins: Plugins, newest: TargetRecord | None) -> None:
@@ -311,13 +347,15 @@ def delete(
     mounts: Sequence[str] = (),
     dry_run: bool = False,
     table: MountTable | None = None,
+    run_dir: Path | None = None,
 ) -> list[Deletion]:
     """Remove checkpoints (or, with ``mounts``, only those mounts' part of them) the way
     ``snapper delete`` or ``lvremove`` would: each export, then each image, through
     their backends, which refuse what snapcore did not make and what later increments
     still build on. A manifest is removed once nothing of it is left, else rewritten
     with the removed targets marked ``outcome: deleted``. Every id is looked up
-    before anything is removed: an unknown one removes nothing."""
+    before anything is removed: an unknown one removes nothing. A mount's images go
+    holding its checkpoint lock (in ``run_dir``): a busy mount is an error."""
     manifests = [load(state_dir, checkpoint_id) for checkpoint_id in dict.fromkeys(checkpoint_ids)]
     for mount in mounts:
         for manifest in manifests:
@@ -347,8 +385,9 @@ def delete(
                     record=record,
                 )
                 try:
-                    _remove(entry, state_dir, table, plugins, None)
-                except Exception as exc:
+                    with _holding(run_dir, record.mount, f"delete {manifest.id}"):
+                        _remove(entry, state_dir, table, plugins, None)
+                except Exception as exc:  # LockBusy too: a checkpoint of that mount runs
                     deletion.errors.append(f"{record.mount}: cannot remove {what}: {exc}")
                     changed = changed or EXPORT_REMOVED in record.extra  # its export went before the error
                     continue

@@ -218,3 +218,21 @@ def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifes
     code, out, err = run("delete", "k1")
     assert code == 0, err
     assert not (snapshots / "k1").exists() and "k1: removed its manifest" in out
+
+
+def test_delete_and_prune_leave_a_mount_alone_while_it_is_checkpointed(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path]
+) -> None:
+    sv = btrfs_subvol()
+    policy = _keep_policy(policy_file, sv.path, "{last: 1}")
+    for cid in ("k1", "k2"):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
+    with snapcore.hold(policy=policy, state_dir=state_dir, checkpoint_id="k3"):  # a checkpoint in progress
+        code, out, err = run("delete", "k1")
+        assert code == 1 and "being checkpointed already: checkpoint 'k3'" in out
+        code, out, err = run("prune")
+        assert code == 1 and f"{sv.path}: not pruned" in out
+        assert (sv.path / ".snapshots" / "k1").exists() and load(state_dir, "k1").targets[0].outcome == "ok"
+    code, out, err = run("prune")  # k3 is the newest now: k2 and k1 go
+    assert code == 0, err
+    assert sorted(p.name for p in (sv.path / ".snapshots").iterdir()) == ["k3", "k3.snapcore.json"]
