@@ -378,9 +378,12 @@ def delete_image(snapshot: Path) -> bool:
     """Delete a snapshot snapcore made; False when it is already gone.
 
     Refuses (raises) for a subvolume without a matching marker: never delete what
-    snapcore did not create.
+    snapcore did not create; and for a path no btrfs is mounted under now (the
+    snapshot is out of reach, not gone: saying it was deleted would lose track of it).
     """
     marker = marker_path(snapshot)
+    if not snapshot.exists() and fsid(nearest_existing(snapshot.parent)) is None:
+        raise fail(f"cannot reach {snapshot}: no btrfs is mounted there now; mount it, then try again")
     if not snapshot.exists():
         with contextlib.suppress(OSError):
             if read_marker(snapshot) is not None:

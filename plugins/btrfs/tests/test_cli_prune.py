@@ -236,3 +236,20 @@ def test_delete_and_prune_leave_a_mount_alone_while_it_is_checkpointed(
     code, out, err = run("prune")  # k3 is the newest now: k2 and k1 go
     assert code == 0, err
     assert sorted(p.name for p in (sv.path / ".snapshots").iterdir()) == ["k3", "k3.snapcore.json"]
+
+
+def test_delete_of_an_unmounted_filesystem_s_image_waits_for_its_mount(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path
+) -> None:
+    sv = btrfs_subvol()
+    assert run("checkpoint", str(sv.path), "--id", "k1")[0] == 0
+    subprocess.run(["umount", str(sv.path)], check=True)
+    try:
+        code, out, err = run("delete", "k1")
+        assert code == 1 and "no btrfs is mounted there now" in out
+        assert load(state_dir, "k1").targets[0].outcome == "ok"  # still known, not lost track of
+    finally:
+        subprocess.run(["mount", "-t", "btrfs", "-o", f"subvol={sv.name}", sv.fs.device, str(sv.path)], check=True)
+    code, out, err = run("delete", "k1")
+    assert code == 0, err
+    assert not (sv.path / ".snapshots" / "k1").exists() and "k1: removed its manifest" in out
