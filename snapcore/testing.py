@@ -174,14 +174,26 @@ def loop_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFactory]:
 
 
 @pytest.fixture(autouse=True)
-def run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Each test's own run directory (journal, locks, the guard's records), through
     ``SNAPCORE_RUN_DIR``: a test never reads or leaves anything in the host's
-    ``/run/snapcore``, and crash records of one test never reach the next."""
+    ``/run/snapcore``, and crash records of one test never reach the next.
+
+    Not through ``monkeypatch``: an autouse fixture that requests it makes it the
+    first fixture set up, hence the last torn down, so a test's own ``monkeypatch``
+    (a ``PATH`` without ``umount``, say) would still hold while its other fixtures'
+    teardowns run."""
     path = tmp_path_factory.mktemp("run")
     path.chmod(0o700)
-    monkeypatch.setenv("SNAPCORE_RUN_DIR", str(path))
-    return path
+    before = os.environ.get("SNAPCORE_RUN_DIR")
+    os.environ["SNAPCORE_RUN_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("SNAPCORE_RUN_DIR", None)
+        else:
+            os.environ["SNAPCORE_RUN_DIR"] = before
 
 
 @pytest.fixture
