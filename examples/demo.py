@@ -29,6 +29,9 @@ def run(*args: str) -> int:
 
 
 def demo(base: Path) -> int:
+    # the journal and the locks live with the demo's filesystems, and go with them
+    # (a real host keeps them in /run/snapcore)
+    os.environ["SNAPCORE_RUN_DIR"] = str(base / "run")
     loops = LoopFactory(base)
     tmpfs = base / "tmpfs"
     try:
