@@ -186,12 +186,17 @@ def rsync_daemon(module_path: Path, workdir: Path, module: str = "backup") -> It
             time.sleep(0.02)
         yield f"rsync://127.0.0.1:{port}/{module}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """End a test server: SIGTERM, then SIGKILL if it is still there after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -217,11 +222,6 @@ def ssh_server(workdir: Path) -> Iterator[str]:
             "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()

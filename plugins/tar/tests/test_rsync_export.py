@@ -25,7 +25,7 @@ import snapcore
 from snapcore import CheckpointFailed
 from snapcore.cli import main
 from snapcore.plugins import make_plugins
-from snapcore.testing import LoopFactory, assert_not_frozen
+from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
 from snapcore_tar.progress import Progress
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
@@ -88,38 +88,47 @@ def test_rsync_round_trip_and_link_dest_chain(
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == before
 
 
+def _remote_round_trip(src: LoopFS, out: LoopFS, trees: Path, policy: Path, state_dir: Path, dest: str, p: str) -> str:
+    """Two checkpoints (``{p}0``, ``{p}1``) to a remote ``dest`` whose trees land in
+    ``trees``: ``--link-dest`` on the far side, verify, restore, and a failed third
+    checkpoint whose tree is taken back. Returns the mount's slug."""
+    states = []
+    for step, cid in enumerate([f"{p}0", f"{p}1"]):
+        if step:
+            (src.mount_point / "small.txt").write_text(f"changed remotely ({dest})\n")
+        states.append(describe(src.mount_point))
+        details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
+        assert details["dest"] == dest and details["link_dest"] == (f"{p}{step - 1}" if step else None)
+    name = str(details["slug"])
+    assert json.loads((trees / f"{p}1" / "manifest.json").read_text())["id"] == f"{p}1"
+    big = Path("dir") / "random.bin"
+    assert (trees / f"{p}0" / name / big).stat().st_ino == (trees / f"{p}1" / name / big).stat().st_ino, (
+        "--link-dest works on the far side"
+    )
+    assert main(["--state-dir", str(state_dir), "verify", f"{p}1"]) == 0
+    restored = out.mount_point / f"restored-{p}"
+    assert main(["--state-dir", str(state_dir), "restore", f"{p}1", "--to", str(restored)]) == 0
+    assert_same_tree(restored, states[1])
+    # discard on the far side: a failing payload after the export
+    with pytest.raises(CheckpointFailed):
+        snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=f"{p}2", payload=lambda c: 1)
+    assert not (trees / f"{p}2" / name).exists() and not (trees / f"{p}2" / f"{name}.export.json").exists()
+    assert (trees / f"{name}.latest").read_text().strip() == f"{p}1"
+    return name
+
+
 def test_rsync_daemon_dest(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
     src = loop_fs("ext4", size_mb=32)
     out = loop_fs("ext4", size_mb=96)
     make_every_kind(src.mount_point)
     module = out.mount_point / "module"
-    (module / "exports").mkdir(parents=True)
+    trees = module / "exports"
+    trees.mkdir(parents=True)
     with rsync_daemon(module, tmp_path) as url:
         dest = f"{url}/exports"
         policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest})
-        states = []
-        for step, cid in enumerate(["d0", "d1"]):
-            if step:
-                (src.mount_point / "small.txt").write_text("changed on the daemon\n")
-            states.append(describe(src.mount_point))
-            details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
-            assert details["dest"] == dest
-        name = str(details["slug"])
-        trees = module / "exports"
-        assert json.loads((trees / "d1" / "manifest.json").read_text())["id"] == "d1"
+        name = _remote_round_trip(src, out, trees, policy, state_dir, dest, "d")
         big = Path("dir") / "random.bin"
-        assert (trees / "d0" / name / big).stat().st_ino == (trees / "d1" / name / big).stat().st_ino, (
-            "--link-dest works on the daemon side"
-        )
-        assert main(["--state-dir", str(state_dir), "verify", "d1"]) == 0
-        restored = out.mount_point / "restored"
-        assert main(["--state-dir", str(state_dir), "restore", "d1", "--to", str(restored)]) == 0
-        assert_same_tree(restored, states[1])
-        # discard on the daemon: a failing payload after the export
-        with pytest.raises(CheckpointFailed):
-            snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2", payload=lambda c: 1)
-        assert not (trees / "d2" / name).exists() and not (trees / "d2" / f"{name}.export.json").exists()
-        assert (trees / f"{name}.latest").read_text().strip() == "d1"
         # keep applies to the trees (fsfreeze keeps no image): prune removes d0 on the daemon
         policy.write_text(policy.read_text() + "    keep: {last: 2}\n")
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d3")
@@ -143,29 +152,10 @@ def test_rsync_over_ssh(
     with ssh_server(tmp_path) as rsh:
         dest = f"root@127.0.0.1:{trees}"
         policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": rsh})
-        states = []
-        for step, cid in enumerate(["s0", "s1"]):
-            if step:
-                (src.mount_point / "small.txt").write_text("changed over ssh\n")
-            states.append(describe(src.mount_point))
-            details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
-            assert details["dest"] == dest and details["link_dest"] == (f"s{step - 1}" if step else None)
-        name = str(details["slug"])
-        big = Path("dir") / "random.bin"
-        assert (trees / "s0" / name / big).stat().st_ino == (trees / "s1" / name / big).stat().st_ino, (
-            "--link-dest works over ssh"
-        )
-        assert json.loads((trees / "s1" / "manifest.json").read_text())["id"] == "s1"
-        assert main([*sd, "verify", "s1"]) == 0
-        restored = out.mount_point / "restored"
-        assert main([*sd, "restore", "s1", "--to", str(restored)]) == 0
-        assert_same_tree(restored, states[1])
-        # a failed checkpoint takes its tree back over ssh; delete removes one there
-        with pytest.raises(CheckpointFailed):
-            snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s2", payload=lambda c: 1)
-        assert not (trees / "s2" / name).exists() and (trees / f"{name}.latest").read_text().strip() == "s1"
+        name = _remote_round_trip(src, out, trees, policy, state_dir, dest, "s")
+        # delete removes a tree there
         assert main([*sd, "delete", "s0"]) == 0
-        assert not (trees / "s0" / name).exists() and (trees / "s1" / name / big).is_file()
+        assert not (trees / "s0" / name).exists() and (trees / "s1" / name / "dir" / "random.bin").is_file()
         # a key the server does not accept: refused before anything is frozen
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
         stranger = rsh.replace(str(tmp_path / "client"), str(tmp_path / "stranger"))
