@@ -11,6 +11,7 @@ from pathlib import Path
 import btrfsutil
 import pytest
 from btrfs_testlib import (  # the fixtures are used by name
+    Subvol,
     SubvolFactory,
     mount,
     populate,
@@ -234,15 +235,20 @@ def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, s
     assert (sv.fs.mount_point / aside[0] / "after.txt").read_text() == "written after"
 
 
+def _image_of_old_then_new(sv: Subvol, state_dir: Path, checkpoint_id: str) -> Path:
+    """The image of a checkpoint taken while ``a`` held "old"; ``a`` holds "new" now."""
+    sv.write("a", "old")
+    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id=checkpoint_id)
+    sv.write("a", "new")
+    return Path(manifest.targets[0].image or "")
+
+
 @pytest.mark.usefixtures("no_leftover_mounts")
 def test_restore_in_place_busy_mount_and_refusals(
     btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory
 ) -> None:
     sv = btrfs_subvol()
-    sv.write("a", "old")
-    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="b1")
-    sv.write("a", "new")
-    image = Path(manifest.targets[0].image or "")
+    image = _image_of_old_then_new(sv, state_dir, "b1")
     with open(sv.path / "a") as busy:
         where = backend.rollback(_mount(sv.path), "b1", image=image)
         assert "busy" in where and busy.read() == "new"
@@ -305,10 +311,7 @@ def test_restore_in_place_refuses_a_mount_pinned_by_subvolid_in_fstab(
     btrfs_subvol: SubvolFactory, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sv = btrfs_subvol()
-    sv.write("a", "old")
-    manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="f1")
-    sv.write("a", "new")
-    image = Path(manifest.targets[0].image or "")
+    image = _image_of_old_then_new(sv, state_dir, "f1")
     fstab = tmp_path / "fstab"
     subvol_id = btrfsutil.subvolume_id(str(sv.path))
     fstab.write_text(f"# a comment line\nUUID=x {sv.path} btrfs defaults,subvolid={subvol_id},noatime 0 0\n")
