@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 log = get_logger("snapcore")
 
-DEFAULT_RUN_DIR = "/run/snapcore"
-
 
 class _Formatter(argparse.HelpFormatter):
     """argparse's formatter, told the terminal's width: left to itself it imports
@@ -290,7 +288,9 @@ def _run_after_restore(command: list[str]) -> int:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    return Path(args.run_dir or os.environ.get("SNAPCORE_RUN_DIR") or DEFAULT_RUN_DIR)
+    from snapcore.locks import default_run_dir
+
+    return Path(args.run_dir) if args.run_dir else default_run_dir()
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from snapcore.errors import (
 )
 from snapcore.faults import inject
 from snapcore.journal import Journal, recover, secure_dir
-from snapcore.locks import MountLock
+from snapcore.locks import MountLock, default_run_dir
 from snapcore.log import get_logger
 from snapcore.manifest import (
     Manifest,
@@ -1017,10 +1017,6 @@ def _shared_pool(width: int) -> ThreadPoolExecutor:
             for future in [_POOL.submit(barrier.wait, 5.0) for _ in range(width)]:
                 future.result()
         return _POOL
-
-
-def default_run_dir() -> Path:
-    return Path(os.environ.get("SNAPCORE_RUN_DIR") or "/run/snapcore")
 
 
 def check_payload(payload: Payload | None) -> None:

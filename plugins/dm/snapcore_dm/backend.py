@@ -40,6 +40,7 @@ from typing import Any
 
 from snapcore import BackendError, Image, Mount, Support, Target, block_devnum, human_bytes, udev_attr, udev_device
 from snapcore.errors import MissingTool
+from snapcore.locks import default_run_dir
 from snapcore_dm import NAME
 
 log = logging.getLogger(__name__)
@@ -746,7 +747,7 @@ def health(details: Mapping[str, Any]) -> Health:
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("SNAPCORE_RUN_DIR", "/run/snapcore")) / "dm"
+    return default_run_dir() / "dm"
 
 
 def image_mount_dir(checkpoint_id: str, mount_point: str) -> Path:
