@@ -35,12 +35,12 @@ from datetime import datetime
 from pathlib import Path
 
 from snapcore.errors import StillNeeded, UsageError
-from snapcore.locks import LockBusy, MountLock
+from snapcore.locks import LockBusy, MountLock, default_run_dir
 from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins
 from snapcore.records import export_of, image_of, mount_of, target_of
-from snapcore.types import Consistency, Image, ImageEntry, Keep, Outcome, Target
+from snapcore.types import Consistency, Export, Image, ImageEntry, Keep, Outcome, Target
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,21 @@ def decide(entries: list[Entry], keep: Keep, now: float) -> None:
             entry.why = "image without a manifest (orphan)" if entry.orphan else "outside the keep rule"
 
 
+def _kept(record: TargetRecord) -> tuple[Image | None, Export | None]:
+    """What a target keeps on disk: its image (one with a ref) and its export."""
+    image, export = image_of(record), export_of(record)
+    return (
+        image if image is not None and image.ref is not None else None,
+        export if export is not None and record.exporter else None,
+    )
+
+
 def _kept_ref(record: TargetRecord) -> str | None:
     """The image a target keeps, or its export when the imager keeps none."""
-    image = image_of(record)
-    if image is not None and image.ref is not None:
+    image, export = _kept(record)
+    if image is not None:
         return image.ref
-    export = export_of(record)
-    if export is not None and record.exporter:
-        return export.path or export.ref
-    return None
+    return (export.path or export.ref) if export is not None else None
 
 
 def plan(
@@ -226,8 +232,6 @@ def _target_for(entry: Entry, state_dir: Path, table: MountTable, newest: Target
 def _holding(run_dir: Path | None, mount: str, who: str) -> Iterator[None]:
     """The mount's checkpoint lock while its images go: a checkpoint running on it
     may be building on one of them (an incremental send against its parent)."""
-    from snapcore.transaction import default_run_dir
-
     lock = MountLock(run_dir or default_run_dir(), mount, who)
     lock.acquire()  # LockBusy: a checkpoint (or another prune or delete) holds it
     try:
@@ -330,11 +334,11 @@ def _holds(record: TargetRecord) -> str | None:
     """What a target still keeps on disk, in words; None when nothing."""
     if record.outcome != Outcome.OK.value:
         return None  # failed (its images were discarded then), pruned or deleted
-    image, export = image_of(record), export_of(record)
+    image, export = _kept(record)
     parts = []
-    if image is not None and image.ref is not None:
+    if image is not None:
         parts.append(f"image {image.ref}")
-    if export is not None and record.exporter:
+    if export is not None:
         parts.append(f"{record.exporter} export {export.path or export.ref}")
     return ", ".join(parts) or None
 
