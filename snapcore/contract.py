@@ -33,7 +33,7 @@ from snapcore.faults import ACTIONS
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins, make_plugins
 from snapcore.records import image_of, target_of
-from snapcore.testing import HookRecorder, LoopFactory, assert_not_frozen
+from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen
 from snapcore.types import Consistency, Role
 
 #: Phases a fault is injected at: the backend hooks, then the core's own steps.
@@ -53,12 +53,11 @@ class BackendContract:
     fstype: ClassVar[str] = "ext4"
     #: backends to load (SNAPCORE_PLUGINS); default: the imager and exporter
     plugins: ClassVar[tuple[str, ...]] = ()
-    #: the policy's ``freeze_timeout`` in seconds; raise it only where the snapshot
-    #: itself is slow (e.g. ``lvcreate -s`` in an emulated VM)
+    #: the policy's ``freeze_timeout`` in seconds on the reference machine; the run
+    #: scales it by the machine's pace (:meth:`contract_deadline`). Where the
+    #: snapshot itself is slow (``lvcreate -s`` in an emulated VM), override
+    #: ``contract_deadline`` with a figure derived from a measurement of it instead
     deadline_s: ClassVar[float] = DEADLINE_S
-    #: how long past the deadline a ``hang`` fault is waited for before the
-    #: controller is killed: it must have reached the fault by then
-    hang_grace_s: ClassVar[float] = 1.0
 
     # -- hooks for subclasses -----------------------------------------------------
 
@@ -91,8 +90,14 @@ class BackendContract:
         return self.make_mount(loop_fs)
 
     @pytest.fixture
-    def contract_policy(self, contract_mount: Path, tmp_path: Path) -> Path:
-        rule: dict[str, Any] = {"imager": self.imager, "freeze_timeout": f"{int(self.deadline_s * 1000)}ms"}
+    def contract_deadline(self, pace: Pace) -> float:
+        """The freeze deadline of this run, in seconds: :attr:`deadline_s` at this
+        machine's pace. Override to derive it from a measurement of the snapshot."""
+        return pace.seconds(self.deadline_s)
+
+    @pytest.fixture
+    def contract_policy(self, contract_mount: Path, tmp_path: Path, contract_deadline: float) -> Path:
+        rule: dict[str, Any] = {"imager": self.imager, "freeze_timeout": f"{int(contract_deadline * 1000)}ms"}
         if self.exporter:
             rule["exporter"] = self.exporter
         options = self.backend_options(tmp_path)
@@ -172,24 +177,37 @@ class BackendContract:
         contract_policy: Path,
         contract_mount: Path,
         contract_env: dict[str, str],
+        contract_deadline: float,
         state_dir: Path,
+        tmp_path: Path,
+        pace: Pace,
     ) -> None:
         if phase == "export" and not self.exporter:
             pytest.skip("no exporter in this contract")
         cid = f"fault-{phase}-{action}"
-        env = dict(contract_env, SNAPCORE_FAULT=f"{phase}={action}")
+        reached = tmp_path / f"{cid}.reached"
+        env = dict(contract_env, SNAPCORE_FAULT=f"{phase}={action}", SNAPCORE_FAULT_REACHED=str(reached))
         argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint"]
         argv += ["--policy", str(contract_policy), "--id", cid, "--", "true"]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = ""
         try:
-            # a hang is bounded by the deadline (the guard thaws); then we give up on it
-            code = proc.wait(timeout=self.deadline_s + (20 if action != "hang" else self.hang_grace_s))
+            if action == "hang":
+                # the controller sleeps in the fault for an hour: wait until it is
+                # really there (no guessed time), then the deadline must thaw
+                # whatever it froze, by the guard, without the controller's help
+                _wait_reached(reached, proc, pace.seconds(60), f"{phase}={action}")
+                assert_not_frozen(contract_mount, timeout=contract_deadline + 1.0)
+                proc.kill()
+            code = proc.wait(timeout=pace.seconds(contract_deadline + 20))
         except subprocess.TimeoutExpired:
-            assert action == "hang", f"{phase}={action}: the controller did not finish"
-            assert_not_frozen(contract_mount, timeout=self.deadline_s + 0.5)
             proc.kill()
-            code = proc.wait()
+            proc.wait()
+            pytest.fail(f"{phase}={action}: the controller did not finish")
         finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             if proc.stderr is not None:
                 err = proc.stderr.read().decode(errors="replace")
                 proc.stderr.close()
@@ -202,7 +220,7 @@ class BackendContract:
             env=contract_env,
             check=True,
             capture_output=True,
-            timeout=60,
+            timeout=pace.seconds(60),
         )
         path = state_dir / "checkpoints" / cid / "manifest.json"
         manifest = json.loads(path.read_text())
@@ -214,3 +232,16 @@ class BackendContract:
         leftovers = [e for e in plugins.list_images(self.imager, mount) if e.checkpoint_id == cid]
         assert leftovers == [], leftovers
         assert_not_frozen(contract_mount)
+
+
+def _wait_reached(marker: Path, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Wait until the controller wrote ``marker`` (it reached its injected fault)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: the controller exited ({proc.returncode}) before it reached the fault")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: the controller did not reach the fault within {timeout:.0f}s")
+        time.sleep(0.02)

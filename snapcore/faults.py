@@ -7,6 +7,10 @@ only for one backend), ``manifest`` or ``payload`` (the core's own steps), and A
 These are fakes of failures that cannot be caused for real on demand; they exist so
 that tests can prove nothing is left frozen or half-made whatever fails where. The
 variable is read once per process; without it, ``inject`` costs one dict lookup.
+
+``SNAPCORE_FAULT_REACHED=FILE`` makes every fault append ``PHASE=ACTION`` to FILE
+just before it acts, so a test waits until the controller has really reached a
+``hang`` (on a slow machine that can take seconds) instead of guessing a time.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ def inject(phase: str, backend: str | None = None) -> None:
     action = faults.get((phase, backend)) or faults.get((phase, None))
     if action is None:
         return
+    reached = os.environ.get("SNAPCORE_FAULT_REACHED")
+    if reached:
+        fd = os.open(reached, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{phase}={action}\n".encode())
+        finally:
+            os.close(fd)
     if action == "raise":
         raise InjectedFault(f"injected fault: {phase}" + (f" in {backend}" if backend else ""))
     if action == "hang":

@@ -17,12 +17,20 @@ Inside the guest the command runs as root with ``DM_DISABLE_UDEV=1`` (no udev
 daemon: dmsetup and LVM make their own ``/dev/mapper`` nodes), the venv's ``bin/``
 first on ``PATH``, ``SNAPCORE_IN_VM=1``, and ``SNAPCORE_VM_OUT`` naming the one
 directory it can write back to the host.
+
+Time: a guest pytest run streams its events (:mod:`snapcore.vmreport`) to the host
+while it goes, and the host holds it to a :class:`Budget` derived from what this
+very run measured — the boot time, and figures the guest announces (one ``lvcreate
+-s``) — never to a constant tuned on one machine. A run that overstays is killed,
+and its report names the test that was running, what passed and failed before it,
+and the last lines the guest printed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -33,10 +41,10 @@ import sys
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 #: Debian packages the VM needs on the host (virtme-ng comes from PyPI).
 HOST_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static")
@@ -55,12 +63,166 @@ QEMU_OPTS = "-cpu qemu64 -nodefaults -accel tcg,tb-size=256"
 #: Modules loaded in the guest before the command runs.
 GUEST_MODULES = ("loop", "dm_mod", "dm_snapshot", "dm_thin_pool", "xfs", "btrfs")
 
+#: The guest's event stream (snapcore.vmreport.EVENTS; not imported: it needs pytest).
+_EVENTS = "events.jsonl"
+
 _BOOT_LOCK = threading.Lock()
 _KERNEL_RE = re.compile(r"vmlinuz-(\d+)\.(\d+)\.(\d+)-(\d+)-amd64$")
 
 
 class VMUnavailable(RuntimeError):
     """The VM cannot run on this machine; the message says what to install."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """What the host has read of a guest pytest run so far (``events.jsonl``)."""
+
+    path: Path
+    #: host monotonic time of the launch
+    launched: float
+    #: seconds from the launch to the guest's first event: this run's boot time
+    boot_s: float | None = None
+    #: the guest kernel's uptime at that event
+    guest_uptime_s: float | None = None
+    collected: int | None = None
+    #: figures the guest measured and announced (``snapcore.vmreport.announce``)
+    measures: dict[str, float] = field(default_factory=dict)
+    #: the test running now and the host time its start was read
+    running: str | None = None
+    running_since: float = 0.0
+    #: host time of the last event of any kind
+    last_event: float = 0.0
+    #: ``nodeid`` → ``passed`` | ``failed`` | ``error`` | ``skipped``, in order
+    outcomes: dict[str, str] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)
+    durations: dict[str, float] = field(default_factory=dict)
+    exitstatus: int | None = None
+    _offset: int = 0
+
+    def poll(self, now: float, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Read the complete lines the guest appended since the last poll."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self._offset += end + 1
+        for line in data[: end + 1].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self._take(event, now)
+                if on_event is not None:
+                    on_event(event)
+
+    def _take(self, event: dict[str, Any], now: float) -> None:
+        self.last_event = now
+        if self.boot_s is None:
+            self.boot_s = now - self.launched
+        ev = event.get("ev")
+        if ev == "session":
+            uptime = event.get("uptime")
+            self.guest_uptime_s = float(uptime) if isinstance(uptime, (int, float)) else None
+        elif ev == "collected":
+            self.collected = int(event.get("n") or 0)
+        elif ev == "measure":
+            figures = event.get("figures")
+            if isinstance(figures, dict):
+                self.measures.update({str(k): float(v) for k, v in figures.items() if isinstance(v, (int, float))})
+        elif ev == "start":
+            self.running = str(event.get("nodeid"))
+            self.running_since = now
+        elif ev == "report":
+            self._report(event)
+        elif ev == "finish":
+            self.running = None
+            self.exitstatus = int(event.get("exitstatus") or 0)
+
+    def _report(self, event: dict[str, Any]) -> None:
+        nodeid, when, outcome = str(event.get("nodeid")), event.get("when"), event.get("outcome")
+        self.durations[nodeid] = self.durations.get(nodeid, 0.0) + float(event.get("duration") or 0.0)
+        if outcome == "failed":
+            self.outcomes[nodeid] = "failed" if when == "call" else "error"
+            self.messages[nodeid] = self.messages.get(nodeid, "") + str(event.get("message") or "")
+        elif outcome == "skipped":
+            self.outcomes[nodeid] = "skipped"
+            self.messages[nodeid] = str(event.get("message") or "")
+        elif when == "call":
+            self.outcomes.setdefault(nodeid, "passed")
+        if when == "teardown" and self.running == nodeid:
+            self.running = None
+
+    def failed(self) -> list[str]:
+        return [n for n, o in self.outcomes.items() if o in ("failed", "error")]
+
+    def summary(self, message_chars: int = 1500) -> str:
+        """Which test ran, which passed and failed before it (with their messages)."""
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        done = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "none"
+        lines = [f"guest tests finished: {done} (of {self.collected if self.collected is not None else '?'} collected)"]
+        if self.boot_s is None:
+            lines.append("the guest never started its tests (no event from it)")
+        if self.running:
+            lines.append(f"RUNNING when stopped: {self.running}")
+        for nodeid in self.outcomes:
+            lines.append(f"  {self.outcomes[nodeid]:<7} {nodeid} ({self.durations.get(nodeid, 0.0):.1f}s)")
+        for nodeid in self.failed():
+            lines.append(f"--- {nodeid} ---\n{self.messages.get(nodeid, '')[-message_chars:]}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """How long a guest pytest run may take, from what the run itself measures.
+
+    Until the guest's first event nothing is known, so the boot gets a floor
+    (``boot_floor_s``). From then on, each test may run for the largest of
+    ``test_floor_s``, ``boot_times`` times the boot time just measured, and, for each
+    figure the guest announced, ``per_measure[name]`` times that figure (e.g.
+    40 times one ``lvcreate -s``). Outside any test (collection, session fixtures,
+    the shutdown) the same allowance counts from the guest's last event.
+    """
+
+    boot_floor_s: float = 300.0
+    test_floor_s: float = 60.0
+    boot_times: float = 6.0
+    per_measure: Mapping[str, float] = field(default_factory=dict)
+
+    def per_test(self, progress: Progress) -> tuple[float, str]:
+        """The allowance of one test now, and how it was derived (for the report)."""
+        terms = [(self.test_floor_s, f"floor {self.test_floor_s:g}s")]
+        if progress.boot_s is not None:
+            terms.append((self.boot_times * progress.boot_s, f"{self.boot_times:g} x boot {progress.boot_s:.1f}s"))
+        for name, times in self.per_measure.items():
+            if name in progress.measures:
+                value = progress.measures[name]
+                terms.append((times * value, f"{times:g} x {name} {value:.2f}s"))
+        seconds = max(t for t, _ in terms)
+        return seconds, f"{seconds:.0f}s = max({', '.join(w for _, w in terms)})"
+
+    def exceeded(self, progress: Progress, now: float) -> str | None:
+        """Why the run has overstayed, or None while it is within its allowance."""
+        if progress.boot_s is None:
+            if now - progress.launched > self.boot_floor_s:
+                return f"the guest sent no event within {self.boot_floor_s:g}s of the launch (boot budget)"
+            return None
+        allowance, why = self.per_test(progress)
+        if progress.running is not None:
+            if now - progress.running_since > allowance:
+                return f"guest test {progress.running} ran {now - progress.running_since:.0f}s; allowed {why}"
+            return None
+        if now - progress.last_event > allowance:
+            return f"no guest event for {now - progress.last_event:.0f}s outside any test; allowed {why}"
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,19 +240,28 @@ class VMResult:
     #: The host directory the guest could write to; result files are here.
     outdir: Path
     timed_out: bool = False
+    #: Why the run was stopped (which budget, which test), when it was.
+    stopped: str | None = None
+    #: The guest's streamed pytest events, for a :meth:`TestVM.pytest` run.
+    progress: Progress | None = None
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
 
     def describe(self, tail: int = 60) -> str:
-        """A report for a failed assertion: exit code and the ends of the outputs."""
+        """A report for a failed assertion: why it stopped, what the guest tests did,
+        and the ends of the outputs."""
 
         def last(text: str) -> str:
             return "\n".join(text.splitlines()[-tail:])
 
         what = "timed out" if self.timed_out else f"exit code {self.returncode}"
         parts = [f"VM command {what} after {self.seconds:.1f}s"]
+        if self.stopped:
+            parts.append(f"stopped: {self.stopped}")
+        if self.progress is not None:
+            parts.append(self.progress.summary())
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr), ("console", self.console)):
             if text.strip():
                 parts.append(f"--- guest {name} (last {tail} lines) ---\n{last(text)}")
@@ -99,7 +270,7 @@ class VMResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestTests:
-    """A pytest run inside the guest, with per-test outcomes from its JUnit XML."""
+    """A pytest run inside the guest, with per-test outcomes from its streamed events."""
 
     result: VMResult
     #: ``nodeid`` → ``passed`` | ``failed`` | ``error`` | ``skipped``.
@@ -213,12 +384,17 @@ class TestVM:
         timeout: float = 300.0,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        budget: Budget | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> VMResult:
         """Boot, run ``command`` (a shell line, or an argv) as root, shut down.
 
         Returns the exit code and outputs; files the command writes under
-        ``$SNAPCORE_VM_OUT`` are in ``result.outdir``. On ``timeout`` (or any
-        interrupt) the whole process group is killed and ``timed_out`` is set.
+        ``$SNAPCORE_VM_OUT`` are in ``result.outdir``. The run is killed, as a whole
+        process group, after ``timeout`` seconds in all, or as soon as it overstays
+        ``budget`` (read from the guest's streamed events; each is also passed to
+        ``on_event`` as it arrives), or on any interrupt; then ``timed_out`` is set
+        and ``stopped`` says why.
         """
         line = command if isinstance(command, str) else shlex.join(command)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +406,7 @@ class TestVM:
         host_env["TMPDIR"] = str(outdir)  # virtme's own temporary files go with this boot
         with _BOOT_LOCK, _machine_lock():
             start = time.monotonic()
+            progress = Progress(path=outdir / _EVENTS, launched=start)
             proc = subprocess.Popen(
                 self.argv(script, outdir),
                 stdin=subprocess.DEVNULL,  # a closed stdin crashes vng
@@ -238,18 +415,31 @@ class TestVM:
                 env=host_env,
                 start_new_session=True,
             )
-            timed_out = False
+            out, err = _drain(proc.stdout), _drain(proc.stderr)
+            stopped: str | None = None
             try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-                out, err = proc.communicate()
+                while True:
+                    try:
+                        proc.wait(timeout=0.25)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    now = time.monotonic()
+                    progress.poll(now, on_event)
+                    if now - start > timeout:
+                        stopped = f"the whole run exceeded its {timeout:g}s"
+                    elif budget is not None:
+                        stopped = budget.exceeded(progress, now)
+                    if stopped:
+                        break
             finally:
                 _kill_group(proc)  # never leave a qemu behind, whatever happened
+                out_text, err_text = out.text(), err.text()
+            progress.poll(time.monotonic(), on_event)
             seconds = time.monotonic() - start
         self.boots += 1
         self.boot_seconds.append(seconds)
+        timed_out = stopped is not None
         rc_file = outdir / "rc"
         returncode = proc.returncode
         if rc_file.exists():
@@ -261,38 +451,62 @@ class TestVM:
             returncode=returncode if not timed_out else -signal.SIGKILL,
             stdout=_read(outdir / "stdout"),
             stderr=_read(outdir / "stderr"),
-            console=(out + err).decode(errors="replace"),
+            console=out_text + err_text,
             seconds=seconds,
             outdir=outdir,
             timed_out=timed_out,
+            stopped=stopped,
+            progress=progress if progress.boot_s is not None or budget is not None else None,
         )
 
     def pytest(
         self,
         args: Sequence[str],
         *,
-        timeout: float = 600.0,
+        budget: Budget | None = None,
+        timeout: float = 3600.0,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> GuestTests:
         """Run a pytest selection in one boot; the same ``args`` twice reuse the boot.
 
-        The guest cannot write to the checkout, so the cache provider is off and the
-        JUnit XML goes to the shared directory, from which outcomes are read.
+        The guest streams each test's start and outcome to the host
+        (:mod:`snapcore.vmreport`); the run is held to ``budget`` (default:
+        :class:`Budget`'s defaults) and, as a last resort, ``timeout`` in all. The
+        guest cannot write to the checkout, so pytest's cache provider is off.
         """
         key = (os.fspath(cwd or os.getcwd()), *args)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        line = (
-            'python -m pytest -p no:cacheprovider -p snapcore.testing -rs -q --junitxml="$SNAPCORE_VM_OUT/junit.xml" '
-            + shlex.join(args)
-        )
-        result = self.run(line, timeout=timeout, cwd=cwd, env=env)
-        outcomes, messages = parse_junit(result.outdir / "junit.xml")
-        tests = GuestTests(result=result, outcomes=outcomes, messages=messages)
+        line = "python -m pytest -p no:cacheprovider -p snapcore.testing -p snapcore.vmreport -rfEs " + shlex.join(args)
+        result = self.run(line, timeout=timeout, cwd=cwd, env=env, budget=budget or Budget(), on_event=on_event)
+        progress = result.progress
+        assert progress is not None
+        tests = GuestTests(result=result, outcomes=dict(progress.outcomes), messages=dict(progress.messages))
         self._cache[key] = tests
         return tests
+
+
+class _drain:
+    """Reads a pipe to the end in a thread (qemu blocks on a full pipe otherwise)."""
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe: IO[bytes] | None) -> None:
+        if pipe is None:
+            return
+        with pipe:
+            for chunk in iter(lambda: pipe.read1(65536), b""):  # type: ignore[attr-defined]
+                self.chunks.append(chunk)
+
+    def text(self) -> str:
+        self.thread.join(timeout=10)
+        return b"".join(self.chunks).decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -328,29 +542,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         except (ProcessLookupError, PermissionError):
             return
         time.sleep(0.05)
-
-
-def parse_junit(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """``nodeid`` → outcome (and message) from a pytest JUnit XML file."""
-    outcomes: dict[str, str] = {}
-    messages: dict[str, str] = {}
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return outcomes, messages
-    for case in root.iter("testcase"):
-        classname = case.get("classname", "")
-        name = case.get("name", "")
-        nodeid = f"{classname.replace('.', '/')}.py::{name}" if classname else name
-        outcome = "passed"
-        for tag in ("failure", "error", "skipped"):
-            child = case.find(tag)
-            if child is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                messages[nodeid] = (child.get("message") or "") + ("\n" + child.text if child.text else "")
-                break
-        outcomes[nodeid] = outcome
-    return outcomes, messages
 
 
 def main(argv: Sequence[str] | None = None) -> int:

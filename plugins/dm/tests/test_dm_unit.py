@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snapcore import BackendError, Mount
-from snapcore.vm import find_kernel, parse_junit
+from snapcore.vm import Budget, Progress, find_kernel
 from snapcore_dm import backend
 
 LVS_JSON = {
@@ -153,19 +153,51 @@ def test_mount_options_never_replay_journals() -> None:
     assert backend.mount_options("xfs") == "ro,nouuid,norecovery"
 
 
-def test_parse_junit(tmp_path: Path) -> None:
-    xml = tmp_path / "j.xml"
-    xml.write_text(
-        '<testsuites><testsuite><testcase classname="plugins.dm.tests.guest.test_x" name="test_a"/>'
-        '<testcase classname="plugins.dm.tests.guest.test_x" name="test_b"><failure message="boom">tb</failure>'
-        '</testcase><testcase classname="c" name="test_c"><skipped message="why"/></testcase></testsuite></testsuites>'
-    )
-    outcomes, messages = parse_junit(xml)
-    assert outcomes["plugins/dm/tests/guest/test_x.py::test_a"] == "passed"
-    assert outcomes["plugins/dm/tests/guest/test_x.py::test_b"] == "failed"
-    assert messages["plugins/dm/tests/guest/test_x.py::test_b"].startswith("boom")
-    assert outcomes["c.py::test_c"] == "skipped"
-    assert parse_junit(tmp_path / "missing.xml") == ({}, {})
+def _events(path: Path, *events: dict[str, object]) -> None:
+    with open(path, "a") as f:
+        for event in events:
+            f.write(json.dumps(event) + "\n")
+
+
+def test_progress_reads_the_guest_stream_as_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    progress = Progress(path=path, launched=100.0)
+    progress.poll(101.0)  # nothing written yet
+    assert progress.boot_s is None
+    _events(path, {"ev": "session", "uptime": 7.5}, {"ev": "collected", "n": 3}, {"ev": "start", "nodeid": "t.py::a"})
+    _events(path, {"ev": "report", "nodeid": "t.py::a", "when": "call", "outcome": "passed", "duration": 1.5})
+    _events(path, {"ev": "report", "nodeid": "t.py::a", "when": "teardown", "outcome": "passed", "duration": 0.1})
+    _events(path, {"ev": "start", "nodeid": "t.py::b"})
+    _events(path, {"ev": "report", "nodeid": "t.py::b", "when": "call", "outcome": "failed", "message": "boom"})
+    with open(path, "a") as f:
+        f.write('{"ev": "start", "nodeid": "t.py::c"}\n{"ev": "measure", "figu')  # a line still being written
+    seen: list[dict[str, object]] = []
+    progress.poll(112.0, seen.append)
+    assert progress.boot_s == 12.0 and progress.guest_uptime_s == 7.5 and progress.collected == 3
+    assert progress.outcomes == {"t.py::a": "passed", "t.py::b": "failed"}
+    assert progress.running == "t.py::c" and progress.running_since == 112.0
+    assert [e["ev"] for e in seen][-1] == "start"  # the torn line waits for its end
+    with open(path, "a") as f:
+        f.write('res": {"lvcreate_s": 2.5}}\n')
+    progress.poll(113.0)
+    assert progress.measures == {"lvcreate_s": 2.5}
+    summary = progress.summary()
+    assert "RUNNING when stopped: t.py::c" in summary and "failed  t.py::b" in summary and "boom" in summary
+
+
+def test_budget_derives_each_tests_allowance_from_the_runs_measurements(tmp_path: Path) -> None:
+    budget = Budget(boot_floor_s=100, test_floor_s=10, boot_times=2, per_measure={"lvcreate_s": 20})
+    progress = Progress(path=tmp_path / "none", launched=0.0)
+    assert budget.exceeded(progress, 99.0) is None
+    assert "boot budget" in (budget.exceeded(progress, 101.0) or "")
+    progress.boot_s, progress.last_event = 8.0, 8.0
+    progress.running, progress.running_since = "t.py::slow", 8.0
+    assert budget.per_test(progress)[0] == 16.0  # 2 x the boot
+    progress.measures["lvcreate_s"] = 3.0
+    seconds, why = budget.per_test(progress)
+    assert seconds == 60.0 and "20 x lvcreate_s 3.00s" in why
+    assert budget.exceeded(progress, 67.0) is None
+    assert "t.py::slow ran 61s" in (budget.exceeded(progress, 69.0) or "")
 
 
 def test_find_kernel(tmp_path: Path) -> None:

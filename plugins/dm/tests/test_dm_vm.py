@@ -1,9 +1,13 @@
-"""Boots the test VM once and runs the in-guest dm tests (``guest/``) there.
+"""Boots the test VM and runs the in-guest dm tests (``guest/``) there.
 
 The host's kernel has no device-mapper: every dm scenario runs inside Debian's
-kernel under qemu (snapcore.vm), in one boot; each guest test's outcome is reported
-here, with the guest's output on failure. The boot also runs the conformance kit
-against dm (``guest/test_dm_contract.py``); its fault matrix is printed.
+kernel under qemu (snapcore.vm). Two boots, each with its own budget: the scenarios
+(``guest/test_dm_guest.py``) and the conformance kit against dm
+(``guest/test_dm_contract.py``, whose fault matrix is printed). Each guest test's
+start and outcome stream to the host as they happen and are printed here live; a
+test that overstays its allowance — derived from this run's boot time and one
+``lvcreate -s`` timed in the guest, never a constant — stops the boot, and the
+failure names it, with what passed and failed before it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,38 +24,97 @@ import pytest
 
 from snapcore.contract import FAULT_PHASES
 from snapcore.faults import ACTIONS
+from snapcore.testing import Pace
+from snapcore.vm import Budget, GuestTests
 
 GUEST_TESTS = Path(__file__).parent / "guest"
 ROOT = Path(__file__).resolve().parents[3]
 
+#: A guest test may take this many times one ``lvcreate -s`` of this guest. The
+#: slowest scenario costs ~12 of them (three checkpoints of a writer, each with an
+#: lvcreate, a mount and a hash of both trees), a contract test ~6.
+LVCREATES_PER_TEST = 40.0
+#: ... or this many boot times (qemu start to the guest's pytest running), whichever
+#: is more: the boot is the first figure of the run, before any lvcreate is timed.
+BOOTS_PER_TEST = 6.0
 
-@pytest.mark.slow
-def test_dm_scenarios_in_vm(qemu_vm: Any) -> None:
-    # SNAPCORE_DM_CONTRACT=all also runs the thin and tar conformance classes (~8 min more)
-    everything = os.environ.get("SNAPCORE_DM_CONTRACT") == "all"
-    run = qemu_vm.pytest(
-        ["--durations=8", str(GUEST_TESTS.relative_to(ROOT))],
-        cwd=ROOT,
-        timeout=1500 if everything else 600,
-        env={"SNAPCORE_DM_CONTRACT": "all"} if everything else None,
+
+def budget(pace: Pace) -> Budget:
+    """The allowances of one boot of dm tests, from this run's measurements."""
+    return Budget(
+        boot_floor_s=pace.seconds(150),
+        test_floor_s=pace.seconds(30),
+        boot_times=BOOTS_PER_TEST,
+        per_measure={"lvcreate_s": LVCREATES_PER_TEST},
     )
+
+
+def live(capsys: pytest.CaptureFixture[str]) -> Callable[[dict[str, Any]], None]:
+    """Prints each guest test's outcome on the terminal as it arrives."""
+
+    def show(event: dict[str, Any]) -> None:
+        ev = event.get("ev")
+        line = None
+        if ev == "measure":
+            line = f"[vm] guest measured {event.get('figures')}"
+        elif ev == "report" and (event.get("when") == "call" or event.get("outcome") != "passed"):
+            what = (
+                event.get("outcome", "?")
+                if event.get("when") == "call"
+                else f"{event.get('outcome')} in {event.get('when')}"
+            )
+            line = f"[vm] {event.get('nodeid')}: {what} ({float(event.get('duration') or 0):.1f}s)"
+        if line:
+            with capsys.disabled():
+                print("\n" + line, end="", flush=True)
+
+    return show
+
+
+def run_guest(qemu_vm: Any, pace: Pace, capsys: pytest.CaptureFixture[str], path: Path, **kw: Any) -> GuestTests:
+    allowed = budget(pace)
+    with capsys.disabled():
+        print(
+            f"\n[vm] {path.name}: boot allowed {allowed.boot_floor_s:.0f}s; then each test the most of "
+            f"{allowed.test_floor_s:.0f}s, {BOOTS_PER_TEST:g} boots, {LVCREATES_PER_TEST:g} x lvcreate -s",
+            end="",
+        )
+    run: GuestTests = qemu_vm.pytest(
+        ["--durations=8", str(path.relative_to(ROOT))], cwd=ROOT, budget=allowed, on_event=live(capsys), **kw
+    )
+    return run
+
+
+def check(run: GuestTests) -> None:
     result = run.result
-    scenarios = {n: o for n, o in run.outcomes.items() if "Contract" not in n}
-    summary = ", ".join(f"{n.split('::')[-1]}={o}" for n, o in sorted(scenarios.items()))
-    print(f"\nVM boot + guest tests: {result.seconds:.1f}s; {summary}")
-    print(contract_matrix(run.outcomes))
+    progress = result.progress
+    assert progress is not None
+    print(f"\nVM boot {progress.boot_s or 0:.1f}s, guest measures {progress.measures}, whole run {result.seconds:.1f}s")
     if "slowest" in result.stdout:
         print(result.stdout[result.stdout.index("slowest") :].split("\n\n")[0])
     assert not result.timed_out, result.describe()
     assert run.outcomes, "no guest test ran:\n" + result.describe()
     failed = run.failed()
-    assert not failed and result.returncode == 0, "\n".join(
-        [f"{n}: {run.messages.get(n, '')[:2000]}" for n in failed] + [result.describe(80)]
-    )
+    assert not failed and result.returncode == 0, result.describe(80)
     # the guest tests themselves never skip, except where a plugin is not installed
     # (and the contract's export faults, where a class has no exporter)
     skipped = {n: m for n, o in run.outcomes.items() if o == "skipped" for m in [run.messages.get(n, "")]}
     assert all("is not installed" in m or "no exporter in this contract" in m for m in skipped.values()), skipped
+
+
+@pytest.mark.slow
+def test_dm_scenarios_in_vm(qemu_vm: Any, pace: Pace, capsys: pytest.CaptureFixture[str]) -> None:
+    check(run_guest(qemu_vm, pace, capsys, GUEST_TESTS / "test_dm_guest.py"))
+
+
+@pytest.mark.slow
+def test_dm_contract_in_vm(qemu_vm: Any, pace: Pace, capsys: pytest.CaptureFixture[str]) -> None:
+    # SNAPCORE_DM_CONTRACT=all also runs the thin and tar conformance classes (~8 min more)
+    everything = os.environ.get("SNAPCORE_DM_CONTRACT") == "all"
+    env = {"SNAPCORE_DM_CONTRACT": "all"} if everything else None
+    run = run_guest(qemu_vm, pace, capsys, GUEST_TESTS / "test_dm_contract.py", env=env)
+    print(contract_matrix(run.outcomes))
+    check(run)
 
 
 FAULT_RE = re.compile(r"::test_fault_leaves_nothing_frozen_or_half_made\[(\w+)-(\w+)\]$")
@@ -60,7 +124,7 @@ def contract_matrix(outcomes: Mapping[str, str]) -> str:
     """The conformance kit's results per class: the other tests, then phase x fault."""
     by_class: dict[str, dict[str, str]] = {}
     for nodeid, outcome in outcomes.items():
-        owner = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        owner = nodeid.split("::")[1] if "::" in nodeid else nodeid
         if "Contract" in owner:
             by_class.setdefault(owner, {})[nodeid] = outcome
     short = {"passed": "ok", "failed": "FAIL", "error": "ERROR", "skipped": "-"}
@@ -83,8 +147,36 @@ def contract_matrix(outcomes: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def test_vm_timeout_kills_the_whole_group(qemu_vm: Any) -> None:
-    result = qemu_vm.run("sleep 600", timeout=4)
-    assert result.timed_out and not result.ok
+HANGING_SUITE = """
+import time
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2, "a deliberate failure, reported before the hang"
+
+def test_hangs():
+    time.sleep(3600)
+
+def test_never_reached():
+    pass
+"""
+
+
+def test_a_hung_guest_test_is_named_and_leaves_no_qemu(
+    qemu_vm: Any, pace: Pace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the guest sees the host's files read-only: it runs this suite from tmp_path
+    (tmp_path / "test_hanging.py").write_text(textwrap.dedent(HANGING_SUITE))
+    allowed = Budget(boot_floor_s=pace.seconds(150), test_floor_s=pace.seconds(3), boot_times=0.5)
+    run = qemu_vm.pytest(["test_hanging.py"], cwd=tmp_path, budget=allowed, on_event=live(capsys))
+    result = run.result
+    report = result.describe()
+    assert result.timed_out and not result.ok, report
+    assert result.stopped is not None and "test_hanging.py::test_hangs ran" in result.stopped, report
+    assert "RUNNING when stopped: test_hanging.py::test_hangs" in report
+    assert run.outcomes == {"test_hanging.py::test_passes": "passed", "test_hanging.py::test_fails": "failed"}
+    assert "a deliberate failure, reported before the hang" in report
     left = subprocess.run(["pgrep", "-f", str(result.outdir)], capture_output=True, text=True, check=False)
     assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"

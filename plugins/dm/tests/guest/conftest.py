@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ if not IN_VM:
     collect_ignore_glob = ["test_*.py"]
 
 from dmguest import POOL, SCRATCH, VG, VolumeFactory, drop_loop, make_loop, sh  # noqa: E402
+
+from snapcore.vmreport import announce  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +40,28 @@ def vg() -> Iterator[str]:
         subprocess.run(["lvm", "vgremove", "-q", "-f", VG], capture_output=True, check=False)
         subprocess.run(["lvm", "pvremove", "-q", "-f", loop.device], capture_output=True, check=False)
         drop_loop(loop)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lvcreate_s(vg: str) -> float:
+    """This guest's time for one ``lvcreate -s`` (the slowest of two, of a mounted
+    thick ext4 LV): the reference every time allowance here is derived from, and
+    sent to the host (``announce``), which scales each test's allowance by it."""
+    factory = VolumeFactory(vg)
+    try:
+        origin = factory("thick", "ext4", size_mb=64)
+        times = []
+        for i in range(2):
+            t = time.monotonic()
+            sh("lvm", "lvcreate", "-q", "-s", "-L", "8M", "-n", f"pace{i}", origin.ref)
+            times.append(time.monotonic() - t)
+            sh("lvm", "lvremove", "-q", "-y", f"{VG}/pace{i}")
+    finally:
+        factory.close()
+    seconds = max(times)
+    announce(lvcreate_s=seconds)
+    print(f"\nguest: one lvcreate -s takes {seconds:.2f}s here")
+    return seconds
 
 
 @pytest.fixture
