@@ -22,8 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from floor import header, machine_floor
 
 from snapcore.inventory import take_inventory
 from snapcore.mounts import MountTable
@@ -164,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/cr.py needs root (map_files, fanotify, cgroups)", file=sys.stderr)
         return 2
+    floor = machine_floor()
+    if not args.json:
+        print(header(floor), flush=True)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    results: dict[str, Any] = {"files": [], "freeze": None}
+    results: dict[str, Any] = {"floor": asdict(floor), "files": [], "freeze": None}
     with tempfile.TemporaryDirectory(prefix="snapcore-bench-cr-") as tmp:
         base = Path(tmp)
         table = MountTable.read()

@@ -33,6 +33,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from floor import header, machine_floor, ratio
+
 from snapcore import Consistency, Export, Image, Target
 from snapcore.mounts import MountTable
 from snapcore.testing import LoopFactory
@@ -101,9 +103,10 @@ def median(values: list[float]) -> float:
 
 
 def report(label: str, seconds: float, nbytes: int, base: float | None = None) -> None:
+    """With ``base`` (the raw tool's seconds): raw / this, and this minus raw in ms."""
     rate = nbytes / MiB / seconds
-    ratio = f"   {base / seconds:5.2f}x raw" if base else ""
-    print(f"  {label:<44} {seconds * 1000:8.1f} ms  {rate:8.1f} MiB/s{ratio}")
+    vs = f"   {ratio(seconds * 1000, base * 1000, inverted=True, unit='x raw')}" if base else ""
+    print(f"  {label:<44} {seconds * 1000:8.1f} ms  {rate:8.1f} MiB/s{vs}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/export.py needs root (loop filesystems)", file=sys.stderr)
         return 2
+    print(header(machine_floor()), flush=True)
     os.environ["SNAPCORE_PROGRESS"] = "never"  # measure the copy, not the terminal
     tar = shutil.which("tar") or "tar"
     rsync = shutil.which("rsync") or "rsync"

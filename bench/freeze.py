@@ -21,20 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-FIFREEZE = 0xC0045877
-FITHAW = 0xC0045878
-PAUSE_S = 0.15
-
-
-def raw_one(path: str) -> float:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        t = time.perf_counter()
-        fcntl.ioctl(fd, FIFREEZE, 0)
-        fcntl.ioctl(fd, FITHAW, 0)
-        return (time.perf_counter() - t) * 1000
-    finally:
-        os.close(fd)
+from floor import FIFREEZE, FITHAW, header, machine_floor, measure, ratio, raw_one, timed
 
 
 def raw_sequential(paths: list[str]) -> float:
@@ -112,23 +99,9 @@ def snapcore_window(paths: list[str], state: Path) -> Callable[[], float]:
 
 def help_time(rounds: int) -> float:
     exe = str(Path(sys.executable).with_name("snapcore"))
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        subprocess.run([exe, "--help"], check=True, stdout=subprocess.DEVNULL)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
-def measure(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {name: [] for name in contenders}
-    for fn in contenders.values():  # warm-up: page cache, imports, first syncfs
-        fn()
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            time.sleep(PAUSE_S)
-            results[name].append(fn())
-    return results
+    return statistics.median(
+        timed(lambda: subprocess.run([exe, "--help"], check=True, stdout=subprocess.DEVNULL), rounds)
+    )
 
 
 def show(results: dict[str, list[float]]) -> dict[str, float]:
@@ -149,6 +122,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/freeze.py needs root (loop devices, FIFREEZE)", file=sys.stderr)
         return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    print(header(machine_floor()), flush=True)
     # The framework's own cost is measured with the fsfreeze backend alone; other
     # installed backends' probes run too in a real checkpoint (SNAPCORE_PLUGINS=all).
     if os.environ.get("SNAPCORE_PLUGINS") == "all":
@@ -156,7 +131,6 @@ def main() -> int:
     else:
         os.environ.setdefault("SNAPCORE_PLUGINS", "fsfreeze")
     print(f"plugins: {os.environ.get('SNAPCORE_PLUGINS', 'all installed')}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from snapcore.testing import LoopFactory
 
     with tempfile.TemporaryDirectory(prefix="snapcore-bench-") as tmp:
@@ -198,14 +172,16 @@ def main() -> int:
     sc1 = one["snapcore freeze window"]
     rawn = many[f"raw, {args.mounts} threads"]
     scn = many["snapcore freeze window"]
-    print("\nratios (targets from issue 3):")
-    print(f"  1 mount:  snapcore / raw                      {sc1 / raw1:5.2f}x  (target <= 1.05x)")
-    print(f"  {args.mounts} mounts: snapcore / raw {args.mounts} threads          {scn / rawn:5.2f}x  (target <= 1.1x)")
-    print(f"  {args.mounts} mounts: snapcore / one single freeze+thaw {scn / raw1:5.2f}x  (aim <= 1.5x)")
-    print(f"  {args.mounts} mounts: raw sequential / snapcore      {many['raw, one after another'] / scn:5.2f}x faster")
+    print("\nratios (targets from issue 3), each with snapcore's median minus the other's:")
+    print(f"  1 mount:  snapcore / raw                      {ratio(sc1, raw1)}  (target <= 1.05x)")
+    print(f"  {args.mounts} mounts: snapcore / raw {args.mounts} threads          {ratio(scn, rawn)}  (target <= 1.1x)")
+    print(f"  {args.mounts} mounts: snapcore / one single freeze+thaw {ratio(scn, raw1)}  (aim <= 1.5x)")
+    seq = many["raw, one after another"]
+    print(f"  {args.mounts} mounts: raw sequential / snapcore      {ratio(scn, seq, inverted=True, unit='x faster')}")
     per_target = max(0.0, (scn - rawn)) / args.mounts
     print(f"  framework time in the window per target   {per_target:6.3f} ms (target <= 1 ms)")
-    print(f"  fsfreeze processes / snapcore (1 mount)    {one['fsfreeze -f/-u (processes)'] / sc1:5.2f}x")
+    fsfreeze = one["fsfreeze -f/-u (processes)"]
+    print(f"  fsfreeze processes / snapcore (1 mount)    {ratio(sc1, fsfreeze, inverted=True)}")
     print(f"  snapcore --help                          {helptime:7.1f} ms (target < 150 ms)")
     return 0
 

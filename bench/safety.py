@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from floor import header, machine_floor
+
 COLD = """
 import json, sys, time
 sys.path[:0] = [sys.argv[1]]
@@ -179,6 +181,7 @@ def main() -> int:
         return 2
     os.environ.setdefault("SNAPCORE_PLUGINS", "fsfreeze")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    print(header(machine_floor()), flush=True)
     from snapcore.journal import recover
     from snapcore.testing import LoopFactory
     from snapcore.watchdog import GuardLink
