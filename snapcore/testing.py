@@ -379,7 +379,7 @@ def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> Non
     """Fail (after thawing, so the machine survives) when ``path`` is frozen.
 
     ``timeout`` is for the reference machine; it is scaled by :func:`machine_pace`
-    (the probe is a Python process, slower to start on a slower machine)."""
+    (on a slower machine the probe starts, writes and syncs more slowly)."""
     probe = start_write(Path(path) / f".snapcore-probe-{uuid.uuid4().hex[:6]}")
     if not probe.done(machine_pace().seconds(timeout)):
         thaw_quietly(path)

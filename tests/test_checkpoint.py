@@ -15,20 +15,20 @@ from snapcore.cli import main
 from snapcore.mounts import read_mounts
 from snapcore.plugins import Plugins, make_plugins
 from snapcore.policy import load_policy
-from snapcore.testing import HookRecorder, LoopFactory, assert_not_frozen, start_write, thaw_quietly
+from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen, start_write, thaw_quietly
 from snapcore.transaction import Transaction
 from snapcore_fsfreeze.backend import Freezer
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
 
-def test_write_to_frozen_mount_blocks_then_completes(loop_fs: LoopFactory, state_dir: Path) -> None:
+def test_write_to_frozen_mount_blocks_then_completes(loop_fs: LoopFactory, state_dir: Path, pace: Pace) -> None:
     fs = loop_fs("ext4")
     with snapcore.hold([fs], state_dir=state_dir) as txn:
         assert txn.image_of(str(fs.mount_point)) is not None
         probe = start_write(fs.mount_point / "during")
-        assert not probe.done(0.5), "a write reached a frozen filesystem"
-    assert probe.done(10), "the write did not complete after the thaw"
+        assert not probe.done(pace.seconds(0.5)), "a write reached a frozen filesystem"
+    assert probe.done(pace.seconds(10)), "the write did not complete after the thaw"
     assert (fs.mount_point / "during").read_bytes() == b"probe\n"
 
 
@@ -131,7 +131,7 @@ def test_backend_hooks_go_only_to_the_selected_backend(
 
 
 def test_frozen_by_someone_else_is_reported_and_left_alone(
-    loop_fs: LoopFactory, state_dir: Path, capsys: pytest.CaptureFixture[str]
+    loop_fs: LoopFactory, state_dir: Path, capsys: pytest.CaptureFixture[str], pace: Pace
 ) -> None:
     a, b = loop_fs("ext4"), loop_fs("ext4")
     subprocess.run(["fsfreeze", "-f", str(b.mount_point)], check=True)
@@ -144,20 +144,26 @@ def test_frozen_by_someone_else_is_reported_and_left_alone(
         assert_not_frozen(a.mount_point)
         # still frozen: we never thaw what someone else froze
         probe = start_write(b.mount_point / "x")
-        assert not probe.done(0.3)
+        assert not probe.done(pace.seconds(0.3))
     finally:
         assert thaw_quietly(b.mount_point)
-    assert probe.done(10)
+    assert probe.done(pace.seconds(10))
 
 
-def test_deadline_thaws_a_body_that_overstays(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+def test_deadline_thaws_a_body_that_overstays(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, pace: Pace
+) -> None:
     fs = loop_fs("ext4")
     policy = tmp_path / "p.yaml"
-    policy.write_text(f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    freeze_timeout: 300ms\n")
+    # 300 ms here, scaled: the freeze itself must fit in it so that the body is reached
+    timeout_ms = round(pace.seconds(0.3) * 1000)
+    policy.write_text(
+        f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    freeze_timeout: {timeout_ms}ms\n"
+    )
     with pytest.raises(CheckpointFailed, match="freeze_timeout"), snapcore.hold(policy=policy, state_dir=state_dir):
         probe = start_write(fs.mount_point / "late")
-        # the watchdog thaws at 300 ms, so the write completes while we are still inside
-        assert probe.done(5), "the deadline watchdog did not thaw"
+        # the watchdog thaws at freeze_timeout, so the write completes while we are still inside
+        assert probe.done(pace.seconds(5)), "the deadline watchdog did not thaw"
         time.sleep(0.1)
     assert_not_frozen(fs.mount_point)
 

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from snapcore.cli import main
-from snapcore.testing import LoopFactory
+from snapcore.testing import LoopFactory, Pace, machine_pace
 
 SNAPCORE = [sys.executable, "-m", "snapcore"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SNAPCORE, *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [*SNAPCORE, *args], capture_output=True, text=True, env=env, timeout=machine_pace().seconds(60)
+    )
 
 
 def one_clean_line(err: str) -> str:
@@ -59,7 +61,7 @@ def test_unknown_backend_in_policy(tmp_path: Path) -> None:
     assert f"{policy}:4" in line and "mount /tmp" in line and "unknown backend 'lvm'" in line
 
 
-def test_not_root(tmp_path: Path) -> None:
+def test_not_root(tmp_path: Path, pace: Pace) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to nobody")
     tmp_path.chmod(0o755)
@@ -69,7 +71,7 @@ def test_not_root(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=60,
+        timeout=pace.seconds(60),
     )
     assert result.returncode == 2
     assert "must run as root" in one_clean_line(result.stderr)
@@ -83,14 +85,14 @@ def test_failed_checkpoint_exits_1_with_one_error_line(loop_fs: LoopFactory, tmp
     assert "checkpoint f: failed" in result.stdout
 
 
-def test_help_is_fast_and_lists_commands() -> None:
+def test_help_is_fast_and_lists_commands(pace: Pace) -> None:
     start = time.perf_counter()
     result = run("--help")
     elapsed = time.perf_counter() - start
     assert result.returncode == 0
     for command in ("backends", "plan", "checkpoint", "list", "show", "restore", "verify", "policy"):
         assert command in result.stdout
-    assert elapsed < 5  # the real figure (< 150 ms) is measured by bench/freeze.py
+    assert elapsed < pace.seconds(5)  # the real figure (< 150 ms) is measured by bench/freeze.py
 
 
 def test_main_returns_codes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from snapcore.cli import main
 from snapcore.criu import Criu
-from snapcore.testing import LoopFactory, assert_not_frozen
+from snapcore.testing import LoopFactory, Pace, assert_not_frozen
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
@@ -35,7 +35,7 @@ while True:
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[object]:
+def holder(tmp_path: Path, pace: Pace) -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(path: Path, mode: str = "keep") -> subprocess.Popen[bytes]:
@@ -48,7 +48,7 @@ def holder(tmp_path: Path) -> Iterator[object]:
             start_new_session=True,
         )
         procs.append(proc)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + pace.seconds(20)
         while not ready.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "holder did not start"
             time.sleep(0.01)
@@ -158,7 +158,7 @@ def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_pa
 
 
 def test_criu_dump_and_restore_with_a_btrfs_image(
-    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
 ) -> None:
     criu, mnt = criu_and_btrfs
     data = mnt / "data.txt"
@@ -176,7 +176,7 @@ def test_criu_dump_and_restore_with_a_btrfs_image(
     assert manifest["criu"]["images_dir"] == str(images)
     assert "--freeze-cgroup" in manifest["criu"]["argv"]
     assert manifest["targets"][0]["imager"] == "btrfs"
-    proc.wait(10)  # criu dump ends the dumped tasks
+    proc.wait(pace.seconds(10))  # criu dump ends the dumped tasks
     data.write_text("changed after the checkpoint, longer than before\n")
     # files back from the image, then CRIU: the program must find the bytes it had
     code = main(
@@ -194,7 +194,9 @@ def test_criu_dump_and_restore_with_a_btrfs_image(
         subprocess.run(["kill", "-9", str(proc.pid)], check=False)
 
 
-def test_criu_action_script(criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path) -> None:
+def test_criu_action_script(
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
+) -> None:
     criu, mnt = criu_and_btrfs
     data = mnt / "data.txt"
     proc = holder(data)  # type: ignore[operator]
@@ -214,7 +216,7 @@ def test_criu_action_script(criu_and_btrfs: tuple[Criu, Path], state_dir: Path, 
     assert manifest["outcome"] == "ok" and manifest["tasks"]["method"] == "stopped by CRIU"
     assert manifest["criu"]["images_dir"] == str(images)
     assert any(f["path"] == str(data) for f in manifest["files"])
-    proc.wait(10)
+    proc.wait(pace.seconds(10))
     data.write_text("changed after the checkpoint, longer than before\n")
     restore = subprocess.run(
         [*base[:3], "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "restore.log"],
@@ -275,7 +277,7 @@ CHANGES = {
 
 @pytest.mark.parametrize("mode", sorted(CHANGES))
 def test_criu_restart_reads_the_bytes_it_had(
-    mode: str, criu_and_btrfs: tuple[Criu, Path], state_dir: Path, tmp_path: Path
+    mode: str, criu_and_btrfs: tuple[Criu, Path], state_dir: Path, tmp_path: Path, pace: Pace
 ) -> None:
     criu, mnt = criu_and_btrfs
     path = mnt / "data.bin"
@@ -289,7 +291,7 @@ def test_criu_restart_reads_the_bytes_it_had(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + pace.seconds(20)
         while not ready.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "scenario program did not start"
             time.sleep(0.01)
@@ -305,7 +307,7 @@ def test_criu_restart_reads_the_bytes_it_had(
         if mode in expected:  # only the program held these bytes: snapcore kept a ghost copy
             ghost = next(f["ghost"] for f in manifest["files"] if f["state"] == expected[mode])
             assert Path(ghost["path"]).read_bytes() == b"the bytes the program had\n" * 64
-        proc.wait(10)
+        proc.wait(pace.seconds(10))
         CHANGES[mode](path)
         restore = [criu.path, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore"]
         code = main(
@@ -313,7 +315,7 @@ def test_criu_restart_reads_the_bytes_it_had(
         )
         assert code == 0, (images / "r.log").read_text()[-2000:]
         os.kill(proc.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + pace.seconds(10)
         while not result.exists() or result.stat().st_size < 64:
             assert time.monotonic() < deadline, "the restarted program did not answer"
             time.sleep(0.02)
@@ -325,7 +327,7 @@ def test_criu_restart_reads_the_bytes_it_had(
 
 @pytest.mark.parametrize("uncovered", ["warn", "fail"])
 def test_mounts_the_policy_does_not_cover(
-    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, uncovered: str
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, uncovered: str, pace: Pace
 ) -> None:
     covered, other = loop_fs("ext4"), loop_fs("ext4")
     # one task holding a file on each mount; the policy names only the first
@@ -334,11 +336,11 @@ def test_mounts_the_policy_does_not_cover(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + pace.seconds(10)
         while len(os.listdir(f"/proc/{proc.pid}/fd")) < 5 or not (other.mount_point / "b.txt").exists():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        time.sleep(0.05)  # the exec into sleep keeps fds 3 and 4
+        time.sleep(pace.seconds(0.05))  # the exec into sleep keeps fds 3 and 4
         policy = tmp_path / "p.yaml"
         policy.write_text(
             f"version: 1\nuncovered: {uncovered}\nmounts:\n  {covered.mount_point}: {{imager: fsfreeze}}\n"
@@ -358,16 +360,16 @@ def test_mounts_the_policy_does_not_cover(
 
 
 def test_tasks_are_thawed_by_the_guard_when_the_controller_dies(
-    loop_fs: LoopFactory, state_dir: Path, holder: object
+    loop_fs: LoopFactory, state_dir: Path, holder: object, pace: Pace
 ) -> None:
     fs = loop_fs("ext4")
     proc = holder(fs.mount_point / "data.txt")  # type: ignore[operator]
     env = dict(os.environ, SNAPCORE_FAULT="payload=kill")
     argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid)]
-    result = subprocess.run([*argv, "--id", "k", "--", "true"], env=env, capture_output=True, timeout=60)
+    result = subprocess.run([*argv, "--id", "k", "--", "true"], env=env, capture_output=True, timeout=pace.seconds(60))
     assert result.returncode == -9  # killed with the tasks frozen and the filesystem imaged
     # the guard wrote cgroup.freeze = 0: the task runs again without anyone's help
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + pace.seconds(5)
     while "frozen 0" not in _cgroup_events(proc.pid):
         assert time.monotonic() < deadline, "the tasks stayed frozen after the controller died"
         time.sleep(0.02)

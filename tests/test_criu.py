@@ -33,6 +33,7 @@ from snapcore.criu import (
 from snapcore.errors import SnapcoreError
 from snapcore.inventory import FileState, copy_ghosts, take_inventory
 from snapcore.tasks import TaskFreezer, recover_temporary_cgroups, resolve_pid
+from snapcore.testing import Pace, machine_pace
 from snapcore.watch import ChangeKind, Watch
 
 
@@ -164,7 +165,7 @@ def reports(work: Path) -> list[tuple[bytes, bytes, int]]:
 
 
 def wait_reports(work: Path, n: int, timeout: float = 10.0) -> list[tuple[bytes, bytes, int]]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + machine_pace().seconds(timeout)
     while len(got := reports(work)) < n:
         if time.monotonic() > deadline:
             raise AssertionError(f"only {len(got)} reports")
@@ -172,7 +173,7 @@ def wait_reports(work: Path, n: int, timeout: float = 10.0) -> list[tuple[bytes,
     return got
 
 
-def test_dump_and_restore_a_frozen_watched_task(criu: Criu, workdir: Path, tmp_path: Path) -> None:
+def test_dump_and_restore_a_frozen_watched_task(criu: Criu, workdir: Path, tmp_path: Path, pace: Pace) -> None:
     data = workdir / "data.txt"
     data.write_bytes(b"the bytes the program had")
     (workdir / "ghost.txt").write_bytes(b"a deleted file's bytes")
@@ -198,14 +199,14 @@ def test_dump_and_restore_a_frozen_watched_task(criu: Criu, workdir: Path, tmp_p
     inventory = take_inventory(tasks.pids)
     watch = Watch(inventory)
     watch.start()
-    with TaskFreezer(tasks, name=f"criu-test-{os.getpid()}") as freezer:
+    with TaskFreezer(tasks, timeout=pace.seconds(5.0), name=f"criu-test-{os.getpid()}") as freezer:
         frozen_at = time.monotonic()
         inventory = copy_ghosts(inventory, tmp_path / "ghosts")
         saved = data.read_bytes()  # stands in for the filesystem image
         assert freezer.criu_freeze_cgroup is not None
         run = criu.dump(proc.pid, images, freeze_cgroup=freezer.criu_freeze_cgroup, action_script=str(hook))
         assert run.elapsed_ms > 0 and (images / "dump.log").exists()
-    assert proc.wait(10) == -signal.SIGKILL  # dumped without --leave-running
+    assert proc.wait(pace.seconds(10)) == -signal.SIGKILL  # dumped without --leave-running
     ghost = next(f for f in inventory.files if f.path == str(workdir / "ghost.txt"))
     assert ghost.state is FileState.DELETED and ghost.ghost is not None and ghost.ghost.path
     assert Path(ghost.ghost.path).read_bytes() == b"a deleted file's bytes"

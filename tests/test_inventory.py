@@ -22,7 +22,7 @@ from snapcore.inventory import (
     take_inventory,
 )
 from snapcore.mounts import mount_id_of
-from snapcore.testing import LoopFactory
+from snapcore.testing import LoopFactory, machine_pace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="map_files and other tasks' fdinfo need root")
 
@@ -84,7 +84,7 @@ class Holders:
             start_new_session=True,
         )
         self.procs.append(proc)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + machine_pace().seconds(timeout)
         while not ready.exists():
             if proc.poll() is not None:
                 raise RuntimeError(f"holder failed: {proc.stderr.read().decode() if proc.stderr else ''}")
@@ -97,7 +97,7 @@ class Holders:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.wait(machine_pace().seconds(10))
             if proc.stderr:
                 proc.stderr.close()
 

@@ -28,6 +28,7 @@ import pytest
 from snapcore.errors import PolicyError
 from snapcore.plugins import Plugins
 from snapcore.policy import MAX_POLICY_BYTES, PolicyProblems, check_backends, load_policy
+from snapcore.testing import machine_pace
 
 BAD = Path(__file__).parent / "policies" / "bad"
 POLICIES = sorted(p for p in BAD.iterdir() if p.suffix == ".yaml")
@@ -67,7 +68,7 @@ def _check(path: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         errors="replace",
         env=env,
-        timeout=TIMEOUT_S,
+        timeout=machine_pace().seconds(TIMEOUT_S),
         check=False,
     )
 

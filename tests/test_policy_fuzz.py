@@ -34,6 +34,7 @@ from snapcore.policy import (
     load_policy,
     normalize_mount_key,
 )
+from snapcore.testing import machine_pace
 
 # -- strategies ------------------------------------------------------------------------
 
@@ -179,8 +180,13 @@ def policy_path() -> Iterator[Path]:
         yield Path(tmp) / "policy.yaml"
 
 
+def _hang_s() -> int:
+    """:data:`HANG_S` on this machine (whole seconds, for ``signal.alarm``)."""
+    return math.ceil(machine_pace().seconds(HANG_S))
+
+
 def _hang(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError(f"the policy loader ran for more than {HANG_S}s")
+    raise TimeoutError(f"the policy loader ran for more than {_hang_s()}s")
 
 
 def _assert_one_line(errors: list[PolicyError], path: Path) -> None:
@@ -210,7 +216,7 @@ def _assert_sane(policy: Policy) -> None:
 @settings(
     max_examples=800,
     derandomize=True,
-    deadline=timedelta(seconds=2),
+    deadline=timedelta(seconds=machine_pace().seconds(2)),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,
 )
@@ -218,7 +224,7 @@ def _assert_sane(policy: Policy) -> None:
 def test_loader_raises_only_policy_errors(data: bytes, policy_path: Path, fuzz_plugins: Plugins) -> None:
     policy_path.write_bytes(data)
     previous = signal.signal(signal.SIGALRM, _hang)
-    signal.alarm(HANG_S)
+    signal.alarm(_hang_s())
     try:
         try:
             policy = load_policy(policy_path)

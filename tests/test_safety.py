@@ -17,7 +17,7 @@ import snapcore
 from snapcore.cli import main
 from snapcore.journal import Journal, read_journal, recover
 from snapcore.locks import LockBusy, MountLock
-from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_quietly
+from snapcore.testing import LoopFactory, Pace, assert_not_frozen, machine_pace, start_write, thaw_quietly
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
@@ -30,6 +30,7 @@ if how == "spawn":
     GuardLink.FORK_MAX_RSS = 0  # as in a big process: a fresh interpreter
 with snapcore.hold(policy=policy, state_dir=state, checkpoint_id="victim"):
     if how == "child" and os.fork() == 0:  # a child that outlives us must not keep the guard waiting
+        ready.with_name("child.pid").write_text(str(os.getpid()))
         time.sleep(30)
         os._exit(0)
     ready.write_text("frozen")
@@ -53,7 +54,7 @@ def _start_controller(
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + machine_pace().seconds(30)
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -64,7 +65,7 @@ def _start_controller(
 
 @pytest.mark.parametrize("how", ["fork", "spawn", "child"])
 def test_sigkill_of_the_controller_is_thawed_by_the_guard(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, how: str
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, how: str, pace: Pace
 ) -> None:
     """The guard forked, or started as an interpreter, or with a forked child of the
     controller still alive (it must not hold the guard's socket open)."""
@@ -73,15 +74,21 @@ def test_sigkill_of_the_controller_is_thawed_by_the_guard(
     proc, _ = _start_controller(tmp_path, policy, state_dir, how)
     try:
         probes = [start_write(fs.mount_point / "after-kill") for fs in (a, b)]
-        assert not probes[0].done(0.2), "the controller should be holding the freeze"
+        assert not probes[0].done(pace.seconds(0.2)), "the controller should be holding the freeze"
         killed = time.monotonic()
         proc.kill()
         for probe in probes:
-            assert probe.done(5), "the guard did not thaw after the controller died"
+            assert probe.done(pace.seconds(5)), "the guard did not thaw after the controller died"
         elapsed = time.monotonic() - killed
-        assert elapsed < 2.0  # measured precisely by bench/safety.py (target: 100 ms)
+        assert elapsed < pace.seconds(2.0)  # measured precisely by bench/safety.py (target: 100 ms)
     finally:
         proc.kill()
+        # the child holds the mounts busy (its inherited descriptors): the
+        # teardown's umount would retry for ~20 s, then detach them lazily
+        child = tmp_path / "child.pid"
+        if child.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(child.read_text()), signal.SIGKILL)
         proc.wait()
         if proc.stderr:
             proc.stderr.close()
@@ -103,15 +110,16 @@ def test_sigkill_of_the_controller_is_thawed_by_the_guard(
 
 
 def test_guard_thaws_at_the_deadline_when_the_controller_is_stuck(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, pace: Pace
 ) -> None:
     fs = loop_fs("ext4")
-    policy = _policy(tmp_path, [fs], timeout="500ms")
+    # the controller must freeze and say so within it, before it is stopped
+    policy = _policy(tmp_path, [fs], timeout=f"{round(pace.seconds(0.5) * 1000)}ms")
     proc, _ = _start_controller(tmp_path, policy, state_dir)
     try:
         proc.send_signal(signal.SIGSTOP)  # the controller's own deadline thread cannot run now
         probe = start_write(fs.mount_point / "late")
-        assert probe.done(5), "the guard did not thaw at the deadline"
+        assert probe.done(pace.seconds(5)), "the guard did not thaw at the deadline"
     finally:
         proc.kill()
         proc.wait()
@@ -150,7 +158,7 @@ def test_recover_runs_at_the_start_of_the_next_checkpoint(
 
 
 def test_a_second_checkpoint_of_a_mount_fails_at_once_naming_the_holder(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, pace: Pace
 ) -> None:
     fs = loop_fs("ext4")
     with snapcore.hold([fs], state_dir=state_dir, checkpoint_id="holder"):
@@ -159,9 +167,9 @@ def test_a_second_checkpoint_of_a_mount_fails_at_once_naming_the_holder(
             [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", str(fs), "--id", "second"],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=pace.seconds(30),
         )
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < pace.seconds(5)
     assert result.returncode == 1, result
     assert "being checkpointed already" in result.stderr
     assert "'holder'" in result.stderr and f"pid {os.getpid()}" in result.stderr
@@ -268,7 +276,7 @@ def test_one_guard_serves_every_checkpoint_of_a_process(loop_fs: LoopFactory, st
     assert _LINK.pid == pid
 
 
-def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path) -> None:
+def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path, pace: Pace) -> None:
     from snapcore.watchdog import _LINK
 
     fs = loop_fs("ext4")
@@ -276,7 +284,7 @@ def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path
     old = _LINK.pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + pace.seconds(5)
     while time.monotonic() < deadline:  # gone (a zombie until reaped) once /proc says so
         try:
             if Path(f"/proc/{old}/stat").read_text().split()[2] == "Z":
@@ -291,7 +299,7 @@ def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path
 
 
 def test_concurrent_checkpoints_share_the_guard_and_each_is_thawed_on_death(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, pace: Pace
 ) -> None:
     """Two holds in two threads of one controller, killed together: the guard thaws both."""
     a, b = loop_fs("ext4"), loop_fs("ext4")
@@ -311,15 +319,15 @@ time.sleep(120)
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + pace.seconds(30)
         while not (ready_a.exists() and ready_b.exists()):
             assert proc.poll() is None and time.monotonic() < deadline, "the holds never froze"
             time.sleep(0.01)
         probes = [start_write(fs.mount_point / "after") for fs in (a, b)]
-        assert not any(p.done(0.2) for p in probes)
+        assert not any(p.done(pace.seconds(0.2)) for p in probes)
         proc.kill()
         for probe in probes:
-            assert probe.done(5), "the guard did not thaw a concurrent checkpoint"
+            assert probe.done(pace.seconds(5)), "the guard did not thaw a concurrent checkpoint"
     finally:
         proc.kill()
         proc.wait()
@@ -396,7 +404,7 @@ class GuardDiesThenFrozenElsewhere:
 
 
 def test_fake_timing_a_refused_freeze_keeps_its_own_error_when_the_guard_died_meanwhile(
-    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, pace: Pace
 ) -> None:
     from snapcore.plugins import make_plugins
 
@@ -410,7 +418,7 @@ def test_fake_timing_a_refused_freeze_keeps_its_own_error_when_the_guard_died_me
         with pytest.raises(snapcore.CheckpointFailed, match="EBUSY") as failed:
             snapcore.checkpoint(policy=policy, state_dir=state_dir, plugins=plugins, checkpoint_id="busy")
         assert "guard" not in str(failed.value)
-        assert not start_write(fs.mount_point / "x").done(0.3), "someone else's freeze was thawed"
+        assert not start_write(fs.mount_point / "x").done(pace.seconds(0.3)), "someone else's freeze was thawed"
     finally:
         thaw_quietly(fs.mount_point)
     assert_not_frozen(fs.mount_point)

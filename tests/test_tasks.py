@@ -30,6 +30,7 @@ from snapcore.tasks import (
     resolve_pid,
     task_cgroup,
 )
+from snapcore.testing import Pace, machine_pace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="freezing tasks needs root")
 
@@ -105,7 +106,7 @@ class Spawner:
         recover_temporary_cgroups(name=f"test-{os.getpid()}")
         for proc in self.procs:
             kill_tree(proc.pid)
-            proc.wait(10)
+            proc.wait(machine_pace().seconds(10))
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def spawn() -> Iterator[Spawner]:
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + machine_pace().seconds(timeout)
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
@@ -140,7 +141,7 @@ def ticks(out: Path) -> dict[str, int]:
 
 def advancing(out: Path, wait: float = 0.15) -> set[str]:
     before = ticks(out)
-    time.sleep(wait)
+    time.sleep(machine_pace().seconds(wait))
     after = ticks(out)
     return {name for name, value in after.items() if value > before.get(name, 0)}
 
@@ -156,7 +157,7 @@ def test_resolve_pid_finds_the_whole_tree(spawn: Spawner, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("prefer_v1", [False, True], ids=["cgroup2", "v1-freezer"])
-def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v1: bool) -> None:
+def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v1: bool, pace: Pace) -> None:
     _v2, v1 = cgroup_hierarchies()
     if prefer_v1 and v1 is None:
         pytest.skip("no v1 freezer mounted")
@@ -168,7 +169,7 @@ def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v
     tree_ticks = {f"tick-{pid}" for pid in tree.pids}
     assert advancing(tmp_path) == tree_ticks | {"tick-supervisor"}
 
-    freezer = TaskFreezer(tree, name=f"test-{os.getpid()}", prefer_v1=prefer_v1)
+    freezer = TaskFreezer(tree, timeout=pace.seconds(5.0), name=f"test-{os.getpid()}", prefer_v1=prefer_v1)
     with freezer:
         expected = FreezeMethod.CGROUP1_TEMPORARY if prefer_v1 else FreezeMethod.CGROUP2_TEMPORARY
         assert freezer.method is expected
@@ -180,7 +181,7 @@ def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v
         record = freezer.to_json()
         assert record["method"] == expected.value and record["temporary_cgroups"]
         assert "moved into" in record["how"]
-        assert freezer.freeze_ms is not None and freezer.freeze_ms < 1000
+        assert freezer.freeze_ms is not None and freezer.freeze_ms < pace.seconds(1.0) * 1000
         temporary = record["temporary_cgroups"]
     assert freezer.thaw_ms is not None
     # thawed, moved back home, temporary cgroups gone
@@ -191,7 +192,7 @@ def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v
     assert not (tmp_path / "events").exists() or (tmp_path / "events").read_text() == ""
 
 
-def test_freeze_catches_short_lived_children(spawn: Spawner, tmp_path: Path) -> None:
+def test_freeze_catches_short_lived_children(spawn: Spawner, tmp_path: Path, pace: Pace) -> None:
     # a root that forks a child every 2 ms, each exiting at once: pids appear and vanish
     code = "\n".join(
         [
@@ -206,14 +207,14 @@ def test_freeze_catches_short_lived_children(spawn: Spawner, tmp_path: Path) -> 
     proc = spawn(code)
     wait_for(lambda: os.path.exists(f"/proc/{proc.pid}/task"))
     for _ in range(5):
-        with frozen(resolve_pid(proc.pid), name=f"test-{os.getpid()}") as freezer:
+        with frozen(resolve_pid(proc.pid), timeout=pace.seconds(5.0), name=f"test-{os.getpid()}") as freezer:
             assert proc.pid in freezer.pids
             state = Path(f"/proc/{proc.pid}/cgroup").read_text()
             assert TEMP_PREFIX in state
     assert live([proc.pid]) == [proc.pid]
 
 
-def test_freeze_a_whole_cgroup(spawn: Spawner, tmp_path: Path) -> None:
+def test_freeze_a_whole_cgroup(spawn: Spawner, tmp_path: Path, pace: Pace) -> None:
     v2, _ = cgroup_hierarchies()
     assert v2 is not None
     own = os.path.join(v2.mount_point, f"snapcore-test-cg-{os.getpid()}")
@@ -226,7 +227,7 @@ def test_freeze_a_whole_cgroup(spawn: Spawner, tmp_path: Path) -> None:
         tasks = resolve_cgroup(own)
         assert tasks.cgroup == own and tasks.cgroup_version == 2
         assert set(tasks.pids) == {p.pid for p in procs}
-        with TaskFreezer(tasks) as freezer:
+        with TaskFreezer(tasks, timeout=pace.seconds(5.0)) as freezer:
             assert freezer.method is FreezeMethod.CGROUP2
             assert Path(own, "cgroup.freeze").read_text().strip() == "1"
             assert advancing(tmp_path) == set()
@@ -235,14 +236,14 @@ def test_freeze_a_whole_cgroup(spawn: Spawner, tmp_path: Path) -> None:
         assert len(advancing(tmp_path)) == 2
         # a cgroup someone else froze stays frozen after our thaw
         Path(own, "cgroup.freeze").write_text("1")
-        with TaskFreezer(resolve_cgroup(own)):
+        with TaskFreezer(resolve_cgroup(own), timeout=pace.seconds(5.0)):
             pass
         assert Path(own, "cgroup.freeze").read_text().strip() == "1"
         Path(own, "cgroup.freeze").write_text("0")
     finally:
         for p in spawn.procs:
             kill_tree(p.pid)
-            p.wait(10)
+            p.wait(pace.seconds(10))
         os.rmdir(own)
 
 
@@ -298,9 +299,9 @@ def test_not_a_cgroup(tmp_path: Path) -> None:
     assert issubclass(NotACgroup, SnapcoreError)
 
 
-def test_recover_after_a_crash(spawn: Spawner, tmp_path: Path) -> None:
+def test_recover_after_a_crash(spawn: Spawner, tmp_path: Path, pace: Pace) -> None:
     _sup, root = start_family(spawn, tmp_path, children=1)
-    freezer = TaskFreezer(resolve_pid(root), name=f"test-{os.getpid()}")
+    freezer = TaskFreezer(resolve_pid(root), timeout=pace.seconds(5.0), name=f"test-{os.getpid()}")
     freezer.attach()
     freezer.freeze()
     assert advancing(tmp_path) == {"tick-supervisor"}

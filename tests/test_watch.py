@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.inventory import FileState, Inventory, take_inventory
-from snapcore.testing import LoopFactory
+from snapcore.testing import LoopFactory, Pace, machine_pace
 from snapcore.watch import Change, ChangeKind, Watch, apply_changes
 from tests.test_inventory import Holders, content
 
@@ -21,13 +21,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and other ta
 def writer(code: str, *args: str) -> int:
     """Run a small Python program to completion; returns its PID (the writer)."""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL)
-    assert proc.wait(30) == 0
+    assert proc.wait(machine_pace().seconds(30)) == 0
     return proc.pid
 
 
 def settle(watch: Watch, kinds: set[ChangeKind], timeout: float = 5.0) -> tuple[Change, ...]:
     """Results once every kind in ``kinds`` showed up (or the timeout passed)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + machine_pace().seconds(timeout)
     while True:
         changes = watch.results()
         if kinds <= {c.kind for c in changes} or time.monotonic() > deadline:
@@ -106,7 +106,7 @@ def test_mapped_then_deleted(holder: Holders, tmp_path: Path) -> None:
     assert apply_changes(inv, changes).ghosts_needed[0].path == str(lib)
 
 
-def test_hard_link_and_deleted_open_file(holder: Holders, tmp_path: Path) -> None:
+def test_hard_link_and_deleted_open_file(holder: Holders, tmp_path: Path, pace: Pace) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = tmp_path / "a" / "file"
@@ -127,7 +127,7 @@ def test_hard_link_and_deleted_open_file(holder: Holders, tmp_path: Path) -> Non
         with open(f"/proc/{fd_path.pid}/fd/{fd_path.fd}", "a") as f:
             f.write(" and changed")
         changes = settle(watch, {ChangeKind.MODIFY})
-        time.sleep(0.05)
+        time.sleep(pace.seconds(0.05))
         changes = watch.results()
     assert {(c.kind, c.path) for c in changes} == {(ChangeKind.MODIFY, str(a)), (ChangeKind.MODIFY, str(ghost))}
 
@@ -149,7 +149,7 @@ def test_nested_mount(loop_fs: LoopFactory, holder: Holders, tmp_path: Path) -> 
         assert any(c.pid == pid for c in changes)
 
 
-def test_idle_tree_of_10k_files_raises_no_alarm(holder: Holders, tmp_path: Path) -> None:
+def test_idle_tree_of_10k_files_raises_no_alarm(holder: Holders, tmp_path: Path, pace: Pace) -> None:
     tree = tmp_path / "tree"
     specs = []
     for d in range(100):
@@ -171,7 +171,7 @@ def test_idle_tree_of_10k_files_raises_no_alarm(holder: Holders, tmp_path: Path)
             junk.write_text("unrelated")
             junk.rename(tree / f"d{d:02d}" / "junk2")
             (tree / f"d{d:02d}" / "junk2").unlink()
-        time.sleep(0.3)
+        time.sleep(pace.seconds(0.3))
         assert watch.results() == ()
     assert watch.stop() == ()
 

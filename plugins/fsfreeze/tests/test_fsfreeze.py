@@ -13,36 +13,36 @@ from snapcore import BackendError, FrozenElsewhere, Role, Target, syncfs
 from snapcore.contract import BackendContract
 from snapcore.mounts import MountTable
 from snapcore.plugins import make_plugins
-from snapcore.testing import LoopFactory, assert_not_frozen, start_write, thaw_quietly
+from snapcore.testing import LoopFactory, Pace, assert_not_frozen, start_write, thaw_quietly
 from snapcore_fsfreeze.backend import Freezer, freezable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="FIFREEZE needs root")
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
-def test_freeze_blocks_writes_until_thaw(loop_fs: LoopFactory, fstype: str) -> None:
+def test_freeze_blocks_writes_until_thaw(loop_fs: LoopFactory, fstype: str, pace: Pace) -> None:
     fs = loop_fs(fstype)
     freezer = Freezer()
     freezer.freeze("k", str(fs.mount_point))
     try:
         assert freezer.is_frozen("k")
         probe = start_write(fs.mount_point / "f")
-        assert not probe.done(0.3)
+        assert not probe.done(pace.seconds(0.3))
         # reading a frozen filesystem works
         assert sorted(os.listdir(fs.mount_point)) is not None
     finally:
         assert freezer.thaw("k")
-    assert probe.done(10)
+    assert probe.done(pace.seconds(10))
     assert not freezer.thaw("k"), "a second thaw is a no-op"
 
 
-def test_ebusy_is_frozen_elsewhere_and_not_thawed(loop_fs: LoopFactory) -> None:
+def test_ebusy_is_frozen_elsewhere_and_not_thawed(loop_fs: LoopFactory, pace: Pace) -> None:
     fs = loop_fs("ext4")
     subprocess.run(["fsfreeze", "-f", str(fs.mount_point)], check=True)
     try:
         with pytest.raises(FrozenElsewhere, match="EBUSY"):
             Freezer().freeze("k", str(fs.mount_point))
-        assert not start_write(fs.mount_point / "x").done(0.3)
+        assert not start_write(fs.mount_point / "x").done(pace.seconds(0.3))
     finally:
         thaw_quietly(fs.mount_point)
     assert_not_frozen(fs.mount_point)

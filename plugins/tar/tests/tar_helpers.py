@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from snapcore.policy import DEFAULT_FREEZE_TIMEOUT
+from snapcore.testing import machine_pace
+
 MiB = 1 << 20
 
 
@@ -22,6 +25,8 @@ def write_policy(
     tmp: Path, mount: Path, exporter: str, options: dict[str, Any], imager: str = "fsfreeze", name: str = "policy"
 ) -> Path:
     lines = ["version: 1", "mounts:", f"  {mount}:", f"    imager: {imager}", f"    exporter: {exporter}"]
+    # an export of a frozen filesystem runs inside the freeze window: the default, scaled
+    lines.append(f"    freeze_timeout: {round(machine_pace().seconds(DEFAULT_FREEZE_TIMEOUT) * 1000)}ms")
     lines += ["    options:", f"      {exporter}:"]
     for key, value in options.items():
         if isinstance(value, bool):
@@ -176,7 +181,7 @@ def rsync_daemon(module_path: Path, workdir: Path, module: str = "backup") -> It
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + machine_pace().seconds(10)
         while True:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
