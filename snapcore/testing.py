@@ -96,7 +96,11 @@ def machine_pace() -> Pace:
     global _PACE
     if _PACE is None:
         forced = os.environ.get("SNAPCORE_TEST_PACE")
-        _PACE = Pace(python_start_s=measure_python_start(), forced=float(forced) if forced else None)
+        try:
+            factor = float(forced) if forced else None
+        except ValueError:
+            raise pytest.UsageError(f"SNAPCORE_TEST_PACE={forced!r} is not a number (a factor, e.g. 3)") from None
+        _PACE = Pace(python_start_s=measure_python_start(), forced=factor)
     return _PACE
 
 
