@@ -56,7 +56,10 @@ for spec in specs:
     if mode == "r":
         os.read(fd, 3)
     keep.append(fd)
-open(sys.argv[1], "w").close()
+# the ready file appears whole (a rename), never while we hold it open: a test that
+# saw it half-made would inventory it as one of the files this holder needs
+open(sys.argv[1] + ".tmp", "w").close()
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 while True:
     time.sleep(1)
 """
