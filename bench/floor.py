@@ -4,7 +4,8 @@ Figures from two machines differ by more than snapcore's cost: a bare interprete
 start took 16-23 ms on one and ~6 ms on another, while an idle FIFREEZE is a fixed
 kernel wait (~22-30 ms) on both. So each benchmark starts by measuring
 
-* a bare interpreter start, ``sys.executable -I -c pass`` (median of several), and
+* a bare interpreter start, ``sys.executable -I -c pass`` (median of several, after a
+  warm-up: ``snapcore.testing.measure_python_start``, the pace of the test suite), and
 * one raw FIFREEZE+FITHAW pair on an idle ext4 loop filesystem made here for it
   (median of a few, an idle pause before each, as ``bench/freeze.py`` measures),
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,11 +88,11 @@ def machine_floor(starts: int = 10, freezes: int = 5) -> Floor:
     """Measure the floor: medians of ``starts`` bare interpreter starts and of
     ``freezes`` FIFREEZE+FITHAW pairs on an idle ext4 loop filesystem this makes
     (and removes) for them."""
-    python = timed(lambda: subprocess.run([sys.executable, "-I", "-c", "pass"], check=True), starts)
+    from snapcore.testing import LoopFactory, measure_python_start
+
+    python_start_ms = measure_python_start(runs=starts) * 1000
     freeze: float | None = None
     if os.geteuid() == 0:
-        from snapcore.testing import LoopFactory
-
         with tempfile.TemporaryDirectory(prefix="snapcore-bench-floor-") as tmp:
             loops = LoopFactory(Path(tmp))
             try:
@@ -103,7 +103,7 @@ def machine_floor(starts: int = 10, freezes: int = 5) -> Floor:
                 for p in problems:
                     print(f"teardown: {p}", file=sys.stderr)
     return Floor(
-        python_start_ms=statistics.median(python),
+        python_start_ms=python_start_ms,
         starts=starts,
         freeze_thaw_ms=freeze,
         freezes=freezes,

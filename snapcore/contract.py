@@ -33,7 +33,7 @@ from snapcore.faults import ACTIONS
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins, make_plugins
 from snapcore.records import image_of, target_of
-from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen
+from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen, wait_for_path
 from snapcore.types import Consistency, Role
 
 #: Phases a fault is injected at: the backend hooks, then the core's own steps.
@@ -196,7 +196,7 @@ class BackendContract:
                 # the controller sleeps in the fault for an hour: wait until it is
                 # really there (no guessed time), then the deadline must thaw
                 # whatever it froze, by the guard, without the controller's help
-                _wait_reached(reached, proc, pace.seconds(60), f"{phase}={action}")
+                wait_for_path(reached, proc, pace.seconds(60), f"{phase}={action}: reaching the fault")
                 assert_not_frozen(contract_mount, timeout=contract_deadline + 1.0)
                 proc.kill()
             code = proc.wait(timeout=pace.seconds(contract_deadline + 20))
@@ -232,16 +232,3 @@ class BackendContract:
         leftovers = [e for e in plugins.list_images(self.imager, mount) if e.checkpoint_id == cid]
         assert leftovers == [], leftovers
         assert_not_frozen(contract_mount)
-
-
-def _wait_reached(marker: Path, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
-    """Wait until the controller wrote ``marker`` (it reached its injected fault)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the controller exited ({proc.returncode}) before it reached the fault")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: the controller did not reach the fault within {timeout:.0f}s")
-        time.sleep(0.02)

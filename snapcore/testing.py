@@ -379,6 +379,18 @@ def start_write(path: str | os.PathLike[str], data: bytes = b"probe\n") -> Write
     return WriteProbe(path, data)
 
 
+def wait_for_path(path: Path, proc: subprocess.Popen[Any], timeout: float, what: str) -> None:
+    """Wait until ``path`` exists (a child's "I am ready" or "I got here"); fail the
+    test, naming ``what``, if ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: the process exited ({proc.returncode}) before {path.name} appeared")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {path.name} did not appear within {timeout:.0f}s")
+        time.sleep(0.01)
+
+
 def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> None:
     """Fail (after thawing, so the machine survives) when ``path`` is frozen.
 

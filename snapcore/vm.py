@@ -97,7 +97,6 @@ class Progress:
     outcomes: dict[str, str] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
-    exitstatus: int | None = None
     _offset: int = 0
 
     def poll(self, now: float, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -143,7 +142,6 @@ class Progress:
             self._report(event)
         elif ev == "finish":
             self.running = None
-            self.exitstatus = int(event.get("exitstatus") or 0)
 
     def _report(self, event: dict[str, Any]) -> None:
         nodeid, when, outcome = str(event.get("nodeid")), event.get("when"), event.get("outcome")
@@ -171,6 +169,9 @@ class Progress:
         lines = [f"guest tests finished: {done} (of {self.collected if self.collected is not None else '?'} collected)"]
         if self.boot_s is None:
             lines.append("the guest never started its tests (no event from it)")
+        else:
+            up = f" (guest kernel up {self.guest_uptime_s:.1f}s)" if self.guest_uptime_s is not None else ""
+            lines.append(f"first guest event {self.boot_s:.1f}s after the launch{up}")
         if self.running:
             lines.append(f"RUNNING when stopped: {self.running}")
         for nodeid in self.outcomes:
@@ -461,7 +462,7 @@ class TestVM:
             outdir=outdir,
             timed_out=timed_out,
             stopped=stopped,
-            progress=progress if progress.boot_s is not None or budget is not None else None,
+            progress=progress if budget is not None else None,
         )
 
     def pytest(

@@ -16,7 +16,7 @@ import pytest
 
 from snapcore.cli import main
 from snapcore.criu import Criu
-from snapcore.testing import LoopFactory, Pace, assert_not_frozen
+from snapcore.testing import LoopFactory, Pace, assert_not_frozen, wait_for_path
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
@@ -48,10 +48,7 @@ def holder(tmp_path: Path, pace: Pace) -> Iterator[object]:
             start_new_session=True,
         )
         procs.append(proc)
-        deadline = time.monotonic() + pace.seconds(20)
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "holder did not start"
-            time.sleep(0.01)
+        wait_for_path(ready, proc, pace.seconds(20), "holder")
         return proc
 
     yield start
@@ -291,10 +288,7 @@ def test_criu_restart_reads_the_bytes_it_had(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + pace.seconds(20)
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "scenario program did not start"
-            time.sleep(0.01)
+        wait_for_path(ready, proc, pace.seconds(20), "scenario program")
         images = tmp_path / "images"
         images.mkdir()
         dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
