@@ -337,6 +337,10 @@ class _Group:
 class _State:
     moved: dict[int, str] = field(default_factory=dict)  # pid -> home cgroup dir
     groups: dict[str, _Group] = field(default_factory=dict)  # home dir (or cgroup dir) -> group
+    #: Every pid moved and temporary cgroup made, kept after :meth:`TaskFreezer.detach`
+    #: empties the two above: the manifest reports what was held, after the thaw.
+    held: dict[int, None] = field(default_factory=dict)
+    made: dict[str, None] = field(default_factory=dict)
 
 
 class TaskFreezer:
@@ -394,7 +398,7 @@ class TaskFreezer:
         """The tasks this freezer holds (moved ones for ``--pid``)."""
         if self.tasks.cgroup is not None:
             return self.tasks.pids
-        return tuple(self._state.moved)
+        return tuple(self._state.held)
 
     def rescues(self) -> list[tuple[str, str]]:
         """``(control file, value)`` that thaws each cgroup this freezer will freeze,
@@ -425,8 +429,8 @@ class TaskFreezer:
             return f"{self.method.value}: {control} of {self.tasks.cgroup}"
         control = "cgroup.freeze" if self.method is FreezeMethod.CGROUP2_TEMPORARY else "freezer.state"
         return (
-            f"{self.method.value}: {len(self._state.moved)} task(s) of pid {self.tasks.root_pid} moved into "
-            f"{len(self._state.groups) or 1} temporary cgroup(s) {self.name} ({control}) and back"
+            f"{self.method.value}: {len(self._state.held)} task(s) of pid {self.tasks.root_pid} moved into "
+            f"{len(self._state.made) or 1} temporary cgroup(s) {self.name} ({control}) and back"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -436,7 +440,7 @@ class TaskFreezer:
             method=self.method.value,
             how=self.describe(),
             pids=list(self.pids),
-            temporary_cgroups=[g.directory for g in self._state.groups.values() if g.home is not None],
+            temporary_cgroups=list(self._state.made),
             freeze_ms=self.freeze_ms,
             thaw_ms=self.thaw_ms,
         )
@@ -503,6 +507,7 @@ class TaskFreezer:
             parent = os.path.dirname(home)
             if parent in self._state.groups:
                 self._state.moved[pid] = parent
+                self._state.held[pid] = None
                 return
         group = self._state.groups.get(home)
         if group is None:
@@ -515,6 +520,7 @@ class TaskFreezer:
                 raise _permission(exc, f"cannot create cgroup {directory}") from None
             group = _Group(directory=directory, version=self.hierarchy.version, home=home)
             self._state.groups[home] = group
+            self._state.made[directory] = None
         try:
             _write(os.path.join(group.directory, "cgroup.procs"), str(pid))
         except ProcessLookupError:
@@ -526,6 +532,7 @@ class TaskFreezer:
         except OSError as exc:
             raise TaskError(f"cannot move pid {pid} into {group.directory}: {exc.strerror}") from exc
         self._state.moved[pid] = home
+        self._state.held[pid] = None
 
     def freeze(self) -> None:
         """Freeze every task and wait until the kernel says they are frozen.

@@ -74,6 +74,10 @@ def test_pid_checkpoint_targets_the_mounts_the_task_uses(
     assert [t["mount"] for t in manifest["targets"]] == [str(fs.mount_point)]
     assert any("root filesystem" in w for w in manifest["warnings"])
     assert manifest["tasks"]["method"]
+    # the manifest says which tasks were held, though they are thawed and moved back by now
+    assert proc.pid in manifest["tasks"]["pids"] and manifest["tasks"]["temporary_cgroups"]
+    assert f"task(s) of pid {proc.pid} moved into" in manifest["tasks"]["how"]
+    assert not manifest["tasks"]["how"].startswith(manifest["tasks"]["method"] + ": 0 task(s)")
     files = {f["path"]: f for f in manifest["files"]}
     data = files[str(fs.mount_point / "data.txt")]
     assert data["state"] == "present" and data["size"] == len("original bytes\n")

@@ -184,6 +184,10 @@ def test_freeze_tree_sharing_its_cgroup(spawn: Spawner, tmp_path: Path, prefer_v
         assert freezer.freeze_ms is not None and freezer.freeze_ms < pace.seconds(1.0) * 1000
         temporary = record["temporary_cgroups"]
     assert freezer.thaw_ms is not None
+    # what the manifest says after the thaw: what was held, not what still is
+    after = freezer.to_json()
+    assert set(after["pids"]) == set(tree.pids) and after["temporary_cgroups"] == temporary
+    assert f"{len(tree.pids)} task(s) of pid {root} moved into" in after["how"]
     # thawed, moved back home, temporary cgroups gone
     assert advancing(tmp_path) == tree_ticks | {"tick-supervisor"}
     assert {pid: task_cgroup(pid, version) for pid in tree.pids} == homes
