@@ -326,7 +326,7 @@ class _Collector:
             if ident in seen:
                 continue
             seen.add(ident)
-            mapping = parts[0].decode()
+            mapping = _map_files_name(parts[0])
             via = f"{base}/map_files/{mapping}"
             try:
                 st = os.stat(via)
@@ -344,6 +344,14 @@ class _Collector:
             if mnt_id is None:
                 continue
             self.add(pid, link, via, use, st, mnt_id, mapped=True)
+
+
+def _map_files_name(span: bytes) -> str:
+    """``/proc/PID/map_files`` names a mapping by its bounds without the zero padding
+    ``maps`` gives them: ``00400000-0041f000`` there is ``400000-41f000`` here (a
+    non-PIE binary, mapped below 0x10000000)."""
+    start, _, end = span.partition(b"-")
+    return f"{int(start, 16):x}-{int(end, 16):x}"
 
 
 def _state(entry: _Entry) -> FileState:

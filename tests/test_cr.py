@@ -96,6 +96,43 @@ def test_deleted_open_file_is_copied_as_a_ghost(loop_fs: LoopFactory, state_dir:
     assert Path(ghost_file["ghost"]["path"]).read_bytes() == b"original bytes\n"
 
 
+def test_deleted_non_pie_binary_is_found_and_copied(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, pace: Pace
+) -> None:
+    """A static, non-PIE program (busybox) is mapped below 0x10000000, where
+    ``/proc/PID/maps`` pads the address and ``map_files`` does not: its binary, deleted
+    while it runs, is the only thing that ties the task to the mount."""
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("no /bin/busybox (apt-get install busybox-static)")
+    fs = loop_fs("ext4")
+    program = fs.mount_point / "busybox"
+    program.write_bytes(busybox.read_bytes())
+    program.chmod(0o755)
+    proc = subprocess.Popen(
+        [str(program), "sleep", "600"], cwd=tmp_path, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + pace.seconds(10)
+        while str(program) not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert time.monotonic() < deadline, "busybox never mapped"
+            time.sleep(0.01)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert int(maps.split("-", 1)[0], 16) < 0x10000000, "busybox is not mapped low: not the case under test"
+        program.unlink()
+        code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "bb"])
+        assert code == 0
+        manifest = json.loads((state_dir / "checkpoints" / "bb" / "manifest.json").read_text())
+        assert [t["mount"] for t in manifest["targets"]] == [str(fs.mount_point)]
+        found = next(f for f in manifest["files"] if f["path"] == str(program))
+        assert found["state"] == "deleted" and found["mapped"]
+        assert Path(found["ghost"]["path"]).read_bytes() == busybox.read_bytes()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_not_frozen(fs.mount_point)
+
+
 @pytest.mark.parametrize("on_change", ["fail", "warn"])
 def test_a_change_under_the_frozen_task_decides(
     loop_fs: LoopFactory, state_dir: Path, holder: object, tmp_path: Path, on_change: str
