@@ -17,6 +17,7 @@ from snapcore.errors import (
     DeadlineExceeded,
     FrozenElsewhere,
     MissingTool,
+    MountBusy,
     PluginError,
     PolicyError,
     SnapcoreError,
@@ -43,6 +44,7 @@ from snapcore.types import (
     Phase,
     Rescue,
     RescueKind,
+    Restored,
     Role,
     Support,
     Target,
@@ -54,6 +56,7 @@ hookimpl = pluggy.HookimplMarker("snapcore")
 
 if TYPE_CHECKING:
     from snapcore.api import checkpoint, hold, plan
+    from snapcore.holders import Holder, mount_holders
     from snapcore.manifest import Manifest
     from snapcore.mounts import udev_attr, udev_device
     from snapcore.watchdog import start_guard
@@ -63,6 +66,8 @@ _LAZY = {
     "hold": "snapcore.api",
     "plan": "snapcore.api",
     "Manifest": "snapcore.manifest",
+    "Holder": "snapcore.holders",
+    "mount_holders": "snapcore.holders",
     "start_guard": "snapcore.watchdog",
     "udev_attr": "snapcore.mounts",
     "udev_device": "snapcore.mounts",
@@ -87,12 +92,14 @@ __all__ = [
     "DeadlineExceeded",
     "Export",
     "FrozenElsewhere",
+    "Holder",
     "Image",
     "ImageEntry",
     "Keep",
     "Manifest",
     "MissingTool",
     "Mount",
+    "MountBusy",
     "Option",
     "OptionKind",
     "Outcome",
@@ -100,6 +107,7 @@ __all__ = [
     "PluginError",
     "Rescue",
     "RescueKind",
+    "Restored",
     "PolicyError",
     "Role",
     "SnapcoreError",
@@ -117,6 +125,7 @@ __all__ = [
     "hookimpl",
     "human_bytes",
     "lazy_import",
+    "mount_holders",
     "plan",
     "start_guard",
     "syncfs",

@@ -519,6 +519,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     manifest, records, state_dir = _records(args)
     plugins = _plugins(args)
     table = MountTable.read()
+    done: list[str] = []
     for record in records:
         target = target_of(manifest, record, state_dir, table)
         image, export = image_of(record), _from_dir(args, export_of(record))
@@ -530,9 +531,54 @@ def cmd_restore(args: argparse.Namespace) -> int:
             dest = Path(args.to)
             if len(records) > 1:
                 dest = dest / record.mount.lstrip("/")
-        where = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
-        print(f"{record.mount}: {where}")
+        try:
+            restored = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
+        except SnapcoreError as exc:
+            if done:
+                raise SnapcoreError(f"{exc} (already restored: {', '.join(done)})") from exc
+            raise
+        done.append(record.mount)
+        print(f"{record.mount}: {restored.message}")
+        if restored.set_aside is not None and restored.set_aside_id:
+            kept = _record_set_aside(manifest, record, restored, state_dir)
+            print(f"{record.mount}: the state it replaced is checkpoint {kept}")
     return ExitCode.OK
+
+
+def _record_set_aside(manifest: Any, record: Any, restored: Any, state_dir: Path) -> str:
+    """A manifest for the state an in-place restore replaced (a btrfs rollback's
+    previous subvolume): ``list``, ``show``, ``restore``, ``prune`` and ``delete`` see
+    it like any checkpoint, and two restores never share a name."""
+    from snapcore.manifest import Manifest, TargetRecord, check_checkpoint_id, utc_now
+
+    image = restored.set_aside
+    now = utc_now()
+    kept = Manifest(
+        id=check_checkpoint_id(restored.set_aside_id),
+        outcome="ok",
+        started=now,
+        finished=now,
+        targets=[
+            TargetRecord(
+                mount=record.mount,
+                source=record.source,
+                fstype=record.fstype,
+                imager=image.backend,
+                exporter=None,
+                image=image.ref,
+                consistency=image.consistency.value,
+                outcome="ok",
+                image_record=image.to_json(),
+                device=record.device,
+                options=record.options,
+                keep=record.keep,
+                warnings=[f"the state of {record.mount} that restoring checkpoint {manifest.id} replaced"],
+            )
+        ],
+        extra={"set_aside_by_restore_of": manifest.id},
+    )
+    kept.write(state_dir)
+    return kept.id
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

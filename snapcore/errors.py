@@ -6,6 +6,7 @@ exits with its ``exit_code``; any other exception is a bug and keeps its traceba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -99,6 +100,25 @@ class FrozenElsewhere(BackendError):
 class StillNeeded(BackendError):
     """A backend refused to discard an image or export that later ones build on (an
     incremental chain's base): ``prune`` keeps it, ``delete`` says to remove those first."""
+
+
+class MountBusy(BackendError):
+    """An in-place restore cannot switch what the mount shows now: processes (or
+    mounts stacked on it) hold it. Nothing was changed, and a command given after
+    ``--`` is not run: it would start on the old tree."""
+
+    def __init__(self, mount: str, holders: Sequence[object], *, backend: str | None = None, done: str = "") -> None:
+        self.holders = tuple(holders)
+        shown = ", ".join(str(h) for h in self.holders[:8])
+        if len(self.holders) > 8:
+            shown += f" and {len(self.holders) - 8} more"
+        super().__init__(
+            f"cannot restore in place now: {mount} is in use by {shown}; {done or 'nothing was changed'}. "
+            "Stop them (or let their own checkpoint end them), then restore again; or restore a copy "
+            "with --to DIR",
+            mount=mount,
+            backend=backend,
+        )
 
 
 class ThawError(BackendError):

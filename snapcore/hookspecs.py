@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         Option,
         Outcome,
         Rescue,
+        Restored,
         Role,
         Support,
         Target,
@@ -274,15 +275,21 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
 @hookspec(firstresult=True)
 def snapcore_restore(
     target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
-) -> str:
+) -> str | Restored:
     """Bring an image (or export) back, to ``dest`` or in place.
 
     **When**: ``snapcore restore``; on the exporter when the checkpoint has an
     export (``export`` set), else on the imager.
 
-    **Returns**: a line saying where the data now is.
+    **Returns**: a line saying where the data now is; or a :class:`Restored` with
+    that line and the replaced state, when the backend kept it as an image (snapcore
+    records it as a checkpoint of its own).
 
-    **Must**: refuse (raise) rather than overwrite data that is not backed up.
+    **Must**: refuse (raise) rather than overwrite data that is not backed up. In
+    place, the mount must show the restored state when this returns: a command
+    given after ``--`` (``criu restore``) starts on it next. When that cannot be
+    done now (the mount is in use), raise :class:`MountBusy` (``mount_holders``
+    says who uses it) before changing anything, never defer it to a later mount.
 
     **Raises**: the restore fails with that message, exit code 1.
     """

@@ -35,6 +35,7 @@ from snapcore.types import (
     Option,
     Outcome,
     Rescue,
+    Restored,
     Role,
     Support,
     Target,
@@ -272,13 +273,15 @@ class Plugins:
 
     def restore(
         self, name: str, target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
-    ) -> str:
+    ) -> Restored:
         if not self.implements(name, "snapcore_restore"):
             raise PluginError(f"backend {name!r} cannot restore")
         result = self._one(name, "snapcore_restore")(
             target=target, image=image, export=export, dest=dest, in_place=in_place
         )
-        return str(result)
+        if isinstance(result, Restored):
+            return result
+        return Restored(message=str(result))
 
     def verify(self, name: str, target: Target, image: Image | None, export: Export | None) -> list[str]:
         if not self.implements(name, "snapcore_verify"):

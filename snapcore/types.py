@@ -265,6 +265,22 @@ class Image:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Restored:
+    """What ``snapcore_restore`` did, when there is more to say than one line.
+
+    ``set_aside`` is the state an in-place restore replaced, when the backend kept it
+    as an image of its own (a btrfs rollback keeps the previous subvolume, as
+    ``snapper rollback`` does): snapcore records it as a checkpoint with the id
+    ``set_aside_id``, so that ``list``, ``show``, ``restore``, ``keep``/``prune`` and
+    ``delete`` see it like any other.
+    """
+
+    message: str
+    set_aside: Image | None = None
+    set_aside_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Export:
     """A copy of an image that an exporter wrote (``snapcore_export``)."""
 

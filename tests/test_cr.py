@@ -232,6 +232,66 @@ def test_criu_dump_and_restore_with_a_btrfs_image(
         subprocess.run(["kill", "-9", str(proc.pid)], check=False)
 
 
+def test_restore_in_place_of_a_busy_mount_does_not_start_the_program(
+    criu_and_btrfs: tuple[Criu, Path],
+    state_dir: Path,
+    holder: object,
+    tmp_path: Path,
+    pace: Pace,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The soak's finding: with any process in the mount, the rollback cannot show
+    now, and CRIU must not restore the program onto the old tree."""
+    criu, mnt = criu_and_btrfs
+    data = mnt / "data.txt"
+    proc = holder(data)  # type: ignore[operator]
+    images = tmp_path / "criu-images"
+    images.mkdir()
+    dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
+    assert (
+        main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "busy1", "--", *dump]) == 0
+    )
+    proc.wait(pace.seconds(10))
+    data.write_text("changed after the checkpoint, longer than before\n")
+    blocker = subprocess.Popen(["sleep", "600"], cwd=mnt, start_new_session=True)
+    restore = [criu.path, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "restore.log"]
+    capsys.readouterr()
+    try:
+        code = main(["--state-dir", str(state_dir), "restore", "busy1", "--in-place", "--", *restore])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert f"pid {blocker.pid} (sleep: cwd)" in err and "nothing was changed" in err and "--to DIR" in err
+        # CRIU was not run, the tree is untouched and nothing was set aside
+        assert not (images / "restore.log").exists() and not os.path.exists(f"/proc/{proc.pid}")
+        assert data.read_text() == "changed after the checkpoint, longer than before\n"
+        assert not list((state_dir / "checkpoints").glob("before-restore-*"))
+    finally:
+        blocker.kill()
+        blocker.wait()
+    # the holder gone, the same command works, and the replaced state is a checkpoint
+    code = main(["--state-dir", str(state_dir), "restore", "busy1", "--in-place", "--", *restore])
+    out = capsys.readouterr().out
+    assert code == 0, (images / "restore.log").read_text()[-2000:]
+    try:
+        assert data.read_text() == "original bytes\n"
+        assert os.path.exists(f"/proc/{proc.pid}")
+    finally:
+        subprocess.run(["kill", "-9", str(proc.pid)], check=False)
+    (kept,) = [p.name for p in (state_dir / "checkpoints").iterdir() if p.name.startswith("before-restore-")]
+    assert f"the state it replaced is checkpoint {kept}" in out
+    assert main(["--state-dir", str(state_dir), "list"]) == 0
+    listed = capsys.readouterr().out
+    assert kept in listed and "busy1" in listed
+    assert main(["--state-dir", str(state_dir), "show", kept, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    aside = Path(shown["targets"][0]["image"])
+    assert (aside / "data.txt").read_text() == "changed after the checkpoint, longer than before\n"
+    assert shown["set_aside_by_restore_of"] == "busy1"
+    # delete removes it like any image
+    assert main(["--state-dir", str(state_dir), "delete", kept]) == 0
+    assert not aside.exists() and not (state_dir / "checkpoints" / kept).exists()
+
+
 def test_criu_action_script(
     criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
 ) -> None:

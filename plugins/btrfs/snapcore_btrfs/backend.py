@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import btrfsutil
 
-from snapcore import BackendError, Mount, Target
+from snapcore import BackendError, Consistency, Image, Mount, MountBusy, Restored, Target, mount_holders
 from snapcore_btrfs import BTRFS
 
 if TYPE_CHECKING:  # subprocess and shutil only for restores: the CLI starts fast
@@ -607,13 +607,18 @@ def rollback(
     image: Path | None = None,
     receive: Callable[[Path], Path] | None = None,
     skip_nested: Sequence[str] = (),
-) -> str:
+    snapshot_dir: Path | None = None,
+) -> Restored:
     """Put a writable copy of ``image`` (or of what ``receive`` stages) in place of the
-    mounted subvolume, keeping the current one aside under a new name.
+    mounted subvolume, and mount it again: the mount shows the restored state when
+    this returns (a restored program starts on it next).
 
-    The current subvolume is renamed, never deleted; any failure before the swap
-    undoes every step. Like ``snapper rollback``, the mount shows the restored state
-    after it is mounted again: at once when it is not busy, else at its next mount.
+    The current subvolume is never deleted: it becomes a read-only image of its own in
+    ``snapshot_dir`` (marked, like every snapshot snapcore makes), which the core
+    records as a checkpoint (``Restored.set_aside``). A mount in use (processes, mounts
+    below it) cannot be switched now: :class:`MountBusy` names the holders before
+    anything is changed, and if a holder appears after the swap, the swap is undone.
+    Any other failure before the swap undoes every step too.
     """
     mp = mount.mount_point
     ok, reason = check_mount(mount)
@@ -636,13 +641,19 @@ def rollback(
             f"option to subvol={mount.root} in {FSTAB} first (nothing was changed)",
             mp,
         )
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    holders = mount_holders(mp)
+    if holders:
+        raise MountBusy(mp, holders, backend=BTRFS)
+    # unique per call: two restores within one second never collide on a name
+    token = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+    aside_id = f"before-restore-{token}"
+    left: list[str] = []
     with top_level(mount) as top:
         current = top / mount.root.strip("/")
         if not _is_subvolume(current) or btrfsutil.subvolume_id(os.fspath(current)) != old_id:
             raise fail(f"cannot roll back in place: {mount.root} is no longer the subvolume mounted at {mp}", mp)
-        staged = current.with_name(f"{current.name}{STAGING_PREFIX}restoring-{checkpoint_id}")
-        aside = current.with_name(f"{current.name}{STAGING_PREFIX}before-{checkpoint_id}-{stamp}")
+        staged = current.with_name(f"{current.name}{STAGING_PREFIX}restoring-{checkpoint_id}-{token}")
+        aside = current.with_name(f"{current.name}{STAGING_PREFIX}{aside_id}")
         for p in (staged, aside):
             if p.exists():
                 raise fail(f"cannot roll back in place: {p.name} already exists next to {mount.root}", mp)
@@ -665,21 +676,22 @@ def rollback(
             moved: list[str] = []
             try:
                 moved, left = _carry_nested(current, staged, [*skip_nested, *restored_nested])
-                os.rename(current, aside)
-                try:
-                    os.rename(staged, current)
-                except OSError:
-                    os.rename(aside, current)
-                    raise
+                _swap(current, staged, aside)
             except OSError as exc:
-                for rel in reversed(moved):
-                    os.rename(staged / rel, current / rel)
-                with contextlib.suppress(BackendError):
-                    delete_subvolume_tree(staged)
+                _undo(current, staged, moved)
                 raise fail(f"cannot roll back in place: {exc}; nothing was changed", mp) from exc
             new_id = btrfsutil.subvolume_id(os.fspath(current))
-            if btrfsutil.get_default_subvolume(os.fspath(top)) == old_id:
+            default_moved = btrfsutil.get_default_subvolume(os.fspath(top)) == old_id
+            if default_moved:
                 btrfsutil.set_default_subvolume(os.fspath(current))
+            busy = _unmount(mp)
+            if busy is not None:
+                # something started using the mount after the check: put everything back
+                if default_moved:
+                    btrfsutil.set_default_subvolume(os.fspath(aside))
+                _swap(current, aside, staged)  # the restored copy goes back to its staged name
+                _undo(current, staged, moved)
+                raise MountBusy(mp, mount_holders(mp) or [busy], backend=BTRFS)
         finally:
             if staging is not None:
                 for child in list(staging.iterdir()):
@@ -687,11 +699,98 @@ def rollback(
                         delete_subvolume_tree(child)
                 with contextlib.suppress(OSError):
                     staging.rmdir()
-    kept = f"the previous state is kept as subvolume {os.path.join(os.path.dirname(mount.root), aside.name)}"
-    if left:
-        kept += f" (with its nested subvolumes {', '.join(left)})"
-    shown = _remount(mount)
-    return f"rolled back in place (subvolume {mount.root} is now id {new_id}); {kept}; {shown}"
+    _mount_again(mount)
+    done = f"rolled back in place (subvolume {mount.root} is now id {new_id}); {mp} was mounted again"
+    nested = f" (with its nested subvolumes {', '.join(left)})" if left else ""
+    try:
+        set_aside = _keep_aside(mount, aside.name, aside_id, snapshot_dir, tuple(left))
+    except (OSError, btrfsutil.BtrfsUtilError) as exc:
+        kept_as = os.path.join(os.path.dirname(mount.root), aside.name)
+        return Restored(
+            message=f"{done}; the previous state{nested} is kept as subvolume {kept_as} "
+            f"(not moved into the snapshot_dir: {exc})"
+        )
+    return Restored(
+        message=f"{done}; the previous state{nested} is kept as {set_aside.ref}",
+        set_aside=set_aside,
+        set_aside_id=aside_id,
+    )
+
+
+def _swap(current: Path, new: Path, aside: Path) -> None:
+    """``current`` → ``aside`` and ``new`` → ``current``, or neither."""
+    os.rename(current, aside)
+    try:
+        os.rename(new, current)
+    except OSError:
+        os.rename(aside, current)
+        raise
+
+
+def _undo(current: Path, staged: Path, moved: Sequence[str]) -> None:
+    """Give ``current`` back the nested subvolumes carried into ``staged``; drop ``staged``."""
+    for rel in reversed(moved):
+        move_subvolume(staged / rel, current / rel)
+    with contextlib.suppress(BackendError):
+        delete_subvolume_tree(staged)
+
+
+def _from_top(path: Path) -> Path:
+    """Where ``path`` (not there yet; its directory is) is, relative to the top-level
+    subvolume: the path of the subvolume holding its directory, and the rest."""
+    root = path.parent
+    while not _is_subvolume(root):
+        if root.parent == root:
+            raise OSError(errno.ENOENT, f"no btrfs subvolume holds {path}")
+        root = root.parent
+    return Path(btrfsutil.subvolume_path(os.fspath(root))) / os.path.relpath(path, root)
+
+
+def _keep_aside(mount: Mount, name: str, aside_id: str, snapshot_dir: Path | None, nested: tuple[str, ...]) -> Image:
+    """Move the replaced subvolume (unmounted now, named ``name`` next to the mounted
+    one) into ``snapshot_dir`` as ``aside_id``, read-only and marked: an image like
+    those checkpoints make."""
+    snapdir = snapshot_dir or Path(mount.mount_point) / ".snapshots"
+    snapdir.mkdir(mode=0o700, exist_ok=True)
+    dest = snapdir / aside_id
+    if fsid(snapdir) != fsid(mount.mount_point):
+        raise OSError(errno.EXDEV, f"{snapdir} is on another filesystem")
+    there = _from_top(dest)
+    with top_level(mount) as top:
+        # both names through the one top-level mount: rename(2) never crosses mounts
+        os.rename((top / mount.root.strip("/")).with_name(name), top / there)
+    source_uuid = btrfsutil.subvolume_info(mount.mount_point).uuid.hex()
+    btrfsutil.set_subvolume_read_only(os.fspath(dest), True)
+    uuid = btrfsutil.subvolume_info(os.fspath(dest)).uuid.hex()
+    created = time.time()
+    marker = Marker(
+        checkpoint_id=aside_id,
+        mount=mount.mount_point,
+        subvolume=mount.root,
+        uuid=uuid,
+        source_uuid=source_uuid,
+        created=created,
+        nested=nested,
+    )
+    _write_marker(dest, marker)
+    return Image(
+        backend=BTRFS,
+        ref=os.fspath(dest),
+        # the live tree as it was when nothing used it (no holder): as after a clean
+        # unmount, but nobody froze it
+        consistency=Consistency.CRASH_CONSISTENT,
+        path=os.fspath(dest),
+        details={
+            "uuid": uuid,
+            "source_uuid": source_uuid,
+            "subvolume": mount.root,
+            "created": created,
+            "snapshot_dir": os.fspath(snapdir),
+            "set_aside": True,
+            "nested": list(nested),
+            "recursive": bool(nested),
+        },
+    )
 
 
 #: Where the mounts made at boot are listed (a test points it elsewhere).
@@ -718,16 +817,20 @@ def fstab_subvolid(mount_point: str) -> str | None:
     return None
 
 
-def _remount(mount: Mount) -> str:
-    mp = mount.mount_point
+def _unmount(mp: str) -> str | None:
+    """Unmount ``mp``; None when done, else why not (umount's words)."""
     import subprocess
 
     done = subprocess.run(["umount", mp], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return f"{mp} is busy, so it shows the restored state from its next mount"
+    if done.returncode == 0:
+        return None
+    return done.stderr.strip() or f"umount {mp} exited with status {done.returncode}"
+
+
+def _mount_again(mount: Mount) -> None:
+    mp = mount.mount_point
     opts = [o for o in mount.mount_options if o not in ("rw", "ro")]
     opts += [o for o in mount.super_options if not o.startswith(("subvolid=", "subvol=")) and o not in ("rw", "ro")]
     opts.append("ro" if mount.read_only else "rw")
     opts.append(f"subvol={mount.root}")
     _run(["mount", "-t", "btrfs", "-o", ",".join(dict.fromkeys(opts)), mount.source, mp], "remount", mp)
-    return f"{mp} was mounted again and shows the restored state"

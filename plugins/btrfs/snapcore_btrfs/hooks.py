@@ -18,6 +18,7 @@ from snapcore import (
     Mount,
     Option,
     OptionKind,
+    Restored,
     Role,
     Support,
     Target,
@@ -155,12 +156,14 @@ def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
 @hookimpl
 def snapcore_restore(
     target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
-) -> str:
+) -> str | Restored:
     mp = target.mount.mount_point
     if image is None or image.ref is None:
         raise BackendError("the checkpoint has no btrfs image to restore from", mount=mp, backend=NAME)
     if in_place:
-        return backend.rollback(target.mount, target.checkpoint_id, image=Path(image.ref))
+        return backend.rollback(
+            target.mount, target.checkpoint_id, image=Path(image.ref), snapshot_dir=Path(image.ref).parent
+        )
     if dest is None:
         raise BackendError("restore needs --to DIR or --in-place", mount=mp, backend=NAME)
     return backend.restore_to(Path(image.ref), dest, mp)

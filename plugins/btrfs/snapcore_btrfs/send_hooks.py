@@ -7,7 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from snapcore import BackendError, BackendInfo, Export, Image, Option, OptionKind, Role, Target, hookimpl, lazy_import
+from snapcore import (
+    BackendError,
+    BackendInfo,
+    Export,
+    Image,
+    Option,
+    OptionKind,
+    Restored,
+    Role,
+    Target,
+    hookimpl,
+    lazy_import,
+)
 from snapcore_btrfs import BTRFS
 from snapcore_btrfs import BTRFS_SEND as NAME
 
@@ -105,7 +117,7 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
 @hookimpl
 def snapcore_restore(
     target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
-) -> str:
+) -> str | Restored:
     mp = target.mount.mount_point
     if export is None:
         raise fail("the checkpoint has no btrfs-send export", mp)
@@ -119,6 +131,7 @@ def snapcore_restore(
             target.mount,
             target.checkpoint_id,
             receive=lambda staging: send.receive(where, record, staging, mp),
+            snapshot_dir=backend.snapshot_dir_of(target),
         )
     if dest is None:
         raise fail("restore needs --to DIR or --in-place", mp)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import btrfsutil
@@ -222,17 +223,25 @@ def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, s
     (sv.path / "after.txt").write_text("written after")
     (sv.path / "nested" / "n.txt").write_text("nested changed")
     image = Path(manifest.targets[0].image or "")
-    where = backend.rollback(_mount(sv.path), "r1", image=image)
-    assert "mounted again" in where and "@data.snapcore-before-r1-" in where
+    done = backend.rollback(_mount(sv.path), "r1", image=image)
+    assert "mounted again" in done.message
     assert tree(sv.path, skip=(".snapshots", "nested")) == before
     assert not (sv.path / "after.txt").exists()
     # nested subvolumes and the snapshots came along, so images stay where the manifests say
     assert (sv.path / "nested" / "n.txt").read_text() == "nested changed"
     assert backend.recognise(sv.path / ".snapshots" / "r1") is not None
     assert backend.recognise(sv.path / ".snapshots" / "r2") is not None
-    aside = [n for n in os.listdir(sv.fs.mount_point) if n.startswith("@data.snapcore-before-r1-")]
-    assert len(aside) == 1
-    assert (sv.fs.mount_point / aside[0] / "after.txt").read_text() == "written after"
+    # the replaced state is an image of its own in the snapshot_dir, read-only and marked
+    assert done.set_aside is not None and done.set_aside_id and done.set_aside_id.startswith("before-restore-")
+    aside = sv.path / ".snapshots" / done.set_aside_id
+    assert done.set_aside.ref == str(aside) and str(aside) in done.message
+    assert backend.recognise(aside) is not None and btrfsutil.get_subvolume_read_only(str(aside))
+    assert (aside / "after.txt").read_text() == "written after"
+    assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
+    # a second restore a moment later keeps a second, differently named state
+    again = backend.rollback(_mount(sv.path), "r1", image=image)
+    assert again.set_aside_id and again.set_aside_id != done.set_aside_id
+    assert backend.recognise(sv.path / ".snapshots" / again.set_aside_id) is not None
 
 
 def _image_of_old_then_new(sv: Subvol, state_dir: Path, checkpoint_id: str) -> Path:
@@ -249,13 +258,27 @@ def test_restore_in_place_busy_mount_and_refusals(
 ) -> None:
     sv = btrfs_subvol()
     image = _image_of_old_then_new(sv, state_dir, "b1")
+    subvol_id = btrfsutil.subvolume_id(str(sv.path))
     with open(sv.path / "a") as busy:
-        where = backend.rollback(_mount(sv.path), "b1", image=image)
-        assert "busy" in where and busy.read() == "new"
-    # still the old subvolume until the next mount
+        # a mount in use cannot show the restored state now: refused, naming the holder
+        with pytest.raises(snapcore.MountBusy, match=rf"pid {os.getpid()} \(.*fd {busy.fileno()} \({sv.path}/a\)"):
+            backend.rollback(_mount(sv.path), "b1", image=image)
+        assert busy.read() == "new"
+    # nothing changed: the same subvolume, nothing staged or set aside
+    assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
+    assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
+    assert sorted(os.listdir(sv.path / ".snapshots")) == ["b1", "b1.snapcore.json"]
+    # a mount stacked below it holds it too
+    below = sv.path / "below"
+    below.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(below)], check=True)
+    try:
+        with pytest.raises(snapcore.MountBusy, match=f"{below} is mounted below it"):
+            backend.rollback(_mount(sv.path), "b1", image=image)
+    finally:
+        subprocess.run(["umount", str(below)], check=True)
     assert (sv.path / "a").read_text() == "new"
-    subprocess.run(["umount", str(sv.path)], check=True)
-    subprocess.run(["mount", "-o", "subvol=@data", sv.fs.device, str(sv.path)], check=True)
+    backend.rollback(_mount(sv.path), "b1", image=image)
     assert (sv.path / "a").read_text() == "old"
     # the top-level subvolume cannot be replaced
     top = sv.fs.mount_point
@@ -266,6 +289,32 @@ def test_restore_in_place_busy_mount_and_refusals(
     btrfsutil.create_snapshot(str(sv.path), str(sv.path / "foreign"), read_only=True)
     with pytest.raises(snapcore.BackendError, match="not a snapshot snapcore made"):
         backend.rollback(_mount(sv.path), "b1", image=sv.path / "foreign")
+
+
+@pytest.mark.usefixtures("no_leftover_mounts")
+def test_restore_in_place_undoes_the_swap_when_a_holder_comes_after_the_check_fake_race(
+    btrfs_subvol: SubvolFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between the holder check and the unmount cannot be hit on purpose:
+    the check is made to see nobody (the fake) while a file is really held open, so
+    the real umount fails after the swap, which must be undone."""
+    sv = btrfs_subvol()
+    btrfsutil.create_subvolume(str(sv.path / "nested"))
+    (sv.path / "nested" / "n.txt").write_text("nested")
+    image = _image_of_old_then_new(sv, state_dir, "u1")
+    subvol_id = btrfsutil.subvolume_id(str(sv.path))
+    seen: Iterator[list[object]] = iter([[], []])  # the check before the swap, then the one for the message
+    monkeypatch.setattr(backend, "mount_holders", lambda mp: next(seen))
+    with open(sv.path / "a") as busy, pytest.raises(snapcore.MountBusy, match="target is busy"):
+        backend.rollback(_mount(sv.path), "u1", image=image)
+    assert busy.closed
+    assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
+    assert (sv.path / "a").read_text() == "new" and (sv.path / "nested" / "n.txt").read_text() == "nested"
+    assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
+    # and with the holder gone, the same restore works
+    monkeypatch.undo()
+    backend.rollback(_mount(sv.path), "u1", image=image)
+    assert (sv.path / "a").read_text() == "old" and (sv.path / "nested" / "n.txt").read_text() == "nested"
 
 
 def test_errors_no_space(btrfs_subvol: SubvolFactory, state_dir: Path) -> None:
@@ -325,7 +374,7 @@ def test_restore_in_place_refuses_a_mount_pinned_by_subvolid_in_fstab(
     # by name, the next mount finds the restored subvolume: allowed
     fstab.write_text(f"UUID=x {sv.path} btrfs defaults,subvol=/@data 0 0\n")
     where = backend.rollback(_mount(sv.path), "f1", image=image)
-    assert "rolled back in place" in where
+    assert "rolled back in place" in where.message
     assert (sv.path / "a").read_text() == "old"
 
 

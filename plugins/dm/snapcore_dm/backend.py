@@ -38,7 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Image, Mount, Support, Target, block_devnum, human_bytes, udev_attr, udev_device
+from snapcore import (
+    BackendError,
+    Image,
+    Mount,
+    MountBusy,
+    Support,
+    Target,
+    block_devnum,
+    human_bytes,
+    mount_holders,
+    udev_attr,
+    udev_device,
+)
 from snapcore.errors import MissingTool
 from snapcore.locks import default_run_dir
 from snapcore_dm import NAME
@@ -916,6 +928,54 @@ def merge_lvm(details: Mapping[str, Any]) -> str:
         )
     log.debug("lvconvert --merge: %s", out)
     return f"{vg}/{origin} rolled back to the snapshot {name} (merged; the snapshot is gone)"
+
+
+def restore_in_place(details: Mapping[str, Any], mount: Mount) -> str:
+    """Roll an LV back to its snapshot so that ``mount`` shows the result when this
+    returns (a restored program starts on it next): unmount it, merge, mount it
+    again. LVM alone would only schedule the merge of an open origin for its next
+    activation; a mount in use is refused instead (:class:`MountBusy`, nothing
+    changed), and so is an origin held open elsewhere."""
+    if details.get("kind") == "raw":
+        return merge_raw(details)
+    vg, origin = str(details["vg"]), str(details["origin"])
+    dev = dm_device_by_name(f"{_dm_escape(vg)}-{_dm_escape(origin)}")
+    mp = mount.mount_point
+    ours = dev is not None and (mount.major, mount.minor) == (dev.major, dev.minor) and os.path.ismount(mp)
+    if ours:
+        holders = mount_holders(mp)
+        if holders:
+            raise MountBusy(mp, holders, backend=NAME)
+        done = subprocess.run(["umount", mp], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise MountBusy(mp, mount_holders(mp) or [done.stderr.strip()], backend=NAME)
+    try:
+        if dev is not None:
+            held = os.listdir(f"/sys/dev/block/{dev.major}:{dev.minor}/holders")
+            if _is_mounted(dev) or held or _open_count(dev.name) > 0:
+                raise BackendError(
+                    f"{vg}/{origin} is still open (mounted elsewhere, or held by {', '.join(held) or 'a process'}): "
+                    "its merge would wait for its next activation; close it, then restore again (nothing was "
+                    "changed)",
+                    mount=mp,
+                    backend=NAME,
+                )
+        message = merge_lvm(details)
+    finally:
+        if ours:
+            _mount_again(mount)
+    return f"{message}; {mp} was mounted again" if ours else message
+
+
+def _open_count(name: str) -> int:
+    out = run("dmsetup", "info", "-c", "--noheadings", "-o", "open", name).strip()
+    return int(out) if out.isdigit() else 0
+
+
+def _mount_again(mount: Mount) -> None:
+    opts = [o for o in (*mount.mount_options, *mount.super_options) if o not in ("rw", "ro")]
+    opts.append("ro" if mount.read_only else "rw")
+    run("mount", "-t", mount.fstype, "-o", ",".join(dict.fromkeys(opts)), mount.source, mount.mount_point)
 
 
 def merge_raw(details: Mapping[str, Any], *, timeout: float = 600.0) -> str:

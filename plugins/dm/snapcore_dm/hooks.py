@@ -307,9 +307,7 @@ def snapcore_restore(
     if problems:
         raise BackendError(f"{image.ref}: {'; '.join(problems)}", mount=target.mount.mount_point, backend=NAME)
     if in_place:
-        if image.details.get("kind") == "raw":
-            return backend.merge_raw(image.details)
-        return backend.merge_lvm(image.details)
+        return backend.restore_in_place(image.details, target.mount)
     if dest is None:
         raise BackendError("restore needs a destination or in_place", backend=NAME)
     from tempfile import mkdtemp
