@@ -253,3 +253,38 @@ def test_delete_of_an_unmounted_filesystem_s_image_waits_for_its_mount(
     code, out, err = run("delete", "k1")
     assert code == 0, err
     assert not (sv.path / ".snapshots" / "k1").exists() and "k1: removed its manifest" in out
+
+
+@pytest.mark.usefixtures("no_leftover_mounts")
+def test_the_states_restores_replace_are_pruned_like_checkpoints(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path]
+) -> None:
+    """Twenty restores must not leave twenty subvolumes no command sees: each replaced
+    state is a checkpoint of the mount, kept by the mount's keep rule."""
+    sv = btrfs_subvol()
+    policy = _keep_policy(policy_file, sv.path, "{last: 2}")
+    sv.write("n", "0")
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="base")
+    kept = []
+    for i in range(1, 4):
+        sv.write("n", str(i))
+        code, out, err = run("restore", "base", "--in-place")
+        assert code == 0, err
+        assert sv.path.joinpath("n").read_text() == "0"
+        kept.append(out.rsplit("checkpoint ", 1)[1].strip())
+        time.sleep(0.01)
+    assert len(set(kept)) == 3
+    code, out, _ = run("list")
+    assert all(k in out for k in kept)
+    # the newest two (by time) of the mount's images stay; the base is older than all
+    code, out, err = run("prune")
+    assert code == 0, err
+    left = sorted(p.name for p in (state_dir / "checkpoints").iterdir())
+    assert left == sorted(kept[1:])
+    assert sorted(p.name for p in (sv.path / ".snapshots").iterdir() if not p.name.endswith(".json")) == sorted(
+        kept[1:]
+    )
+    # a replaced state restores like any checkpoint: back to what "n" held before the last restore
+    code, _, err = run("restore", kept[-1], "--in-place")
+    assert code == 0, err
+    assert sv.path.joinpath("n").read_text() == "3"
