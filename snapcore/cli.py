@@ -283,7 +283,9 @@ def _run_after_restore(command: list[str]) -> int:
         raise UsageError(f"command not found: {command[0]}")
     status = subprocess.run(command, check=False).returncode
     if status != 0:
-        raise SnapcoreError(f"command {' '.join(command)!r} exited with status {status}")
+        from snapcore.criu import describe_failure
+
+        raise SnapcoreError(describe_failure(command, status))
     return ExitCode.OK
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -88,6 +89,82 @@ def _tail(text: str | bytes, lines: int = 8) -> str:
         text = text.decode(errors="replace")
     kept = [line for line in text.strip().splitlines() if "RLIMIT_NOFILE" not in line]
     return " | ".join(kept[-lines:])
+
+
+def log_path(argv: Sequence[str]) -> str | None:
+    """Where a ``criu`` command line writes its log: ``-o``/``--log-file``, relative
+    to ``-W``/``--work-dir``, else to ``-D``/``--images-dir``, else to the current
+    directory. None when it logs to stderr (no log file named)."""
+    opts: dict[str, str] = {}
+    names = {
+        "-o": "log",
+        "--log-file": "log",
+        "-W": "work",
+        "--work-dir": "work",
+        "-D": "images",
+        "--images-dir": "images",
+    }
+    for i, arg in enumerate(argv):
+        if arg in names and i + 1 < len(argv):
+            opts[names[arg]] = argv[i + 1]
+        elif "=" in arg and arg.split("=", 1)[0] in names:
+            key, value = arg.split("=", 1)
+            opts[names[key]] = value
+    log = opts.get("log")
+    if not log or log == "-":
+        return None
+    return os.path.join(opts.get("work") or opts.get("images") or ".", log)
+
+
+def log_errors(argv: Sequence[str], limit: int = 5) -> list[str]:
+    """The reasons CRIU gave, in its words: the ``Error`` lines of the log the command
+    line ``argv`` wrote (timestamps and source locations cut, the harmless
+    ``RLIMIT_NOFILE`` line left out), the first ``limit`` of them: the first is
+    usually the cause, the later ones its consequences."""
+    path = log_path(argv)
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (4 << 20)))  # the end of a huge log is enough
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in text.splitlines():
+        m = _ERROR_LINE.search(line)
+        if m is None or "RLIMIT_NOFILE" in line:
+            continue
+        message = m.group(1).strip()
+        if message and message not in found:
+            found.append(message)
+        if len(found) >= limit:
+            break
+    return found
+
+
+_LOG_OPTIONS = {
+    **dict.fromkeys(("-o", "--log-file"), "log"),
+    **dict.fromkeys(("-W", "--work-dir"), "work"),
+    **dict.fromkeys(("-D", "--images-dir"), "images"),
+}
+_ERROR_LINE = re.compile(r"\bError \([^)]*\):\s*(.*)$")
+
+
+def describe_failure(argv: Sequence[str], status: int) -> str:
+    """``command '...' exited with status N``, with CRIU's own reasons when ``argv``
+    runs criu and named a log file."""
+    message = f"command {' '.join(argv)!r} exited with status {status}"
+    if not argv or os.path.basename(argv[0]) != "criu":
+        return message
+    errors = log_errors(argv)
+    path = log_path(argv)
+    if errors:
+        message += f"; CRIU says: {' | '.join(errors)}"
+    if path is not None:
+        message += f" (log: {os.path.abspath(path)})"
+    return message
 
 
 def parse_version(text: str) -> tuple[int, ...]:

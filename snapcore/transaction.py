@@ -898,7 +898,9 @@ class Transaction:
             raise PayloadFailed(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
         self.manifest.payload = {"argv": cmd, "status": proc.returncode}
         if proc.returncode != 0:
-            raise PayloadFailed(f"command {' '.join(cmd)!r} exited with status {proc.returncode}")
+            from snapcore.criu import describe_failure
+
+            raise PayloadFailed(describe_failure(cmd, proc.returncode))
 
     def _criu_payload(self, cmd: list[str], env: dict[str, str]) -> list[str]:
         """A ``criu dump`` of tasks we froze must be told their freezer cgroup, or

@@ -292,6 +292,54 @@ def test_restore_in_place_of_a_busy_mount_does_not_start_the_program(
     assert not aside.exists() and not (state_dir / "checkpoints" / kept).exists()
 
 
+LOCKER = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "w")
+fcntl.flock(f, fcntl.LOCK_EX)
+os.chdir(os.path.dirname(sys.argv[1]))
+open(sys.argv[2] + ".tmp", "w").close(); os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_failed_criu_dump_says_what_criu_said(
+    criu_and_btrfs: tuple[Criu, Path],
+    state_dir: Path,
+    tmp_path: Path,
+    pace: Pace,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A program holding a file lock needs --file-locks: the error says so in CRIU's
+    words, not only 'exited with status 1'."""
+    criu, mnt = criu_and_btrfs
+    ready = tmp_path / "locked"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(mnt / "db.lock"), str(ready)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_path(ready, proc, pace.seconds(20), "locker")
+        images = tmp_path / "images"
+        images.mkdir()
+        dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
+        capsys.readouterr()
+        code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "lk", "--", *dump])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert "CRIU says:" in err and "--file-locks" in err, err
+        assert f"(log: {images / 'dump.log'})" in err
+        manifest = json.loads((state_dir / "checkpoints" / "lk" / "manifest.json").read_text())
+        assert "--file-locks" in manifest["error"] and manifest["outcome"] == "failed"
+        assert _state(proc) in "SR", "the task was not thawed"  # a failed dump leaves it running
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_criu_action_script(
     criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
 ) -> None:
