@@ -426,17 +426,18 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
         manifest = txn.run(command)
     except CheckpointFailed as exc:
         if exc.manifest is not None:
-            _show(exc.manifest, args.json, sys.stdout)
+            # the error itself follows once, on stderr ("snapcore: error: ...")
+            _show(exc.manifest, args.json, sys.stdout, with_error=False)
         raise
     _show(manifest, args.json, sys.stdout)
     return ExitCode.OK
 
 
-def _show(manifest: Any, as_json: bool, out: Any) -> None:
+def _show(manifest: Any, as_json: bool, out: Any, *, with_error: bool = True) -> None:
     if as_json:
         out.write(manifest.dumps())
     else:
-        out.write(manifest.summary() + "\n")
+        out.write(manifest.summary(with_error=with_error) + "\n")
     out.flush()
 
 

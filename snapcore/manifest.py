@@ -190,10 +190,13 @@ class Manifest:
         os.replace(tmp, path)
         return path
 
-    def summary(self) -> str:
+    def summary(self, *, with_error: bool = True) -> str:
+        """Lines for a person. ``with_error=False`` leaves the checkpoint's error out
+        (and a target's error that only repeats it), for a command that prints that
+        error on stderr anyway."""
         lines = [
             f"checkpoint {self.id}: {self.outcome}"
-            + (f" — {self.error}" if self.error else "")
+            + (f" — {self.error}" if self.error and with_error else "")
             + (f" (freeze window {self.freeze_window_ms:.1f} ms)" if self.freeze_window_ms is not None else "")
         ]
         for t in self.targets:
@@ -205,7 +208,7 @@ class Manifest:
                 line += f" image={t.image}"
             if t.export:
                 line += f" export={t.export}"
-            if t.error:
+            if t.error and (with_error or t.error not in (self.error or "")):
                 line += f" error: {t.error}"
             lines.append(line)
             lines.extend(f"    warning: {w}" for w in t.warnings)

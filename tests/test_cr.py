@@ -328,9 +328,11 @@ def test_a_failed_criu_dump_says_what_criu_said(
         dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
         capsys.readouterr()
         code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "lk", "--", *dump])
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert code == 1
         assert "CRIU says:" in err and "--file-locks" in err, err
+        # said once: on stderr, not again in the summary on stdout
+        assert "checkpoint lk: failed" in out and "--file-locks" not in out and err.count("--file-locks") == 1
         assert f"(log: {images / 'dump.log'})" in err
         manifest = json.loads((state_dir / "checkpoints" / "lk" / "manifest.json").read_text())
         assert "--file-locks" in manifest["error"] and manifest["outcome"] == "failed"
