@@ -514,12 +514,15 @@ def _from_dir(args: argparse.Namespace, export: Any) -> Any:
     return dataclasses.replace(export, path=os.path.abspath(args.from_dir))
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
+def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> int:
+    """``snapcore restore``; ``then`` is the command to run after it (``-- CMD``)."""
     from snapcore.mounts import MountTable
     from snapcore.records import export_of, image_of, target_of
 
     _require_root("snapcore restore")
     manifest, records, state_dir = _records(args)
+    if then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]:
+        _check_pids_free(manifest)
     plugins = _plugins(args)
     table = MountTable.read()
     done: list[str] = []
@@ -546,6 +549,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
             kept = _record_set_aside(manifest, record, restored, state_dir)
             print(f"{record.mount}: the state it replaced is checkpoint {kept}")
     return ExitCode.OK
+
+
+def _check_pids_free(manifest: Any) -> None:
+    """``criu restore`` gives the tasks back their PIDs, and fails ("File exists") when
+    one is taken: say so before any filesystem is rolled back, not after."""
+    from snapcore.tasks import wait_pids_free
+
+    pids = (manifest.tasks or {}).get("pids") if isinstance(manifest.tasks, dict) else None
+    wanted = [p for p in pids or () if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22]
+    held = wait_pids_free(wanted, PIDS_FREE_S, ending=False)
+    if held:
+        raise SnapcoreError(
+            f"cannot restore checkpoint {manifest.id}: CRIU gives the tasks back their PIDs, and "
+            f"{', '.join(str(h) for h in held)} holds one; end it (or wait for it to be reaped), then "
+            "restore again (nothing was changed)"
+        )
+
+
+#: How long ``restore -- criu restore`` waits for the checkpointed PIDs to be free.
+PIDS_FREE_S = 5.0
 
 
 def _record_set_aside(manifest: Any, record: Any, restored: Any, state_dir: Path) -> str:
@@ -694,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "checkpoint":
             return int(cmd_checkpoint(args, command))
         if args.command == "restore":
-            code = int(cmd_restore(args))
+            code = int(cmd_restore(args, then=command))
             if command:
                 return _run_after_restore(command)
             return code

@@ -786,3 +786,59 @@ def live(pids: Iterable[int]) -> list[int]:
         if fields is not None and fields[0] not in ("Z", "X"):
             out.append(pid)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PidHolder:
+    """A process that holds one of the PIDs a restore needs."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+
+    def __str__(self) -> str:
+        if self.state == "Z":
+            return f"pid {self.pid} (a zombie of pid {self.ppid}: its parent has not reaped it)"
+        return f"pid {self.pid} ({self.comm})"
+
+
+def pid_holders(pids: Iterable[int]) -> list[PidHolder]:
+    """What holds each of ``pids`` now (zombies too: their PID is not free)."""
+    out = []
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = "?"
+        out.append(PidHolder(pid=pid, comm=comm, state=fields[0], ppid=int(fields[1])))
+    return out
+
+
+def wait_pids_free(
+    pids: Iterable[int], timeout: float, *, ending: bool = True, interval: float = 0.02
+) -> list[PidHolder]:
+    """Wait until no process holds any of ``pids``, at most ``timeout`` seconds, and
+    return what still holds them. ``ending``: the holders are tasks on their way out
+    (CRIU ended them) and are waited for whatever their state; else a live holder is
+    returned at once (it will not go by itself), and only zombies are waited for. A
+    zombie is collected by its reaper (PID 1 takes a second or two on some
+    machines); one whose parent is some other live process is that parent's to reap,
+    whenever it chooses: not waited for past a short grace."""
+    wanted = [p for p in pids if p > 0]
+    start = time.monotonic()
+    while True:
+        held = pid_holders(wanted)
+        if not held:
+            return []
+        waited = time.monotonic() - start
+        if not ending and any(h.state not in ("Z", "X") for h in held):
+            return held
+        parents_job = all(h.state == "Z" and h.ppid not in (0, 1) for h in held)
+        if waited >= timeout or (parents_job and waited >= min(0.5, timeout)):
+            return held
+        time.sleep(interval)

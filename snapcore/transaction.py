@@ -79,6 +79,11 @@ Payload = Sequence[str] | Callable[[Checkpoint], int | None]
 # -- selection -----------------------------------------------------------------------
 
 
+#: How long a checkpoint whose payload was ``criu dump`` waits for the dumped tasks'
+#: PIDs to be free (PID 1 reaps them; 1-2 s were seen on a loaded machine).
+DUMPED_TASKS_GONE_S = 10.0
+
+
 @dataclass(slots=True, kw_only=True)
 class Selection:
     """The plan for one mount: chosen backends and every backend's answer."""
@@ -833,12 +838,34 @@ class Transaction:
         self._phase(Phase.EXPORT, t)
         self._check_changes()
         self._thaw_tasks()
+        self._wait_for_dumped_tasks()
         t = time.perf_counter()
         for run in self.active:
             self._finish(run)
         self._phase(Phase.FINISH, t)
         for run in self.active:
             self._settle(run)
+
+    def _wait_for_dumped_tasks(self) -> None:
+        """``criu dump`` (without ``--leave-running``/``--leave-stopped``) ends the
+        tasks, but their PIDs stay taken until they are reaped, and ``criu restore``
+        needs those very PIDs: the command returns once they are free, so that a
+        restore right after it works."""
+        argv = (self.manifest.criu or {}).get("argv")
+        if not argv or self.taskset is None:
+            return
+        if any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv):
+            return
+        from snapcore.tasks import wait_pids_free
+
+        t = time.perf_counter()
+        held = wait_pids_free(self.taskset.pids, DUMPED_TASKS_GONE_S)
+        self.manifest.timings["dumped_tasks_gone"] = round((time.perf_counter() - t) * 1000, 3)
+        if held:
+            self.manifest.warnings.append(
+                f"the dumped tasks' PIDs are still taken ({', '.join(str(h) for h in held)}): "
+                "'criu restore' fails with 'File exists' until they are free"
+            )
 
     def _finish(self, run: TargetRun) -> None:
         """Let the backends complete what they made, before the manifest says ok."""

@@ -292,6 +292,72 @@ def test_restore_in_place_of_a_busy_mount_does_not_start_the_program(
     assert not aside.exists() and not (state_dir / "checkpoints" / kept).exists()
 
 
+def _spawn_with_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """A process that gets ``pid`` (through ns_last_pid, as CRIU does), or a skip."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip(f"could not get pid {pid} for the test (other processes keep forking)")
+
+
+def test_restore_right_after_a_dump_finds_its_pids_free_and_a_taken_pid_changes_nothing(
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, tmp_path: Path, pace: Pace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A program whose parent is gone (PID 1 reaps it, slowly on some machines): the
+    checkpoint returns only once the dumped tasks' PIDs are free, so that a restore
+    at once works; and a PID taken meanwhile is reported before any rollback."""
+    criu, mnt = criu_and_btrfs
+    data = mnt / "data.txt"
+    ready = tmp_path / "ready"
+    # started through a shell that exits at once: the program's parent is PID 1
+    background = 'setsid "$0" -c "$1" "$2" "$3" keep </dev/null >/dev/null 2>&1 &'
+    subprocess.run(["sh", "-c", background, sys.executable, HOLDER, str(data), str(ready)], check=True)
+    deadline = time.monotonic() + pace.seconds(20)
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the holder did not start"
+        time.sleep(0.01)
+    pid = int(ready.read_text())
+    assert _stat_ppid(pid) != os.getpid()
+    images = tmp_path / "images"
+    images.mkdir()
+    dump = [criu.path, "dump", "-t", str(pid), "-D", str(images), "--log-file", "dump.log"]
+    try:
+        assert main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(pid), "--id", "gone", "--", *dump]) == 0
+        assert not os.path.exists(f"/proc/{pid}"), "checkpoint returned while the dumped task held its PID"
+        manifest = json.loads((state_dir / "checkpoints" / "gone" / "manifest.json").read_text())
+        assert "dumped_tasks_gone" in manifest["timings"] and manifest["tasks"]["pids"] == [pid]
+        data.write_text("changed after the checkpoint, longer than before\n")
+        restore = [criu.path, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "r.log"]
+        taker = _spawn_with_pid(pid, ["sleep", "600"])
+        try:
+            capsys.readouterr()
+            code = main(["--state-dir", str(state_dir), "restore", "gone", "--in-place", "--", *restore])
+            err = capsys.readouterr().err
+            assert code == 1
+            assert f"pid {pid} (sleep) holds one" in err and "nothing was changed" in err, err
+            assert data.read_text() == "changed after the checkpoint, longer than before\n"
+            assert not (images / "r.log").exists()
+        finally:
+            taker.kill()
+            taker.wait()
+        code = main(["--state-dir", str(state_dir), "restore", "gone", "--in-place", "--", *restore])
+        assert code == 0, (images / "r.log").read_text()[-2000:]
+        assert data.read_text() == "original bytes\n"
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+def _stat_ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 LOCKER = """
 import fcntl, os, sys, time
 f = open(sys.argv[1], "w")
