@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build and install CRIU >= 4.1 as /usr/local/sbin/criu, once (idempotent).
+# Build and install CRIU >= 4.2 as /usr/local/sbin/criu, once (idempotent).
 #
 # Why: Debian 12's criu 3.17 fails `criu check` on recent kernels ("vdso: Unexpected
-# rt vDSO area bounds", fixed upstream in 4.1), and newer Debian binary packages need
-# a newer glibc. The upstream tarball from Debian's source archive builds against
+# rt vDSO area bounds", fixed upstream in 4.1); 4.1 cannot dump a process holding any
+# TCP or UDP socket on Linux >= 6.16 ("sockets: Can't get 1:16 opt: Operation not
+# supported", CRIU issues #2705, #2718: fixed in 4.2) and runs action scripts twice
+# under runtimes (runc, podman); newer Debian binary packages need a newer glibc. The upstream tarball from Debian's source archive builds against
 # bookworm's libraries in well under a minute (see the shared notes, criu.md).
 #
 # Steps: skip when a CRIU >= 4.1 that passes `criu check` is already there; install
@@ -14,12 +16,12 @@
 # written here, and the system's apt sources are left untouched); build; install.
 #
 # Environment: CRIU (a binary to try first), CRIU_PREFIX (default /usr/local),
-# CRIU_SOURCE_SUITE (default trixie), CRIU_BUILD_DIR (default: a temporary directory).
+# CRIU_SOURCE_SUITE (default sid: trixie has 4.1.1), CRIU_BUILD_DIR (default: a temporary directory).
 set -euo pipefail
 
 PREFIX=${CRIU_PREFIX:-/usr/local}
-MIN_VERSION=4.1
-SUITE=${CRIU_SOURCE_SUITE:-trixie}
+MIN_VERSION=4.2
+SUITE=${CRIU_SOURCE_SUITE:-sid}
 BUILD_DEPS=(build-essential pkgconf protobuf-c-compiler protobuf-compiler libprotobuf-dev libprotobuf-c-dev
   libnl-3-dev libcap-dev libnet1-dev libnftables-dev libgnutls28-dev libbsd-dev uuid-dev xz-utils)
 

@@ -71,7 +71,7 @@ def find_criu(env: Mapping[str, str] | None = None) -> str:
     found = shutil.which("criu", path=env.get("PATH", os.defpath))
     if found is None:
         raise CriuUnavailable(
-            "CRIU is not installed: run scripts/setup-criu.sh (builds CRIU >= 4.1 into /usr/local/sbin/criu) "
+            "CRIU is not installed: run scripts/setup-criu.sh (builds CRIU >= 4.2 into /usr/local/sbin/criu) "
             f"or set {CRIU_ENV}=/path/to/criu"
         )
     return found
