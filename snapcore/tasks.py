@@ -706,9 +706,10 @@ def _v2_can_freeze(hierarchy: CgroupHierarchy) -> bool:
     """cgroup2 has a freezer (kernel ≥ 5.2): non-root cgroups have ``cgroup.freeze``."""
     mp = hierarchy.mount_point
     try:
-        for entry in os.scandir(mp):
-            if entry.is_dir(follow_symlinks=False):
-                return os.path.exists(os.path.join(entry.path, "cgroup.freeze"))
+        with os.scandir(mp) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    return os.path.exists(os.path.join(entry.path, "cgroup.freeze"))
     except OSError:
         return False
     # no child cgroup to look at: the cgroup2 freezer came with Linux 5.2

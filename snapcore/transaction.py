@@ -598,11 +598,18 @@ class Transaction:
             if self.watch is not None:
                 self.watch.stop()
         finally:
+            if freezer is None and self._tasks_frozen_at is not None and self.manifest.tasks is not None:
+                # stopped by CRIU before its post-dump hook: snapcore's share of the stop
+                self.manifest.tasks["stopped_ms"] = round((time.monotonic() - self._tasks_frozen_at) * 1000, 3)
+                self.manifest.tasks["stopped_note"] = "from the post-dump hook on; CRIU stopped them before"
             if freezer is not None:
                 t = time.perf_counter()
                 freezer.close()
                 self.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
                 self.manifest.tasks = freezer.to_json()
+                if self._tasks_frozen_at is not None:
+                    # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
+                    self.manifest.tasks["stopped_ms"] = round((time.monotonic() - self._tasks_frozen_at) * 1000, 3)
                 self.journal.record_many([{"op": "thawed", "key": key} for key in self._task_rescues])
                 if self._task_rescues:
                     with contextlib.suppress(SnapcoreError):
@@ -891,6 +898,9 @@ class Transaction:
                 )
             else:
                 record.consistency = image.consistency.value
+                if image.consistency is Consistency.CRASH_CONSISTENT and self._tasks_frozen_at is not None:
+                    # nothing the checkpointed tasks wrote raced the snapshot
+                    record.consistency = Consistency.TASKS_FROZEN.value
                 record.image = image.ref
             record.image_record = image.to_json()
             # a backend's warnings about its image (e.g. btrfs: nested subvolumes left out)

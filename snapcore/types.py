@@ -35,6 +35,10 @@ class Consistency(StrEnum):
     QUIESCED = "quiesced"
     #: A snapshot taken without freezing the filesystem: as after a power cut.
     CRASH_CONSISTENT = "crash-consistent"
+    #: A snapshot taken without freezing the filesystem but while the checkpointed
+    #: tasks were stopped (by snapcore or CRIU): all they wrote is in, none of their
+    #: writes raced it; other processes' writes may have, as after a power cut.
+    TASKS_FROZEN = "tasks-frozen"
     #: A live tree copied while the tasks were frozen; the change watch judges it.
     LIVE_COPY = "live-copy"
 

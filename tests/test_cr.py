@@ -214,6 +214,9 @@ def test_criu_dump_and_restore_with_a_btrfs_image(
     assert manifest["criu"]["images_dir"] == str(images)
     assert "--freeze-cgroup" in manifest["criu"]["argv"]
     assert manifest["targets"][0]["imager"] == "btrfs"
+    # taken while the tasks were stopped: nothing they wrote raced the snapshot
+    assert manifest["targets"][0]["consistency"] == "tasks-frozen"
+    assert 0 < manifest["tasks"]["stopped_ms"] >= manifest["freeze_window_ms"]
     proc.wait(pace.seconds(10))  # criu dump ends the dumped tasks
     data.write_text("changed after the checkpoint, longer than before\n")
     # files back from the image, then CRIU: the program must find the bytes it had
@@ -506,6 +509,7 @@ def test_criu_action_script(
     cid = (images / "snapcore-checkpoint").read_text().strip()
     manifest = json.loads((state_dir / "checkpoints" / cid / "manifest.json").read_text())
     assert manifest["outcome"] == "ok" and manifest["tasks"]["method"] == "stopped by CRIU"
+    assert manifest["targets"][0]["consistency"] == "tasks-frozen" and manifest["tasks"]["stopped_ms"] > 0
     assert manifest["criu"]["images_dir"] == str(images)
     assert any(f["path"] == str(data) for f in manifest["files"])
     proc.wait(pace.seconds(10))
