@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import SnapcoreError
-from snapcore.manifest import Manifest, TargetRecord, load, manifest_path, utc_now
+from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Image, Rescue, RescueKind
 
 if TYPE_CHECKING:
@@ -287,6 +287,7 @@ def _mark_failed(pending: Pending, done: list[str]) -> None:
     manifest.outcome = "failed"
     manifest.finished = utc_now()
     manifest.warnings.extend(done)
+    drop_ghosts(manifest, pending.state_dir)
     manifest.write(pending.state_dir)
 
 

@@ -52,6 +52,20 @@ def manifest_path(state_dir: Path, checkpoint_id: str) -> Path:
     return checkpoints_dir(state_dir) / check_checkpoint_id(checkpoint_id) / MANIFEST_NAME
 
 
+def drop_ghosts(manifest: Manifest, state_dir: Path) -> None:
+    """A failed checkpoint keeps no ghost copies (nothing can be restored from it):
+    remove its ``ghosts`` directory and say so in each file's ``ghost``."""
+    import shutil
+
+    ghosts = manifest_path(state_dir, manifest.id).parent / "ghosts"
+    if ghosts.is_dir() and not ghosts.is_symlink():
+        shutil.rmtree(ghosts, ignore_errors=True)
+    for f in manifest.files or ():
+        ghost = f.get("ghost") if isinstance(f, dict) else None
+        if isinstance(ghost, dict) and ghost.get("path"):
+            ghost.update(path=None, sha256=None, note="removed: the checkpoint failed")
+
+
 @dataclass(slots=True, kw_only=True)
 class TargetRecord:
     """One target's lines in the manifest."""

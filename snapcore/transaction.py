@@ -38,6 +38,7 @@ from snapcore.manifest import (
     Manifest,
     TargetRecord,
     check_checkpoint_id,
+    drop_ghosts,
     manifest_path,
     new_checkpoint_id,
     utc_now,
@@ -634,6 +635,17 @@ class Transaction:
         )
         self.manifest.changes = [c.to_json() for c in changes]
         self.inventory = apply_changes(self.inventory, changes)
+        late = [f for f in self.inventory.ghosts_needed if f.ghost is None]
+        if late:
+            # renamed over or deleted while the tasks were stopped: their old content
+            # is still reachable through the tasks' descriptors (unless a CRIU dump
+            # ended them: then the ghost says why it is missing)
+            from snapcore.inventory import copy_ghosts
+
+            ghosts = manifest_path(self.state_dir, self.id).parent / "ghosts"
+            spent = sum(f.ghost.size for f in self.inventory.files if f.ghost is not None and f.ghost.path)
+            left = max(0, self.policy.ghost_limit - spent)
+            self.inventory = copy_ghosts(self.inventory, ghosts, limit=left, files=late)
         self.manifest.files = self.inventory.to_json()
         mount_of = {(f.dev, f.ino): f.mount_point for f in self.inventory.files}
         fatal = []
@@ -976,6 +988,7 @@ class Transaction:
             self._discard(run)
             if run.record.outcome != Outcome.SKIPPED.value:
                 run.record.outcome = Outcome.FAILED.value
+        drop_ghosts(self.manifest, self.state_dir)
         self._phase(Phase.DISCARD, t)
 
     def _discard(self, run: TargetRun) -> None:

@@ -161,6 +161,62 @@ def test_a_change_under_the_frozen_task_decides(
     assert_not_frozen(fs.mount_point)
 
 
+TWO_FILES = """
+import os, sys, time
+keep, gone, ready = sys.argv[1:4]
+a = open(keep, "r+"); b = open(gone, "w+"); b.write("deleted but open\\n"); b.flush(); os.unlink(gone)
+open(ready + ".tmp", "w").close(); os.rename(ready + ".tmp", ready)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("on_change", ["fail", "warn"])
+def test_a_file_renamed_over_under_the_frozen_task_keeps_its_old_content(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, pace: Pace, on_change: str
+) -> None:
+    """The atomic-save pattern (write a temporary file, rename it over the config)
+    while the task is stopped: with on_change: warn, the content the task still has
+    open is saved as a ghost; a failed checkpoint keeps no ghost copies at all."""
+    fs = loop_fs("ext4")
+    config, scratch, ready = fs.mount_point / "config.json", fs.mount_point / "scratch", tmp_path / "ready"
+    config.write_text('{"version": 1}\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TWO_FILES, str(config), str(scratch), str(ready)], start_new_session=True
+    )
+    try:
+        wait_for_path(ready, proc, pace.seconds(20), "holder")
+        policy = tmp_path / "p.yaml"
+        policy.write_text(
+            f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    on_change: {on_change}\n"
+        )
+        save = f"echo '{{\"version\": 2}}' > {config}.tmp && mv {config}.tmp {config}"
+        code = main(
+            [
+                *["--state-dir", str(state_dir), "checkpoint", "--policy", str(policy), "--pid", str(proc.pid)],
+                *["--id", "rn", "--", "sh", "-c", save],
+            ]
+        )
+        manifest = json.loads((state_dir / "checkpoints" / "rn" / "manifest.json").read_text())
+        files = {f["path"]: f for f in manifest["files"]}
+        renamed, deleted = files[str(config)], files[str(scratch)]
+        assert renamed["state"] == "renamed-over" and deleted["state"] == "deleted"
+        ghosts = state_dir / "checkpoints" / "rn" / "ghosts"
+        if on_change == "warn":
+            assert code == 0
+            assert Path(renamed["ghost"]["path"]).read_text() == '{"version": 1}\n'
+            assert Path(deleted["ghost"]["path"]).read_text() == "deleted but open\n"
+        else:
+            assert code == 1 and manifest["outcome"] == "failed"
+            assert not ghosts.exists()
+            assert deleted["ghost"]["path"] is None and deleted["ghost"]["note"] == "removed: the checkpoint failed"
+        assert _state(proc) in "SR"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_not_frozen(fs.mount_point)
+
+
 def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--state-dir", str(state_dir), "checkpoint", "--pid", "999999999"]) == 2
     assert main(["--state-dir", str(state_dir), "checkpoint", "--cgroup", str(tmp_path)]) == 2
