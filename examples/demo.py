@@ -15,6 +15,7 @@ from snapcore.cli import main
 from snapcore.testing import LoopFactory
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # crcycle, the checkpoint/restore cycle the soak test runs too
 
 
 def step(title: str) -> None:
@@ -84,7 +85,7 @@ def demo(base: Path) -> int:
         step("the manifest's summary")
         run("--state-dir", str(state), "show", "demo")
         print(f"\n(the whole manifest: {state}/checkpoints/demo/manifest.json)")
-        return code
+        return code or program_demo(base, loops, state)
     finally:
         step("cleaning up")
         if os.path.ismount(tmpfs):
@@ -92,6 +93,71 @@ def demo(base: Path) -> int:
         problems = loops.close()
         for problem in problems:
             print("cleanup problem:", problem, file=sys.stderr)
+
+
+def program_demo(base: Path, loops: LoopFactory, state: Path) -> int:
+    """snapcore's reason to exist: a running SQLite program checkpointed with CRIU,
+    its files damaged, restored, and seen going on from the checkpoint."""
+    import json
+
+    from crcycle import App, cycle
+
+    from snapcore.criu import CriuUnavailable, check_criu
+
+    step("a running program: checkpoint with CRIU, damage its files, restore")
+    try:
+        criu = check_criu()
+    except CriuUnavailable as exc:
+        print(f"skipped: {exc}")
+        return 1
+    fs = loops("btrfs")
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(fs.mount_point / "app")], check=True)
+    mnt = base / "app"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "subvol=app", fs.device, str(mnt)], check=True)
+    fs.cleanups.append(lambda: unmount(mnt))
+    scratch = base / "program"
+    scratch.mkdir()
+    app = App(workdir=mnt, scratch=scratch, criu=criu.path, state_dir=state, run=lambda argv: run(*argv))
+    print(f"{APP_NAME} in {mnt} (btrfs, mounted subvol=app): SQLite in WAL mode, ~45 commits/s,")
+    print("config.json held open and re-read, app.log open for append, a deleted scratch file")
+    app.start(60)
+    try:
+        app.wait_rows(20, 60)
+        print(f"running as pid {app.pid}; {len(app.logged_rows())} rows so far")
+        seen = cycle(app, "program", timeout=60, say=print)
+        manifest = json.loads((state / "checkpoints" / "program" / "manifest.json").read_text())
+        print(f"\nwhat the inventory found the program using on {mnt}:")
+        elsewhere = 0
+        for f in manifest["files"]:
+            if f["mount"] != str(mnt):
+                elsewhere += 1
+                continue
+            ghost = " (deleted: its content saved as a ghost copy)" if f.get("ghost") else ""
+            print(f"  {f['state']:<8} {f['path']}{ghost}")
+        print(f"  and {elsewhere} files elsewhere (the interpreter, libraries: not checkpointed)")
+        print(
+            f"the program stood still {manifest['tasks'].get('stopped_ms', 0):.0f} ms; the filesystems were "
+            f"frozen {manifest['freeze_window_ms']:.1f} ms; image: {manifest['targets'][0]['consistency']}"
+        )
+        restored = sorted(p.name for p in mnt.iterdir() if not p.name.startswith("."))
+        print(f"what the restore put back in {mnt}: {', '.join(restored)}")
+        print(
+            f"rows: {len(seen.rows_at_checkpoint)} at the checkpoint, {len(seen.rows_after)} now, numbered 1.."
+            f"{seen.rows_after[-1]} with no gap or repeat: {'yes' if not seen.problems() else seen.problems()}"
+        )
+        bad = app.bad_reads.read_text() if app.bad_reads.exists() else ""
+        print("the program read a damaged file: " + (bad or "never"))
+        return 1 if seen.problems() or bad else 0
+    finally:
+        app.stop()
+
+
+APP_NAME = "examples/sqlite_app.py"
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-R", str(path)], check=False)
 
 
 if __name__ == "__main__":
