@@ -36,7 +36,7 @@ def new_checkpoint_id() -> str:
 
 
 def check_checkpoint_id(value: str) -> str:
-    if not re.match(_ID, value):
+    if not isinstance(value, str) or not re.fullmatch(_ID, value):  # fullmatch: "$" also matches before "\n"
         raise UsageError(
             f"bad checkpoint id {value!r}: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, at most 128 characters"

@@ -48,7 +48,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
-        match = re.match(_SIZE, value)
+        match = re.fullmatch(_SIZE, value)
         if match:
             return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
     raise ValueError(f"a size such as 64M, 1G or a number of bytes; got {value!r}")
@@ -71,7 +71,7 @@ def parse_duration(value: object) -> float:
         # float(10**400) raises OverflowError; .inf and .nan are no durations either
         seconds = float(value) if not isinstance(value, int) or value < 10**300 else math.inf
     elif isinstance(value, str):
-        match = re.match(_DURATION, value)
+        match = re.fullmatch(_DURATION, value)
         if match:
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds is None:

@@ -41,6 +41,8 @@ def one_clean_line(err: str) -> str:
         (["plan", "/sys/kernel"], 2, "sysfs pseudo filesystem"),
         (["show", "nope"], 2, "no checkpoint 'nope'"),
         (["show", "../etc"], 2, "bad checkpoint id"),
+        (["show", "nl\n"], 2, "bad checkpoint id"),
+        (["checkpoint", "/tmp", "--id", "nl\n"], 2, "bad checkpoint id"),
         (["frobnicate"], 2, "invalid choice"),
         (["list", "--", "x"], 2, "only for 'snapcore checkpoint'"),
         (["restore", "x"], 2, "one of the arguments --to --in-place is required"),

@@ -369,14 +369,14 @@ def lvm_names(dev: DmDevice) -> tuple[str, str]:
 def snapshot_size_bytes(size: str, origin: LV) -> int:
     """What a thick snapshot of ``size`` (LVM syntax) takes from the VG, in bytes."""
     text = size.strip()
-    m = _PERCENT_RE.match(text)
+    m = _PERCENT_RE.fullmatch(text)
     if m:
         pct = float(m.group(1)) / 100
         base = {"ORIGIN": origin.size, "FREE": origin.vg_free}.get(m.group(2).upper())
         if base is None:
             raise ValueError(f"size {size!r}: only %ORIGIN and %FREE make sense for a snapshot")
         return int(base * pct)
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.fullmatch(text)
     if not m:
         raise ValueError(f"size {size!r}: use LVM syntax such as 20%ORIGIN, 512M or 1G")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -385,7 +385,7 @@ def snapshot_size_bytes(size: str, origin: LV) -> int:
 def size_args(size: str) -> list[str]:
     """``lvcreate`` arguments for ``size``: ``-l`` for percentages, ``-L`` otherwise."""
     text = size.strip()
-    return ["-l", text.upper()] if _PERCENT_RE.match(text) else ["-L", text]
+    return ["-l", text.upper()] if _PERCENT_RE.fullmatch(text) else ["-L", text]
 
 
 # -- probe -------------------------------------------------------------------------
@@ -710,7 +710,7 @@ def parse_status(text: str) -> Health:
         return Health(exists=True, valid=False, state=line or "no status")
     target, rest = fields[2], fields[3:]
     if target in ("snapshot", "snapshot-merge"):
-        if not rest or rest[0] in ("Invalid", "Overflow", "Merge") or not re.match(r"^\d+/\d+$", rest[0]):
+        if not rest or rest[0] in ("Invalid", "Overflow", "Merge") or not re.fullmatch(r"\d+/\d+", rest[0]):
             return Health(exists=True, valid=False, state=" ".join(rest) or "no status")
         used, total = (int(x) for x in rest[0].split("/"))
         return Health(exists=True, used_percent=100.0 * used / total if total else None, state=rest[0])
