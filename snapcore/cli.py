@@ -501,6 +501,14 @@ def _records(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
             raise UsageError(f"checkpoint {manifest.id} has no good image of {mount}")
     if not records:
         raise SnapcoreError(f"checkpoint {manifest.id} has no good image to use (outcome {manifest.outcome})")
+    from snapcore.confine import clean_mount
+
+    seen: set[str] = set()
+    for record in records:  # from a manifest (a copy from elsewhere, with --from): untrusted
+        mount = clean_mount(record.mount, where=f"checkpoint {manifest.id}: a target's mount")
+        if mount in seen:
+            raise SnapcoreError(f"checkpoint {manifest.id}: two targets claim the mount {mount!r}: refusing")
+        seen.add(mount)
     return manifest, records, state_dir
 
 
@@ -536,7 +544,9 @@ def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> 
         if args.to:
             dest = Path(args.to)
             if len(records) > 1:
-                dest = dest / record.mount.lstrip("/")
+                from snapcore.confine import beneath
+
+                dest = beneath(dest, record.mount)
         try:
             restored = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
         except SnapcoreError as exc:

@@ -226,3 +226,29 @@ def test_listing_parser_reads_quoted_names_and_split_records() -> None:
 def test_listing_parser_refuses(line: str) -> None:
     with pytest.raises(UnsafeArchive):
         scan_listing(line.split("\n"), ScanState())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems need root")
+@pytest.mark.parametrize("mount", ["/../outside/mount-pwned", "/data/../../outside", "data", "/data", "/x/./y"])
+def test_a_target_mount_that_leads_elsewhere_is_refused(
+    loop_fs: LoopFactory, mount: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The manifest copy's ``mount`` fields name where each target goes under --to DIR:
+    a second target whose mount climbs out (or repeats the first) restores nothing."""
+    fs = loop_fs("ext4")
+    root = fs.mount_point
+    outside = root / "outside"
+    outside.mkdir()
+    export_dir = craft_export(root / "exports", "two", [lambda t, _: _add(t, "ok.txt")], outside)
+    copy = Manifest.from_json(json.loads((export_dir / "manifest.json").read_text()))
+    second = TargetRecord.from_json({**copy.targets[0].to_json(), "mount": mount})
+    copy.targets.append(second)
+    (export_dir / "manifest.json").write_text(copy.dumps())
+    restored = root / "restored"
+
+    assert main(["restore", "--from", str(export_dir), "--to", str(restored)]) == 1
+    err = capsys.readouterr().err
+    assert "refusing" in err and repr(mount) in err, err
+    assert not restored.exists() and list(outside.iterdir()) == []
+    assert main(["verify", "--from", str(export_dir)]) == 1
+    assert "refusing" in capsys.readouterr().err
