@@ -28,7 +28,9 @@ f.write("original bytes\\n"); f.flush()
 if mode == "delete":
     os.unlink(path)
 os.chdir(os.path.dirname(path))
-open(ready, "w").write(str(os.getpid()))
+with open(ready + ".tmp", "w") as r:  # appears whole: a reader never sees it empty
+    r.write(str(os.getpid()))
+os.rename(ready + ".tmp", ready)
 while True:
     time.sleep(0.05)
 """
