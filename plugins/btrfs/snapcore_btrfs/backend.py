@@ -374,12 +374,15 @@ def delete_subvolume_tree(path: Path) -> None:
         raise fail(f"cannot delete {path}: {exc}") from exc
 
 
-def delete_image(snapshot: Path) -> bool:
+def delete_image(snapshot: Path, *, checkpoint_id: str | None = None, uuid: str | None = None) -> bool:
     """Delete a snapshot snapcore made; False when it is already gone.
 
     Refuses (raises) for a subvolume without a matching marker: never delete what
-    snapcore did not create; and for a path no btrfs is mounted under now (the
-    snapshot is out of reach, not gone: saying it was deleted would lose track of it).
+    snapcore did not create; for one whose marker names another checkpoint than
+    ``checkpoint_id``, or whose uuid is not ``uuid`` (a manifest, perhaps tampered
+    with, pointing at another checkpoint's snapshot); and for a path no btrfs is
+    mounted under now (the snapshot is out of reach, not gone: saying it was deleted
+    would lose track of it).
     """
     marker = marker_path(snapshot)
     if not snapshot.exists() and fsid(nearest_existing(snapshot.parent)) is None:
@@ -389,8 +392,13 @@ def delete_image(snapshot: Path) -> bool:
             if read_marker(snapshot) is not None:
                 marker.unlink()
         return False
-    if recognise(snapshot) is None:
+    found = recognise(snapshot)
+    if found is None:
         raise fail(f"refusing to delete {snapshot}: it is not a snapshot snapcore made (no matching {marker.name})")
+    if checkpoint_id is not None and found.checkpoint_id != checkpoint_id:
+        raise fail(f"refusing to delete {snapshot}: it is checkpoint {found.checkpoint_id}'s, not {checkpoint_id}'s")
+    if uuid is not None and found.uuid != uuid:
+        raise fail(f"refusing to delete {snapshot}: its uuid is {found.uuid}, the manifest says {uuid}")
     delete_subvolume_tree(snapshot)
     with contextlib.suppress(FileNotFoundError):
         marker.unlink()

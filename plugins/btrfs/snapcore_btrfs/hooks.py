@@ -140,7 +140,10 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
         _plans.pop(_key(target), None)
     if export is not None or image is None or image.ref is None:
         return
-    backend.delete_image(Path(image.ref))
+    uuid = image.details.get("uuid")
+    backend.delete_image(
+        Path(image.ref), checkpoint_id=target.checkpoint_id, uuid=uuid if isinstance(uuid, str) else None
+    )
 
 
 @hookimpl

@@ -193,6 +193,31 @@ def test_cli_delete(btrfs_subvol: SubvolFactory, run: Run, state_dir: Path) -> N
     assert "k2" in out and "k1" not in out
 
 
+def test_delete_through_a_tampered_manifest_never_removes_another_checkpoint_s_snapshot(
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path
+) -> None:
+    """A manifest whose image names another checkpoint's snapshot (edited by someone
+    who could write the state directory): the marker says whose it is."""
+    sv = btrfs_subvol()
+    assert run("checkpoint", str(sv.path), "--id", "mine")[0] == 0
+    assert run("checkpoint", str(sv.path), "--id", "theirs")[0] == 0
+    theirs = sv.path / ".snapshots" / "theirs"
+    path = state_dir / "checkpoints" / "mine" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["targets"][0]["image"] = data["targets"][0]["image_record"]["ref"] = str(theirs)
+    path.write_text(json.dumps(data))
+    code, out, err = run("delete", "mine")
+    assert code == 1 and "it is checkpoint theirs's, not mine's" in out + err, out + err
+    assert theirs.exists() and backend.recognise(theirs) is not None
+    # the uuid is checked too: a record naming the right checkpoint with another uuid
+    data["targets"][0]["image"] = data["targets"][0]["image_record"]["ref"] = str(sv.path / ".snapshots" / "mine")
+    data["targets"][0]["image_record"]["details"]["uuid"] = "0" * 32
+    path.write_text(json.dumps(data))
+    code, out, err = run("delete", "mine")
+    assert code == 1 and "the manifest says 000" in out + err, out + err
+    assert (sv.path / ".snapshots" / "mine").exists()
+
+
 def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifest(
     btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
 ) -> None:
