@@ -7,7 +7,9 @@ bombs), refuses duplicate keys, merge keys and tags, and remembers each key's li
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,21 +148,43 @@ def _one_line(exc: yaml.MarkedYAMLError) -> str:
     return " ".join(text.split())
 
 
-def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
-    """Read and parse a policy file; returns the walked document and its text."""
-    name = os.fspath(path)
+def read_policy_file(name: str) -> tuple[bytes, int]:
+    """The bytes of the policy file ``name`` (at most ``MAX_POLICY_BYTES`` + 1) and its
+    size. Opened once, without following a symlink and without blocking (a FIFO in
+    its place would hang every command); what is checked (a regular file, who may
+    write it) is checked on that descriptor, so nothing can be swapped in between."""
+    from snapcore.policy import check_trusted
+
     try:
-        size = os.stat(name).st_size
-        with open(name, "rb") as f:
-            raw = f.read(MAX_POLICY_BYTES + 1)  # never more, whatever the file's size
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise PolicyError("no such file", file=name) from None
-    except IsADirectoryError:
-        raise PolicyError("is a directory, not a policy file", file=name) from None
     except PermissionError:
         raise PolicyError("permission denied", file=name) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PolicyError(
+                "is a symbolic link: give the file it points to (a policy is never read through a link)", file=name
+            ) from None
         raise PolicyError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise PolicyError("is a directory, not a policy file", file=name)
+        raise PolicyError("is not a regular file (a FIFO, device or socket): refusing it", file=name)
+    with os.fdopen(fd, "rb") as f:
+        check_trusted(name, st)
+        try:
+            return f.read(MAX_POLICY_BYTES + 1), st.st_size  # never more, whatever the file's size
+        except OSError as exc:
+            raise PolicyError(f"cannot read: {exc.strerror or exc}", file=name) from None
+
+
+def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Read and parse a policy file; returns the walked document and its text."""
+    name = os.fspath(path)
+    raw, size = read_policy_file(name)
     if len(raw) > MAX_POLICY_BYTES:
         # the line where the limit falls, so that the message has a line like every other
         line = raw[:MAX_POLICY_BYTES].count(b"\n") + 1

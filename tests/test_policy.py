@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,6 +164,24 @@ def test_missing_file() -> None:
 def test_directory_is_not_a_policy(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="is a directory"):
         load_policy(tmp_path)
+
+
+def test_a_fifo_in_place_of_the_policy_is_refused_at_once(tmp_path: Path) -> None:
+    """Nobody writes to it: opening it for reading would block every command forever."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="not a regular file") as info:
+        load_policy(fifo)
+    assert info.value.file == str(fifo)
+
+
+def test_a_policy_is_never_read_through_a_symlink(write_policy: WritePolicy, tmp_path: Path) -> None:
+    real = write_policy("version: 1\nmounts: {}\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    with pytest.raises(PolicyError, match="symbolic link"):
+        load_policy(link)
+    assert not load_policy(real).rules
 
 
 BACKEND_PROBLEMS = {
