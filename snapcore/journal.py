@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore.errors import SnapcoreError
 from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Image, Rescue, RescueKind
 
@@ -31,15 +30,10 @@ FITHAW = 0xC0045878
 
 
 def secure_dir(path: Path) -> Path:
-    """Create ``path`` 0700 if needed; refuse a symlink or a directory others can write."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = os.lstat(path)
-    import stat
+    """Create ``path`` 0700 if needed (see :func:`snapcore.fsutil.secure_dir`)."""
+    from snapcore.fsutil import secure_dir as check
 
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise SnapcoreError(f"{path} is not a directory (a symlink?): refusing to use it")
-    if st.st_mode & 0o022:
-        raise SnapcoreError(f"{path} is writable by others (mode {st.st_mode & 0o777:o}): chmod 700 it")
+    check(path)
     return path
 
 

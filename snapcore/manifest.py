@@ -189,8 +189,12 @@ class Manifest:
 
     def write(self, state_dir: Path) -> Path:
         """Write atomically (temporary file, fsync, rename) and return the path."""
+        from snapcore.fsutil import secure_dir
+
         path = manifest_path(state_dir, self.id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_dir(state_dir)  # nothing is created in a state dir someone else controls
+        secure_dir(path.parent.parent)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
         if path.parent.is_symlink():  # never follow a link planted in the state dir
             raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
         tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
@@ -230,14 +234,24 @@ class Manifest:
         return "\n".join(lines)
 
 
-def read_manifest(path: Path) -> Manifest:
+#: A manifest larger than this is refused (an inventory of 100k files takes ~40 MB).
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def read_manifest(path: Path, *, owned: bool = False) -> Manifest:
+    """Read a manifest: from a state directory (``owned``: it must be root's and
+    writable by nobody else) or an export's copy (from anywhere). Untrusted input
+    either way: a regular file (never a FIFO, device or symlink), size-capped."""
+    from snapcore.fsutil import read_regular
+
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_regular(path, MAX_MANIFEST_BYTES, owned=owned))
         return Manifest.from_json(data)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such manifest") from None
-    except (ValueError, TypeError, KeyError) as exc:
+    except OSError as exc:
+        raise SnapcoreError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise SnapcoreError(f"{path}: unreadable manifest: {exc}") from None
 
 
@@ -245,7 +259,7 @@ def load(state_dir: Path, checkpoint_id: str) -> Manifest:
     path = manifest_path(state_dir, checkpoint_id)
     if not path.exists():
         raise UsageError(f"no checkpoint {checkpoint_id!r} in {checkpoints_dir(state_dir)}")
-    return read_manifest(path)
+    return read_manifest(path, owned=True)
 
 
 def iter_manifests(state_dir: Path) -> Iterator[tuple[Path, Manifest | None, str | None]]:
@@ -261,7 +275,7 @@ def iter_manifests(state_dir: Path) -> Iterator[tuple[Path, Manifest | None, str
     parsed: list[tuple[Path, Manifest | None, str | None]] = []
     for path in entries:
         try:
-            parsed.append((path, read_manifest(path), None))
+            parsed.append((path, read_manifest(path, owned=True), None))
         except SnapcoreError as exc:
             parsed.append((path, None, str(exc)))
     parsed.sort(key=lambda e: (e[1].started if e[1] else "", e[0].parent.name), reverse=True)

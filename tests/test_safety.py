@@ -213,11 +213,66 @@ def test_state_dir_writable_by_others_is_refused(loop_fs: LoopFactory, tmp_path:
     state.chmod(0o777)
     with pytest.raises(snapcore.CheckpointFailed, match="writable by others"):
         snapcore.checkpoint([fs], state_dir=state)
+    assert list(state.iterdir()) == [], "nothing is created in a refused state dir"
     link = tmp_path / "link-state"
     link.symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     with pytest.raises(snapcore.CheckpointFailed, match="symlink"):
         snapcore.checkpoint([fs], state_dir=link)
+
+
+def test_a_state_dir_someone_else_controls_is_refused_before_anything_is_made(
+    loop_fs: LoopFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Owned by another user, or below a directory others can write (not sticky):
+    its owner could rename checkpoints/ away and plant manifests for root to act on."""
+    fs = loop_fs("ext4")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(snapcore.CheckpointFailed, match="belongs to uid 65534"):
+        snapcore.checkpoint([fs], state_dir=theirs)
+    assert list(theirs.iterdir()) == []
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    with pytest.raises(snapcore.CheckpointFailed, match="writable by others"):
+        snapcore.checkpoint([fs], state_dir=open_parent / "state")
+    assert not (open_parent / "state").exists()
+    # a sticky, root-owned parent (as /tmp) is fine
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert snapcore.checkpoint([fs], state_dir=sticky / "state", checkpoint_id="ok1").outcome == "ok"
+    assert_not_frozen(fs.mount_point)
+
+
+def test_a_manifest_someone_else_wrote_or_that_is_no_file_is_refused(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fs = loop_fs("ext4")
+    snapcore.checkpoint([fs], state_dir=state_dir, checkpoint_id="m1")
+    path = state_dir / "checkpoints" / "m1" / "manifest.json"
+    os.chown(path, 65534, 65534)
+    assert main(["--state-dir", str(state_dir), "show", "m1"]) == 1
+    assert "someone else could have written" in capsys.readouterr().err
+    assert main(["--state-dir", str(state_dir), "delete", "m1"]) == 1
+    capsys.readouterr()
+    # a FIFO or /dev/zero in its place: refused at once, not waited on or read forever
+    path.unlink()
+    os.mkfifo(path)
+    assert main(["--state-dir", str(state_dir), "show", "m1"]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    assert main(["--state-dir", str(state_dir), "show", "m1"]) == 1
+    assert "cannot read the manifest" in capsys.readouterr().err
+    # and an export's copy (restore --from) the same
+    export = tmp_path / "export"
+    export.mkdir()
+    os.mkfifo(export / "manifest.json")
+    assert main(["--state-dir", str(state_dir), "verify", "--from", str(export)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
 
 
 def test_policy_writable_by_others_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
