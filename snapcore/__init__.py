@@ -56,6 +56,8 @@ hookimpl = pluggy.HookimplMarker("snapcore")
 
 if TYPE_CHECKING:
     from snapcore.api import checkpoint, hold, plan
+    from snapcore.confine import Untrusted, plain_name
+    from snapcore.fsutil import read_regular
     from snapcore.holders import Holder, mount_holders
     from snapcore.manifest import Manifest
     from snapcore.mounts import udev_attr, udev_device
@@ -67,6 +69,9 @@ _LAZY = {
     "plan": "snapcore.api",
     "Manifest": "snapcore.manifest",
     "Holder": "snapcore.holders",
+    "Untrusted": "snapcore.confine",
+    "plain_name": "snapcore.confine",
+    "read_regular": "snapcore.fsutil",
     "mount_holders": "snapcore.holders",
     "start_guard": "snapcore.watchdog",
     "udev_attr": "snapcore.mounts",
@@ -116,6 +121,7 @@ __all__ = [
     "Target",
     "ThawError",
     "UnsupportedMount",
+    "Untrusted",
     "UsageError",
     "__version__",
     "block_devnum",
@@ -126,7 +132,9 @@ __all__ = [
     "human_bytes",
     "lazy_import",
     "mount_holders",
+    "plain_name",
     "plan",
+    "read_regular",
     "start_guard",
     "syncfs",
     "udev_attr",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from snapcore.errors import SnapcoreError
 
-__all__ = ["Untrusted", "beneath", "clean_mount"]
+__all__ = ["Untrusted", "beneath", "clean_mount", "plain_name"]
 
 
 class Untrusted(SnapcoreError):
@@ -41,3 +41,18 @@ def beneath(root: Path, mount: str) -> Path:
     if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
         raise Untrusted(f"a target's mount {mount!r} leads outside {root}: refusing")  # pragma: no cover
     return path
+
+
+def plain_name(value: object, *, what: str = "a name") -> str:
+    """``value`` as one path component read from a record (a file or directory name
+    inside an export directory, a checkpoint id in a chain): a non-empty string with
+    no ``/``, NUL or newline, not ``.`` or ``..``, at most 255 bytes. Raises
+    :class:`Untrusted` otherwise."""
+    if (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or any(c in value for c in "/\0\n")
+        or len(value.encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise Untrusted(f"{what} {value!r} is not a plain file name: refusing")
+    return value

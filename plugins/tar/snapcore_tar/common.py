@@ -39,7 +39,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore import BackendError, Checkpoint, Export, MissingTool, Outcome, Target
+from snapcore import (
+    BackendError,
+    Checkpoint,
+    Export,
+    MissingTool,
+    Outcome,
+    SnapcoreError,
+    Target,
+    plain_name,
+    read_regular,
+)
 
 if TYPE_CHECKING:
     from snapcore import Manifest
@@ -127,12 +137,26 @@ def write_json(path: Path, data: Mapping[str, Any], *, sync: bool = True) -> Non
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), sync=sync)
 
 
+#: An export record larger than this is refused (they are a few hundred bytes).
+MAX_RECORD_BYTES = 1 << 20
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """A JSON record of an export: untrusted input (exports travel between machines).
+    Read through one descriptor, never through a symlink, never from a FIFO or device,
+    at most ``MAX_RECORD_BYTES``; ``ValueError`` for anything but a JSON object."""
+    try:
+        data = json.loads(read_regular(path, MAX_RECORD_BYTES))
+    except SnapcoreError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a JSON object")
     return data
+
+
+def record_slug(details: Mapping[str, Any], mount_point: str) -> str:
+    """The slug an export record names (or the mount's own): one plain file name."""
+    return plain_name(details.get("slug") or slug(mount_point), what="an export's slug")
 
 
 def check_dest_dir(dest: Path, target: Target, backend: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, Target, syncfs
+from snapcore import BackendError, Export, Image, SnapcoreError, Target, plain_name, read_regular, syncfs
 from snapcore_tar import RSYNC, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -406,7 +406,7 @@ def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | N
 def complete(target: Target, export: Export) -> None:
     """After the thaw, before the manifest says ok: record the file list, sync the tree."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     if opts.dest.local:
         export_dir = opts.dest.path(target.checkpoint_id)
         entries, nbytes = walk_tree(export_dir / name)
@@ -421,7 +421,7 @@ def complete(target: Target, export: Export) -> None:
 def publish(target: Target, export: Export, manifest_text: str) -> None:
     """Once the manifest is written: its copy beside the tree, then ``latest``."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     me = target.checkpoint_id
     if opts.dest.local:
         export_dir = opts.dest.path(me)
@@ -450,8 +450,10 @@ def publish(target: Target, export: Export, manifest_text: str) -> None:
 
 def discard(target: Target, export: Export) -> None:
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     me = Path(str(export.path)).name if export.path else target.checkpoint_id
+    if me != target.checkpoint_id:  # what snapcore deletes, it proves it made
+        raise _fail(f"refusing to delete the export {me}: it is not checkpoint {target.checkpoint_id}'s", target)
     scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
     _remove(opts, me, name, scratch)
     if opts.dest.local:
@@ -525,7 +527,7 @@ def parse_file_list(text: str) -> list[tuple[str, int, str]]:
 
 def _where(export: Export, target: Target) -> tuple[RsyncOptions, str, str]:
     """Options (dest = the export's directory's parent), checkpoint id, slug."""
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     path = str(export.path or "")
     parent, _, me = path.rstrip("/").rpartition("/")
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": parent or "/"}, target)
@@ -600,6 +602,10 @@ def _scan_remote(opts: RsyncOptions, url: str) -> dict[bytes, tuple[str, int]]:
     return found
 
 
+#: A file list larger than this is refused (~60 bytes a file: a million files).
+MAX_FILE_LIST_BYTES = 256 << 20
+
+
 def verify(target: Target, export: Export) -> list[str]:
     opts, me, name = _where(export, target)
     scratch = None
@@ -610,13 +616,18 @@ def verify(target: Target, export: Export) -> list[str]:
             problems.append(problem)
         try:
             info = read_json(where / f"{name}.export.json")
-            entries = parse_file_list((where / str(info.get("file_list") or f"{name}.files")).read_text("latin-1"))
-        except (OSError, ValueError) as exc:
+            listed = plain_name(info.get("file_list") or f"{name}.files", what="the file list")
+            entries = parse_file_list(read_regular(where / listed, MAX_FILE_LIST_BYTES).decode("latin-1"))
+        except (OSError, ValueError, SnapcoreError) as exc:
             return [*problems, f"{opts.dest.join(me)}: export.json or the file list is missing or unreadable: {exc}"]
         if opts.dest.local:
             tree = opts.dest.path(me, name)
-            if not tree.is_dir():
+            try:
+                mode = os.lstat(tree).st_mode
+            except OSError:
                 return [*problems, f"{tree}: the tree is missing"]
+            if not stat.S_ISDIR(mode):  # a symlink to elsewhere: restore would copy that
+                return [*problems, f"{tree}: is not a directory (a symlink?), not the tree rsync wrote"]
             found = _scan_local(tree, entries)
         else:
             try:
@@ -636,9 +647,11 @@ def restore(target: Target, export: Export, dest: Path) -> str:
             raise _fail(
                 f"no complete rsync export of {name} in {opts.dest.join(me)} ({name}.export.json missing)", target
             )
-        problem = manifest_problem(where, me)
-        if problem:
-            log.warning("%s", problem)
+    # never restore what verify would call DAMAGED (a tree swapped for a symlink
+    # copies whatever it points to)
+    problems = verify(target, export)
+    if problems:
+        raise _fail(f"refusing to restore {opts.dest.join(me, name)}: {'; '.join(problems[:5])}", target)
     dest = Path(os.path.abspath(dest))
     created = prepare_restore_dir(dest)
     source = opts.dest.join(me, name) + "/"

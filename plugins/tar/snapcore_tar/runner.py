@@ -4,6 +4,7 @@ stderr kept for the error message, and the child killed if we give up on it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import threading
@@ -151,8 +152,16 @@ class SizeWatcher(threading.Thread):
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of the regular file ``path``: never through a symlink, never of a
+    FIFO or device (an export record may name one; ``/dev/zero`` never ends)."""
+    import stat
+
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    with open(fd, "rb", buffering=0) as f:
         while True:
             chunk = f.read(CHUNK)
             if not chunk:

@@ -37,6 +37,8 @@ MEMBER_TYPES = {
 _MEMBER = re.compile(
     r"^(?P<type>\S)[-rwxsStTl?]{9}[.+]? (?P<owner>\S+) +(?P<size>\d+(?:, *\d+)?) +\S+ \S+ (?P<rest>\".*)$"
 )
+#: How every member line starts: a type letter and nine permission characters.
+_MEMBER_START = re.compile(r"^\S[-rwxsStTl?]{9}[.+]? ")
 _DUMPDIR = re.compile(r"^(?P<code>[YNDRTX]) (?P<name>.*)$")
 _ESCAPES = {
     "\\": 0x5C,
@@ -121,6 +123,9 @@ class ScanState:
 
     symlinks: set[tuple[bytes, ...]] = field(default_factory=set)
     members: int = 0
+    #: Inside a directory's incremental record (after a directory member, until an
+    #: empty line): the only place a line that is no member may appear.
+    in_record: bool = False
 
     def through_symlink(self, parts: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
         for k in range(1, len(parts)):
@@ -204,12 +209,18 @@ def scan_listing(lines: Iterable[str], state: ScanState) -> ScanState:
     """
     for line in lines:
         if not line:
-            continue  # the end of a directory's incremental record
+            state.in_record = False  # the end of a directory's incremental record
+            continue
         member = parse_member(line)
         if member is not None:
             state.add(member)
-        else:
+            state.in_record = member.kind == "directory"
+        elif state.in_record and not _MEMBER_START.match(line):
             check_record_line(line)
+        else:
+            # a line that is neither a member snapcore can read nor part of a record
+            # (e.g. a date GNU tar printed as one token): a refusal, never a pass
+            raise UnsafeArchive(f"a listing line snapcore cannot read: {line[:200]!r}")
     return state
 
 

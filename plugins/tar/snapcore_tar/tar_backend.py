@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, StillNeeded, Target, syncfs
+from snapcore import BackendError, Export, Image, StillNeeded, Target, Untrusted, plain_name, syncfs
 from snapcore_tar import TAR, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -298,7 +298,7 @@ def complete(target: Target, export: Export) -> None:
     failure here fails the checkpoint (the core's ``finish`` step).
     """
     export_dir = Path(export.path or Path(export.ref).parent)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     archive = Path(export.ref)
     sha = sha256_file(archive)
     write_atomic(export_dir / f"{archive.name}.sha256", f"{sha}  {archive.name}\n".encode(), sync=False)
@@ -312,7 +312,7 @@ def complete(target: Target, export: Export) -> None:
 def publish(target: Target, export: Export, manifest_text: str) -> None:
     """Once the manifest is written: its copy beside the archive, then ``latest``."""
     export_dir = Path(export.path or Path(export.ref).parent)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     common.copy_manifest(export_dir, manifest_text)
     dest = export_dir.parent
     write_atomic(common.latest_pointer(dest, name), f"{target.checkpoint_id}\n".encode())
@@ -321,7 +321,7 @@ def publish(target: Target, export: Export, manifest_text: str) -> None:
 def discard(target: Target, export: Export) -> None:
     """Delete this export's files; refuse to break a chain that later exports build on."""
     export_dir = Path(export.path or Path(export.ref).parent)
-    name = str(export.details.get("slug") or slug(target.mount.mount_point))
+    name = common.record_slug(export.details, target.mount.mount_point)
     dest = export_dir.parent
     me = export_dir.name
     children = []
@@ -341,7 +341,13 @@ def discard(target: Target, export: Export) -> None:
             mount=target.mount.mount_point,
             backend=NAME,
         )
-    archive_file = str(export.details.get("archive") or Path(export.ref).name)
+    archive_file = plain_name(export.details.get("archive") or Path(export.ref).name, what="the archive")
+    if export_dir.name != target.checkpoint_id:
+        raise BackendError(
+            f"refusing to delete {export_dir}: it is not the export directory of checkpoint {target.checkpoint_id}",
+            mount=target.mount.mount_point,
+            backend=NAME,
+        )
     for path in (
         export_dir / f"{name}.export.json",  # first: the export stops looking complete
         export_dir / archive_file,
@@ -383,7 +389,7 @@ class Link:
 
     @property
     def archive(self) -> Path:
-        return self.dir / str(self.info.get("archive"))
+        return self.dir / plain_name(self.info.get("archive"), what=f"{self.dir}: the archive")
 
     @property
     def compress(self) -> Compression:
@@ -409,8 +415,10 @@ def chain_of(export_dir: Path, name: str) -> list[Link]:
     ids = [str(c) for c in info.get("chain") or [info.get("checkpoint_id") or me]]
     links: list[Link] = []
     for cid in ids[:-1]:
-        if "/" in cid or cid in ("", ".", ".."):
-            raise BackendError(f"{export_dir}: bad chain entry {cid!r}", backend=NAME)
+        try:
+            plain_name(cid, what="a chain entry")
+        except Untrusted as exc:
+            raise BackendError(f"{export_dir}: {exc}", backend=NAME) from None
         d = export_dir.parent / cid
         try:
             links.append(Link(cid, d, read_json(d / f"{name}.export.json")))

@@ -41,7 +41,7 @@ def _dest(target: Target) -> Path:
 
 
 def _name(target: Target, export: Export) -> str:
-    return str(export.details.get("slug") or common.slug(target.mount.mount_point))
+    return common.record_slug(export.details, target.mount.mount_point)
 
 
 log = get_logger(__name__)

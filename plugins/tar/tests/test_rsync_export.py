@@ -279,3 +279,32 @@ def test_remote_latest_pointer_moves_within_one_second(loop_fs: LoopFactory, tmp
             )
             rsync_backend.publish(target, export, json.dumps({"id": cid}))
         assert (out.mount_point / "t.latest").read_text() == "p1\n"
+
+
+def test_a_tree_swapped_for_a_symlink_is_never_restored(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Restore refuses what verify calls DAMAGED: the tree replaced by a symlink to a
+    directory holding a secret would copy the secret into the restore."""
+    src = loop_fs("ext4", size_mb=64)
+    out = loop_fs("ext4", size_mb=64)
+    (src.mount_point / "data.txt").write_text("mine\n")
+    dest = out.mount_point / "trees"
+    dest.mkdir()
+    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="sw")
+    name = str(_details(manifest)["slug"])
+    secret = out.mount_point / "secret"
+    secret.mkdir()
+    (secret / "data.txt").write_text("mine\n")
+    (secret / "id_rsa").write_text("KEY\n")
+    (secret / "id_rsa").chmod(0o600)
+    tree = dest / "sw" / name
+    subprocess.run(["rm", "-rf", str(tree)], check=True)
+    tree.symlink_to(secret)
+    assert main(["verify", "--from", str(dest / "sw")]) == 1
+    assert "not a directory (a symlink?)" in capsys.readouterr().out
+    restored = out.mount_point / "restored"
+    assert main(["restore", "--from", str(dest / "sw"), "--to", str(restored)]) == 1
+    assert "refusing to restore" in capsys.readouterr().err
+    assert not (restored / "id_rsa").exists()
