@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from snapcore.errors import SnapcoreError, UsageError
 
@@ -64,6 +64,14 @@ def drop_ghosts(manifest: Manifest, state_dir: Path) -> None:
         ghost = f.get("ghost") if isinstance(f, dict) else None
         if isinstance(ghost, dict) and ghost.get("path"):
             ghost.update(path=None, sha256=None, note="removed: the checkpoint failed")
+
+
+def _typed(data: Mapping[str, Any], key: str, types: tuple[type, ...]) -> Any:
+    value = data[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ValueError(f"{key!r} is a {type(value).__name__}, not {names}")
+    return value
 
 
 @dataclass(slots=True, kw_only=True)
@@ -116,9 +124,33 @@ class TargetRecord:
         data.update({name: getattr(self, name) for name in self._FIELDS})
         return data
 
+    _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
+        "mount": (str,),
+        "source": (str,),
+        "fstype": (str,),
+        "imager": (str, type(None)),
+        "exporter": (str, type(None)),
+        "image": (str, type(None)),
+        "export": (str, type(None)),
+        "consistency": (str, type(None)),
+        "timings": (dict,),
+        "outcome": (str,),
+        "error": (str, type(None)),
+        "warnings": (list,),
+        "image_record": (dict, type(None)),
+        "export_record": (dict, type(None)),
+        "device": (str, type(None)),
+        "options": (dict,),
+        "keep": (dict, type(None)),
+    }
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TargetRecord:
-        known = {k: data[k] for k in cls._FIELDS if k in data}
+        """A target record as read from a manifest (untrusted): ``ValueError`` when
+        a known field has the wrong type."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a target is a {type(data).__name__}, not an object")
+        known = {k: _typed(data, k, cls._TYPES[k]) for k in cls._FIELDS if k in data}
         extra = {k: v for k, v in data.items() if k not in cls._FIELDS}
         return cls(**known, extra=extra)
 
@@ -175,14 +207,35 @@ class Manifest:
         data["targets"] = [t.to_json() for t in self.targets]
         return data
 
+    _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
+        "schema": (int,),
+        "id": (str,),
+        "outcome": (str,),
+        "started": (str,),
+        "finished": (str, type(None)),
+        "error": (str, type(None)),
+        "freeze_window_ms": (int, float, type(None)),
+        "policy": (str, type(None)),
+        "host": (str,),
+        "timings": (dict,),
+        "warnings": (list,),
+        "payload": (dict, type(None)),
+        "tasks": (dict, type(None)),
+        "files": (list, type(None)),
+        "changes": (list, type(None)),
+        "criu": (dict, type(None)),
+    }
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        """A manifest as read from a file (untrusted): ``ValueError`` when it is no
+        manifest, or a known field has the wrong type."""
         if not isinstance(data, Mapping) or "id" not in data:
             raise ValueError("not a snapcore manifest")
-        known = {k: data[k] for k in cls._FIELDS if k in data}
+        known = {k: _typed(data, k, cls._TYPES[k]) for k in cls._FIELDS if k in data}
         extra = {k: v for k, v in data.items() if k not in cls._FIELDS and k != "targets"}
-        targets = [TargetRecord.from_json(t) for t in data.get("targets") or ()]
-        return cls(**known, targets=targets, extra=extra)
+        targets = _typed(data, "targets", (list, type(None))) or ()
+        return cls(**known, targets=[TargetRecord.from_json(t) for t in targets], extra=extra)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"

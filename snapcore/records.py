@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
+from snapcore.errors import SnapcoreError
 from snapcore.manifest import Manifest, TargetRecord
 from snapcore.mounts import MountTable
 from snapcore.types import Export, Image, Keep, Mount, Target
@@ -48,8 +49,17 @@ def target_of(manifest: Manifest, record: TargetRecord, state_dir: Path, table: 
 
 
 def image_of(record: TargetRecord) -> Image | None:
-    return Image.from_json(record.image_record) if record.image_record else None
+    """The record's image, or ``SnapcoreError`` when the record cannot be one (a
+    manifest is untrusted input)."""
+    try:
+        return Image.from_json(record.image_record) if record.image_record else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapcoreError(f"{record.mount}: unreadable image record: {exc!r}") from None
 
 
 def export_of(record: TargetRecord) -> Export | None:
-    return Export.from_json(record.export_record) if record.export_record else None
+    """The record's export, or ``SnapcoreError`` (as :func:`image_of`)."""
+    try:
+        return Export.from_json(record.export_record) if record.export_record else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapcoreError(f"{record.mount}: unreadable export record: {exc!r}") from None

@@ -258,13 +258,15 @@ class Image:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Image:
+        """From a manifest's ``image_record`` (untrusted: ``ValueError`` when a field
+        has the wrong type)."""
         return cls(
-            backend=str(data["backend"]),
-            ref=data.get("ref"),
+            backend=_str(data, "backend"),
+            ref=_str(data, "ref", optional=True),
             consistency=Consistency(data["consistency"]),
-            path=data.get("path"),
+            path=_str(data, "path", optional=True),
             live=bool(data.get("live", False)),
-            details=MappingProxyType(dict(data.get("details") or {})),
+            details=_details(data),
         )
 
 
@@ -298,12 +300,27 @@ class Export:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Export:
+        """From a manifest's ``export_record`` (untrusted, as :meth:`Image.from_json`)."""
         return cls(
-            backend=str(data["backend"]),
-            ref=str(data["ref"]),
-            path=data.get("path"),
-            details=MappingProxyType(dict(data.get("details") or {})),
+            backend=_str(data, "backend"),
+            ref=_str(data, "ref"),
+            path=_str(data, "path", optional=True),
+            details=_details(data),
         )
+
+
+def _str(data: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
+    value = data.get(key) if optional else data[key]
+    if not isinstance(value, str) and not (optional and value is None):
+        raise ValueError(f"{key!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _details(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    details = data.get("details") or {}
+    if not isinstance(details, Mapping):
+        raise ValueError(f"'details' is a {type(details).__name__}, not an object")
+    return MappingProxyType(dict(details))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
