@@ -77,12 +77,12 @@ log = get_logger(__name__)
 Payload = Sequence[str] | Callable[[Checkpoint], int | None]
 
 
-# -- selection -----------------------------------------------------------------------
-
-
 #: How long a checkpoint whose payload was ``criu dump`` waits for the dumped tasks'
 #: PIDs to be free (PID 1 reaps them; 1-2 s were seen on a loaded machine).
 DUMPED_TASKS_GONE_S = 10.0
+
+
+# -- selection -----------------------------------------------------------------------
 
 
 @dataclass(slots=True, kw_only=True)
