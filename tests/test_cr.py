@@ -36,21 +36,45 @@ while True:
 """
 
 
+def _start(script: str, *args: str, ready: Path, pace: Pace, what: str) -> subprocess.Popen[bytes]:
+    """``python -c SCRIPT ARGS`` in a session of its own, returned once it made ``ready``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_path(ready, proc, pace.seconds(20), what)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def _start_orphan(script: str, *args: str, ready: Path, pace: Pace, what: str) -> str:
+    """``python -c SCRIPT ARGS`` started as a user's background job: through a shell
+    that exits at once (its parent is PID 1), in a session of its own (CRIU wants a
+    session leader). Returns what it wrote in ``ready``."""
+    line = 'setsid "$0" -c "$@" </dev/null >/dev/null 2>&1 &'
+    subprocess.run(["sh", "-c", line, sys.executable, script, *args], check=True)
+    deadline = time.monotonic() + pace.seconds(20)
+    while not ready.exists():
+        assert time.monotonic() < deadline, f"the {what} did not start"
+        time.sleep(0.01)
+    return ready.read_text()
+
+
 @pytest.fixture
 def holder(tmp_path: Path, pace: Pace) -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(path: Path, mode: str = "keep") -> subprocess.Popen[bytes]:
         ready = tmp_path / f"ready-{len(procs)}"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(path), str(ready), mode],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = _start(HOLDER, str(path), str(ready), mode, ready=ready, pace=pace, what="holder")
         procs.append(proc)
-        wait_for_path(ready, proc, pace.seconds(20), "holder")
         return proc
 
     yield start
@@ -183,11 +207,8 @@ def test_a_file_renamed_over_under_the_frozen_task_keeps_its_old_content(
     fs = loop_fs("ext4")
     config, scratch, ready = fs.mount_point / "config.json", fs.mount_point / "scratch", tmp_path / "ready"
     config.write_text('{"version": 1}\n')
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TWO_FILES, str(config), str(scratch), str(ready)], start_new_session=True
-    )
+    proc = _start(TWO_FILES, str(config), str(scratch), str(ready), ready=ready, pace=pace, what="holder")
     try:
-        wait_for_path(ready, proc, pace.seconds(20), "holder")
         policy = tmp_path / "p.yaml"
         policy.write_text(
             f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    on_change: {on_change}\n"
@@ -375,14 +396,7 @@ def test_restore_right_after_a_dump_finds_its_pids_free_and_a_taken_pid_changes_
     criu, mnt = criu_and_btrfs
     data = mnt / "data.txt"
     ready = tmp_path / "ready"
-    # started through a shell that exits at once: the program's parent is PID 1
-    background = 'setsid "$0" -c "$1" "$2" "$3" keep </dev/null >/dev/null 2>&1 &'
-    subprocess.run(["sh", "-c", background, sys.executable, HOLDER, str(data), str(ready)], check=True)
-    deadline = time.monotonic() + pace.seconds(20)
-    while not ready.exists():
-        assert time.monotonic() < deadline, "the holder did not start"
-        time.sleep(0.01)
-    pid = int(ready.read_text())
+    pid = int(_start_orphan(HOLDER, str(data), str(ready), "keep", ready=ready, pace=pace, what="holder"))
     assert _stat_ppid(pid) != os.getpid()
     images = tmp_path / "images"
     images.mkdir()
@@ -462,13 +476,8 @@ def test_a_tcp_server_with_an_established_connection_is_checkpointed_and_restore
     if criu.version < (4, 2):
         pytest.fail(f"CRIU {criu.version_string} < 4.2: run scripts/setup-criu.sh")
     log, ready = mnt / "count.log", tmp_path / "ready"
-    background = 'setsid "$0" -c "$1" "$2" "$3" </dev/null >/dev/null 2>&1 &'
-    subprocess.run(["sh", "-c", background, sys.executable, TCP_SERVER, str(log), str(ready)], check=True)
-    deadline = time.monotonic() + pace.seconds(20)
-    while not ready.exists():
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    pid, port = (int(x) for x in ready.read_text().split())
+    said = _start_orphan(TCP_SERVER, str(log), str(ready), ready=ready, pace=pace, what="server")
+    pid, port = (int(x) for x in said.split())
     tcp = ["--tcp-established", "--network-lock", "nftables"]
     images = tmp_path / "images"
     images.mkdir()
@@ -519,15 +528,8 @@ def test_a_failed_criu_dump_says_what_criu_said(
     words, not only 'exited with status 1'."""
     criu, mnt = criu_and_btrfs
     ready = tmp_path / "locked"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(mnt / "db.lock"), str(ready)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _start(LOCKER, str(mnt / "db.lock"), str(ready), ready=ready, pace=pace, what="locker")
     try:
-        wait_for_path(ready, proc, pace.seconds(20), "locker")
         images = tmp_path / "images"
         images.mkdir()
         dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
@@ -637,15 +639,9 @@ def test_criu_restart_reads_the_bytes_it_had(
     path = mnt / "data.bin"
     ready, result = tmp_path / "ready", tmp_path / "result"
     program_mode = "keep" if mode in ("present", "modified", "truncated") else mode
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCENARIO, program_mode, str(path), str(ready), str(result)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    args = (program_mode, str(path), str(ready), str(result))
+    proc = _start(SCENARIO, *args, ready=ready, pace=pace, what="scenario program")
     try:
-        wait_for_path(ready, proc, pace.seconds(20), "scenario program")
         images = tmp_path / "images"
         images.mkdir()
         dump = [criu.path, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"]
