@@ -110,12 +110,7 @@ def program_demo(base: Path, loops: LoopFactory, state: Path) -> int:
     except CriuUnavailable as exc:
         print(f"skipped: {exc}")
         return 1
-    fs = loops("btrfs")
-    subprocess.run(["btrfs", "-q", "subvolume", "create", str(fs.mount_point / "app")], check=True)
-    mnt = base / "app"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "subvol=app", fs.device, str(mnt)], check=True)
-    fs.cleanups.append(lambda: unmount(mnt))
+    mnt = loops("btrfs").mount_subvolume("app", base / "app")
     scratch = base / "program"
     scratch.mkdir()
     app = App(workdir=mnt, scratch=scratch, criu=criu.path, state_dir=state, run=lambda argv: run(*argv))
@@ -154,10 +149,6 @@ def program_demo(base: Path, loops: LoopFactory, state: Path) -> int:
 
 
 APP_NAME = "examples/sqlite_app.py"
-
-
-def unmount(path: Path) -> None:
-    subprocess.run(["umount", "-R", str(path)], check=False)
 
 
 if __name__ == "__main__":

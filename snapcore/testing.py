@@ -164,6 +164,15 @@ class LoopFS:
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         return path
 
+    def mount_subvolume(self, name: str, where: Path) -> Path:
+        """(btrfs) Create the subvolume ``name`` and mount it alone at ``where`` with
+        ``subvol=`` (as a rollback in place needs), unmounted again on teardown."""
+        _run(["btrfs", "-q", "subvolume", "create", str(self.mount_point / name)])
+        where.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "-o", f"subvol={name}", self.device, str(where)])
+        self.cleanups.append(lambda: _unmount(where))
+        return where
+
 
 class LoopFactory:
     """Makes loop filesystems under one temporary directory; ``close`` undoes all."""

@@ -247,10 +247,6 @@ def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str],
     assert "Traceback" not in err and err.count("snapcore: error:") == 2
 
 
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-R", str(path)], check=False)
-
-
 @pytest.fixture
 def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path) -> tuple[Criu, Path]:
     """A working CRIU, the btrfs backend, and a btrfs subvolume mounted on its own
@@ -265,13 +261,7 @@ def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_pa
     monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
     if "btrfs" not in make_plugins().backends:
         pytest.skip("the btrfs backend is not installed")
-    fs = loop_fs("btrfs")
-    subprocess.run(["btrfs", "-q", "subvolume", "create", str(fs.mount_point / "data")], check=True)
-    mnt = tmp_path / "data-mount"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "subvol=data", fs.device, str(mnt)], check=True)
-    fs.cleanups.append(lambda: _umount(mnt))
-    return criu, mnt
+    return criu, loop_fs("btrfs").mount_subvolume("data", tmp_path / "data-mount")
 
 
 def test_criu_dump_and_restore_with_a_btrfs_image(
