@@ -99,31 +99,6 @@ class TargetRecord:
     keep: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _FIELDS = (
-        "mount",
-        "source",
-        "fstype",
-        "imager",
-        "exporter",
-        "image",
-        "export",
-        "consistency",
-        "timings",
-        "outcome",
-        "error",
-        "warnings",
-        "image_record",
-        "export_record",
-        "device",
-        "options",
-        "keep",
-    )
-
-    def to_json(self) -> dict[str, Any]:
-        data = dict(self.extra)
-        data.update({name: getattr(self, name) for name in self._FIELDS})
-        return data
-
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
         "mount": (str,),
         "source": (str,),
@@ -143,6 +118,13 @@ class TargetRecord:
         "options": (dict,),
         "keep": (dict, type(None)),
     }
+    #: The known fields, in the order the manifest writes them.
+    _FIELDS = tuple(_TYPES)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update({name: getattr(self, name) for name in self._FIELDS})
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TargetRecord:
@@ -182,31 +164,6 @@ class Manifest:
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _FIELDS = (
-        "schema",
-        "id",
-        "outcome",
-        "started",
-        "finished",
-        "error",
-        "freeze_window_ms",
-        "policy",
-        "host",
-        "timings",
-        "warnings",
-        "payload",
-        "tasks",
-        "files",
-        "changes",
-        "criu",
-    )
-
-    def to_json(self) -> dict[str, Any]:
-        data = dict(self.extra)
-        data.update({name: getattr(self, name) for name in self._FIELDS})
-        data["targets"] = [t.to_json() for t in self.targets]
-        return data
-
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
         "schema": (int,),
         "id": (str,),
@@ -225,6 +182,14 @@ class Manifest:
         "changes": (list, type(None)),
         "criu": (dict, type(None)),
     }
+    #: The known fields, in the order the manifest writes them.
+    _FIELDS = tuple(_TYPES)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update({name: getattr(self, name) for name in self._FIELDS})
+        data["targets"] = [t.to_json() for t in self.targets]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
