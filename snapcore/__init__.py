@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from snapcore.cancel import Cancel, tied_to_controller
 from snapcore.errors import (
     BackendError,
+    Cancelled,
     CheckpointFailed,
     DeadlineExceeded,
     FrozenElsewhere,
@@ -91,6 +93,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackendError",
     "BackendInfo",
+    "Cancel",
+    "Cancelled",
     "Checkpoint",
     "CheckpointFailed",
     "Consistency",
@@ -137,6 +141,7 @@ __all__ = [
     "read_regular",
     "start_guard",
     "syncfs",
+    "tied_to_controller",
     "udev_attr",
     "udev_device",
 ]

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from snapcore.cancel import Cancel
 from snapcore.manifest import Manifest
 from snapcore.plugins import Plugins, default_plugins
 from snapcore.policy import Policy, load_policy, state_dir_of
@@ -33,6 +34,7 @@ def _transaction(
     plugins: Plugins | None,
     watchdog: Watchdog | None,
     run_dir: PathLike | None = None,
+    cancel: Cancel | None = None,
 ) -> Transaction:
     pol = _policy(policy)
     return Transaction(
@@ -43,6 +45,7 @@ def _transaction(
         run_dir=Path(run_dir) if run_dir else None,
         checkpoint_id=checkpoint_id,
         watchdog=watchdog,
+        cancel=cancel,
     )
 
 
@@ -56,6 +59,7 @@ def checkpoint(
     plugins: Plugins | None = None,
     watchdog: Watchdog | None = None,
     run_dir: PathLike | None = None,
+    cancel: Cancel | None = None,
 ) -> Manifest:
     """Checkpoint the mounts holding ``paths`` (and/or the policy's mounts).
 
@@ -65,9 +69,14 @@ def checkpoint(
     written to ``STATE/checkpoints/ID/manifest.json``; raises
     :class:`~snapcore.errors.CheckpointFailed` (carrying the failed manifest) on
     failure, with every target thawed and partial images discarded.
+
+    ``cancel``: a :class:`~snapcore.cancel.Cancel` another thread (or a signal
+    handler) may set; the checkpoint then fails at its next step, its exporters'
+    commands stopped at once.
     """
     check_payload(payload)
-    return _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir).run(payload)
+    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel)
+    return txn.run(payload)
 
 
 @contextmanager
@@ -80,6 +89,7 @@ def hold(
     plugins: Plugins | None = None,
     watchdog: Watchdog | None = None,
     run_dir: PathLike | None = None,
+    cancel: Cancel | None = None,
 ) -> Iterator[Transaction]:
     """Hold the targets imaged and frozen for the body of a ``with`` block.
 
@@ -87,7 +97,7 @@ def hold(
     frozen target from it. On any exit everything is thawed; the deadline
     (``freeze_timeout``) thaws it even if the body hangs.
     """
-    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir)
+    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel)
     with txn.hold() as held:
         yield held
 

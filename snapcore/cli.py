@@ -422,14 +422,19 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
         checkpoint_id=args.checkpoint_id,
         tasks=tasks,
     )
+    from snapcore.cancel import on_signals
+
     try:
-        manifest = txn.run(command)
+        with on_signals(txn.cancel):  # SIGTERM, Ctrl-C: cancel, thaw, undo, exit 1
+            manifest = txn.run(command)
     except CheckpointFailed as exc:
         if exc.manifest is not None:
             # the error itself follows once, on stderr ("snapcore: error: ...")
             _show(exc.manifest, args.json, sys.stdout, with_error=False)
         raise
     _show(manifest, args.json, sys.stdout)
+    if txn.cancel.is_set():
+        print(f"snapcore: {txn.cancel.reason} too late to cancel: checkpoint {txn.id} is complete", file=sys.stderr)
     return ExitCode.OK
 
 

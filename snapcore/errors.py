@@ -129,6 +129,11 @@ class DeadlineExceeded(SnapcoreError):
     """The freeze window outlived its ``freeze_timeout``; everything was thawed."""
 
 
+class Cancelled(SnapcoreError):
+    """The checkpoint was cancelled (SIGTERM, SIGINT, or ``Cancel.set``): it failed
+    like on any error: everything thawed, what it made discarded."""
+
+
 class CheckpointFailed(SnapcoreError):
     """A checkpoint failed; ``manifest`` says what failed (it was written)."""
 

@@ -273,6 +273,30 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
 
 
 @hookspec(firstresult=True)
+def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str] | None:
+    """Delete what an export of ``target`` to ``dest`` half wrote and never finished.
+
+    **When**: by ``snapcore recover`` (also run at the start of every checkpoint),
+    on the exporter of a target of a checkpoint whose controller died during
+    ``export`` (its journal holds the intent and no result). ``dest`` is the path
+    ``export`` was given. The exporter's commands were started with
+    :func:`~snapcore.cancel.tied_to_controller`, so they died with it.
+
+    **Returns**: what was removed, one line each, for the report; ``None`` or empty:
+    nothing was found.
+
+    **Must**: remove only files this checkpoint's export writes (named after
+    ``target.checkpoint_id`` and the mount), never a finished export of another
+    checkpoint; be idempotent.
+
+    **Raises**: reported by ``recover``; the rest is still recovered.
+
+    Added with the journal's export records; a backend without it leaves partial
+    files for the admin.
+    """
+
+
+@hookspec(firstresult=True)
 def snapcore_restore(
     target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
 ) -> str | Restored:

@@ -1,12 +1,14 @@
 """The crash journal and ``snapcore recover``.
 
-Before each freeze and each image, the controller appends an intent record to
-``RUN/journal/ID.jsonl`` and flushes it; the file goes away when the checkpoint
-ends. A journal whose owner is dead therefore says exactly what may still be frozen
-and which images may be half-made. ``recover`` (run by ``snapcore recover`` and at
-the start of every checkpoint) thaws the former (only targets this checkpoint froze
-and never recorded as thawed), discards the latter, marks the checkpoint failed in
-its manifest, and removes the journal. Running it twice is harmless.
+Before each freeze, each image and each export, the controller appends an intent
+record to ``RUN/journal/ID.jsonl`` and flushes it; the file goes away when the
+checkpoint ends. A journal whose owner is dead therefore says exactly what may still
+be frozen, which images may be half-made and which exports half-written.
+``recover`` (run by ``snapcore recover`` and at the start of every checkpoint) thaws
+the first (only targets this checkpoint froze and never recorded as thawed),
+discards the others (a finished export whole, an unfinished one through the
+exporter's ``discard_partial``), marks the checkpoint failed in its manifest, and
+removes the journal. Running it twice is harmless.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
-from snapcore.types import Consistency, Image, Rescue, RescueKind
+from snapcore.types import Consistency, Export, Image, Rescue, RescueKind, Target
 
 if TYPE_CHECKING:
     from snapcore.plugins import Plugins
@@ -110,6 +112,9 @@ class Pending:
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     snapshotting: set[str] = field(default_factory=set)
+    #: Exports begun (the intent: exporter and dest) and those that returned.
+    exporting: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)
     guard: list[dict[str, Any]] = field(default_factory=list)
     ended: str | None = None
     #: The name of the temporary freezer cgroups the tasks were moved into.
@@ -152,6 +157,13 @@ def read_journal(path: Path) -> tuple[Pending, bool]:
             elif op == "discarded":
                 pending.images.pop(key, None)
                 pending.snapshotting.discard(key)
+            elif op == "export":
+                pending.exporting[key] = rec
+            elif op == "exported":
+                pending.exports[key] = rec.get("export") or {}
+            elif op == "export-discarded":
+                pending.exporting.pop(key, None)
+                pending.exports.pop(key, None)
             elif op == "end":
                 pending.ended = rec.get("outcome")
             elif op == "tasks":
@@ -222,13 +234,17 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
     with contextlib.suppress(OSError):
         table = MountTable.read()
     manifest = Manifest(id=pending.checkpoint_id, outcome="failed", started=pending.started or utc_now())
+    state_dir = pending.state_dir or Path("/var/lib/snapcore")
+    for key in sorted(pending.exporting):
+        record = _record_of(key, pending.targets.get(key) or {})
+        done += _discard_export(pending, key, plugins, target_of(manifest, record, state_dir, table))
     for key in sorted(pending.snapshotting | set(pending.images)):
         info = pending.targets.get(key) or {}
         record = _record_of(key, info)
         if plugins is None or not record.imager or record.imager not in plugins.backends:
             done.append(f"{key}: cannot discard images: backend {record.imager!r} is not loaded")
             continue
-        target = target_of(manifest, record, pending.state_dir or Path("/var/lib/snapcore"), table)
+        target = target_of(manifest, record, state_dir, table)
         images = []
         if key in pending.images:
             images.append(Image.from_json(pending.images[key]))
@@ -250,6 +266,24 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
     pending.path.unlink(missing_ok=True)
     pending.path.with_name(pending.checkpoint_id + ".guard.jsonl").unlink(missing_ok=True)
     return done
+
+
+def _discard_export(pending: Pending, key: str, plugins: Plugins | None, target: Target) -> list[str]:
+    """Undo one export of a dead checkpoint: the whole export when it returned, what
+    it half wrote when it did not."""
+    intent = pending.exporting[key]
+    exporter = str(intent.get("exporter") or "")
+    if plugins is None or exporter not in plugins.backends:
+        return [f"{key}: cannot remove the export: backend {exporter!r} is not loaded"]
+    try:
+        if key in pending.exports:
+            export = Export.from_json(pending.exports[key])
+            plugins.discard(exporter, target, None, export)
+            return [f"{key}: discarded the export {export.ref}"]
+        done = plugins.discard_partial(exporter, target, Path(str(intent.get("dest") or "")))
+        return [f"{key}: {line}" for line in done]
+    except Exception as exc:
+        return [f"{key}: removing the {exporter} export failed: {exc}"]
 
 
 def _record_of(key: str, info: dict[str, Any]) -> TargetRecord:

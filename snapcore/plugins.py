@@ -271,6 +271,12 @@ class Plugins:
         inject("discard", name)
         self._one(name, "snapcore_discard")(target=target, image=image, export=export)
 
+    def discard_partial(self, name: str, target: Target, dest: Path) -> list[str]:
+        if not self.implements(name, "snapcore_discard_partial"):
+            return []
+        done = self._one(name, "snapcore_discard_partial")(target=target, dest=dest)
+        return [str(line) for line in done or ()]
+
     def restore(
         self, name: str, target: Target, image: Image | None, export: Export | None, dest: Path | None, in_place: bool
     ) -> Restored:

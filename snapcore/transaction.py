@@ -5,7 +5,9 @@ snapshot (parallel) → export of live images → [body of ``hold``] → thaw (r
 always) → after_thaw → payload → export → manifest → checkpoint_end.
 
 Any failure thaws everything, discards what this checkpoint made, and still writes
-a manifest that says what failed. Tasks (freezing processes, open-file inventory)
+a manifest that says what failed. A cancellation (:attr:`Transaction.cancel`, which
+the CLI sets on SIGTERM and SIGINT) is a failure like any other, seen at the next
+step; the backends' long commands stop at once (``Target.cancel``). Tasks (freezing processes, open-file inventory)
 join in a later step: :meth:`Transaction._resolve` and the window are their seams.
 """
 
@@ -22,7 +24,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from snapcore.cancel import Cancel
 from snapcore.errors import (
+    Cancelled,
     CheckpointFailed,
     DeadlineExceeded,
     PluginError,
@@ -258,7 +262,10 @@ class Transaction:
         watchdog: Watchdog | None = None,
         table: MountTable | None = None,
         tasks: TaskSpec | None = None,
+        cancel: Cancel | None = None,
     ) -> None:
+        #: Set it (from any thread, or a signal handler) to cancel the checkpoint.
+        self.cancel = cancel or Cancel()
         self.task_spec = tasks
         self.taskset: Any = None
         self.inventory: Any = None
@@ -406,6 +413,7 @@ class Transaction:
                 freeze_timeout=rule.freeze_timeout,
                 keep=rule.keep,
                 state_dir=self.state_dir,
+                cancel=self.cancel,
             )
             record.options = {name: dict(opts) for name, opts in target.options.items()}
             if rule.keep is not None:
@@ -427,6 +435,7 @@ class Transaction:
 
     def _prepare_all(self) -> None:
         """Recover crashed checkpoints, lock, journal, prepare. Nothing is frozen here."""
+        self.cancel.check()
         path = manifest_path(self.state_dir, self.id)
         # the manifest's directory is made now: a state dir we cannot write to must
         # fail before anything is frozen, not after
@@ -493,6 +502,7 @@ class Transaction:
             raise SnapcoreError("no target left to checkpoint")
         self.deadline_s = min(r.target.freeze_timeout for r in self.active)
         self.watchdog.start()
+        self.cancel.check()
         width = max((len(level) for level in self.levels), default=1)
         if width > 1:
             self._pool = _shared_pool(min(width, 64))
@@ -663,6 +673,7 @@ class Transaction:
     def _each(self, runs: Sequence[TargetRun], phase: Phase, step: Callable[[TargetRun], None]) -> None:
         """Run ``step`` on every run, in parallel when a pool exists; then raise the
         first failure of a required target (non-required ones are dropped)."""
+        self.cancel.check()
         runs = [r for r in runs if not r.dropped]
         errors: list[tuple[TargetRun, BaseException]] = []
         if self._pool is None or len(runs) <= 1:
@@ -679,6 +690,10 @@ class Transaction:
                 error = future.exception()
                 if error is not None:
                     errors.append((run, error))
+        if errors:
+            # a target that stopped because the checkpoint was cancelled is no
+            # target to drop: the whole checkpoint is cancelled
+            self.cancel.check()
         first: BaseException | None = None
         for run, error in errors:
             if run.target.required or not isinstance(error, Exception):
@@ -692,6 +707,7 @@ class Transaction:
     def _freeze_one(self, run: TargetRun) -> None:
         if self.expired:
             raise DeadlineExceeded(f"freeze_timeout ({self.deadline_s:g}s) passed before {run.mount_point} froze")
+        self.cancel.check()
         t = time.perf_counter()
         try:
             self.plugins.freeze(run.target.imager, run.target)
@@ -757,7 +773,11 @@ class Transaction:
         t = time.perf_counter()
         dest = run.target.options_for(exporter).get("dest")
         dest_path = Path(dest) if dest else run.target.checkpoint_dir / "exports" / exporter
+        # a controller killed during the export leaves this intent: 'recover' asks the
+        # exporter to remove what it half wrote (discard_partial)
+        self.journal.record("export", key=run.mount_point, exporter=exporter, dest=str(dest_path))
         run.export = self.plugins.export(exporter, run.target, run.image, dest_path)
+        self.journal.record("exported", key=run.mount_point, export=run.export.to_json())
         run.time(Phase.EXPORT, t)
 
     def _thaw_one(self, run: TargetRun) -> None:
@@ -817,8 +837,10 @@ class Transaction:
             if live:
                 self._each(live, Phase.EXPORT, self._export_one)
             self._check_deadline()
+            self.cancel.check()
             yield
             self._check_deadline()
+            self.cancel.check()
         finally:
             thaw_error = self._thaw_all()
             end = time.perf_counter()
@@ -860,8 +882,10 @@ class Transaction:
         self._wait_for_dumped_tasks()
         t = time.perf_counter()
         for run in self.active:
+            self.cancel.check()
             self._finish(run)
         self._phase(Phase.FINISH, t)
+        self.cancel.check()  # the last moment a cancellation undoes the checkpoint
         for run in self.active:
             self._settle(run)
 
@@ -939,13 +963,24 @@ class Transaction:
             if run.image is not None and run.image.path:
                 env[f"SNAPCORE_IMAGE_{i}"] = f"{run.mount_point}={run.image.path}"
         cmd = self._criu_payload(cmd, env)
-        try:
-            import subprocess
+        import subprocess
 
-            proc = subprocess.run(cmd, env=env, check=False)
+        self.cancel.check()
+        try:
+            proc = subprocess.Popen(cmd, env=env)
         except OSError as exc:
             raise PayloadFailed(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+        # cancelled: the payload is told as a terminal's Ctrl-C would tell it (it shares
+        # our process group), and SIGTERM reaches it too
+        with self.cancel.on_cancel(proc.terminate):
+            try:
+                proc.wait()
+            finally:
+                if proc.returncode is None:  # interrupted by an exception: no payload left behind
+                    proc.kill()
+                    proc.wait()
         self.manifest.payload = {"argv": cmd, "status": proc.returncode}
+        self.cancel.check()
         if proc.returncode != 0:
             from snapcore.criu import describe_failure
 
@@ -973,6 +1008,9 @@ class Transaction:
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
         self.manifest.error = _describe(exc)
+        if self.cancel.is_set() and not isinstance(exc, Cancelled):
+            # what the cancellation broke (tar killed by the same SIGTERM, say)
+            self.manifest.error = f"cancelled ({self.cancel.reason}): {_describe(exc)}"
         self.manifest.outcome = Outcome.FAILED.value
         thaw_error = self._thaw_all()  # already done by the window; harmless again
         if thaw_error is not None:
@@ -997,6 +1035,8 @@ class Transaction:
                 self.plugins.discard(run.target.exporter, run.target, run.image, run.export)
             except Exception as exc:
                 run.record.warnings.append(f"discarding the export failed: {_describe(exc)}")
+            else:
+                self.journal.record("export-discarded", key=run.mount_point)
             run.export = None
         if run.image is not None:
             try:

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from snapcore.cancel import Cancel
+
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -221,6 +223,9 @@ class Target:
     freeze_timeout: float = 10.0
     keep: Keep | None = None
     state_dir: Path = Path("/var/lib/snapcore")
+    #: The checkpoint's cancellation, shared by its targets: a backend running a long
+    #: command registers a callback that stops it (:meth:`Cancel.on_cancel`).
+    cancel: Cancel = field(default_factory=Cancel, compare=False, repr=False)
 
     def options_for(self, backend: str) -> Mapping[str, Any]:
         """Options of one backend for this target (defaults filled in)."""

@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 import btrfsutil
 
-from snapcore import BackendError, MissingTool
+from snapcore import BackendError, Cancel, Cancelled, MissingTool, tied_to_controller
 from snapcore_btrfs import BTRFS_SEND, backend
 
 NAME = BTRFS_SEND
@@ -167,9 +167,18 @@ def _tail(data: bytes) -> str:
 
 
 def export(
-    *, checkpoint_id: str, mount: str, snapshot: Path, dest: Path, compress: str, incremental: bool
+    *,
+    checkpoint_id: str,
+    mount: str,
+    snapshot: Path,
+    dest: Path,
+    compress: str,
+    incremental: bool,
+    cancel: Cancel | None = None,
 ) -> tuple[Record, list[str]]:
-    """Write the send stream of ``snapshot`` into ``dest``; returns its record and notes."""
+    """Write the send stream of ``snapshot`` into ``dest``; returns its record and notes.
+
+    ``btrfs send`` and zstd die with the controller, and at once when ``cancel`` is set."""
     need_tools(compress)
     notes: list[str] = []
     try:
@@ -184,19 +193,34 @@ def export(
     parent = find_parent(dest, mount, checkpoint_id) if incremental else None
     if incremental and parent is None and any(r.mount == mount for r in records(dest)):
         notes.append("no earlier export of this mount still has its snapshot: a full stream was sent")
-    name = f"{checkpoint_id}.btrfs" + (".zst" if compress == "zstd" else "")
+    name = stream_name(checkpoint_id, compress)
     final = dest / name
-    tmp = dest / f".{name}.partial"
+    tmp = partial_path(dest, name)
     cmd = ["btrfs", "send", "-q"]
     if parent is not None:
         cmd += ["-p", parent.snapshot]
     cmd.append(os.fspath(snapshot))
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop() -> None:
+        for child in children:
+            with contextlib.suppress(OSError):
+                child.kill()
+
+    def started(child: subprocess.Popen[bytes]) -> None:
+        children.append(child)
+        if cancel is not None and cancel.is_set():  # cancelled before it existed
+            stop()
+
     try:
-        with open(tmp, "wb") as out:
-            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as sender:
+        with open(tmp, "wb") as out, cancel.on_cancel(stop) if cancel else contextlib.nullcontext():
+            with subprocess.Popen(tied_to_controller(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as sender:
+                started(sender)
                 assert sender.stdout is not None and sender.stderr is not None
                 if compress == "zstd":
-                    with subprocess.Popen(["zstd", "-q", "-T0", "-c"], stdin=subprocess.PIPE, stdout=out) as zstd:
+                    zstd_cmd = tied_to_controller(["zstd", "-q", "-T0", "-c"])
+                    with subprocess.Popen(zstd_cmd, stdin=subprocess.PIPE, stdout=out) as zstd:
+                        started(zstd)
                         assert zstd.stdin is not None
                         try:
                             size, digest = _pump(sender.stdout, zstd.stdin)
@@ -207,6 +231,8 @@ def export(
                     size, digest = _pump(sender.stdout, out)
                     zstd_status = 0
                 err = sender.stderr.read()
+            if cancel is not None:
+                cancel.check()
             if sender.returncode != 0:
                 if parent is not None and not Path(parent.snapshot).exists():
                     raise fail(
@@ -220,9 +246,12 @@ def export(
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if cancel is not None and cancel.is_set() and isinstance(exc, Exception):
+            # a killed btrfs send or zstd (a broken pipe, a short stream) is the cancellation
+            raise Cancelled(f"btrfs send of {mount} stopped: the checkpoint was cancelled ({cancel.reason})") from None
         raise
     record = Record(
         checkpoint_id=checkpoint_id,
@@ -244,6 +273,33 @@ def export(
             final.unlink()
         raise
     return record, notes
+
+
+def stream_name(checkpoint_id: str, compress: str) -> str:
+    return f"{checkpoint_id}.btrfs" + (".zst" if compress == "zstd" else "")
+
+
+def partial_path(dest: Path, stream: str) -> Path:
+    return dest / f".{stream}.partial"
+
+
+def discard_partial(dest: Path, checkpoint_id: str) -> list[str]:
+    """Remove what an export that never returned (its controller was killed) left in
+    ``dest``: the ``.partial`` stream, or a stream renamed into place before its
+    record was written."""
+    if record_path(dest, checkpoint_id).exists():
+        discard(dest, checkpoint_id)
+        return [f"discarded the export {record_path(dest, checkpoint_id)}"]
+    done = []
+    for compress in ("none", "zstd"):
+        stream = stream_name(checkpoint_id, compress)
+        for path in (partial_path(dest, stream), dest / stream):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            done.append(f"removed the unfinished stream {path}")
+    return done
 
 
 def load(dest: Path, checkpoint_id: str, mount: str | None = None) -> Record:

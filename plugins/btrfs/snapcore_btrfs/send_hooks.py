@@ -91,6 +91,7 @@ def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
         dest=dest,
         compress=str(opts.get("compress") or "none"),
         incremental=bool(opts.get("incremental", True)),
+        cancel=target.cancel,
     )
     return Export(
         backend=NAME,
@@ -112,6 +113,11 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
     if export is None:
         return
     send.discard(_dest(target, export), target.checkpoint_id)
+
+
+@hookimpl
+def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str]:
+    return send.discard_partial(dest, target.checkpoint_id)
 
 
 @hookimpl

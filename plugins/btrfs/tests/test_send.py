@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import btrfsutil
 import pytest
 from btrfs_testlib import (  # the fixtures are used by name
     SubvolFactory,
@@ -16,7 +20,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 )
 
 import snapcore
-from snapcore import CheckpointFailed
+from snapcore import Cancel, Cancelled, CheckpointFailed
 from snapcore.cli import main
 from snapcore.mounts import MountTable
 from snapcore.records import export_of, target_of
@@ -154,3 +158,56 @@ def test_exporter_needs_the_btrfs_imager(
     policy = policy_file(f"version: 1\nmounts:\n  {sv.path}:\n    imager: fsfreeze\n    exporter: btrfs-send\n")
     with pytest.raises(CheckpointFailed, match="use 'imager: btrfs'"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="e1")
+
+
+def test_a_cancelled_send_stops_and_leaves_no_partial_stream(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    need("zstd")
+    sv = btrfs_subvol()
+    populate(sv.path)
+    snapshot = sv.fs.mount_point / "snap"
+    btrfsutil.create_snapshot(str(sv.path), str(snapshot), read_only=True)
+    dest = tmp_path / "streams"
+    cancel = Cancel()
+    cancel.set("test")  # before btrfs send starts: it is started, then killed at once
+
+    try:
+        with pytest.raises(Cancelled, match=r"btrfs send of .* stopped: the checkpoint was cancelled \(test\)"):
+            send.export(
+                checkpoint_id="x1",
+                mount=str(sv.path),
+                snapshot=snapshot,
+                dest=dest,
+                compress="zstd",
+                incremental=False,
+                cancel=cancel,
+            )
+    finally:
+        btrfsutil.delete_subvolume(str(snapshot))
+    assert sorted(p.name for p in dest.iterdir()) == []
+
+
+def test_recover_removes_a_planted_partial_stream_of_a_controller_killed_at_export(
+    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A fake for what cannot be timed for real (a send is too quick to kill halfway
+    on demand): the controller really dies where the export starts; the test then
+    leaves the ``.partial`` stream that ``btrfs send`` would have been writing."""
+    need("zstd")
+    sv = btrfs_subvol()
+    populate(sv.path)
+    dest = tmp_path / "streams"
+    policy = policy_file(_policy(sv.path, dest))
+    snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="k0")  # another checkpoint's stream
+    argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", "--policy", str(policy)]
+    killed = subprocess.run(
+        [*argv, "--id", "k1"], env=dict(os.environ, SNAPCORE_FAULT="export=kill"), capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (dest / ".k1.btrfs.zst.partial").write_bytes(b"half a stream")
+
+    assert main(["--state-dir", str(state_dir), "recover"]) == 0
+
+    assert sorted(p.name for p in dest.iterdir()) == ["k0.btrfs-send.json", "k0.btrfs.zst"]
+    assert not (sv.path / ".snapshots" / "k1").exists()  # the image went with it

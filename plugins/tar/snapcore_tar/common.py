@@ -306,3 +306,11 @@ def publish_exports(
         except Exception as exc:
             # never raise: pluggy would skip the other plugins' checkpoint_end
             log.error("%s: the export stays incomplete (no manifest beside it): %s", record.mount, exc)
+
+
+def names_in(directory: Path) -> set[str]:
+    """The names in ``directory`` (none when it is missing or unreadable)."""
+    try:
+        return {p.name for p in directory.iterdir()}
+    except OSError:
+        return set()

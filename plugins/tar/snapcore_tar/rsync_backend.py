@@ -469,6 +469,30 @@ def discard(target: Target, export: Export) -> None:
                 common.remove_if_empty(export_dir)
 
 
+def discard_partial(target: Target) -> list[str]:
+    """Remove what an export of ``target`` that never returned (its controller was
+    killed) left: the ``.part`` tree, or a remote tree without its ``export.json``."""
+    opts = RsyncOptions.of(target)
+    name = slug(target.mount.mount_point)
+    me = target.checkpoint_id
+    before = common.names_in(opts.dest.path(me)) if opts.dest.local else {"(remote)"}
+    if not before:
+        return []
+    discard(
+        target,
+        Export(
+            backend=NAME,
+            ref=opts.dest.join(me, name),
+            path=opts.dest.join(me),
+            details={"slug": name, "dest": opts.dest.raw},
+        ),
+    )
+    if not opts.dest.local:
+        return [f"removed the unfinished export {opts.dest.join(me, name)}"]
+    gone = before - common.names_in(opts.dest.path(me))
+    return [f"removed the unfinished export file {opts.dest.path(me, n)}" for n in sorted(gone)]
+
+
 # -- verify and restore -----------------------------------------------------------------
 
 

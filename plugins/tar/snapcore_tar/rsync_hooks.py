@@ -96,6 +96,11 @@ def snapcore_discard(target: Target, export: Export | None) -> None:
 
 
 @hookimpl
+def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str]:
+    return rsync_backend.discard_partial(target)
+
+
+@hookimpl
 def snapcore_verify(target: Target, export: Export | None) -> Sequence[str]:
     if export is None or export.backend != NAME:
         return []

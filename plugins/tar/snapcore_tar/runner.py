@@ -1,5 +1,9 @@
 """Running GNU tar and rsync through ``sh``: background process, streamed stdout,
-stderr kept for the error message, and the child killed if we give up on it."""
+stderr kept for the error message, and the child killed if we give up on it.
+
+Each command runs in a process group of its own (its compressor or ssh with it),
+tied to the controller (it dies with it) and to the checkpoint's cancellation (a
+SIGTERM to ``snapcore checkpoint`` kills the group at once)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Target
+from snapcore import BackendError, Cancelled, Target, tied_to_controller
 from snapcore_tar.common import tail, tool_env
 from snapcore_tar.progress import Progress
 
@@ -47,9 +51,11 @@ def run(
     import sh  # lazily: importing sh (and asyncio with it) costs ~20 ms at every CLI start
 
     mount = target.mount.mount_point if target is not None else None
-    command = sh.Command(argv[0])
+    started = tied_to_controller(argv)
+    command = sh.Command(started[0])
     kwargs: dict[str, Any] = {
         "_bg": True,
+        "_new_group": True,
         "_bg_exc": False,
         "_tty_out": False,
         "_env": env or tool_env(),
@@ -66,15 +72,22 @@ def run(
         kwargs["_timeout"] = timeout
     try:
         try:
-            proc = command(*argv[1:], **kwargs)
+            proc = command(*started[1:], **kwargs)
         except sh.CommandNotFound as exc:  # pragma: no cover - the caller checked the tool
             raise BackendError(f"{argv[0]}: command not found", mount=mount, backend=backend) from exc
         finally:
             if reader is not None:
                 reader.start()
+        cancel = target.cancel if target is not None else None
         try:
-            proc.wait()
+            if cancel is None:
+                proc.wait()
+            else:
+                with cancel.on_cancel(lambda: _kill_group(proc)):
+                    proc.wait()
         except sh.ErrorReturnCode as exc:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{what} stopped: the checkpoint was cancelled ({cancel.reason})") from None
             stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else str(exc.stderr)
             prefix = hint() if hint is not None else ""
             raise BackendError(
@@ -86,8 +99,7 @@ def run(
         except sh.TimeoutException as exc:
             raise BackendError(f"{what} timed out after {timeout:g} s", mount=mount, backend=backend) from exc
         except BaseException:
-            with contextlib.suppress(Exception):
-                proc.kill()
+            _kill_group(proc)
             with contextlib.suppress(Exception):
                 proc.wait()
             raise
@@ -97,6 +109,12 @@ def run(
     raw = proc.stderr
     stderr = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
     return Result(exit_code=int(proc.exit_code or 0), stderr=stderr)
+
+
+def _kill_group(proc: Any) -> None:
+    """SIGKILL the command's process group (tar and its compressor, rsync and ssh)."""
+    with contextlib.suppress(Exception):
+        proc.signal_group(9)
 
 
 class _PipeReader:

@@ -364,6 +364,29 @@ def discard(target: Target, export: Export) -> None:
     _drop_dir_if_done(export_dir)
 
 
+def discard_partial(target: Target, dest: Path) -> list[str]:
+    """Remove what an export of ``target`` that never returned (its controller was
+    killed) left in ``dest/ID/``: the ``.part`` files, and an archive renamed into
+    place before its ``export.json`` was written."""
+    name = slug(target.mount.mount_point)
+    archive = archive_name(name, TarOptions.of(target).compress)
+    export_dir = dest / target.checkpoint_id
+    before = common.names_in(export_dir)
+    if not before:
+        return []
+    discard(
+        target,
+        Export(
+            backend=NAME,
+            ref=str(export_dir / archive),
+            path=str(export_dir),
+            details={"slug": name, "archive": archive},
+        ),
+    )
+    gone = before - common.names_in(export_dir)
+    return [f"removed the unfinished export file {export_dir / n}" for n in sorted(gone)]
+
+
 def _drop_dir_if_done(export_dir: Path) -> None:
     """Remove the checkpoint's export directory once no export is left in it."""
     try:
