@@ -90,6 +90,12 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
     where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
+    p.add_argument(
+        "--safe",
+        action="store_true",
+        help="with --to: leave out device nodes, FIFOs and sockets, clear setuid/setgid bits and file "
+        "capabilities (for an export you do not trust)",
+    )
 
 
 def _add_verify(p: argparse.ArgumentParser) -> None:
@@ -533,6 +539,9 @@ def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> 
     from snapcore.records import export_of, image_of, target_of
 
     _require_root("snapcore restore")
+    safe = bool(getattr(args, "safe", False))
+    if safe and not args.to:
+        raise UsageError("--safe restores a copy: use it with --to DIR")
     manifest, records, state_dir = _records(args)
     if then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]:
         _check_pids_free(manifest)
@@ -553,13 +562,22 @@ def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> 
 
                 dest = beneath(dest, record.mount)
         try:
-            restored = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
+            if safe and dest is not None:
+                from snapcore.defuse import staged
+
+                with staged(dest) as staging:
+                    restored = plugins.restore(backend, target, image, export, staging.tree, False)
+                message = restored.message.replace(str(staging.tree), str(dest))
+                message += f"; {staging.defused.summary()}"
+            else:
+                restored = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
+                message = restored.message
         except SnapcoreError as exc:
             if done:
                 raise SnapcoreError(f"{exc} (already restored: {', '.join(done)})") from exc
             raise
         done.append(record.mount)
-        print(f"{record.mount}: {restored.message}")
+        print(f"{record.mount}: {message}")
         if restored.set_aside is not None and restored.set_aside_id:
             kept = _record_set_aside(manifest, record, restored, state_dir)
             print(f"{record.mount}: the state it replaced is checkpoint {kept}")
