@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapcore.errors import SnapcoreError
 from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Export, Image, Rescue, RescueKind, Target
 
@@ -128,50 +129,68 @@ def _alive(pid: int | None, start: str | None) -> bool:
     return current is not None and (start is None or current == start)
 
 
+#: A journal holds a few records per target: anything bigger was not written by us.
+MAX_JOURNAL_BYTES = 64 << 20
+
+
+def _lines(path: Path) -> list[str]:
+    """A journal's lines, read as :func:`~snapcore.fsutil.read_regular` reads a
+    manifest: a regular file of root's that nobody else can write, size-capped."""
+    from snapcore.fsutil import read_regular
+
+    return read_regular(path, MAX_JOURNAL_BYTES, owned=True).decode("utf-8", "replace").splitlines()
+
+
 def read_journal(path: Path) -> tuple[Pending, bool]:
     """Parse one journal; the flag says whether its owner is still running."""
     pending = Pending(path=path, checkpoint_id=path.name[: -len(".jsonl")], pid=None, state_dir=None, started=None)
     alive = False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line: the controller died while writing it
-            op, key = rec.get("op"), rec.get("key")
-            if op == "begin":
-                pending.pid = rec.get("pid")
-                pending.state_dir = Path(rec["state_dir"]) if rec.get("state_dir") else None
-                pending.started = rec.get("started")
-                alive = _alive(pending.pid, rec.get("pid_start"))
-            elif op == "target":
-                pending.targets[key] = rec
-            elif op == "freeze":
-                pending.frozen[key] = rec
-            elif op == "thawed":
-                pending.frozen.pop(key, None)
-            elif op == "snapshot":
-                pending.snapshotting.add(key)
-            elif op == "image":
-                pending.images[key] = rec["image"]
-            elif op == "discarded":
-                pending.images.pop(key, None)
-                pending.snapshotting.discard(key)
-            elif op == "export":
-                pending.exporting[key] = rec
-            elif op == "exported":
-                pending.exports[key] = rec.get("export") or {}
-            elif op == "export-discarded":
-                pending.exporting.pop(key, None)
-                pending.exports.pop(key, None)
-            elif op == "end":
-                pending.ended = rec.get("outcome")
-            elif op == "tasks":
-                pending.tasks = rec.get("name")
+    for line in _lines(path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line: the controller died while writing it
+        if not isinstance(rec, dict):
+            continue
+        op, key = rec.get("op"), rec.get("key")
+        if not isinstance(key, str):
+            key = ""
+        if op == "begin":
+            pending.pid = rec.get("pid")
+            pending.state_dir = Path(rec["state_dir"]) if rec.get("state_dir") else None
+            pending.started = rec.get("started")
+            alive = _alive(pending.pid, rec.get("pid_start"))
+        elif op == "target":
+            pending.targets[key] = rec
+        elif op == "freeze":
+            pending.frozen[key] = rec
+        elif op == "thawed":
+            pending.frozen.pop(key, None)
+        elif op == "snapshot":
+            pending.snapshotting.add(key)
+        elif op == "image":
+            pending.images[key] = rec["image"]
+        elif op == "discarded":
+            pending.images.pop(key, None)
+            pending.snapshotting.discard(key)
+        elif op == "export":
+            pending.exporting[key] = rec
+        elif op == "exported":
+            pending.exports[key] = rec.get("export") or {}
+        elif op == "export-discarded":
+            pending.exporting.pop(key, None)
+            pending.exports.pop(key, None)
+        elif op == "end":
+            pending.ended = rec.get("outcome")
+        elif op == "tasks":
+            pending.tasks = rec.get("name")
     guard = path.with_name(path.name[: -len(".jsonl")] + ".guard.jsonl")
     if guard.exists():
-        with open(guard, encoding="utf-8", errors="replace") as f:
-            pending.guard = [json.loads(line) for line in f if line.strip()]
+        for line in _lines(guard):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    pending.guard.append(entry)
     return pending, alive
 
 
@@ -324,6 +343,8 @@ def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]
     journal_dir = run_dir / "journal"
     if not journal_dir.is_dir():
         return []
+    # a journal says what root thaws and deletes: only from a place nobody else controls
+    secure_dir(journal_dir)
     report = []
     for path in sorted(journal_dir.glob("*.jsonl")):
         if path.name.endswith(".guard.jsonl"):
@@ -331,6 +352,9 @@ def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]
         try:
             pending, alive = read_journal(path)
         except OSError:
+            continue
+        except SnapcoreError as exc:  # someone else's file: nothing in it is acted on
+            report.append((path.name[: -len(".jsonl")], [f"journal left alone: {exc}"]))
             continue
         if alive:
             continue

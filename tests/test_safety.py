@@ -247,6 +247,57 @@ def test_a_state_dir_someone_else_controls_is_refused_before_anything_is_made(
     assert_not_frozen(fs.mount_point)
 
 
+def test_a_run_dir_someone_else_controls_is_refused_before_anything_is_made(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
+) -> None:
+    """The run directory holds the journal (what recover thaws and deletes) and the
+    locks: owned by another user, or below a directory others can write, it is refused."""
+    fs = loop_fs("ext4")
+    theirs = tmp_path / "theirs-run"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(snapcore.CheckpointFailed, match="belongs to uid 65534"):
+        snapcore.checkpoint([fs], state_dir=state_dir, run_dir=theirs, checkpoint_id="r1")
+    assert list(theirs.iterdir()) == []
+    open_parent = tmp_path / "open-run"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    with pytest.raises(snapcore.CheckpointFailed, match="writable by others"):
+        snapcore.checkpoint([fs], state_dir=state_dir, run_dir=open_parent / "run", checkpoint_id="r2")
+    assert not (open_parent / "run").exists()
+    assert_not_frozen(fs.mount_point)
+
+
+def test_recover_acts_on_no_journal_someone_else_could_have_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal tells root what to thaw and delete: one in a directory of another
+    user's, or a file of another user's, is not read."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ".x.part").write_text("someone's file")
+    planted = [
+        {"op": "begin", "id": "evil", "pid": 999999999, "state_dir": str(tmp_path / "state")},
+        {"op": "export", "key": "/", "exporter": "tar", "dest": str(victim)},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in planted)
+
+    run = tmp_path / "run"
+    (run / "journal").mkdir(parents=True, mode=0o700)
+    run.chmod(0o700)
+    (run / "journal" / "evil.jsonl").write_text(text)
+    os.chown(run / "journal" / "evil.jsonl", 65534, 65534)
+    assert main(["--run-dir", str(run), "recover"]) == 0
+    assert "journal left alone" in capsys.readouterr().out
+    assert (run / "journal" / "evil.jsonl").exists() and (victim / ".x.part").exists()
+
+    os.chown(run / "journal" / "evil.jsonl", 0, 0)
+    os.chown(run / "journal", 65534, 65534)
+    assert main(["--run-dir", str(run), "recover"]) == 1
+    assert "belongs to uid 65534" in capsys.readouterr().err
+    assert (run / "journal" / "evil.jsonl").exists() and (victim / ".x.part").exists()
+
+
 def test_a_manifest_someone_else_wrote_or_that_is_no_file_is_refused(
     loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
