@@ -154,6 +154,36 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def discarding_name(name: str) -> str:
+    """What ``<slug>.export.json`` is renamed to while its export is deleted: the
+    export no longer looks complete, and a delete that stopped halfway can still
+    prove, when run again, that the files are this checkpoint's."""
+    return f".{name}.export.json.discarding"
+
+
+def proof_of(export_dir: Path, name: str, checkpoint_id: str, backend: str) -> dict[str, Any] | None:
+    """The record by which ``export_dir`` holds ``backend``'s export of ``name`` for
+    ``checkpoint_id`` (``export.json``, or its ``.discarding`` rename); None when
+    there is none. Raises :class:`BackendError` when a record names another
+    checkpoint or backend: what snapcore deletes, it proves it made."""
+    for record in (export_dir / f"{name}.export.json", export_dir / discarding_name(name)):
+        try:
+            info = read_json(record)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            why = f"refusing to delete {export_dir}: {record} is unreadable ({exc})"
+            raise BackendError(why, backend=backend) from None
+        if info.get("checkpoint_id") != checkpoint_id or info.get("backend") != backend:
+            raise BackendError(
+                f"refusing to delete {export_dir}: {record.name} is {info.get('backend')!r}'s export of checkpoint "
+                f"{info.get('checkpoint_id')!r}, not {backend!r}'s of {checkpoint_id!r}",
+                backend=backend,
+            )
+        return info
+    return None
+
+
 def record_slug(details: Mapping[str, Any], mount_point: str) -> str:
     """The slug an export record names (or the mount's own): one plain file name."""
     return plain_name(details.get("slug") or slug(mount_point), what="an export's slug")

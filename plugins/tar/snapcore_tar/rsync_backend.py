@@ -373,15 +373,32 @@ def export(target: Target, image: Image) -> Export:
     return Export(backend=NAME, ref=tree, path=dest.join(me), details=details)
 
 
-def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | None) -> None:
-    """Delete this export's tree and sidecars (export.json first)."""
+def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | None, *, proven: bool = True) -> None:
+    """Delete this export's tree and sidecars (export.json first). Locally, only what
+    its ``export.json`` proves is this checkpoint's rsync export (a manifest is
+    untrusted input), else the ``.part`` tree alone, unless ``proven`` by our own
+    journal or by the export that was just written."""
     if opts.dest.local:
         export_dir = opts.dest.path(checkpoint_id)
-        for n in (f"{name}.export.json", f"{name}.files"):
+        proof = common.proof_of(export_dir, name, checkpoint_id, NAME)
+        if proof is None and not proven and os.path.lexists(export_dir / name):
+            raise BackendError(
+                f"refusing to delete {export_dir / name}: no {name}.export.json there proves it is checkpoint "
+                f"{checkpoint_id}'s rsync export",
+                backend=NAME,
+            )
+        record = export_dir / f"{name}.export.json"
+        marker = export_dir / common.discarding_name(name)
+        if proof is not None:
             with contextlib.suppress(FileNotFoundError):
-                (export_dir / n).unlink()
+                os.rename(record, marker)  # first: the export stops looking complete
         common.remove_tree(export_dir / f".{name}.part")
-        common.remove_tree(export_dir / name)
+        if proof is not None or proven:
+            with contextlib.suppress(FileNotFoundError):
+                (export_dir / f"{name}.files").unlink()
+            common.remove_tree(export_dir / name)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()  # the proof last: a delete that stops halfway can go on
         return
     with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as empty:
         # an empty directory synced with --delete, limited to this export's names
@@ -448,14 +465,16 @@ def publish(target: Target, export: Export, manifest_text: str) -> None:
         )
 
 
-def discard(target: Target, export: Export) -> None:
+def discard(target: Target, export: Export, *, unfinished: bool = False) -> None:
+    """Delete this export (what its record proves is this checkpoint's; see
+    :func:`_remove`); ``unfinished``: our journal says it never returned."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
     name = common.record_slug(export.details, target.mount.mount_point)
     me = Path(str(export.path)).name if export.path else target.checkpoint_id
     if me != target.checkpoint_id:  # what snapcore deletes, it proves it made
         raise _fail(f"refusing to delete the export {me}: it is not checkpoint {target.checkpoint_id}'s", target)
     scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
-    _remove(opts, me, name, scratch)
+    _remove(opts, me, name, scratch, proven=unfinished)
     if opts.dest.local:
         if common.read_latest(opts.dest.path(), name) == me:
             with contextlib.suppress(FileNotFoundError):
@@ -486,6 +505,7 @@ def discard_partial(target: Target) -> list[str]:
             path=opts.dest.join(me),
             details={"slug": name, "dest": opts.dest.raw},
         ),
+        unfinished=True,
     )
     if not opts.dest.local:
         return [f"removed the unfinished export {opts.dest.join(me, name)}"]

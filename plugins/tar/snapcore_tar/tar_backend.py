@@ -318,8 +318,13 @@ def publish(target: Target, export: Export, manifest_text: str) -> None:
     write_atomic(common.latest_pointer(dest, name), f"{target.checkpoint_id}\n".encode())
 
 
-def discard(target: Target, export: Export) -> None:
-    """Delete this export's files; refuse to break a chain that later exports build on."""
+def discard(target: Target, export: Export, *, unfinished: bool = False) -> None:
+    """Delete this export's files; refuse to break a chain that later exports build on.
+
+    Only what its ``export.json`` proves is this checkpoint's tar export goes (a
+    manifest is untrusted input); without that record, only the ``.part`` files,
+    unless ``unfinished`` (the controller's own journal says the export never
+    returned, so its record was never written)."""
     export_dir = Path(export.path or Path(export.ref).parent)
     name = common.record_slug(export.details, target.mount.mount_point)
     dest = export_dir.parent
@@ -348,14 +353,29 @@ def discard(target: Target, export: Export) -> None:
             mount=target.mount.mount_point,
             backend=NAME,
         )
-    for path in (
-        export_dir / f"{name}.export.json",  # first: the export stops looking complete
-        export_dir / archive_file,
-        export_dir / f"{archive_file}.sha256",
-        export_dir / f"{name}.snar",
-        export_dir / f".{archive_file}.part",
-        export_dir / f".{name}.snar.part",
-    ):
+    proof = common.proof_of(export_dir, name, target.checkpoint_id, NAME)
+    if proof is not None and proof.get("archive") != archive_file:
+        raise BackendError(
+            f"refusing to delete {export_dir / archive_file}: the export's record names {proof.get('archive')!r}",
+            mount=target.mount.mount_point,
+            backend=NAME,
+        )
+    if proof is None and not unfinished and os.path.lexists(export_dir / archive_file):
+        raise BackendError(
+            f"refusing to delete {export_dir / archive_file}: no {name}.export.json there proves it is checkpoint "
+            f"{target.checkpoint_id}'s tar export",
+            mount=target.mount.mount_point,
+            backend=NAME,
+        )
+    record = export_dir / f"{name}.export.json"
+    marker = export_dir / common.discarding_name(name)
+    if proof is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(record, marker)  # first: the export stops looking complete
+    made = [export_dir / f".{archive_file}.part", export_dir / f".{name}.snar.part"]
+    if proof is not None or unfinished:
+        made += [export_dir / archive_file, export_dir / f"{archive_file}.sha256", export_dir / f"{name}.snar"]
+    for path in [*made, marker]:  # the proof last: a delete that stops halfway can go on
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     if read_latest(dest, name) == me:
@@ -382,6 +402,7 @@ def discard_partial(target: Target, dest: Path) -> list[str]:
             path=str(export_dir),
             details={"slug": name, "archive": archive},
         ),
+        unfinished=True,
     )
     gone = before - common.names_in(export_dir)
     return [f"removed the unfinished export file {export_dir / n}" for n in sorted(gone)]

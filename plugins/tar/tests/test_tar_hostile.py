@@ -324,3 +324,54 @@ def test_record_fields_are_names_inside_the_export_never_paths(
     assert list(outside.iterdir()) == []
     if shadow:
         assert shadow not in said.out + said.err + said2.out + said2.err
+
+
+def _point_export_at(manifest: dict[str, object], victim_dir: Path, details: dict[str, str]) -> None:
+    target = manifest["targets"][0]  # type: ignore[index]
+    record = target["export_record"]
+    record["path"] = str(victim_dir)
+    record["ref"] = str(victim_dir / next(iter(details.values())))
+    record["details"] = {**record["details"], **details, "dest": str(victim_dir.parent)}
+    target["options"][target["exporter"]]["dest"] = str(victim_dir.parent)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems need root")
+@pytest.mark.parametrize("exporter", ["tar", "rsync"])
+def test_delete_through_a_tampered_manifest_never_removes_what_snapcore_did_not_make(
+    loop_fs: LoopFactory, tmp_path: Path, exporter: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The state manifest points the export at a directory named like the checkpoint
+    elsewhere: nothing there proves it is this checkpoint's export (no export.json of
+    it), so ``delete`` removes nothing and says why."""
+    import snapcore
+
+    fs = loop_fs("ext4")
+    fs.write("f.txt", "f")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    dest = tmp_path / "exports"
+    dest.mkdir()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\nmounts:\n  {fs}:\n    imager: fsfreeze\n    exporter: {exporter}\n"
+        f"    options: {{{exporter}: {{dest: {dest}}}}}\n"
+    )
+    snapcore.checkpoint(policy=policy, state_dir=state, checkpoint_id="d1")
+    victim = tmp_path / "home" / "d1"  # named as the checkpoint, as its export dir would be
+    victim.mkdir(parents=True)
+    (victim / "important.txt").write_text("mine")
+    (victim / "project").mkdir()
+    (victim / "project" / "code.py").write_text("mine")
+    path = state / "checkpoints" / "d1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    _point_export_at(manifest, victim, {"archive": "important.txt"} if exporter == "tar" else {"slug": "project"})
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+
+    assert main(["--state-dir", str(state), "delete", "d1"]) == 1
+
+    said = capsys.readouterr()
+    assert "proves it is checkpoint d1's" in said.out + said.err
+    assert (victim / "important.txt").read_text() == "mine"
+    assert (victim / "project" / "code.py").read_text() == "mine"
+    assert (dest / "d1").is_dir(), "the real export stays until a manifest that names it is deleted"
