@@ -88,7 +88,11 @@ def test_a_tied_child_dies_with_the_thread_that_started_it(tmp_path: Path, pace:
         while not ready.read_text():
             time.sleep(0.01)
         child = int(ready.read_text())
-        assert Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0")
+        # setpriv sets the death signal, then execs sleep: wait for the exec
+        deadline = time.monotonic() + pace.seconds(10)
+        while not Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0"):
+            assert time.monotonic() < deadline, "setpriv never ran sleep"
+            time.sleep(0.01)
     finally:
         parent.kill()
         parent.wait()

@@ -152,7 +152,12 @@ def _plan(target: Target, dest: Path, name: str, opts: TarOptions) -> _Plan:
     snar = prev_dir / f"{name}.snar"
     if why is None and not snar.is_file():
         why = f"its snapshot file {snar} is missing"
-    chain = [str(c) for c in info.get("chain") or []]
+    chain: list[str] = []
+    if why is None:
+        try:
+            chain = _chain(info)
+        except ValueError as exc:
+            why = str(exc)
     if why is None:
         missing = [c for c in chain if not (dest / c / f"{name}.export.json").is_file()]
         if missing:
@@ -165,7 +170,11 @@ def _plan(target: Target, dest: Path, name: str, opts: TarOptions) -> _Plan:
             why,
         )
         return full
-    level = int(info.get("level", 0)) + 1
+    level = info.get("level", 0)
+    if not isinstance(level, int) or isinstance(level, bool) or level < 0:
+        log.warning("%s: starting a new level-0 archive: %s has no valid level", target.mount.mount_point, prev)
+        return full
+    level += 1
     if opts.full_every and level > opts.full_every:
         return full
     return _Plan(level=level, chain=[*chain, me], parent_snar=snar)
@@ -338,8 +347,9 @@ def discard(target: Target, export: Export, *, unfinished: bool = False) -> None
                 info = read_json(other / f"{name}.export.json")
             except (OSError, ValueError):
                 continue
-            if me in (info.get("chain") or [])[:-1]:
-                children.append(other.name)
+            with contextlib.suppress(ValueError):  # a broken record builds on nothing
+                if me in _chain(info)[:-1]:
+                    children.append(other.name)
     if children:
         raise StillNeeded(
             f"export {me} is the base of later increments ({', '.join(sorted(children))}): discard those first",
@@ -443,6 +453,18 @@ class Link:
         return COMPRESSIONS[name]
 
 
+def _chain(info: Mapping[str, Any]) -> list[str]:
+    """An export record's chain of checkpoint ids (untrusted: ``ValueError`` unless
+    it is a list of strings)."""
+    chain = info.get("chain") or []
+    if not isinstance(chain, list):
+        raise ValueError(f"its chain {chain!r} is not a list of checkpoint ids")
+    try:
+        return [plain_name(c, what="a chain entry") for c in chain]
+    except Untrusted as exc:
+        raise ValueError(str(exc)) from None
+
+
 def chain_of(export_dir: Path, name: str) -> list[Link]:
     """The archives to extract, level 0 first, ending with the one in ``export_dir``."""
     try:
@@ -456,13 +478,12 @@ def chain_of(export_dir: Path, name: str) -> list[Link]:
     if info.get("backend") != NAME:
         raise BackendError(f"{export_dir}: {name} is a {info.get('backend')!r} export, not tar", backend=NAME)
     me = export_dir.name
-    ids = [str(c) for c in info.get("chain") or [info.get("checkpoint_id") or me]]
+    try:
+        ids = _chain(info) or [str(info.get("checkpoint_id") or me)]
+    except ValueError as exc:
+        raise BackendError(f"{export_dir}: {exc}", backend=NAME) from None
     links: list[Link] = []
     for cid in ids[:-1]:
-        try:
-            plain_name(cid, what="a chain entry")
-        except Untrusted as exc:
-            raise BackendError(f"{export_dir}: {exc}", backend=NAME) from None
         d = export_dir.parent / cid
         try:
             links.append(Link(cid, d, read_json(d / f"{name}.export.json")))

@@ -4,7 +4,7 @@
 inside DIR, never hang (a hard alarm), never show a traceback (an exception other
 than the CLI's own would escape ``main``).
 
-The export is a real tar export of a small tree, made once per test; each example
+The export is a real tar (or rsync) export of a small tree, made once per test; each example
 copies it, mutates fields (paths, types, sizes) and files (FIFOs, symlinks, devices,
 directories), then runs both commands. ``derandomize=True`` keeps CI stable.
 """
@@ -53,6 +53,10 @@ FIELDS = [
     ("export.json", ("sha256",)),
     ("export.json", ("checkpoint_id",)),
     ("export.json", ("incremental",)),
+    ("export.json", ("tree",)),
+    ("export.json", ("file_list",)),
+    ("export.json", ("link_dest",)),
+    ("export.json", ("backend",)),
     ("manifest.json", ("id",)),
     ("manifest.json", ("outcome",)),
     ("manifest.json", ("targets",)),
@@ -110,9 +114,11 @@ def _hang(signum: int, frame: FrameType | None) -> None:
     raise _Hang("verify or restore hung")
 
 
-@pytest.fixture(scope="module")
-def made_export(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """A real tar export of a small tree, on a loop filesystem: (export dir, fs root)."""
+@pytest.fixture(scope="module", params=["tar", "rsync"])
+def made_export(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Path, Path]]:
+    """A real export of a small tree, on a loop filesystem: (export dir, fs root)."""
     if os.geteuid() != 0:
         pytest.skip("loop filesystems need root")
     loops = LoopFactory(tmp_path_factory.mktemp("fuzz"))
@@ -124,7 +130,7 @@ def made_export(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
         dest = out.mount_point / "exports"
         dest.mkdir()
         state = out.mount_point / "state"
-        policy = write_policy(out.mount_point, src.mount_point, "tar", {"dest": str(dest)})
+        policy = write_policy(out.mount_point, src.mount_point, request.param, {"dest": str(dest)})
         snapcore.checkpoint(policy=policy, state_dir=state, checkpoint_id="fz")
         (out.mount_point / "outside").mkdir()
         (out.mount_point / "outside" / "secret").write_text("secret\n")
@@ -143,7 +149,8 @@ def made_export(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
 @given(
     edits=st.lists(st.tuples(st.sampled_from(FIELDS), values), max_size=3),
     swap=st.one_of(
-        st.none(), st.tuples(st.sampled_from(["archive", "export.json", "manifest.json"]), st.sampled_from(FILE_KINDS))
+        st.none(),
+        st.tuples(st.sampled_from(["copy", "sidecar", "export.json", "manifest.json"]), st.sampled_from(FILE_KINDS)),
     ),
 )
 def test_verify_and_restore_refuse_or_stay_inside(
@@ -158,7 +165,10 @@ def test_verify_and_restore_refuse_or_stay_inside(
     export = work / "fz"
     shutil.copytree(original, export, symlinks=True)
     info_name = next(p.name for p in export.iterdir() if p.name.endswith(".export.json"))
-    archive_name = next(p.name for p in export.iterdir() if p.name.endswith(".tar"))
+    slug = info_name[: -len(".export.json")]
+    # the copy itself (a tar archive, an rsync tree) and what checks it (checksum, file list)
+    is_tar = (export / f"{slug}.tar").exists()
+    copy, sidecar = (f"{slug}.tar", f"{slug}.tar.sha256") if is_tar else (slug, f"{slug}.files")
     docs = {
         "export.json": json.loads((export / info_name).read_text()),
         "manifest.json": json.loads((export / "manifest.json").read_text()),
@@ -169,7 +179,7 @@ def test_verify_and_restore_refuse_or_stay_inside(
     (export / "manifest.json").write_text(json.dumps(docs["manifest.json"]))
     if swap is not None:
         which, kind = swap
-        name = {"archive": archive_name, "export.json": info_name, "manifest.json": "manifest.json"}[which]
+        name = {"copy": copy, "sidecar": sidecar, "export.json": info_name, "manifest.json": "manifest.json"}[which]
         _replace(export / name, kind, root / "outside")
     outside_before = sorted(p.name for p in (root / "outside").iterdir())
     dest = work / "restored"
