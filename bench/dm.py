@@ -194,7 +194,7 @@ def fmt(values: list[float], scale: float = 1.0, unit: str = "") -> str:
 
 def host(rounds: int, as_json: bool) -> int:
     sys.path.insert(0, str(ROOT))
-    from snapcore.vm import TestVM, VMUnavailable
+    from snapcore.testing.vm import TestVM, VMUnavailable
 
     try:
         vm = TestVM(workdir=Path(tempfile.mkdtemp(prefix="bench-dm-")))

@@ -1,8 +1,11 @@
 """snapcore: filesystems made consistent with a process checkpoint.
 
-Plugins import what they need from here; everything else is private. The heavy
-parts (the transaction, the API) are imported on first use so that the CLI starts
-fast.
+The public surface is what this module exports, plus :mod:`snapcore.testing` (test
+helpers and pytest fixtures) and :mod:`snapcore.contract` (the contract every backend
+passes); :mod:`snapcore.hookspecs` documents the hooks. Every other module is internal:
+plugins import only from here (a test fails the suite otherwise), and what a plugin
+needs belongs here. The heavy parts (the transaction, the API) are imported on first
+use so that the command starts fast.
 """
 
 from __future__ import annotations
@@ -57,19 +60,71 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("snapcore")
 
 if TYPE_CHECKING:
-    from snapcore.api import checkpoint, hold, plan
+    from snapcore.api import (
+        Listed,
+        Recovered,
+        backend_options,
+        check_policy,
+        checkpoint,
+        delete,
+        hold,
+        list_checkpoints,
+        plan,
+        prune,
+        recover,
+        restore,
+        show,
+        verify,
+    )
+    from snapcore.cli import main
     from snapcore.confine import Untrusted, plain_name
     from snapcore.fsutil import read_regular
     from snapcore.holders import Holder, mount_holders
-    from snapcore.manifest import Manifest
-    from snapcore.mounts import udev_attr, udev_device
+    from snapcore.locks import default_run_dir
+    from snapcore.manifest import Manifest, TargetRecord
+    from snapcore.mounts import find_mount, udev_attr, udev_device
+    from snapcore.plugins import Plugins, make_plugins
+    from snapcore.policy import Policy, load_policy
+    from snapcore.restoring import MountRestored, Verification
+    from snapcore.retention import Deletion, PruneReport
+    from snapcore.transaction import Selection, TaskSpec
     from snapcore.watchdog import start_guard
 
 _LAZY = {
-    "checkpoint": "snapcore.api",
-    "hold": "snapcore.api",
-    "plan": "snapcore.api",
+    **dict.fromkeys(
+        (
+            "Listed",
+            "Recovered",
+            "backend_options",
+            "check_policy",
+            "checkpoint",
+            "delete",
+            "hold",
+            "list_checkpoints",
+            "plan",
+            "prune",
+            "recover",
+            "restore",
+            "show",
+            "verify",
+        ),
+        "snapcore.api",
+    ),
+    "main": "snapcore.cli",
+    "Deletion": "snapcore.retention",
+    "PruneReport": "snapcore.retention",
+    "MountRestored": "snapcore.restoring",
+    "Verification": "snapcore.restoring",
+    "Plugins": "snapcore.plugins",
+    "make_plugins": "snapcore.plugins",
+    "Policy": "snapcore.policy",
+    "load_policy": "snapcore.policy",
+    "Selection": "snapcore.transaction",
+    "TaskSpec": "snapcore.transaction",
+    "find_mount": "snapcore.mounts",
+    "default_run_dir": "snapcore.locks",
     "Manifest": "snapcore.manifest",
+    "TargetRecord": "snapcore.manifest",
     "Holder": "snapcore.holders",
     "Untrusted": "snapcore.confine",
     "plain_name": "snapcore.confine",
@@ -99,49 +154,74 @@ __all__ = [
     "CheckpointFailed",
     "Consistency",
     "DeadlineExceeded",
+    "Deletion",
     "Export",
     "FrozenElsewhere",
     "Holder",
     "Image",
     "ImageEntry",
     "Keep",
+    "Listed",
     "Manifest",
     "MissingTool",
     "Mount",
     "MountBusy",
+    "MountRestored",
     "Option",
     "OptionKind",
     "Outcome",
     "Phase",
     "PluginError",
+    "Plugins",
+    "Policy",
+    "PolicyError",
+    "PruneReport",
+    "Recovered",
     "Rescue",
     "RescueKind",
     "Restored",
-    "PolicyError",
     "Role",
+    "Selection",
     "SnapcoreError",
     "StillNeeded",
     "Support",
     "Target",
+    "TargetRecord",
+    "TaskSpec",
     "ThawError",
     "UnsupportedMount",
     "Untrusted",
     "UsageError",
+    "Verification",
     "__version__",
+    "backend_options",
     "block_devnum",
+    "check_policy",
     "checkpoint",
-    "hold",
+    "default_run_dir",
+    "delete",
+    "find_mount",
     "get_logger",
+    "hold",
     "hookimpl",
     "human_bytes",
     "lazy_import",
+    "list_checkpoints",
+    "load_policy",
+    "main",
+    "make_plugins",
     "mount_holders",
     "plain_name",
     "plan",
+    "prune",
     "read_regular",
+    "recover",
+    "restore",
+    "show",
     "start_guard",
     "syncfs",
     "tied_to_controller",
     "udev_attr",
     "udev_device",
+    "verify",
 ]

@@ -246,19 +246,23 @@ CRIU_ID_FILE = "snapcore-checkpoint"
 
 def cmd_criu_hook(args: argparse.Namespace) -> int:
     """``criu dump/restore --action-script 'snapcore criu-hook'``."""
+    from snapcore import api
     from snapcore.criu import ActionEvent, handle_action
-    from snapcore.transaction import TaskSpec, Transaction
+    from snapcore.transaction import TaskSpec
 
     def post_dump(event: ActionEvent) -> None:
         # CRIU holds the tasks stopped: image their filesystems now
         if event.init_pid is None or event.images_dir is None:
             raise SnapcoreError("post-dump without CRTOOLS_INIT_PID or CRTOOLS_IMAGE_DIR")
         policy = _policy(args)
-        spec = TaskSpec(pid=event.init_pid, stopped_by="CRIU", criu_images=event.images_dir)
-        txn = Transaction(
-            _plugins(args), policy, args.paths, state_dir=_state_dir(args, policy), run_dir=_run_dir(args), tasks=spec
+        manifest = api.checkpoint(
+            args.paths,
+            policy=policy,
+            state_dir=_state_dir(args, policy),
+            run_dir=_run_dir(args),
+            plugins=_plugins(args),
+            tasks=TaskSpec(pid=event.init_pid, stopped_by="CRIU", criu_images=event.images_dir),
         )
-        manifest = txn.run()
         (Path(event.images_dir) / CRIU_ID_FILE).write_text(manifest.id + "\n")
         print(f"snapcore: checkpoint {manifest.id} of the dumped tasks' filesystems", file=sys.stderr)
 
@@ -269,13 +273,8 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
         id_file = Path(event.images_dir) / CRIU_ID_FILE
         if not id_file.exists():
             raise SnapcoreError(f"{id_file} is missing: these CRIU images were not dumped through snapcore criu-hook")
-        restore_args = argparse.Namespace(**vars(args))
-        restore_args.checkpoint_id = id_file.read_text().strip()
-        restore_args.from_dir = None
-        restore_args.mount = None
-        restore_args.to = None
-        restore_args.in_place = True
-        cmd_restore(restore_args)
+        checkpoint_id = id_file.read_text().strip()
+        api.restore(checkpoint_id, in_place=True, state_dir=_state_dir(args), plugins=_plugins(args), on_restored=_said)
 
     return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})
 
@@ -302,15 +301,15 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from snapcore.journal import recover
+    from snapcore import api
 
     _require_root("snapcore recover")
-    report = recover(_run_dir(args), _plugins(args))
+    report = api.recover(run_dir=_run_dir(args), plugins=_plugins(args))
     if not report:
         print("nothing to recover")
-    for checkpoint_id, done in report:
-        print(f"checkpoint {checkpoint_id}: marked failed")
-        for line in done:
+    for recovered in report:
+        print(f"checkpoint {recovered.checkpoint_id}: marked failed")
+        for line in recovered.done:
             print(f"  {line}")
     return ExitCode.OK
 
@@ -358,7 +357,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plugins = _plugins(args)
     policy = _policy(args)
-    selections, warnings = plan(plugins, policy, args.paths)
+    selections, warnings = plan(plugins, policy, args.paths)  # api.plan, with the warnings
     if args.json:
         _print_json(
             {
@@ -408,39 +407,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
-    from snapcore.transaction import Transaction, check_payload
+    from snapcore import api
+    from snapcore.cancel import Cancel, on_signals
 
     _require_root("snapcore checkpoint")
     plugins = _plugins(args)
     policy = _policy(args)
     if not args.paths and policy.path is None and args.pid is None and not args.cgroup:
         raise UsageError("nothing to checkpoint: give PATHs, --pid, --cgroup, or a --policy that names mounts")
-    check_payload(command)
-    from snapcore.transaction import TaskSpec
-
-    tasks = TaskSpec(pid=args.pid, cgroup=args.cgroup) if args.pid is not None or args.cgroup else None
-    txn = Transaction(
-        plugins,
-        policy,
-        args.paths,
-        state_dir=_state_dir(args, policy),
-        run_dir=_run_dir(args),
-        checkpoint_id=args.checkpoint_id,
-        tasks=tasks,
-    )
-    from snapcore.cancel import on_signals
-
+    cancel = Cancel()
     try:
-        with on_signals(txn.cancel):  # SIGTERM, Ctrl-C: cancel, thaw, undo, exit 1
-            manifest = txn.run(command)
+        with on_signals(cancel):  # SIGTERM, Ctrl-C: cancel, thaw, undo, exit 1
+            manifest = api.checkpoint(
+                args.paths,
+                policy=policy,
+                checkpoint_id=args.checkpoint_id,
+                state_dir=_state_dir(args, policy),
+                run_dir=_run_dir(args),
+                payload=command,
+                plugins=plugins,
+                cancel=cancel,
+                pid=args.pid,
+                cgroup=args.cgroup or None,
+            )
     except CheckpointFailed as exc:
         if exc.manifest is not None:
             # the error itself follows once, on stderr ("snapcore: error: ...")
             _show(exc.manifest, args.json, sys.stdout, with_error=False)
         raise
     _show(manifest, args.json, sys.stdout)
-    if txn.cancel.is_set():
-        print(f"snapcore: {txn.cancel.reason} too late to cancel: checkpoint {txn.id} is complete", file=sys.stderr)
+    if cancel.is_set():
+        print(f"snapcore: {cancel.reason} too late to cancel: checkpoint {manifest.id} is complete", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -453,13 +450,13 @@ def _show(manifest: Any, as_json: bool, out: Any, *, with_error: bool = True) ->
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from snapcore.manifest import iter_manifests
+    from snapcore import api
 
-    state_dir = _state_dir(args)
     rows: list[dict[str, Any]] = []
-    for path, manifest, error in iter_manifests(state_dir):
+    for listed in api.list_checkpoints(state_dir=_state_dir(args)):
+        manifest, path = listed.manifest, listed.path
         if manifest is None:
-            rows.append({"id": path.parent.name, "outcome": "unreadable", "error": error, "path": str(path)})
+            rows.append({"id": listed.id, "outcome": "unreadable", "error": listed.error, "path": str(path)})
             continue
         rows.append(
             {
@@ -485,192 +482,67 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from snapcore.manifest import load
+    from snapcore import api
 
-    _show(load(_state_dir(args), args.checkpoint_id), args.json, sys.stdout)
+    _show(api.show(args.checkpoint_id, state_dir=_state_dir(args)), args.json, sys.stdout)
     return ExitCode.OK
 
 
-def _records(args: argparse.Namespace) -> tuple[Any, list[Any], Path]:
-    from snapcore.manifest import MANIFEST_NAME, load, read_manifest
-
-    state_dir = _state_dir(args)
-    from_dir = getattr(args, "from_dir", None)
-    if (args.checkpoint_id is None) == (from_dir is None):
+def _which(args: argparse.Namespace) -> None:
+    if (args.checkpoint_id is None) == (args.from_dir is None):
         raise UsageError(f"give a checkpoint ID or --from EXPORT_DIR (see 'snapcore {args.command} --help')")
-    if from_dir is not None:
-        # an export carries a copy of its manifest: restore on a host that never saw the checkpoint
-        manifest = read_manifest(Path(from_dir) / MANIFEST_NAME)
-        records = [t for t in manifest.targets if t.outcome == "ok" and t.export_record]
-    else:
-        manifest = load(state_dir, args.checkpoint_id)
-        records = [t for t in manifest.targets if t.outcome == "ok"]
-    mount = getattr(args, "mount", None)
-    if mount:
-        records = [t for t in records if t.mount == os.path.normpath(mount)]
-        if not records:
-            raise UsageError(f"checkpoint {manifest.id} has no good image of {mount}")
-    if not records:
-        raise SnapcoreError(f"checkpoint {manifest.id} has no good image to use (outcome {manifest.outcome})")
-    from snapcore.confine import clean_mount
-
-    seen: set[str] = set()
-    for record in records:  # from a manifest (a copy from elsewhere, with --from): untrusted
-        mount = clean_mount(record.mount, where=f"checkpoint {manifest.id}: a target's mount")
-        if mount in seen:
-            raise SnapcoreError(f"checkpoint {manifest.id}: two targets claim the mount {mount!r}: refusing")
-        seen.add(mount)
-    return manifest, records, state_dir
 
 
-def _from_dir(args: argparse.Namespace, export: Any) -> Any:
-    """With ``--from``, the export is wherever its directory is now: ``Export.path``
-    names the directory that holds the manifest copy (the exporters' contract)."""
-    if export is None or not getattr(args, "from_dir", None):
-        return export
-    import dataclasses
-
-    return dataclasses.replace(export, path=os.path.abspath(args.from_dir))
+def _said(done: Any) -> None:
+    print(f"{done.mount}: {done.message}", flush=True)
+    if done.set_aside_id:
+        print(f"{done.mount}: the state it replaced is checkpoint {done.set_aside_id}", flush=True)
 
 
 def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> int:
     """``snapcore restore``; ``then`` is the command to run after it (``-- CMD``)."""
-    from snapcore.mounts import MountTable
-    from snapcore.records import export_of, image_of, target_of
+    from snapcore import api
 
     _require_root("snapcore restore")
-    safe = bool(getattr(args, "safe", False))
-    if safe and not args.to:
+    _which(args)
+    if args.safe and not args.to:
         raise UsageError("--safe restores a copy: use it with --to DIR")
-    manifest, records, state_dir = _records(args)
-    if then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]:
-        _check_pids_free(manifest)
-    plugins = _plugins(args)
-    table = MountTable.read()
-    done: list[str] = []
-    for record in records:
-        target = target_of(manifest, record, state_dir, table)
-        image, export = image_of(record), _from_dir(args, export_of(record))
-        backend = record.exporter if export is not None and record.exporter else record.imager
-        if backend is None:
-            raise SnapcoreError(f"{record.mount}: nothing to restore from")
-        dest = None
-        if args.to:
-            dest = Path(args.to)
-            if len(records) > 1:
-                from snapcore.confine import beneath
-
-                dest = beneath(dest, record.mount)
-        try:
-            if safe and dest is not None:
-                from snapcore.defuse import staged
-
-                with staged(dest) as staging:
-                    restored = plugins.restore(backend, target, image, export, staging.tree, False)
-                message = restored.message.replace(str(staging.tree), str(dest))
-                message += f"; {staging.defused.summary()}"
-            else:
-                restored = plugins.restore(backend, target, image, export, dest, bool(args.in_place))
-                message = restored.message
-        except SnapcoreError as exc:
-            if done:
-                raise SnapcoreError(f"{exc} (already restored: {', '.join(done)})") from exc
-            raise
-        done.append(record.mount)
-        print(f"{record.mount}: {message}")
-        if restored.set_aside is not None and restored.set_aside_id:
-            kept = _record_set_aside(manifest, record, restored, state_dir)
-            print(f"{record.mount}: the state it replaced is checkpoint {kept}")
+    api.restore(
+        args.checkpoint_id,
+        from_dir=args.from_dir,
+        to=args.to,
+        in_place=args.in_place,
+        mount=args.mount,
+        safe=args.safe,
+        before_criu_restore=bool(then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]),
+        state_dir=_state_dir(args),
+        plugins=_plugins(args),
+        on_restored=_said,
+    )
     return ExitCode.OK
 
 
-def _check_pids_free(manifest: Any) -> None:
-    """``criu restore`` gives the tasks back their PIDs, and fails ("File exists") when
-    one is taken: say so before any filesystem is rolled back, not after."""
-    from snapcore.tasks import wait_pids_free
-
-    pids = (manifest.tasks or {}).get("pids") if isinstance(manifest.tasks, dict) else None
-    wanted = [p for p in pids or () if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22]
-    held = wait_pids_free(wanted, PIDS_FREE_S, ending=False)
-    if held:
-        raise SnapcoreError(
-            f"cannot restore checkpoint {manifest.id}: CRIU gives the tasks back their PIDs, and "
-            f"{', '.join(str(h) for h in held)} holds one; end it (or wait for it to be reaped), then "
-            "restore again (nothing was changed)"
-        )
-
-
-#: How long ``restore -- criu restore`` waits for the checkpointed PIDs to be free.
-PIDS_FREE_S = 5.0
-
-
-def _record_set_aside(manifest: Any, record: Any, restored: Any, state_dir: Path) -> str:
-    """A manifest for the state an in-place restore replaced (a btrfs rollback's
-    previous subvolume): ``list``, ``show``, ``restore``, ``prune`` and ``delete`` see
-    it like any checkpoint, and two restores never share a name."""
-    from snapcore.manifest import Manifest, TargetRecord, check_checkpoint_id, utc_now
-
-    image = restored.set_aside
-    now = utc_now()
-    kept = Manifest(
-        id=check_checkpoint_id(restored.set_aside_id),
-        outcome="ok",
-        started=now,
-        finished=now,
-        targets=[
-            TargetRecord(
-                mount=record.mount,
-                source=record.source,
-                fstype=record.fstype,
-                imager=image.backend,
-                exporter=None,
-                image=image.ref,
-                consistency=image.consistency.value,
-                outcome="ok",
-                image_record=image.to_json(),
-                device=record.device,
-                options=record.options,
-                keep=record.keep,
-                warnings=[f"the state of {record.mount} that restoring checkpoint {manifest.id} replaced"],
-            )
-        ],
-        extra={"set_aside_by_restore_of": manifest.id},
-    )
-    kept.write(state_dir)
-    return kept.id
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    from snapcore.mounts import MountTable
-    from snapcore.records import export_of, image_of, target_of
+    from snapcore import api
 
-    manifest, records, state_dir = _records(args)
-    plugins = _plugins(args)
-    table = MountTable.read()
-    problems: list[str] = []
-    for record in records:
-        target = target_of(manifest, record, state_dir, table)
-        image, export = image_of(record), _from_dir(args, export_of(record))
-        found: list[str] = []
-        if record.imager and image is not None and image.ref is not None and not args.from_dir:
-            found += plugins.verify(record.imager, target, image, None)
-        if record.exporter and export is not None:
-            found += plugins.verify(record.exporter, target, image, export)
-        problems += [f"{record.mount}: {p}" for p in found]
-        print(f"{record.mount}: {'OK' if not found else 'DAMAGED'}")
-    for p in problems:
+    _which(args)
+    found = api.verify(args.checkpoint_id, from_dir=args.from_dir, state_dir=_state_dir(args), plugins=_plugins(args))
+    for mount, problems in found.mounts.items():
+        print(f"{mount}: {'OK' if not problems else 'DAMAGED'}")
+    for p in found.problems:
         print(f"  {p}")
-    if problems:
-        raise SnapcoreError(f"checkpoint {manifest.id}: {len(problems)} problem(s) found")
+    if not found.ok:
+        raise SnapcoreError(f"checkpoint {found.checkpoint_id}: {len(found.problems)} problem(s) found")
     return ExitCode.OK
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from snapcore.retention import describe, prune
+    from snapcore import api
+    from snapcore.retention import describe
 
     if not args.dry_run:
         _require_root("snapcore prune")
-    report = prune(_state_dir(args), _plugins(args), dry_run=args.dry_run, run_dir=_run_dir(args))
+    report = api.prune(dry_run=args.dry_run, state_dir=_state_dir(args), run_dir=_run_dir(args), plugins=_plugins(args))
     for line in describe(report, args.dry_run):
         print(line)
     if report.errors:
@@ -679,13 +551,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from snapcore.retention import delete
+    from snapcore import api
 
     if not args.dry_run:
         _require_root("snapcore delete")
-    mounts = [os.path.normpath(m) for m in args.mount]
-    state_dir, run_dir = _state_dir(args), _run_dir(args)
-    done = delete(state_dir, _plugins(args), args.checkpoint_ids, mounts=mounts, dry_run=args.dry_run, run_dir=run_dir)
+    done = api.delete(
+        args.checkpoint_ids,
+        mounts=args.mount,
+        dry_run=args.dry_run,
+        state_dir=_state_dir(args),
+        run_dir=_run_dir(args),
+        plugins=_plugins(args),
+    )
     verb = "would remove" if args.dry_run else "removed"
     errors = 0
     for deletion in done:
@@ -705,19 +582,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from snapcore.policy import PolicyProblems, check_backends, load_policy
+    from snapcore import api
+    from snapcore.policy import load_policy
 
-    try:
-        policy = load_policy(args.file)
-    except PolicyProblems as exc:
-        for problem in exc.problems:
-            print(f"snapcore: error: {problem}", file=sys.stderr)
-        return ExitCode.USAGE
-    problems = check_backends(policy, _plugins(args))
+    problems = api.check_policy(args.file, plugins=_plugins(args))
     for problem in problems:
         print(f"snapcore: error: {problem}", file=sys.stderr)
     if problems:
         return ExitCode.USAGE
+    policy = load_policy(args.file)
     n = len(policy.rules) + (1 if policy.fallback else 0)
     print(f"{args.file}: OK ({n} rule(s))")
     return ExitCode.OK

@@ -38,6 +38,8 @@ from snapcore.types import Consistency, Role
 
 #: Phases a fault is injected at: the backend hooks, then the core's own steps.
 FAULT_PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "finish", "payload", "manifest")
+#: What an injected fault does there (``SNAPCORE_FAULT=PHASE=ACTION``).
+FAULT_ACTIONS = ACTIONS
 DEADLINE_S = 0.5
 HONEST = {c.value for c in Consistency}
 

@@ -184,6 +184,12 @@ class MountTable:
         return False
 
 
+def find_mount(path: str | os.PathLike[str]) -> Mount:
+    """The mount that holds ``path`` now, with its device (what a backend's ``probe``
+    is given for it)."""
+    return MountTable.read().find(path)
+
+
 def is_pseudo(mount: Mount) -> bool:
     return mount.fstype in PSEUDO_FILESYSTEMS
 

@@ -16,7 +16,7 @@ import btrfsutil
 import pytest
 from btrfs_testlib import Subvol, SubvolFactory, mount
 
-from snapcore.plugins import Plugins, make_plugins
+from snapcore import Plugins, make_plugins
 from snapcore.testing import LoopFactory, LoopFS
 
 

@@ -17,10 +17,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 )
 
 import snapcore
-from snapcore.cli import main
-from snapcore.manifest import load
-from snapcore.plugins import Plugins
-from snapcore.retention import prune
+from snapcore import Plugins, main
 from snapcore_btrfs import backend
 
 Run = Callable[..., tuple[int, str, str]]
@@ -141,7 +138,7 @@ def test_prune_within_never_removes_the_newest(
     )
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w1")
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w2")
-    report = prune(state_dir, plugins, now=time.time() + 3 * 3600)  # three hours later
+    report = snapcore.prune(state_dir=state_dir, plugins=plugins, now=time.time() + 3 * 3600)  # three hours later
     removed = {(e.mount, e.checkpoint_id) for e in report.removed}
     assert removed == {(str(a.path), "w1"), (str(b.path), "w1")}
     assert not report.errors
@@ -153,8 +150,8 @@ def test_prune_within_never_removes_the_newest(
         f"  {b.path}:\n    imager: btrfs\n    keep: {{last: 1}}\n"
     )
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="w3")
-    prune(state_dir, plugins)
-    w2 = load(state_dir, "w2")
+    snapcore.prune(state_dir=state_dir, plugins=plugins)
+    w2 = snapcore.show("w2", state_dir=state_dir)
     assert [t.outcome for t in w2.targets] == ["ok", "pruned"]
 
 
@@ -178,7 +175,7 @@ def test_cli_delete(btrfs_subvol: SubvolFactory, run: Run, state_dir: Path) -> N
     code, out, err = run("delete", "k1", "--mount", str(b.path) + "/")
     assert code == 0, err
     assert not snaps[b.name, "k1"].exists() and snaps[a.name, "k1"].exists()
-    manifest = load(state_dir, "k1")
+    manifest = snapcore.show("k1", state_dir=state_dir)
     assert {t.mount: t.outcome for t in manifest.targets} == {str(a.path): "ok", str(b.path): "deleted"}
     assert "its manifest" not in out
     code, out, _ = run("verify", "k1")
@@ -233,7 +230,7 @@ def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifes
     try:
         code, out, err = run("delete", "k1")
         assert code == 1 and "Operation not permitted" in out and "could not be removed" in err
-        record = load(state_dir, "k1").targets[0]
+        record = snapcore.show("k1", state_dir=state_dir).targets[0]
         assert record.outcome == "ok" and record.export is None and record.export_record is None
         assert "export_removed" in record.extra
         assert (snapshots / "k1").exists() and not list(streams.glob("*.btrfs-send*"))
@@ -257,7 +254,8 @@ def test_delete_and_prune_leave_a_mount_alone_while_it_is_checkpointed(
         assert code == 1 and "being checkpointed already: checkpoint 'k3'" in out
         code, out, err = run("prune")
         assert code == 1 and f"{sv.path}: not pruned" in out
-        assert (sv.path / ".snapshots" / "k1").exists() and load(state_dir, "k1").targets[0].outcome == "ok"
+        assert (sv.path / ".snapshots" / "k1").exists()
+        assert snapcore.show("k1", state_dir=state_dir).targets[0].outcome == "ok"
     code, out, err = run("prune")  # k3 is the newest now: k2 and k1 go
     assert code == 0, err
     assert sorted(p.name for p in (sv.path / ".snapshots").iterdir()) == ["k3", "k3.snapcore.json"]
@@ -272,7 +270,7 @@ def test_delete_of_an_unmounted_filesystem_s_image_waits_for_its_mount(
     try:
         code, out, err = run("delete", "k1")
         assert code == 1 and "no btrfs is mounted there now" in out
-        assert load(state_dir, "k1").targets[0].outcome == "ok"  # still known, not lost track of
+        assert snapcore.show("k1", state_dir=state_dir).targets[0].outcome == "ok"  # still known, not lost track of
     finally:
         subprocess.run(["mount", "-t", "btrfs", "-o", f"subvol={sv.name}", sv.fs.device, str(sv.path)], check=True)
     code, out, err = run("delete", "k1")

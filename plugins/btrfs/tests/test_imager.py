@@ -20,9 +20,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 )
 
 import snapcore
-from snapcore import CheckpointFailed, Consistency
-from snapcore.mounts import MountTable
-from snapcore.plugins import Plugins
+from snapcore import CheckpointFailed, Consistency, Plugins, find_mount
 from snapcore.testing import LoopFactory, Pace
 from snapcore_btrfs import backend
 
@@ -31,7 +29,7 @@ pytest_plugins = ["btrfs_fixtures"]
 
 
 def _mount(path: Path) -> snapcore.Mount:
-    return MountTable.read().find(path)
+    return find_mount(path)
 
 
 def test_probe_names_the_subvolume(btrfs_subvol: SubvolFactory, plugins: Plugins) -> None:

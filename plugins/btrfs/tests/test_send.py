@@ -20,10 +20,8 @@ from btrfs_testlib import (  # the fixtures are used by name
 )
 
 import snapcore
-from snapcore import Cancel, Cancelled, CheckpointFailed
-from snapcore.cli import main
-from snapcore.mounts import MountTable
-from snapcore.records import export_of, target_of
+from snapcore import Cancel, Cancelled, CheckpointFailed, main
+from snapcore.testing import export_of, target_of
 from snapcore_btrfs import backend, send, send_hooks
 
 # the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
@@ -124,13 +122,12 @@ def test_discard_keeps_streams_a_later_export_needs(
     m1 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d1")
     sv.write("x", "x")
     m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2")
-    table = MountTable.read()
-    t1 = target_of(m1, m1.targets[0], state_dir, table)
+    t1 = target_of(m1, m1.targets[0], state_dir)
     send_hooks.snapcore_discard(target=t1, image=None, export=export_of(m1.targets[0]))
     assert (dest / "d1.btrfs.zst").exists()  # d2 is incremental on it
     assert json.loads((dest / "d1.btrfs-send.json").read_text())["discarded"]
     assert send.find_parent(dest, str(sv.path), "d3") is not None
-    t2 = target_of(m2, m2.targets[0], state_dir, table)
+    t2 = target_of(m2, m2.targets[0], state_dir)
     send_hooks.snapcore_discard(target=t2, image=None, export=export_of(m2.targets[0]))
     assert sorted(p.name for p in dest.iterdir()) == []
 

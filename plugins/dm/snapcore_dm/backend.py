@@ -41,18 +41,18 @@ from typing import Any
 from snapcore import (
     BackendError,
     Image,
+    MissingTool,
     Mount,
     MountBusy,
     Support,
     Target,
     block_devnum,
+    default_run_dir,
     human_bytes,
     mount_holders,
     udev_attr,
     udev_device,
 )
-from snapcore.errors import MissingTool
-from snapcore.locks import default_run_dir
 from snapcore_dm import NAME
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from snapcore import (
 from snapcore_dm import NAME
 
 if TYPE_CHECKING:
-    from snapcore.manifest import Manifest
+    from snapcore import Manifest
     from snapcore_dm import backend
 else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts fast
     backend = lazy_import("snapcore_dm.backend")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snapcore import BackendError, Mount
-from snapcore.vm import Budget, Progress, find_kernel
+from snapcore.testing.vm import Budget, Progress, find_kernel
 from snapcore_dm import backend
 
 LVS_JSON = {

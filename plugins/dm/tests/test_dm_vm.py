@@ -1,7 +1,7 @@
 """Boots the test VM and runs the in-guest dm tests (``guest/``) there.
 
 The host's kernel has no device-mapper: every dm scenario runs inside Debian's
-kernel under qemu (snapcore.vm). Two boots, each with its own budget: the scenarios
+kernel under qemu (snapcore.testing.vm). Two boots, each with its own budget: the scenarios
 (``guest/test_dm_guest.py``) and the conformance kit against dm
 (``guest/test_dm_contract.py``, whose fault matrix is printed). Each guest test's
 start and outcome stream to the host as they happen and are printed here live; a
@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 
-from snapcore.contract import FAULT_PHASES
-from snapcore.faults import ACTIONS
+from snapcore.contract import FAULT_ACTIONS, FAULT_PHASES
 from snapcore.testing import Pace
-from snapcore.vm import Budget, GuestTests
+from snapcore.testing.vm import Budget, GuestTests
 
 GUEST_TESTS = Path(__file__).parent / "guest"
 ROOT = Path(__file__).resolve().parents[3]
@@ -142,7 +141,7 @@ def contract_matrix(outcomes: Mapping[str, str]) -> str:
         if cells:
             phases = [p for p in FAULT_PHASES if any(k[1] == p for k in cells)]
             lines.append("  " + " " * 6 + "".join(f"{p:>9}" for p in phases))
-            for action in ACTIONS:
+            for action in FAULT_ACTIONS:
                 lines.append(f"  {action:<6}" + "".join(f"{cells.get((action, p), '?'):>9}" for p in phases))
     return "\n".join(lines)
 

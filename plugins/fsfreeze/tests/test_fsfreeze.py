@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from snapcore import BackendError, FrozenElsewhere, Role, Target, syncfs
+from snapcore import BackendError, FrozenElsewhere, Role, Target, find_mount, make_plugins, syncfs
 from snapcore.contract import BackendContract
-from snapcore.mounts import MountTable
-from snapcore.plugins import make_plugins
 from snapcore.testing import LoopFactory, Pace, assert_not_frozen, start_write, thaw_quietly
 from snapcore_fsfreeze.backend import Freezer, freezable
 
@@ -76,18 +74,17 @@ def test_parallel_freezes(loop_fs: LoopFactory) -> None:
 
 def test_probe(loop_fs: LoopFactory, tmp_path: Path) -> None:
     fs = loop_fs("xfs")
-    table = MountTable.read()
     plugins = make_plugins()
-    answer = plugins.probe("fsfreeze", table.find(fs.mount_point))
+    answer = plugins.probe("fsfreeze", find_mount(fs.mount_point))
     assert answer is not None and answer.ok and answer.score > 0
     tmpfs = tmp_path / "t"
     tmpfs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmpfs)], check=True)
     try:
-        answer = plugins.probe("fsfreeze", MountTable.read().find(tmpfs))
+        answer = plugins.probe("fsfreeze", find_mount(tmpfs))
         assert answer is not None and not answer.ok
         assert "tmpfs cannot be frozen" in answer.reason
-        ok, _ = freezable(MountTable.read().find(tmpfs))
+        ok, _ = freezable(find_mount(tmpfs))
         assert not ok
     finally:
         subprocess.run(["umount", str(tmpfs)], check=True)
@@ -96,11 +93,10 @@ def test_probe(loop_fs: LoopFactory, tmp_path: Path) -> None:
 def test_prepare_syncs_and_refuses_unfreezable(loop_fs: LoopFactory, tmp_path: Path) -> None:
     fs = loop_fs("ext4")
     fs.write("dirty", b"x" * (1 << 20))
-    table = MountTable.read()
     plugins = make_plugins()
     info = plugins.info("fsfreeze")
     assert info.live_image and Role.IMAGER in info.roles
-    target = Target(checkpoint_id="t", mount=table.find(fs.mount_point), imager="fsfreeze")
+    target = Target(checkpoint_id="t", mount=find_mount(fs.mount_point), imager="fsfreeze")
     plugins.prepare("fsfreeze", target, Role.IMAGER)
     # after syncfs nothing is dirty: the file's blocks are allocated on disk
     assert os.stat(fs.mount_point / "dirty").st_blocks >= 2048
@@ -108,7 +104,7 @@ def test_prepare_syncs_and_refuses_unfreezable(loop_fs: LoopFactory, tmp_path: P
     tmpfs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmpfs)], check=True)
     try:
-        bad = Target(checkpoint_id="t", mount=MountTable.read().find(tmpfs), imager="fsfreeze")
+        bad = Target(checkpoint_id="t", mount=find_mount(tmpfs), imager="fsfreeze")
         with pytest.raises(BackendError, match="tmpfs cannot be frozen"):
             plugins.prepare("fsfreeze", bad, Role.IMAGER)
     finally:

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from snapcore.policy import DEFAULT_FREEZE_TIMEOUT
-from snapcore.testing import machine_pace
+from snapcore.testing import DEFAULT_FREEZE_TIMEOUT, machine_pace
 
 MiB = 1 << 20
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from tar_helpers import write_policy
 
 import snapcore
-from snapcore.cli import main
+from snapcore import main
 from snapcore.testing import LoopFactory, machine_pace
 
 PATHS = [

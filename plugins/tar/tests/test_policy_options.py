@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snapcore.plugins import make_plugins
-from snapcore.policy import check_backends, load_policy, resolved_options
+import snapcore
 
 
 def _policy(tmp_path: Path, text: str) -> Path:
@@ -38,20 +37,20 @@ mounts:
 
 
 def test_options_merge_over_the_defaults_key_by_key(tmp_path: Path) -> None:
-    plugins = make_plugins()
-    policy = load_policy(_policy(tmp_path, DEFAULT_OPTIONS))
+    path = _policy(tmp_path, DEFAULT_OPTIONS)
     # defaults for backends a mount does not use are no mistake of that mount
-    assert check_backends(policy, plugins) == []
-    a, b, c = (policy.rules[m] for m in ("/srv/a", "/srv/b", "/srv/c"))
-    tar = resolved_options(policy, a, ["tar"], plugins)["tar"]
+    assert snapcore.check_policy(path) == []
+    policy = snapcore.load_policy(path)
+    tar = snapcore.backend_options(policy, "/srv/a", "tar")
     assert (tar["dest"], tar["compress"]) == ("/backup/a", "zstd")
-    assert resolved_options(policy, b, ["fsfreeze"], plugins)["fsfreeze"]["sync"] is False
-    assert resolved_options(policy, c, ["rsync"], plugins)["rsync"]["dest"] == "/backup/c"
+    assert snapcore.backend_options(policy, "/srv/b", "fsfreeze")["sync"] is False
+    assert snapcore.backend_options(path, "/srv/c", "rsync")["dest"] == "/backup/c"
+    a, b, c = (policy.rules[m] for m in ("/srv/a", "/srv/b", "/srv/c"))
     assert a.own_options == {"tar"} and b.own_options == frozenset() and c.own_options == {"rsync"}
 
 
 def test_own_options_for_a_backend_the_mount_does_not_use_are_still_an_error(tmp_path: Path) -> None:
     text = DEFAULT_OPTIONS.replace("rsync: {dest: /backup/c}", "rsync: {dest: /backup/c}\n      tar: {}")
-    problems = check_backends(load_policy(_policy(tmp_path, text)), make_plugins())
+    problems = snapcore.check_policy(_policy(tmp_path, text))
     assert len(problems) == 1
     assert "mount /srv/c" in str(problems[0]) and "which this mount does not use" in str(problems[0])

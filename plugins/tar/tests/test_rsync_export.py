@@ -22,9 +22,7 @@ from tar_helpers import (
 )
 
 import snapcore
-from snapcore import CheckpointFailed
-from snapcore.cli import main
-from snapcore.plugins import make_plugins
+from snapcore import CheckpointFailed, find_mount, main, make_plugins
 from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
 from snapcore_tar.progress import Progress
 
@@ -263,11 +261,10 @@ def test_remote_latest_pointer_moves_within_one_second(loop_fs: LoopFactory, tmp
     one size and one mtime, which rsync's quick check alone would take as unchanged."""
     import time
 
-    from snapcore.mounts import MountTable
     from snapcore_tar import rsync_backend
 
     out = loop_fs("ext4")
-    mount = MountTable.read().find(out.mount_point)
+    mount = find_mount(out.mount_point)
     with rsync_daemon(out.mount_point, tmp_path) as url:
         time.sleep(1 - time.time() % 1)  # at the start of a second: both fit in it
         for cid in ("p0", "p1"):

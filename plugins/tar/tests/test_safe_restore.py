@@ -13,7 +13,7 @@ import pytest
 from tar_helpers import describe, make_every_kind, write_policy
 
 import snapcore
-from snapcore.cli import main
+from snapcore import main
 from snapcore.testing import LoopFactory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")

@@ -11,8 +11,7 @@ import pytest
 from tar_helpers import MiB, assert_same_tree, describe, make_every_kind, write_policy
 
 import snapcore
-from snapcore import CheckpointFailed
-from snapcore.cli import main
+from snapcore import CheckpointFailed, main
 from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
@@ -305,14 +304,12 @@ def _chain_of_two(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> Loop
 
 
 def test_discard_refuses_to_break_a_chain(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
-    from snapcore.manifest import load
-    from snapcore.plugins import make_plugins
-    from snapcore.records import export_of, target_of
+    from snapcore.testing import export_of, target_of
 
     out = _chain_of_two(loop_fs, state_dir, tmp_path)
-    plugins = make_plugins()
-    manifests = {cid: load(state_dir, cid) for cid in ("c0", "c1")}
-    targets = {cid: target_of(m, m.targets[0], state_dir, None) for cid, m in manifests.items()}
+    plugins = snapcore.make_plugins()
+    manifests = {cid: snapcore.show(cid, state_dir=state_dir) for cid in ("c0", "c1")}
+    targets = {cid: target_of(m, m.targets[0], state_dir) for cid, m in manifests.items()}
     exports = {cid: export_of(m.targets[0]) for cid, m in manifests.items()}
     with pytest.raises(snapcore.BackendError, match="base of later increments"):
         plugins.discard("tar", targets["c0"], None, exports["c0"])
@@ -379,3 +376,32 @@ def test_prune_applies_keep_to_the_exports_of_a_frozen_tree_and_keeps_chain_base
         restored = tmp_path / f"r-{name}"
         assert main([*base, "restore", f"{name}2", "--to", str(restored)]) == 0
         assert (restored / "n").read_text() == f"{name}2"
+
+
+def test_the_python_api_restores_and_verifies_an_export(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    """``snapcore.restore``/``verify`` as a c/r tool calls them: the same as the command."""
+    src = loop_fs("ext4")
+    out = loop_fs("ext4")
+    make_every_kind(src.mount_point)
+    expected = describe(src.mount_point)
+    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point)})
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="api1")
+    assert snapcore.verify("api1", state_dir=state_dir).ok
+    heard: list[snapcore.MountRestored] = []
+    done = snapcore.restore("api1", to=tmp_path / "r", state_dir=state_dir, on_restored=heard.append)
+    assert done == heard and [d.mount for d in done] == [str(src.mount_point)] and done[0].set_aside_id is None
+    assert describe(tmp_path / "r") == expected
+    export_dir = out.mount_point / manifest.id
+    found = snapcore.verify(from_dir=export_dir)
+    assert found.ok and found.checkpoint_id == "api1"
+    archive = next(export_dir.glob("*.tar"))
+    with archive.open("r+b") as f:  # one byte changed in the middle
+        f.seek(archive.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    found = snapcore.verify(from_dir=export_dir)
+    assert not found.ok and any("sha256 mismatch" in p for p in found.problems)
+    with pytest.raises(snapcore.SnapcoreError):
+        snapcore.restore(from_dir=export_dir, to=tmp_path / "r2")
+    assert not (tmp_path / "r2").exists() or not any((tmp_path / "r2").iterdir())

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.cli import main
-from snapcore.manifest import Manifest, TargetRecord
+from snapcore import Manifest, TargetRecord, main
 from snapcore.testing import LoopFactory
 from snapcore_tar.safety import ScanState, UnsafeArchive, scan_listing
 

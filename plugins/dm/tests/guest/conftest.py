@@ -23,7 +23,7 @@ if not IN_VM:
 
 from dmguest import POOL, SCRATCH, VG, VolumeFactory, drop_loop, make_loop, sh  # noqa: E402
 
-from snapcore.vmreport import announce  # noqa: E402
+from snapcore.testing.vmreport import announce  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,8 @@ import pytest
 from dmguest import VG, Volume, VolumeFactory, drop_loop, installed, make_loop, sh
 
 import snapcore
-from snapcore import Checkpoint, CheckpointFailed, Image
-from snapcore.cli import main
-from snapcore.manifest import load
-from snapcore.mounts import MountTable
-from snapcore.plugins import make_plugins
-from snapcore.records import image_of, target_of
+from snapcore import Checkpoint, CheckpointFailed, Image, find_mount, main, make_plugins
+from snapcore.testing import image_of, target_of
 from snapcore_dm import backend, hooks
 
 
@@ -114,7 +110,7 @@ def test_snapshot_is_checkpoint_time_tree(
     vol = volume(kind, fstype)
     before = fill(vol)
     plugins = make_plugins()
-    support = plugins.probe("dm", MountTable.read().find(vol.mount_point))
+    support = plugins.probe("dm", find_mount(vol.mount_point))
     assert support is not None and support.ok, support
     assert f"LVM {kind}" in support.reason
     writer = Writer(vol.mount_point)
@@ -154,7 +150,7 @@ def test_snapshot_is_checkpoint_time_tree(
     # unmounted after the checkpoint, but kept, tagged, listed
     path = backend.image_mount_dir(manifest.id, str(vol.mount_point))
     assert not os.path.ismount(path)
-    entries = plugins.list_images("dm", MountTable.read().find(vol.mount_point))
+    entries = plugins.list_images("dm", find_mount(vol.mount_point))
     assert [e.ref for e in entries] == [rec.image] and entries[0].checkpoint_id == manifest.id
     assert entries[0].problems == ()
     lv = backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}")
@@ -168,15 +164,14 @@ def test_snapshot_is_checkpoint_time_tree(
     assert check_prefix(dest) == seen["n"]
     subprocess.run(["rm", "-rf", str(dest)], check=True)
     # discard deletes it, and only it
-    target = target_of(manifest, rec, state_dir, MountTable.read())
+    target = target_of(manifest, rec, state_dir)
     plugins.discard("dm", target, image_of(rec), None)
     assert backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
     assert backend.find_lv(VG, vol.lv) is not None
 
 
 def test_probe_says_why_not(volume: VolumeFactory, tmp_path: Path) -> None:
-    table = MountTable.read()
-    support = backend.probe(table.find("/run"))
+    support = backend.probe(find_mount("/run"))
     assert not support.ok and "not a device-mapper device" in support.reason
     loop = make_loop("plain", 32)
     mnt = tmp_path / "plain"
@@ -184,7 +179,7 @@ def test_probe_says_why_not(volume: VolumeFactory, tmp_path: Path) -> None:
     try:
         sh("mkfs.ext4", "-q", loop.device)
         sh("mount", loop.device, str(mnt))
-        support = backend.probe(MountTable.read().find(mnt))
+        support = backend.probe(find_mount(mnt))
         assert not support.ok and "not a device-mapper device" in support.reason
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -199,7 +194,7 @@ def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_fil
     filler = "filler"
     sh("lvm", "lvcreate", "-q", "-y", "-W", "n", "-l", "100%FREE", "-n", filler, VG)
     try:
-        support = backend.probe(MountTable.read().find(vol.mount_point))
+        support = backend.probe(find_mount(vol.mount_point))
         assert not support.ok and "no free extents" in support.reason, support.reason
         code = main(
             ["--state-dir", str(state_dir), "checkpoint", "--policy", str(dm_policy(policy_file, vol.mount_point))]
@@ -212,20 +207,20 @@ def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_fil
     with pytest.raises(CheckpointFailed, match=r"needs 100\.0 GiB"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir)
     assert tree(vol.mount_point) == before
-    assert backend.list_lvm(backend.dm_device_of_mount(MountTable.read().find(vol.mount_point))) == []  # type: ignore[arg-type]
+    assert backend.list_lvm(backend.dm_device_of_mount(find_mount(vol.mount_point))) == []  # type: ignore[arg-type]
 
 
 def test_thin_pool_nearly_full_is_refused(volume: VolumeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = volume("thin", "ext4", size_mb=64)
     monkeypatch.setattr(backend, "THIN_FULL_PERCENT", 0.0)
-    support = backend.probe(MountTable.read().find(vol.mount_point))
+    support = backend.probe(find_mount(vol.mount_point))
     assert not support.ok and "full" in support.reason and "lvextend" in support.reason
 
 
 def test_missing_tools_name_the_package(volume: VolumeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = volume("thick", "ext4", size_mb=32)
     monkeypatch.setenv("PATH", "/nonexistent")
-    support = backend.probe(MountTable.read().find(vol.mount_point))
+    support = backend.probe(find_mount(vol.mount_point))
     assert not support.ok and "lvm2" in support.reason
 
 
@@ -243,15 +238,15 @@ def test_cow_overflow_is_detected(volume: VolumeFactory, policy_file: Any, state
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, payload=payload)
     (rec,) = manifest.targets
     assert any("COW" in w and "full" in w for w in rec.warnings), rec.warnings
-    assert load(state_dir, manifest.id).targets[0].warnings == rec.warnings  # written to disk too
+    assert snapcore.show(manifest.id, state_dir=state_dir).targets[0].warnings == rec.warnings  # written to disk too
     # now overflow it: 8 MiB of new data through a 4 MiB COW
     vol.write("big.bin", os.urandom(8 << 20))
     os.sync()
     assert main(["--state-dir", str(state_dir), "verify", manifest.id]) == 1
-    target = target_of(manifest, rec, state_dir, MountTable.read())
+    target = target_of(manifest, rec, state_dir)
     problems = make_plugins().verify("dm", target, image_of(rec), None)
     assert problems and "INVALID" in problems[0]
-    entries = hooks.snapcore_list_images(MountTable.read().find(vol.mount_point))
+    entries = hooks.snapcore_list_images(find_mount(vol.mount_point))
     assert entries and "INVALID" in entries[0].problems[0]
     with pytest.raises(snapcore.BackendError, match="INVALID"):
         hooks.snapcore_restore(target, image_of(rec), None, Path("/run/snapcore-tests/nope"), False)
@@ -292,7 +287,7 @@ def test_merge_restore_unmounted_is_immediate(volume: VolumeFactory, policy_file
     os.sync()
     vol.unmount()
     (rec,) = manifest.targets
-    target = target_of(manifest, rec, state_dir, None)
+    target = target_of(manifest, rec, state_dir)
     message = make_plugins().restore("dm", target, image_of(rec), None, None, True).message
     assert "rolled back" in message
     vol.mount()
@@ -330,7 +325,7 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
         (mnt / f"f{i}").write_bytes(os.urandom(5000))
     os.sync()
     before = tree(mnt)
-    support = backend.probe(MountTable.read().find(mnt))
+    support = backend.probe(find_mount(mnt))
     assert support.ok and "raw dm device" in support.reason
     # without a COW device: a clear error, the origin untouched
     with pytest.raises(CheckpointFailed, match="cow_device"):
@@ -353,11 +348,11 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
     (rec,) = manifest.targets
     assert rec.image == f"dm:{name}-snapcore-{manifest.id}" and rec.consistency == "atomic"
     assert "snapshot-origin" in sh("dmsetup", "table", name)
-    entries = hooks.snapcore_list_images(MountTable.read().find(mnt))
+    entries = hooks.snapcore_list_images(find_mount(mnt))
     assert [e.ref for e in entries] == [rec.image]
     assert main(["--state-dir", str(state_dir), "verify", manifest.id]) == 0
     # in place: refused while mounted, then merged
-    target = target_of(manifest, rec, state_dir, MountTable.read())
+    target = target_of(manifest, rec, state_dir)
     image = image_of(rec)
     assert image is not None
     with pytest.raises(snapcore.BackendError, match="in use"):
@@ -374,9 +369,9 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
     (rec,) = manifest.targets
     image = image_of(rec)
     assert image is not None
-    hooks.snapcore_discard(target_of(manifest, rec, state_dir, MountTable.read()), image, None)
+    hooks.snapcore_discard(target_of(manifest, rec, state_dir), image, None)
     assert sh("dmsetup", "table", name) == table_before
-    assert hooks.snapcore_list_images(MountTable.read().find(mnt)) == []
+    assert hooks.snapcore_list_images(find_mount(mnt)) == []
 
 
 def test_dm_fsfreeze_btrfs_in_one_checkpoint(

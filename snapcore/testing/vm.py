@@ -18,7 +18,7 @@ daemon: dmsetup and LVM make their own ``/dev/mapper`` nodes), the venv's ``bin/
 first on ``PATH``, ``SNAPCORE_IN_VM=1``, and ``SNAPCORE_VM_OUT`` naming the one
 directory it can write back to the host.
 
-Time: a guest pytest run streams its events (:mod:`snapcore.vmreport`) to the host
+Time: a guest pytest run streams its events (:mod:`snapcore.testing.vmreport`) to the host
 while it goes, and the host holds it to a :class:`Budget` derived from what this
 very run measured — the boot time, and figures the guest announces (one ``lvcreate
 -s``) — never to a constant tuned on one machine. A run that overstays is killed,
@@ -63,7 +63,7 @@ QEMU_OPTS = "-cpu qemu64 -nodefaults -accel tcg,tb-size=256"
 #: Modules loaded in the guest before the command runs.
 GUEST_MODULES = ("loop", "dm_mod", "dm_snapshot", "dm_thin_pool", "xfs", "btrfs")
 
-#: The guest's event stream (snapcore.vmreport.EVENTS; not imported: it needs pytest).
+#: The guest's event stream (snapcore.testing.vmreport.EVENTS; not imported: it needs pytest).
 _EVENTS = "events.jsonl"
 
 _BOOT_LOCK = threading.Lock()
@@ -86,7 +86,7 @@ class Progress:
     #: the guest kernel's uptime at that event
     guest_uptime_s: float | None = None
     collected: int | None = None
-    #: figures the guest measured and announced (``snapcore.vmreport.announce``)
+    #: figures the guest measured and announced (``snapcore.testing.vmreport.announce``)
     measures: dict[str, float] = field(default_factory=dict)
     #: the test running now and the host time its start was read
     running: str | None = None
@@ -318,7 +318,7 @@ def _guest_script(command: str, cwd: str, outdir: str, env: Mapping[str, str]) -
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     venv_bin = str(Path(sys.executable).parent)
     return f"""#!/bin/sh
-# written by snapcore.vm; runs inside the guest as root
+# written by snapcore.testing.vm; runs inside the guest as root
 export DM_DISABLE_UDEV=1 SNAPCORE_IN_VM=1 SNAPCORE_VM_OUT={shlex.quote(outdir)}
 export PATH={shlex.quote(venv_bin)}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 LC_ALL=C.UTF-8 LVM_SUPPRESS_FD_WARNINGS=1
@@ -478,7 +478,7 @@ class TestVM:
         """Run a pytest selection in one boot; the same ``args`` twice reuse the boot.
 
         The guest streams each test's start and outcome to the host
-        (:mod:`snapcore.vmreport`); the run is held to ``budget`` (default:
+        (:mod:`snapcore.testing.vmreport`); the run is held to ``budget`` (default:
         :class:`Budget`'s defaults) and, as a last resort, ``timeout`` in all. The
         guest cannot write to the checkout, so pytest's cache provider is off.
         """
@@ -486,7 +486,8 @@ class TestVM:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        line = "python -m pytest -p no:cacheprovider -p snapcore.testing -p snapcore.vmreport -rfEs " + shlex.join(args)
+        plugins = "-p no:cacheprovider -p snapcore.testing -p snapcore.testing.vmreport"
+        line = f"python -m pytest {plugins} -rfEs " + shlex.join(args)
         result = self.run(line, timeout=timeout, cwd=cwd, env=env, budget=budget or Budget(), on_event=on_event)
         progress = result.progress
         assert progress is not None
@@ -551,10 +552,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m snapcore.vm CMD...``: run one command in the test VM (a debugging aid)."""
+    """``python -m snapcore.testing.vm CMD...``: run one command in the test VM (a debugging aid)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m snapcore.vm 'shell command'", file=sys.stderr)
+        print("usage: python -m snapcore.testing.vm 'shell command'", file=sys.stderr)
         return 2
     try:
         vm = TestVM(workdir=Path(tempfile.mkdtemp(prefix="snapcore-vm-")))

@@ -1,6 +1,6 @@
 """The guest's half of a test VM run: pytest results streamed to the host as they happen.
 
-Loaded inside the guest (``-p snapcore.vmreport``) by :meth:`snapcore.vm.TestVM.pytest`.
+Loaded inside the guest (``-p snapcore.testing.vmreport``) by :meth:`snapcore.testing.vm.TestVM.pytest`.
 Each event is one JSON line appended, unbuffered, to ``$SNAPCORE_VM_OUT/events.jsonl``
 (a directory shared with the host over 9p), so the host reads the run while it goes:
 which test is running, what passed and failed before it and why, and the guest's own
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-#: The file name under ``SNAPCORE_VM_OUT`` (read by snapcore.vm).
+#: The file name under ``SNAPCORE_VM_OUT`` (read by snapcore.testing.vm).
 EVENTS = "events.jsonl"
 #: How much of a failure's text travels to the host.
 MESSAGE_CHARS = 4000

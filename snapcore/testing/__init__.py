@@ -33,6 +33,9 @@ from typing import Any
 
 import pytest
 
+import snapcore
+from snapcore.policy import DEFAULT_FREEZE_TIMEOUT as _DEFAULT_FREEZE_TIMEOUT
+
 FITHAW = 0xC0045878
 
 #: A bare ``python -I -c pass`` on the machine the suite's time allowances were first
@@ -414,16 +417,46 @@ def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> Non
 
 @pytest.fixture(scope="session")
 def qemu_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Session fixture: a :class:`snapcore.vm.TestVM` (Debian's kernel under qemu).
+    """Session fixture: a :class:`snapcore.testing.vm.TestVM` (Debian's kernel under qemu).
 
     Each ``vm.run(cmd)`` / ``vm.pytest(args)`` is one boot; batch scenarios into one
     call (``vm.pytest`` with the same args reuses the boot). Skips, with the reason,
     only where qemu, the kernel or vng cannot be found.
     """
-    from snapcore.vm import TestVM, VMUnavailable
+    from snapcore.testing.vm import TestVM, VMUnavailable
 
     try:
         vm = TestVM(workdir=tmp_path_factory.mktemp("vm"))
     except VMUnavailable as exc:
         pytest.skip(str(exc))
     yield vm
+
+
+# -- what backends' tests need of the core ---------------------------------------------
+
+#: A policy's ``freeze_timeout`` when it names none, in seconds.
+DEFAULT_FREEZE_TIMEOUT = _DEFAULT_FREEZE_TIMEOUT
+
+
+def target_of(manifest: snapcore.Manifest, record: snapcore.TargetRecord, state_dir: Path) -> snapcore.Target:
+    """The :class:`~snapcore.Target` a backend's hooks get for one of ``manifest``'s
+    targets, rebuilt as restore, verify and delete do (the live mount when it is still
+    there)."""
+    from snapcore.mounts import MountTable
+    from snapcore.records import target_of as _target_of
+
+    return _target_of(manifest, record, state_dir, MountTable.read())
+
+
+def image_of(record: snapcore.TargetRecord) -> snapcore.Image | None:
+    """The :class:`~snapcore.Image` a manifest's target record describes."""
+    from snapcore.records import image_of as _image_of
+
+    return _image_of(record)
+
+
+def export_of(record: snapcore.TargetRecord) -> snapcore.Export | None:
+    """The :class:`~snapcore.Export` a manifest's target record describes."""
+    from snapcore.records import export_of as _export_of
+
+    return _export_of(record)
