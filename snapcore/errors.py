@@ -134,6 +134,14 @@ class Cancelled(SnapcoreError):
     like on any error: everything thawed, what it made discarded."""
 
 
+class ChangeDetected(SnapcoreError):
+    """A file the tasks need changed between their freeze and thaw (``on_change: fail``)."""
+
+
+class PayloadFailed(SnapcoreError):
+    """The caller's command (``-- CMD``) failed; its status decides the outcome."""
+
+
 class CheckpointFailed(SnapcoreError):
     """A checkpoint failed; ``manifest`` says what failed (it was written)."""
 

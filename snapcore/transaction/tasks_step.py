@@ -1,0 +1,194 @@
+"""The tasks of a checkpoint (DESIGN steps 1, 5 and 8): held still around the
+filesystems' freeze, their needed files watched, what changed under them judged."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from snapcore.errors import ChangeDetected, SnapcoreError
+from snapcore.manifest import manifest_path
+from snapcore.types import Rescue, RescueKind
+
+if TYPE_CHECKING:
+    from snapcore.inventory import Inventory
+    from snapcore.tasks import TaskFreezer, TaskSet
+    from snapcore.transaction.core import Transaction
+    from snapcore.transaction.targets import TaskSpec
+    from snapcore.watch import Watch
+
+#: How long a checkpoint whose payload was ``criu dump`` waits for the dumped tasks'
+#: PIDs to be free (PID 1 reaps them; 1-2 s were seen on a loaded machine).
+DUMPED_TASKS_GONE_S = 10.0
+
+
+class HeldTasks:
+    """The checkpoint's tasks: frozen by snapcore (``--pid``, ``--cgroup``) or held
+    stopped by someone else (CRIU, before its post-dump action script)."""
+
+    def __init__(self, txn: Transaction, spec: TaskSpec, taskset: TaskSet, inventory: Inventory) -> None:
+        self.txn = txn
+        self.spec = spec
+        self.taskset = taskset
+        self.inventory = inventory
+        self.freezer: TaskFreezer | None = None
+        self.watch: Watch | None = None
+        #: when they stopped (``time.monotonic()``), None while they run
+        self.stopped_at: float | None = None
+        self.rescues: dict[str, Rescue] = {}
+
+    @property
+    def criu_freeze_cgroup(self) -> str | None:
+        return self.freezer.criu_freeze_cgroup if self.freezer is not None else None
+
+    def prepare(self) -> dict[str, Rescue]:
+        """Ready the freeze (move the tasks into the cgroups they will be frozen in:
+        an RCU wait, outside the window) and start watching what they need. Returns
+        what the guard must write to thaw them if we die. Undo: :meth:`release`."""
+        txn, spec = self.txn, self.spec
+        if spec.stopped_by is None:
+            from snapcore.tasks import TaskFreezer
+
+            txn.journal.record("tasks", name=txn.id)
+            self.freezer = TaskFreezer(self.taskset, name=txn.id)
+            self.freezer.attach()
+            self.rescues = {
+                f"tasks:{path}": Rescue(kind=RescueKind.WRITE, path=path, value=value)
+                for path, value in self.freezer.rescues()
+            }
+        else:
+            txn.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
+            self.stopped_at = time.monotonic()
+        if spec.criu_images:
+            txn.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
+        from snapcore.watch import Watch
+
+        self.watch = Watch(self.inventory)
+        self.watch.start()
+        return self.rescues
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """DESIGN step 5: stop the tasks, copy what only they still hold (files
+        deleted or renamed over); on leaving, thaw them, whatever happened."""
+        try:
+            self._freeze()
+            yield
+        finally:
+            self.release()
+
+    def _freeze(self) -> None:
+        txn = self.txn
+        if self.freezer is not None:
+            txn.journal.record_many(
+                [{"op": "freeze", "key": key, "rescue": r.to_json()} for key, r in self.rescues.items()]
+            )
+            if self.rescues:
+                txn.watchdog.freezing(*self.rescues)
+            t = time.perf_counter()
+            self.freezer.freeze()
+            self.stopped_at = time.monotonic()
+            txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
+        if self.inventory.ghosts_needed:
+            from snapcore.inventory import copy_ghosts
+
+            self.inventory = copy_ghosts(self.inventory, self._ghosts_dir(), limit=txn.policy.ghost_limit)
+        txn.manifest.files = self.inventory.to_json()
+
+    def release(self) -> None:
+        """Stop watching and thaw the tasks (idempotent): the one place they thaw."""
+        txn = self.txn
+        freezer, self.freezer = self.freezer, None
+        watch, self.watch = self.watch, None
+        try:
+            if watch is not None:
+                watch.stop()
+        finally:
+            stopped = txn.manifest.tasks
+            if freezer is None and self.stopped_at is not None and stopped is not None and "stopped_ms" not in stopped:
+                # stopped by CRIU before its post-dump hook: snapcore's share of the stop
+                stopped["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
+                stopped["stopped_note"] = "from the post-dump hook on; CRIU stopped them before"
+            if freezer is not None:
+                t = time.perf_counter()
+                freezer.close()
+                txn.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
+                txn.manifest.tasks = freezer.to_json()
+                if self.stopped_at is not None:
+                    # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
+                    txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
+                txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
+                if self.rescues:
+                    with contextlib.suppress(SnapcoreError):
+                        txn.watchdog.thawed(*self.rescues)
+
+    def _ghosts_dir(self) -> Any:
+        return manifest_path(self.txn.state_dir, self.txn.id).parent / "ghosts"
+
+    def check_changes(self) -> None:
+        """DESIGN step 8: what changed under the frozen tasks decides (``on_change``):
+        a warning, or :class:`ChangeDetected`. Files renamed over or deleted meanwhile
+        get their old content copied through the tasks' descriptors."""
+        if self.watch is None:
+            return
+        from snapcore.inventory import FileState, copy_ghosts
+        from snapcore.watch import ChangeKind, apply_changes
+
+        txn = self.txn
+        nameless = {
+            (f.dev, f.ino) for f in self.inventory.files if f.state in (FileState.DELETED, FileState.RENAMED_OVER)
+        }
+        changes = tuple(
+            c
+            for c in self.watch.results(since=self.stopped_at)
+            # a file that had no name left is released when its last holder closes it
+            # (CRIU ends the dumped tasks): that is no change to what was checkpointed
+            if not (c.kind is ChangeKind.DELETE and (c.dev, c.ino) in nameless)
+        )
+        txn.manifest.changes = [c.to_json() for c in changes]
+        self.inventory = apply_changes(self.inventory, changes)
+        late = [f for f in self.inventory.ghosts_needed if f.ghost is None]
+        if late:
+            # renamed over or deleted while the tasks were stopped: their old content
+            # is still reachable through the tasks' descriptors (unless a CRIU dump
+            # ended them: then the ghost says why it is missing)
+            spent = sum(f.ghost.size for f in self.inventory.files if f.ghost is not None and f.ghost.path)
+            left = max(0, txn.policy.ghost_limit - spent)
+            self.inventory = copy_ghosts(self.inventory, self._ghosts_dir(), limit=left, files=late)
+        txn.manifest.files = self.inventory.to_json()
+        mount_of = {(f.dev, f.ino): f.mount_point for f in self.inventory.files}
+        fatal = []
+        for change in changes:
+            known = change.dev is not None and change.ino is not None
+            mount_point = mount_of.get((change.dev, change.ino)) if known else None  # type: ignore[arg-type]
+            rule = txn.policy.rule_for(mount_point) if mount_point else txn.policy.fallback
+            message = f"{change.path}: {change.kind} after the tasks were frozen"
+            if rule is not None and rule.on_change == "warn":
+                txn.manifest.warnings.append(message)
+            else:
+                fatal.append(message)
+        if fatal:
+            raise ChangeDetected("a file the tasks need changed: " + "; ".join(fatal))
+
+    def wait_for_dumped(self) -> None:
+        """``criu dump`` (without ``--leave-running``/``--leave-stopped``) ends the
+        tasks, but their PIDs stay taken until they are reaped, and ``criu restore``
+        needs those very PIDs: the command returns once they are free, so that a
+        restore right after it works."""
+        txn = self.txn
+        argv = (txn.manifest.criu or {}).get("argv")
+        if not argv or any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv):
+            return
+        from snapcore.tasks import wait_pids_free
+
+        t = time.perf_counter()
+        held = wait_pids_free(self.taskset.pids, DUMPED_TASKS_GONE_S)
+        txn.manifest.timings["dumped_tasks_gone"] = round((time.perf_counter() - t) * 1000, 3)
+        if held:
+            txn.manifest.warnings.append(
+                f"the dumped tasks' PIDs are still taken ({', '.join(str(h) for h in held)}): "
+                "'criu restore' fails with 'File exists' until they are free"
+            )
