@@ -102,7 +102,8 @@ def program_demo(base: Path, loops: LoopFactory, state: Path) -> int:
 
     from crcycle import App, cycle
 
-    from snapcore.criu import CriuUnavailable, check_criu
+    from snapcore.criu import check_criu
+    from snapcore.errors import CriuUnavailable
 
     step("a running program: checkpoint with CRIU, damage its files, restore")
     try:

@@ -28,7 +28,9 @@ from snapcore.errors import (
     SnapcoreError,
     StillNeeded,
     ThawError,
+    ToolFailed,
     UnsupportedMount,
+    Untrusted,
     UsageError,
 )
 from snapcore.fsutil import block_devnum, human_bytes, syncfs
@@ -77,8 +79,9 @@ if TYPE_CHECKING:
         verify,
     )
     from snapcore.cli import main
-    from snapcore.confine import Untrusted, plain_name
+    from snapcore.confine import plain_name
     from snapcore.fsutil import read_regular
+    from snapcore.guard import FIFREEZE, FITHAW
     from snapcore.holders import Holder, mount_holders
     from snapcore.locks import default_run_dir
     from snapcore.manifest import Manifest, TargetRecord
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
     from snapcore.policy import Policy, load_policy
     from snapcore.restoring import MountRestored, Verification
     from snapcore.retention import Deletion, PruneReport
+    from snapcore.tools import TOOL_LOCALE, find_tool, run_tool, stderr_tail, tool_env, write_atomic
     from snapcore.transaction import Selection, TaskSpec
     from snapcore.watchdog import start_guard
 
@@ -122,11 +126,15 @@ _LAZY = {
     "Selection": "snapcore.transaction",
     "TaskSpec": "snapcore.transaction",
     "find_mount": "snapcore.mounts",
+    **dict.fromkeys(
+        ("find_tool", "run_tool", "stderr_tail", "tool_env", "write_atomic", "TOOL_LOCALE"), "snapcore.tools"
+    ),
+    "FIFREEZE": "snapcore.guard",
+    "FITHAW": "snapcore.guard",
     "default_run_dir": "snapcore.locks",
     "Manifest": "snapcore.manifest",
     "TargetRecord": "snapcore.manifest",
     "Holder": "snapcore.holders",
-    "Untrusted": "snapcore.confine",
     "plain_name": "snapcore.confine",
     "read_regular": "snapcore.fsutil",
     "mount_holders": "snapcore.holders",
@@ -146,6 +154,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "TOOL_LOCALE",
+    "ToolFailed",
+    "find_tool",
+    "run_tool",
+    "stderr_tail",
+    "tool_env",
+    "write_atomic",
+    "FIFREEZE",
+    "FITHAW",
     "BackendError",
     "BackendInfo",
     "Cancel",

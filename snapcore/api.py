@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.cancel import Cancel
-from snapcore.errors import PolicyError, UsageError
+from snapcore.errors import PolicyError, PolicyProblems, UsageError
 from snapcore.locks import default_run_dir
 from snapcore.manifest import Manifest
 from snapcore.plugins import Plugins, default_plugins
-from snapcore.policy import Policy, PolicyProblems, check_backends, load_policy, resolved_options, state_dir_of
+from snapcore.policy import Policy, check_backends, load_policy, resolved_options, state_dir_of
 from snapcore.transaction import Payload, Selection, TaskSpec, Transaction, check_payload
 from snapcore.transaction import plan as _plan
 from snapcore.watchdog import Watchdog

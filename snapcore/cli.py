@@ -614,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             # the guard boots on the other CPU while this process loads the rest; if
             # it cannot start now, the checkpoint tries again and says why
-            from snapcore.watchdog import GuardError, start_guard
+            from snapcore.errors import GuardError
+            from snapcore.watchdog import start_guard
 
             with contextlib.suppress(GuardError):
                 start_guard()

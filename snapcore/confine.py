@@ -11,13 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from snapcore.errors import SnapcoreError
+from snapcore.errors import Untrusted
 
 __all__ = ["Untrusted", "beneath", "clean_mount", "plain_name"]
-
-
-class Untrusted(SnapcoreError):
-    """A name from a manifest, record or listing that could lead outside its place."""
 
 
 def clean_mount(value: object, *, where: str = "a target's mount") -> str:

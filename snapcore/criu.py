@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from snapcore.errors import SnapcoreError
+from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,6 @@ CRIU_ENV = "CRIU"
 #: Where ``scripts/setup-criu.sh`` installs CRIU.
 LOCAL_CRIU = "/usr/local/sbin/criu"
 MIN_VERSION = (4, 1)
-
-
-class CriuError(SnapcoreError):
-    """CRIU failed; the message has the command, its exit status and its log tail."""
-
-    def __init__(self, message: str, *, command: Sequence[str] = (), log_file: str | None = None) -> None:
-        self.command = tuple(command)
-        self.log_file = log_file
-        super().__init__(message)
-
-
-class CriuUnavailable(CriuError):
-    """No usable CRIU on this host (missing, too old, or ``criu check`` fails)."""
 
 
 def find_criu(env: Mapping[str, str] | None = None) -> str:

@@ -121,6 +121,30 @@ class MountBusy(BackendError):
         )
 
 
+class ToolFailed(BackendError):
+    """A tool a backend ran failed (:func:`snapcore.run_tool`); ``argv``, ``stderr``
+    and ``status`` are kept, the message has the command and its stderr's last lines."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        stderr: str,
+        *,
+        mount: str | None = None,
+        backend: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        from snapcore.tools import stderr_tail
+
+        self.argv = list(argv)
+        self.stderr = stderr
+        self.status = status
+        how = f" (exit {status})" if status is not None else ""
+        super().__init__(
+            f"'{' '.join(self.argv)}' failed{how}: {stderr_tail(stderr) or 'no message'}", mount=mount, backend=backend
+        )
+
+
 class ThawError(BackendError):
     """A thaw failed: the filesystem may still be frozen, which is an outage."""
 
@@ -148,3 +172,55 @@ class CheckpointFailed(SnapcoreError):
     def __init__(self, message: str, manifest: object | None = None) -> None:
         self.manifest = manifest
         super().__init__(message)
+
+
+class Untrusted(SnapcoreError):
+    """A name from a manifest, record or listing that could lead outside its place."""
+
+
+class LockBusy(SnapcoreError):
+    """Another checkpoint holds the mount; the message names it."""
+
+
+class CriuError(SnapcoreError):
+    """CRIU failed; the message has the command, its exit status and its log tail."""
+
+    def __init__(self, message: str, *, command: Sequence[str] = (), log_file: str | None = None) -> None:
+        self.command = tuple(command)
+        self.log_file = log_file
+        super().__init__(message)
+
+
+class CriuUnavailable(CriuError):
+    """No usable CRIU on this host (missing, too old, or ``criu check`` fails)."""
+
+
+class TaskError(SnapcoreError):
+    """Tasks could not be frozen or thawed (a task in ``D`` state, a cgroup that
+    refused the move...). Everything this module froze was thawed before raising."""
+
+
+class NoSuchTask(UsageError):
+    """A PID that does not exist, is a zombie, or exited while being resolved."""
+
+
+class NotACgroup(UsageError):
+    """A ``--cgroup`` path that is no cgroup directory (v2 or v1 freezer)."""
+
+
+class PolicyProblems(PolicyError):
+    """Several problems in one policy; ``str()`` is the first, ``problems`` all."""
+
+    def __init__(self, problems: Sequence[PolicyError]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        more = (
+            f" (and {len(self.problems) - 1} more problem(s); run 'snapcore policy check')"
+            if len(self.problems) > 1
+            else ""
+        )
+        super().__init__(first.problem + more, file=first.file, line=first.line, mount=first.mount, key=first.key)
+
+
+class GuardError(SnapcoreError):
+    """The guard process could not be started or reached: nothing is frozen without it."""

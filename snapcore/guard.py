@@ -52,8 +52,66 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import _socket
+    from collections.abc import Sequence
 
+# -- applying a rescue: the one implementation, for the guard and for recover ----------
+
+# <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int)
+FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
+
+#: How long a rescue command (``dmsetup resume``) may take before it counts as failed.
+RESCUE_COMMAND_TIMEOUT_S = 30.0
+
+
+def thaw_fd(fd: int) -> bool:
+    """FITHAW through a descriptor of the mount; False when it was not frozen."""
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not frozen (already thawed)
+            return False
+        raise
+    return True
+
+
+def thaw_path(path: str) -> bool:
+    """FITHAW the filesystem mounted at ``path``; False when it was not frozen."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return thaw_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def write_control(path: str, value: str) -> bool:
+    """Write a control file (``cgroup.freeze``, ``freezer.state``); False when it is
+    gone (the cgroup was removed: nothing left to thaw)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def run_command(argv: Sequence[str]) -> None:
+    """Run a rescue command (``dmsetup resume NAME``); raises when it fails or takes
+    longer than :data:`RESCUE_COMMAND_TIMEOUT_S`."""
+    import subprocess  # imported with the targets: never while frozen
+
+    subprocess.run(
+        [str(a) for a in argv],
+        check=True,
+        timeout=RESCUE_COMMAND_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+
+
 #: Descriptors per message (the kernel's SCM_MAX_FD is 253).
 MAX_FDS = 200
 
@@ -136,22 +194,11 @@ class Guard:
             target = cp.targets.get(key, {})
             try:
                 if target.get("kind") == "fithaw":
-                    try:
-                        fcntl.ioctl(cp.fds[key], FITHAW, 0)
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL:  # EINVAL: it was not frozen
-                            raise
+                    thaw_fd(cp.fds[key])
                 elif target.get("kind") == "write":
-                    fd = os.open(str(target["path"]), os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.write(fd, str(target.get("value") or "").encode())
-                    finally:
-                        os.close(fd)
+                    write_control(str(target["path"]), str(target.get("value") or ""))
                 elif target.get("kind") == "command":
-                    import subprocess  # imported with the targets: never while frozen
-
-                    argv = [str(a) for a in target.get("argv") or []]  # type: ignore[attr-defined]
-                    subprocess.run(argv, check=True, timeout=30, stdin=subprocess.DEVNULL, capture_output=True)
+                    run_command(target.get("argv") or [])  # type: ignore[arg-type]
                 thawed.append(key)
             except Exception as exc:
                 errors.append(f"{key}: {exc}")

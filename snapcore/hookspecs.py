@@ -6,7 +6,17 @@ Two kinds of hook:
   imager, or the exporter), never broadcast. The core calls them through
   :class:`snapcore.plugins.Plugins`, one plugin at a time.
 * **observer hooks** (``before_freeze``, ``after_thaw``, ``checkpoint_end``) are
-  broadcast to every registered plugin, backends and plain observers alike.
+  broadcast to every registered plugin, backends and plain observers alike. Each
+  plugin is called on its own: one that raises does not keep the others from their
+  call (a failing ``before_freeze`` fails the checkpoint once all were called; a
+  failing ``after_thaw`` or ``checkpoint_end`` is a warning naming the plugin).
+
+A backend keeps what one hook learns for the next ones of the same checkpoint (a plan
+made in ``prepare``, a descriptor ``freeze`` holds for ``thaw``) in
+``target.state_of(NAME)``, never in module globals: the same :class:`Target` object
+reaches every hook of one checkpoint, and ``checkpoint.targets`` holds them for the
+observer hooks. (Added without changing any hook's signature: backends written before
+it work as they are.)
 
 A backend is one plugin registered under its backend name (the entry-point name in
 the group ``snapcore``); that name is what a policy writes.

@@ -32,10 +32,8 @@ from enum import StrEnum
 from typing import Any
 
 from snapcore.mounts import MountTable, is_pseudo
+from snapcore.policy import DEFAULT_GHOST_LIMIT
 from snapcore.types import Mount
-
-#: Default budget for ghost copies (a policy's ``ghost_limit``).
-DEFAULT_GHOST_LIMIT = 64 << 20
 
 _DELETED = " (deleted)"
 

@@ -14,22 +14,19 @@ removes the journal. Running it twice is harmless.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapcore import guard
 from snapcore.errors import SnapcoreError
 from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Export, Image, Rescue, RescueKind, Target
 
 if TYPE_CHECKING:
     from snapcore.plugins import Plugins
-
-FITHAW = 0xC0045878
 
 
 def secure_dir(path: Path) -> Path:
@@ -194,28 +191,13 @@ def read_journal(path: Path) -> tuple[Pending, bool]:
     return pending, alive
 
 
-def _thaw(rescue: Rescue) -> str:
-    if rescue.kind is RescueKind.FITHAW and rescue.path:
-        fd = os.open(rescue.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, FITHAW, 0)
-            return "thawed"
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return "was not frozen"
-            raise
-        finally:
-            os.close(fd)
-    if rescue.kind is RescueKind.WRITE and rescue.path:
-        try:
-            Path(rescue.path).write_text(rescue.value or "")
-        except FileNotFoundError:
-            return "already gone"
-        return "thawed"
-    if rescue.kind is RescueKind.COMMAND and rescue.argv:
-        import subprocess
-
-        subprocess.run(list(rescue.argv), check=True, timeout=60, capture_output=True, stdin=subprocess.DEVNULL)
+def _thaw(how: Rescue) -> str:
+    if how.kind is RescueKind.FITHAW and how.path:
+        return "thawed" if guard.thaw_path(how.path) else "was not frozen"
+    if how.kind is RescueKind.WRITE and how.path:
+        return "thawed" if guard.write_control(how.path, how.value or "") else "already gone"
+    if how.kind is RescueKind.COMMAND and how.argv:
+        guard.run_command(how.argv)
         return "resumed"
     return "nothing to do"
 

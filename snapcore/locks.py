@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from snapcore.errors import SnapcoreError
+from snapcore.errors import LockBusy
 
 #: Where journals and locks live unless ``--run-dir`` or ``SNAPCORE_RUN_DIR`` says otherwise.
 DEFAULT_RUN_DIR = "/run/snapcore"
@@ -19,10 +19,6 @@ DEFAULT_RUN_DIR = "/run/snapcore"
 def default_run_dir() -> Path:
     """``SNAPCORE_RUN_DIR``, else ``/run/snapcore``: the journal, the locks, the guard's records."""
     return Path(os.environ.get("SNAPCORE_RUN_DIR") or DEFAULT_RUN_DIR)
-
-
-class LockBusy(SnapcoreError):
-    """Another checkpoint holds the mount; the message names it."""
 
 
 class MountLock:

@@ -7,7 +7,6 @@ older snapcore survives a newer manifest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -215,15 +214,9 @@ class Manifest:
         path.parent.mkdir(exist_ok=True, mode=0o700)
         if path.parent.is_symlink():  # never follow a link planted in the state dir
             raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
-        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(self.dumps())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from snapcore.tools import write_atomic
+
+        write_atomic(path, self.dumps().encode("utf-8"), mode=0o600)
         return path
 
     def summary(self, *, with_error: bool = True) -> str:

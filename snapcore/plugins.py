@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pluggy
 
 from snapcore import hookspecs
-from snapcore.errors import PluginError
+from snapcore.errors import PluginError, SnapcoreError
 from snapcore.faults import inject
 from snapcore.log import get_logger
 from snapcore.types import (
@@ -305,14 +305,46 @@ class Plugins:
 
     # -- observer hooks (broadcast) ------------------------------------------------
 
+    def _broadcast(self, hook: str, **kwargs: Any) -> list[tuple[str, Exception]]:
+        """Call ``hook`` on every plugin that implements it, each on its own (pluggy's
+        order): one that raises does not keep the others from theirs, as one broadcast
+        call would. Returns ``(plugin, error)`` for each that raised."""
+        errors: list[tuple[str, Exception]] = []
+        caller = getattr(self.pm.hook, hook)
+        impls = caller.get_hookimpls()
+        if len(impls) <= 1:  # nothing to keep apart: one call, as pluggy makes it
+            try:
+                caller(**kwargs)
+            except Exception as exc:
+                errors.append((impls[0].plugin_name if impls else "?", exc))
+            return errors
+        for impl in reversed(impls):
+            try:
+                self._one(impl.plugin_name, hook)(**kwargs)
+            except Exception as exc:
+                errors.append((impl.plugin_name, exc))
+        return errors
+
     def before_freeze(self, checkpoint: Checkpoint) -> None:
-        self.pm.hook.snapcore_before_freeze(checkpoint=checkpoint)
+        """Every plugin's ``before_freeze``; a failure of any fails the checkpoint
+        (:class:`PluginError` naming each), after all were called."""
+        errors = self._broadcast("snapcore_before_freeze", checkpoint=checkpoint)
+        if errors:
+            raise PluginError("before_freeze failed: " + "; ".join(f"{name}: {_said(e)}" for name, e in errors))
 
-    def after_thaw(self, checkpoint: Checkpoint) -> None:
-        self.pm.hook.snapcore_after_thaw(checkpoint=checkpoint)
+    def after_thaw(self, checkpoint: Checkpoint) -> list[str]:
+        """Every plugin's ``after_thaw``; returns a warning per plugin that raised."""
+        errors = self._broadcast("snapcore_after_thaw", checkpoint=checkpoint)
+        return [f"after_thaw of {name} raised {_said(e)}" for name, e in errors]
 
-    def checkpoint_end(self, checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
-        self.pm.hook.snapcore_checkpoint_end(checkpoint=checkpoint, outcome=outcome, manifest=manifest)
+    def checkpoint_end(self, checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> list[str]:
+        """Every plugin's ``checkpoint_end``; returns a warning per plugin that raised."""
+        errors = self._broadcast("snapcore_checkpoint_end", checkpoint=checkpoint, outcome=outcome, manifest=manifest)
+        return [f"checkpoint_end of {name} raised {_said(e)}" for name, e in errors]
+
+
+def _said(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, SnapcoreError) else f"{type(exc).__name__}: {exc}"
 
 
 def _load_trusted(ep: Any) -> object:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from snapcore.errors import PolicyError
+from snapcore.errors import PolicyError, PolicyProblems
 from snapcore.types import EMPTY, Keep, Option, OptionKind, Role
 
 MAX_POLICY_BYTES = 1 << 20
@@ -37,6 +37,7 @@ FALLBACK = "*"
 
 _RULE_KEYS = ("imager", "exporter", "options", "keep", "required", "freeze_timeout", "on_change")
 _TOP_KEYS = ("version", "state_dir", "ghost_limit", "uncovered", "defaults", "mounts")
+#: Default budget for ghost copies of files deleted or renamed over under the tasks (a policy's ``ghost_limit``).
 DEFAULT_GHOST_LIMIT = 64 << 20
 # patterns as strings: the re module compiles (and caches) them on first use, so a
 # checkpoint without a policy file never pays for them
@@ -173,20 +174,6 @@ class _Problems:
     def raise_if_any(self) -> None:
         if self.errors:
             raise PolicyProblems(self.errors)
-
-
-class PolicyProblems(PolicyError):
-    """Several problems in one policy; ``str()`` is the first, ``problems`` all."""
-
-    def __init__(self, problems: Sequence[PolicyError]) -> None:
-        self.problems = list(problems)
-        first = self.problems[0]
-        more = (
-            f" (and {len(self.problems) - 1} more problem(s); run 'snapcore policy check')"
-            if len(self.problems) > 1
-            else ""
-        )
-        super().__init__(first.problem + more, file=first.file, line=first.line, mount=first.mount, key=first.key)
 
 
 def _type_name(value: object) -> str:

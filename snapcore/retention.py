@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from snapcore.errors import StillNeeded, UsageError
-from snapcore.locks import LockBusy, MountLock, default_run_dir
+from snapcore.errors import LockBusy, StillNeeded, UsageError
+from snapcore.locks import MountLock, default_run_dir
 from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.mounts import MountTable
 from snapcore.plugins import Plugins

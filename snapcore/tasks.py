@@ -59,7 +59,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from snapcore.errors import SnapcoreError, UsageError
+from snapcore.errors import NoSuchTask, NotACgroup, TaskError, UsageError
 from snapcore.mounts import MOUNTINFO, read_mounts
 
 log = logging.getLogger(__name__)
@@ -68,19 +68,6 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = "snapcore-"
 
 _counter = itertools.count(1)
-
-
-class TaskError(SnapcoreError):
-    """Tasks could not be frozen or thawed (a task in ``D`` state, a cgroup that
-    refused the move...). Everything this module froze was thawed before raising."""
-
-
-class NoSuchTask(UsageError):
-    """A PID that does not exist, is a zombie, or exited while being resolved."""
-
-
-class NotACgroup(UsageError):
-    """A ``--cgroup`` path that is no cgroup directory (v2 or v1 freezer)."""
 
 
 class FreezeMethod(StrEnum):

@@ -226,10 +226,22 @@ class Target:
     #: The checkpoint's cancellation, shared by its targets: a backend running a long
     #: command registers a callback that stops it (:meth:`Cancel.on_cancel`).
     cancel: Cancel = field(default_factory=Cancel, compare=False, repr=False)
+    #: Each backend's own state for this target during one checkpoint (see
+    #: :meth:`state_of`); never compared, printed or written anywhere.
+    scratch: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     def options_for(self, backend: str) -> Mapping[str, Any]:
         """Options of one backend for this target (defaults filled in)."""
         return self.options.get(backend, EMPTY)
+
+    def state_of(self, backend: str) -> dict[str, Any]:
+        """``backend``'s own mutable state for this target, kept from ``prepare`` to
+        ``checkpoint_end`` of one checkpoint (what ``prepare`` planned for
+        ``snapshot``, a descriptor ``freeze`` holds for ``thaw``): the same
+        :class:`Target` object reaches every hook of one checkpoint, and
+        :attr:`Checkpoint.targets` holds them for the observer hooks. A target
+        rebuilt from a manifest (restore, verify, delete, recover) starts empty."""
+        return self.scratch.setdefault(backend, {})
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from snapcore.errors import SnapcoreError
+from snapcore.errors import GuardError
 from snapcore.types import Rescue, RescueKind
 
 
@@ -386,7 +386,3 @@ def _only_our_threads() -> bool:
     checkpoints), so a fork inherits no lock someone else holds."""
     me = threading.current_thread()
     return all(t is me or t.name.startswith("snapcore") for t in threading.enumerate())
-
-
-class GuardError(SnapcoreError):
-    """The guard process could not be started or reached: nothing is frozen without it."""

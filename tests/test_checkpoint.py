@@ -321,3 +321,117 @@ def test_transaction_object_from_policy(loop_fs: LoopFactory, state_dir: Path, t
     manifest = Transaction(plugins, policy, state_dir=state_dir).run()
     assert manifest.policy == str(tmp_path / "policy.yaml")
     assert manifest.targets[0].imager == "fsfreeze"
+
+
+class Observer:
+    """A plain observer (no backend) that records what it saw and may raise."""
+
+    def __init__(self, fail_in: str | None = None) -> None:
+        self.fail_in = fail_in
+        self.seen: list[str] = []
+
+    def _saw(self, hook: str) -> None:
+        self.seen.append(hook)
+        if hook == self.fail_in:
+            raise RuntimeError(f"observer broke in {hook}")
+
+    @hookimpl
+    def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
+        self._saw("before_freeze")
+
+    @hookimpl
+    def snapcore_after_thaw(self, checkpoint: snapcore.Checkpoint) -> None:
+        self._saw("after_thaw")
+
+    @hookimpl
+    def snapcore_checkpoint_end(
+        self, checkpoint: snapcore.Checkpoint, outcome: snapcore.Outcome, manifest: snapcore.Manifest
+    ) -> None:
+        self._saw("checkpoint_end")
+
+
+@pytest.mark.parametrize("hook", ["after_thaw", "checkpoint_end"])
+def test_an_observer_that_raises_keeps_no_other_from_its_hook(loop_fs: LoopFactory, state_dir: Path, hook: str) -> None:
+    """pluggy stops a broadcast at the first plugin that raises: snapcore calls each
+    plugin on its own, so one observer's failure is its own warning."""
+    fs = loop_fs("ext4")
+    plugins = make_plugins()
+    first, broken, last = Observer(), Observer(fail_in=hook), Observer()
+    for name, observer in (("first", first), ("broken", broken), ("last", last)):
+        plugins.register(observer, name)
+    manifest = snapcore.checkpoint([fs], state_dir=state_dir, plugins=plugins)
+    assert manifest.outcome == "ok"
+    for observer in (first, broken, last):
+        assert observer.seen == ["before_freeze", "after_thaw", "checkpoint_end"]
+    if hook == "after_thaw":
+        assert any("after_thaw of broken raised RuntimeError: observer broke" in w for w in manifest.warnings)
+    assert_not_frozen(fs.mount_point)
+
+
+def test_an_observer_failing_before_the_freeze_fails_the_checkpoint_after_all_were_told(
+    loop_fs: LoopFactory, state_dir: Path
+) -> None:
+    fs = loop_fs("ext4")
+    plugins = make_plugins()
+    first, broken, last = Observer(), Observer(fail_in="before_freeze"), Observer()
+    for name, observer in (("first", first), ("broken", broken), ("last", last)):
+        plugins.register(observer, name)
+    with pytest.raises(CheckpointFailed, match="before_freeze failed: broken: RuntimeError: observer broke") as info:
+        snapcore.checkpoint([fs], state_dir=state_dir, plugins=plugins)
+    assert info.value.manifest is not None and info.value.manifest.outcome == "failed"  # type: ignore[attr-defined]
+    for observer in (first, broken, last):  # every one was told, and told that it ended
+        assert observer.seen == ["before_freeze", "after_thaw", "checkpoint_end"]
+    assert_not_frozen(fs.mount_point)
+
+
+class Stateful:
+    """An imager keeping what prepare found in the target's own state, for the later hooks."""
+
+    def __init__(self) -> None:
+        self.freezer = Freezer()
+        self.states: list[dict[str, object]] = []
+
+    @hookimpl
+    def snapcore_backend_info(self) -> snapcore.BackendInfo:
+        return snapcore.BackendInfo(name="stateful", roles=frozenset({Role.IMAGER}), description="test")
+
+    @hookimpl
+    def snapcore_probe(self, mount: snapcore.Mount) -> snapcore.Support:
+        return snapcore.Support.yes("test", score=0)
+
+    @hookimpl
+    def snapcore_prepare(self, target: Target, role: Role) -> None:
+        target.state_of("stateful")["planned"] = target.mount.mount_point
+
+    @hookimpl
+    def snapcore_freeze(self, target: Target) -> None:
+        self.freezer.freeze(target.mount.mount_point, target.mount.mount_point)
+
+    @hookimpl
+    def snapcore_snapshot(self, target: Target) -> Image:
+        state = target.state_of("stateful")
+        self.states.append(dict(state))
+        return Image(
+            backend="stateful", ref=None, consistency=Consistency.FS_FROZEN, details={"planned": state["planned"]}
+        )
+
+    @hookimpl
+    def snapcore_thaw(self, target: Target) -> None:
+        self.freezer.thaw(target.mount.mount_point)
+
+
+def test_a_backend_keeps_per_target_state_on_the_target(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> None:
+    a, b = loop_fs("ext4"), loop_fs("xfs")
+    plugins = make_plugins()
+    backend = Stateful()
+    plugins.register(backend, "stateful")
+    policy = _policy_file(tmp_path, {str(a): "stateful", str(b): "stateful"})
+    for cid in ("st1", "st2"):
+        manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, plugins=plugins, checkpoint_id=cid)
+        assert {t.image_record["details"]["planned"] for t in manifest.targets if t.image_record} == {str(a), str(b)}
+    assert sorted(str(s["planned"]) for s in backend.states) == sorted([str(a), str(b)] * 2)
+    mount = snapcore.find_mount(a.mount_point)
+    target = Target(checkpoint_id="x", mount=mount, imager="stateful")
+    target.state_of("stateful")["k"] = 1
+    assert target.state_of("other") == {} and "scratch" not in repr(target)
+    assert target == Target(checkpoint_id="x", mount=mount, imager="stateful")  # state is no part of it

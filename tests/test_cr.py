@@ -251,7 +251,8 @@ def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str],
 def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path) -> tuple[Criu, Path]:
     """A working CRIU, the btrfs backend, and a btrfs subvolume mounted on its own
     (so that it can be rolled back in place)."""
-    from snapcore.criu import CriuUnavailable, check_criu
+    from snapcore.criu import check_criu
+    from snapcore.errors import CriuUnavailable
     from snapcore.plugins import make_plugins
 
     try:

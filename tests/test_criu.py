@@ -21,8 +21,6 @@ import pytest
 from snapcore.criu import (
     ActionEvent,
     Criu,
-    CriuError,
-    CriuUnavailable,
     ScriptAction,
     action_from_env,
     check_criu,
@@ -30,7 +28,7 @@ from snapcore.criu import (
     handle_action,
     parse_version,
 )
-from snapcore.errors import SnapcoreError
+from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
 from snapcore.inventory import FileState, copy_ghosts, take_inventory
 from snapcore.tasks import TaskFreezer, recover_temporary_cgroups, resolve_pid
 from snapcore.testing import Pace, machine_pace

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from snapcore.cli import main
-from snapcore.errors import PolicyError
+from snapcore.errors import PolicyError, PolicyProblems
 from snapcore.plugins import Plugins
-from snapcore.policy import PolicyProblems, check_backends, load_policy, parse_duration
+from snapcore.policy import check_backends, load_policy, parse_duration
 
 WritePolicy = Callable[..., Path]
 

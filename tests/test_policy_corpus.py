@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.errors import PolicyError
+from snapcore.errors import PolicyError, PolicyProblems
 from snapcore.plugins import Plugins
-from snapcore.policy import MAX_POLICY_BYTES, PolicyProblems, check_backends, load_policy
+from snapcore.policy import MAX_POLICY_BYTES, check_backends, load_policy
 from snapcore.testing import machine_pace
 
 BAD = Path(__file__).parent / "policies" / "bad"

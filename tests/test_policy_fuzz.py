@@ -24,16 +24,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapcore.errors import PolicyError
+from snapcore.errors import PolicyError, PolicyProblems
 from snapcore.plugins import Plugins, make_plugins
-from snapcore.policy import (
-    MAX_FREEZE_TIMEOUT,
-    Policy,
-    PolicyProblems,
-    check_backends,
-    load_policy,
-    normalize_mount_key,
-)
+from snapcore.policy import MAX_FREEZE_TIMEOUT, Policy, check_backends, load_policy, normalize_mount_key
 from snapcore.testing import machine_pace
 
 # -- strategies ------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import pytest
 
 import snapcore
 from snapcore.cli import main
+from snapcore.errors import LockBusy
 from snapcore.journal import Journal, read_journal, recover
-from snapcore.locks import LockBusy, MountLock
+from snapcore.locks import MountLock
 from snapcore.testing import LoopFactory, Pace, assert_not_frozen, machine_pace, start_write, thaw_quietly
 
 pytestmark = pytest.mark.usefixtures("root_only")

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.errors import SnapcoreError, UsageError
+from snapcore.errors import NoSuchTask, NotACgroup, SnapcoreError, UsageError
 from snapcore.tasks import (
     TEMP_PREFIX,
     FreezeMethod,
-    NoSuchTask,
-    NotACgroup,
     TaskFreezer,
     TaskSet,
     cgroup_hierarchies,

@@ -34,9 +34,8 @@ from typing import Any
 import pytest
 
 import snapcore
+from snapcore.guard import FITHAW
 from snapcore.policy import DEFAULT_FREEZE_TIMEOUT as _DEFAULT_FREEZE_TIMEOUT
-
-FITHAW = 0xC0045878
 
 #: A bare ``python -I -c pass`` on the machine the suite's time allowances were first
 #: written on (issue 4's notes: 5.7-5.8 ms): the unit of :class:`Pace`.

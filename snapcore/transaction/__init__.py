@@ -15,6 +15,18 @@
 ``targets``        a target's state during the transaction; :class:`TaskSpec`
 ``pool``           the threads a level's targets run on in parallel
 =================  ==========================================================
+
+The end, in order and by these names only: **finish** (each backend completes what it
+made: a checksum, a sync, a health check; may still fail the checkpoint) → **record**
+(what was made goes into the targets' manifest records) → **manifest** (written; the
+checkpoint exists) → ``checkpoint_end`` (observers; exporters *publish*: the manifest
+copy beside the export and the ``latest`` pointer, only once the manifest says ok).
+
+Three safety nets, three names: the **change watch** (:mod:`snapcore.watch`) notices
+files the tasks need changing under them; the **deadline watchdog**
+(:mod:`snapcore.watchdog`, a thread) thaws when the window outlives
+``freeze_timeout``; the **guard** (:mod:`snapcore.guard`, a process) thaws when the
+controller dies.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from snapcore.cancel import Cancel
-from snapcore.errors import Cancelled, CheckpointFailed, SnapcoreError, UnsupportedMount, UsageError
+from snapcore.errors import Cancelled, CheckpointFailed, PolicyProblems, SnapcoreError, UnsupportedMount, UsageError
 from snapcore.faults import inject
 from snapcore.journal import Journal, recover, secure_dir
 from snapcore.locks import MountLock, default_run_dir
@@ -41,7 +41,7 @@ from snapcore.manifest import (
 )
 from snapcore.mounts import MountTable, freeze_levels
 from snapcore.plugins import Plugins
-from snapcore.policy import Policy, PolicyProblems, check_backends, resolved_options
+from snapcore.policy import Policy, check_backends, resolved_options
 from snapcore.transaction import images
 from snapcore.transaction.payload import Payload, run_payload
 from snapcore.transaction.pool import shared_pool
@@ -423,11 +423,9 @@ class Transaction:
 
     def _end(self) -> None:
         self._pool = None  # the shared pool stays, idle, for the next checkpoint
-        if self.info is not None:
-            try:
-                self.plugins.checkpoint_end(self.info, Outcome(self.manifest.outcome), self.manifest)
-            except Exception as exc:
-                log.warning("checkpoint_end raised %s", describe(exc))
+        if self.info is not None:  # the manifest is written: what goes wrong now is only said
+            for warning in self.plugins.checkpoint_end(self.info, Outcome(self.manifest.outcome), self.manifest):
+                log.warning("%s", warning)
 
     # -- helpers -----------------------------------------------------------------
 

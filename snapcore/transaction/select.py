@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore.errors import SnapcoreError, UnsupportedMount, UsageError
+from snapcore.errors import PolicyProblems, SnapcoreError, UnsupportedMount, UsageError
 from snapcore.mounts import MountTable, is_pseudo, mount_id_of, resolve_paths
 from snapcore.plugins import Plugins
-from snapcore.policy import Policy, PolicyProblems, Rule, check_backends
+from snapcore.policy import Policy, Rule, check_backends
 from snapcore.types import Mount, Role, Support
 
 if TYPE_CHECKING:

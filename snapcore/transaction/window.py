@@ -59,10 +59,7 @@ class FreezeWindow:
                 txn.watchdog.disarm()
                 txn.manifest.freeze_window_ms = round((end - start) * 1000, 3)
         finally:
-            try:
-                txn.plugins.after_thaw(txn.info)
-            except Exception as exc:
-                txn.manifest.warnings.append(f"after_thaw raised {describe(exc)}")
+            txn.manifest.warnings.extend(txn.plugins.after_thaw(txn.info))
         if thaw_error is not None:
             raise thaw_error
         self.check_deadline()

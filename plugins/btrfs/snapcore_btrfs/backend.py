@@ -31,11 +31,21 @@ from typing import TYPE_CHECKING, Any
 
 import btrfsutil
 
-from snapcore import BackendError, Consistency, Image, Mount, MountBusy, Restored, Target, mount_holders
+from snapcore import (
+    BackendError,
+    Consistency,
+    Image,
+    Mount,
+    MountBusy,
+    Restored,
+    Target,
+    mount_holders,
+    run_tool,
+)
 from snapcore_btrfs import BTRFS
 
 if TYPE_CHECKING:  # subprocess and shutil only for restores: the CLI starts fast
-    import subprocess
+    pass
 
 NAME = BTRFS
 MARKER_SUFFIX = ".snapcore.json"
@@ -517,19 +527,6 @@ def restore_to(image: Path, dest: Path, mount: str | None = None) -> str:
     return f"restored to {dest} (a writable snapshot of {image})"
 
 
-def _run(cmd: list[str], what: str, mount: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        import subprocess
-
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise fail(f"{what}: cannot run {cmd[0]}: {exc.strerror}", mount) from exc
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise fail(f"{what}: {' '.join(cmd)} failed: {' / '.join(tail)}", mount)
-    return result
-
-
 @contextlib.contextmanager
 def top_level(mount: Mount) -> Iterator[Path]:
     """The filesystem's top-level subvolume (id 5) mounted in a private temporary directory."""
@@ -538,7 +535,7 @@ def top_level(mount: Mount) -> Iterator[Path]:
 
     where = Path(tempfile.mkdtemp(prefix="snapcore-btrfs-top-"))
     try:
-        _run(["mount", "-t", "btrfs", "-o", f"subvolid={TOP_LEVEL_ID}", mount.source, str(where)], "rollback")
+        run_tool(["mount", "-t", "btrfs", "-o", f"subvolid={TOP_LEVEL_ID}", mount.source, str(where)], backend=NAME)
         try:
             yield where
         finally:
@@ -841,4 +838,4 @@ def _mount_again(mount: Mount) -> None:
     opts += [o for o in mount.super_options if not o.startswith(("subvolid=", "subvol=")) and o not in ("rw", "ro")]
     opts.append("ro" if mount.read_only else "rw")
     opts.append(f"subvol={mount.root}")
-    _run(["mount", "-t", "btrfs", "-o", ",".join(dict.fromkeys(opts)), mount.source, mp], "remount", mp)
+    run_tool(["mount", "-t", "btrfs", "-o", ",".join(dict.fromkeys(opts)), mount.source, mp], backend=NAME, mount=mp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,14 +30,6 @@ if TYPE_CHECKING:
     from snapcore_btrfs import backend
 else:  # btrfsutil is loaded when a btrfs mount is really met: the CLI starts fast
     backend = lazy_import("snapcore_btrfs.backend")
-
-#: What ``prepare`` planned, per (checkpoint id, mount point), for ``snapshot``.
-_plans: dict[tuple[str, str], backend.Plan] = {}
-_lock = threading.Lock()
-
-
-def _key(target: Target) -> tuple[str, str]:
-    return target.checkpoint_id, target.mount.mount_point
 
 
 @hookimpl
@@ -87,8 +78,7 @@ def snapcore_prepare(target: Target, role: Role) -> None:
     plan = backend.plan(target, create=True)
     if target.options_for(NAME).get("sync", True):
         backend.sync(plan)
-    with _lock:
-        _plans[_key(target)] = plan
+    target.state_of(NAME)["plan"] = plan  # for snapshot
 
 
 @hookimpl
@@ -100,8 +90,7 @@ def snapcore_freeze(target: Target) -> None:
 
 @hookimpl
 def snapcore_snapshot(target: Target) -> Image:
-    with _lock:
-        plan = _plans.pop(_key(target), None)
+    plan = target.state_of(NAME).pop("plan", None)
     if plan is None:  # prepare ran in another process, or not at all
         plan = backend.plan(target, create=False)
     marker, warnings = backend.take_snapshot(plan, target.checkpoint_id)
@@ -136,8 +125,7 @@ def snapcore_thaw(target: Target) -> None:
 
 @hookimpl
 def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
-    with _lock:
-        _plans.pop(_key(target), None)
+    target.state_of(NAME).pop("plan", None)
     if export is not None or image is None or image.ref is None:
         return
     uuid = image.details.get("uuid")

@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 import btrfsutil
 
-from snapcore import BackendError, Cancel, Cancelled, MissingTool, tied_to_controller
+from snapcore import BackendError, Cancel, Cancelled, MissingTool, stderr_tail, tied_to_controller, write_atomic
 from snapcore_btrfs import BTRFS_SEND, backend
 
 NAME = BTRFS_SEND
@@ -108,12 +108,7 @@ def read_record(path: Path) -> Record | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def records(dest: Path) -> Iterator[Record]:
@@ -162,8 +157,7 @@ def _pump(src: IO[bytes], sink: _Sink) -> tuple[int, str]:
 
 
 def _tail(data: bytes) -> str:
-    lines = data.decode(errors="replace").strip().splitlines()[-3:]
-    return " / ".join(lines) or "no message"
+    return stderr_tail(data) or "no message"
 
 
 def export(

@@ -46,10 +46,13 @@ from snapcore import (
     MountBusy,
     Support,
     Target,
+    ToolFailed,
     block_devnum,
     default_run_dir,
     human_bytes,
     mount_holders,
+    run_tool,
+    tool_env,
     udev_attr,
     udev_device,
 )
@@ -88,60 +91,31 @@ _PERCENT_RE = re.compile(r"^(\d+(?:\.\d+)?)%(ORIGIN|FREE|VG)$", re.IGNORECASE)
 _UNITS = {"": 2**20, "b": 1, "s": 512, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60}
 
 
-class ToolFailed(BackendError):
-    """An ``lvm``/``dmsetup``/``mount`` command failed; carries its stderr."""
-
-    def __init__(self, argv: Sequence[str], stderr: str, *, mount: str | None = None) -> None:
-        self.argv = list(argv)
-        self.stderr = stderr
-        tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no message"
-        super().__init__(f"'{' '.join(argv)}' failed: {tail}", mount=mount, backend=NAME)
-
-
 # -- running tools -------------------------------------------------------------------
 
 
-def tool_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("LC_ALL", "C")
-    env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
+def lvm_env() -> dict[str, str]:
+    extra = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
     if not os.path.exists("/run/udev/control"):
         # no udev daemon: without this, lvcreate waits for /dev nodes nobody makes
-        env["DM_DISABLE_UDEV"] = "1"
-    return env
+        extra["DM_DISABLE_UDEV"] = "1"
+    return tool_env(extra)
 
 
 def run(tool: str, *args: str, stdin: str | None = None, mount: str | None = None, timeout: float | None = None) -> str:
-    """Run ``tool args``; its stdout, or :class:`ToolFailed` with its stderr.
-
-    Plain :func:`subprocess.run`, not the ``sh`` package: importing ``sh`` (which
-    pulls in asyncio) was measured at 0.7-1.2 s per process in the test VM (~25 ms on
-    a host), paid by every ``snapcore`` command that touches a dm mount, and each
-    call through it cost 10-30 ms more than a bare subprocess. No ``timeout`` by
-    default: the core's deadline watchdog bounds the freeze window (and resumes the
-    origin through ``snapcore_rescue``).
-    """
-    path = shutil.which(tool)
-    if path is None:
-        raise MissingTool(tool, PACKAGES.get(tool, "lvm2"), backend=NAME)
-    argv = [path, *args]
-    try:
-        proc = subprocess.run(
-            argv,
-            input=stdin,
-            stdin=subprocess.DEVNULL if stdin is None else None,
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            env=tool_env(),
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ToolFailed([tool, *args], f"timed out after {timeout}s", mount=mount) from exc
-    if proc.returncode != 0:
-        raise ToolFailed([tool, *args], proc.stderr, mount=mount)
-    return proc.stdout
+    """Run ``tool args`` (:func:`snapcore.run_tool`): its stdout, or
+    :class:`ToolFailed` with its stderr. No ``timeout`` by default: the core's
+    deadline watchdog bounds the freeze window (and resumes the origin through
+    ``snapcore_rescue``)."""
+    return run_tool(
+        [tool, *args],
+        backend=NAME,
+        package=PACKAGES.get(tool, "lvm2"),
+        mount=mount,
+        stdin=stdin,
+        timeout=timeout,
+        env=lvm_env(),
+    )
 
 
 def have(tool: str) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,15 +53,6 @@ if TYPE_CHECKING:
 else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts fast
     backend = lazy_import("snapcore_dm.backend")
 log = get_logger(__name__)
-
-
-_lock = threading.Lock()
-_plans: dict[tuple[str, str], backend.Plan] = {}
-_made: dict[str, list[backend.Made]] = {}
-
-
-def _key(target: Target) -> tuple[str, str]:
-    return (target.checkpoint_id, target.mount.mount_point)
 
 
 def _warn_percent(target: Target) -> float:
@@ -131,8 +121,7 @@ def snapcore_prepare(target: Target, role: Role) -> None:
         syncfs(where)
     except OSError as exc:
         raise BackendError(f"syncfs failed: {exc.strerror}", mount=where, backend=NAME) from exc
-    with _lock:
-        _plans[_key(target)] = plan
+    target.state_of(NAME)["plan"] = plan  # for rescue and snapshot
 
 
 @hookimpl
@@ -140,8 +129,7 @@ def snapcore_rescue(target: Target) -> Rescue:
     """If the controller dies while ``lvcreate``/``dmsetup`` holds the origin
     suspended (and so its filesystem frozen), the guard resumes it; resuming a
     device that is not suspended does nothing."""
-    with _lock:
-        plan = _plans.get(_key(target))
+    plan = target.state_of(NAME).get("plan")
     name = plan.source.device.name if plan is not None else target.mount.dm_name
     if not name:
         raise BackendError("no device-mapper name to resume", mount=target.mount.mount_point, backend=NAME)
@@ -157,8 +145,7 @@ def snapcore_freeze(target: Target) -> None:
 @hookimpl
 def snapcore_snapshot(target: Target) -> Image:
     where = target.mount.mount_point
-    with _lock:
-        plan = _plans.pop(_key(target), None)
+    plan = target.state_of(NAME).pop("plan", None)
     if plan is None:  # prepare was skipped (an API caller): plan now, inside the window
         plan = backend.plan(target.mount, target.checkpoint_id, target.options_for(NAME))
     details: dict[str, Any] = backend.snapshot(plan, mount=where)
@@ -177,8 +164,7 @@ def snapcore_snapshot(target: Target) -> Image:
         path=path,
         details=details,
     )
-    with _lock:
-        _made.setdefault(target.checkpoint_id, []).append(backend.Made(target=target, image=image))
+    target.state_of(NAME)["made"] = backend.Made(target=target, image=image)  # mounted after the thaw
     return image
 
 
@@ -191,10 +177,8 @@ def snapcore_thaw(target: Target) -> None:
 @hookimpl
 def snapcore_after_thaw(checkpoint: Checkpoint) -> None:
     """Mount this checkpoint's snapshots read-only for the exporters (outside the window)."""
-    with _lock:
-        made = list(_made.get(checkpoint.id, ()))
     errors = []
-    for entry in made:
+    for entry in _made(checkpoint):
         if entry.image.path is None or entry.mounted:
             continue
         try:
@@ -206,12 +190,10 @@ def snapcore_after_thaw(checkpoint: Checkpoint) -> None:
         raise BackendError("cannot mount the snapshot for export: " + "; ".join(errors), backend=NAME)
 
 
-def _forget(checkpoint_id: str, image: Image | None) -> None:
-    with _lock:
-        made = _made.get(checkpoint_id, [])
-        _made[checkpoint_id] = [m for m in made if image is None or m.image.ref != image.ref]
-        if not _made[checkpoint_id]:
-            del _made[checkpoint_id]
+def _made(checkpoint: Checkpoint) -> list[backend.Made]:
+    """The snapshots this checkpoint made (and has not discarded)."""
+    found = (t.state_of(NAME).get("made") for t in checkpoint.targets)
+    return [m for m in found if m is not None]
 
 
 @hookimpl
@@ -226,7 +208,9 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
     where = image.path or str(backend.image_mount_dir(target.checkpoint_id, target.mount.mount_point))
     backend.unmount_image(Path(where))
     backend.discard(details)
-    _forget(target.checkpoint_id, image)
+    made = target.state_of(NAME).get("made")
+    if made is not None and made.image.ref == image.ref:
+        del target.state_of(NAME)["made"]
 
 
 @hookimpl
@@ -245,10 +229,9 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 @hookimpl
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
     """Unmount the snapshots mounted for the exporters."""
-    with _lock:
-        made = _made.pop(checkpoint.id, [])
-        for key in [k for k in _plans if k[0] == checkpoint.id]:  # prepared, never snapshotted
-            del _plans[key]
+    made = _made(checkpoint)
+    for target in checkpoint.targets:
+        target.state_of(NAME).clear()
     for entry in made:
         if entry.image.path:
             backend.unmount_image(Path(entry.image.path))

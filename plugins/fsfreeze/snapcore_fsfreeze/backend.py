@@ -12,11 +12,7 @@ import fcntl
 import os
 import threading
 
-from snapcore import BackendError, FrozenElsewhere, Mount, ThawError
-
-# <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int)
-FIFREEZE = 0xC0045877
-FITHAW = 0xC0045878
+from snapcore import FIFREEZE, FITHAW, BackendError, FrozenElsewhere, Mount, ThawError
 
 #: Filesystems whose kernel driver implements freezing.
 FREEZABLE = frozenset(

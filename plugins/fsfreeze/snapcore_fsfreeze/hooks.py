@@ -24,11 +24,15 @@ from snapcore import (
 from snapcore_fsfreeze.backend import Freezer, freezable
 
 NAME = "fsfreeze"
-_freezer = Freezer()
 
 
-def _key(target: Target) -> str:
-    return f"{target.checkpoint_id}:{target.mount.mount_point}"
+def _freezer(target: Target) -> Freezer:
+    """The target's own freezer: it holds the descriptor FITHAW needs until the thaw."""
+    state = target.state_of(NAME)
+    freezer = state.get("freezer")
+    if freezer is None:
+        freezer = state["freezer"] = Freezer()
+    return freezer
 
 
 @hookimpl
@@ -79,7 +83,7 @@ def snapcore_rescue(target: Target) -> Rescue:
 
 @hookimpl
 def snapcore_freeze(target: Target) -> None:
-    _freezer.freeze(_key(target), target.mount.mount_point)
+    _freezer(target).freeze(target.mount.mount_point, target.mount.mount_point)
 
 
 @hookimpl
@@ -96,7 +100,7 @@ def snapcore_snapshot(target: Target) -> Image:
 
 @hookimpl
 def snapcore_thaw(target: Target) -> None:
-    _freezer.thaw(_key(target))
+    _freezer(target).thaw(target.mount.mount_point)
 
 
 @hookimpl

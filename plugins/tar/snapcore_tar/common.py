@@ -43,12 +43,14 @@ from snapcore import (
     BackendError,
     Checkpoint,
     Export,
-    MissingTool,
     Outcome,
     SnapcoreError,
     Target,
+    find_tool,
     plain_name,
     read_regular,
+    stderr_tail,
+    write_atomic,
 )
 
 if TYPE_CHECKING:
@@ -58,11 +60,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
-#: Environment for every tool run: C locale, so tar's and rsync's messages and
-#: name quoting are the same on every host.
-TOOL_LOCALE = {"LC_ALL": "C", "LANG": "C"}
-
-
 #: tool → Debian package that provides it
 PACKAGES = {"tar": "tar", "rsync": "rsync", "zstd": "zstd", "gzip": "gzip"}
 
@@ -91,46 +88,12 @@ def utc_now() -> str:
 
 def tool(name: str, backend: str) -> str:
     """Absolute path of ``name`` on ``PATH``, else :class:`MissingTool` naming the package."""
-    path = shutil.which(name)
-    if path is None:
-        raise MissingTool(name, PACKAGES.get(name, name), backend=backend)
-    return path
-
-
-def tool_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(TOOL_LOCALE)
-    return env
+    return find_tool(name, package=PACKAGES.get(name, name), backend=backend)
 
 
 def tail(text: str | bytes | None, lines: int = 6) -> str:
     """The last lines of a tool's stderr, on one line, for an error message."""
-    if not text:
-        return ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
-    return "; ".join(kept)
-
-
-def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Write ``path`` under a temporary name, (fsync,) rename: never half a file.
-
-    ``sync=False`` inside an export: the checkpoint's end syncs the whole
-    filesystem once (:func:`syncfs`) before the manifest makes the export complete.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    return stderr_tail(text, lines)
 
 
 def write_json(path: Path, data: Mapping[str, Any], *, sync: bool = True) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, SnapcoreError, Target, plain_name, read_regular, syncfs
+from snapcore import BackendError, Export, Image, SnapcoreError, Target, plain_name, read_regular, syncfs, write_atomic
 from snapcore_tar import RSYNC, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -32,7 +32,6 @@ from snapcore_tar.common import (
     read_json,
     slug,
     tool,
-    write_atomic,
     write_json,
 )
 from snapcore_tar.progress import Progress, bar_wanted
@@ -420,7 +419,7 @@ def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | N
 # -- after the checkpoint ---------------------------------------------------------------
 
 
-def complete(target: Target, export: Export) -> None:
+def finish(target: Target, export: Export) -> None:
     """After the thaw, before the manifest says ok: record the file list, sync the tree."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
     name = common.record_slug(export.details, target.mount.mount_point)

@@ -125,7 +125,7 @@ def snapcore_restore(target: Target, export: Export | None, dest: Path | None, i
 @hookimpl
 def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
     if export is not None:
-        rsync_backend.complete(target, export)
+        rsync_backend.finish(target, export)
     return []
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Cancelled, Target, tied_to_controller
-from snapcore_tar.common import tail, tool_env
+from snapcore import BackendError, Cancelled, Target, tied_to_controller, tool_env
+from snapcore_tar.common import tail
 from snapcore_tar.progress import Progress
 
 CHUNK = 1 << 20

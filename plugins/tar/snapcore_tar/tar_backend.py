@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, StillNeeded, Target, Untrusted, plain_name, syncfs
+from snapcore import BackendError, Export, Image, StillNeeded, Target, Untrusted, plain_name, syncfs, write_atomic
 from snapcore_tar import TAR, common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -29,7 +29,6 @@ from snapcore_tar.common import (
     read_latest,
     slug,
     tool,
-    write_atomic,
     write_json,
 )
 from snapcore_tar.progress import Progress, bar_wanted
@@ -300,7 +299,7 @@ def export(target: Target, image: Image, dest: Path) -> Export:
 # -- after the checkpoint ---------------------------------------------------------------
 
 
-def complete(target: Target, export: Export) -> None:
+def finish(target: Target, export: Export) -> None:
     """After the thaw, before the manifest says ok: checksum and sync the archive.
 
     The archive was just written, so the checksum reads it from the page cache. A

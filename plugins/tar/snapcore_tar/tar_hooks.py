@@ -135,7 +135,7 @@ def snapcore_restore(target: Target, export: Export | None, dest: Path | None, i
 @hookimpl
 def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
     if export is not None:
-        tar_backend.complete(target, export)
+        tar_backend.finish(target, export)
     return []
 
 
