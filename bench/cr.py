@@ -28,10 +28,10 @@ from typing import Any
 
 from floor import header, machine_floor
 
-from snapcore.inventory import take_inventory
-from snapcore.mounts import MountTable
-from snapcore.tasks import TaskFreezer, descendants, resolve_pid
-from snapcore.watch import Watch
+from snapcore.host.mounts import MountTable
+from snapcore.tasks.changes import Watch
+from snapcore.tasks.freezer import TaskFreezer, descendants, resolve_pid
+from snapcore.tasks.inventory import take_inventory
 
 HOLDER = r"""
 import os, resource, sys, time

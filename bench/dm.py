@@ -82,7 +82,7 @@ class Writer:
 def guest(rounds: int, out: Path) -> None:
     import snapcore
     from snapcore import Role, Target
-    from snapcore.mounts import MountTable
+    from snapcore.host.mounts import MountTable
     from snapcore_dm import hooks
 
     scratch = Path("/run/bench-dm")

@@ -36,7 +36,7 @@ from typing import Any
 from floor import header, machine_floor, ratio
 
 from snapcore import Consistency, Export, Image, Target
-from snapcore.mounts import MountTable
+from snapcore.host.mounts import MountTable
 from snapcore.testing import LoopFactory
 from snapcore_tar import rsync_backend, tar_backend
 from snapcore_tar.common import slug

@@ -37,7 +37,7 @@ import snapcore.cli
 early = 0.0
 how = sys.argv[5]
 if how == "cli":  # as the snapcore command: the guard is started first thing
-    from snapcore.watchdog import start_guard
+    from snapcore.safety.deadline import start_guard
     t = time.perf_counter()
     start_guard()
     early = (time.perf_counter() - t) * 1000
@@ -46,10 +46,10 @@ from pathlib import Path
 from snapcore.plugins import make_plugins
 from snapcore.policy import Policy
 from snapcore.transaction import Transaction
-from snapcore.watchdog import ThreadWatchdog
+from snapcore.safety.deadline import ThreadWatchdog
 mounts, state, run_dir, safety = json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), how != "0"
 if how == "spawn":  # as in a big process: the guard is a fresh interpreter
-    from snapcore.watchdog import GuardLink
+    from snapcore.safety.deadline import GuardLink
     GuardLink.FORK_MAX_RSS = 0
 plugins, policy = make_plugins(), Policy.default()
 if safety:
@@ -91,8 +91,8 @@ def checkpoint_cost(mounts: list[str], state: Path, run_dir: Path, rounds: int) 
     """
     from snapcore.plugins import make_plugins
     from snapcore.policy import Policy
+    from snapcore.safety.deadline import ThreadWatchdog
     from snapcore.transaction import Transaction
-    from snapcore.watchdog import ThreadWatchdog
 
     plugins = make_plugins()
     policy = Policy.default()
@@ -182,9 +182,9 @@ def main() -> int:
     os.environ.setdefault("SNAPCORE_PLUGINS", "fsfreeze")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     print(header(machine_floor()), flush=True)
-    from snapcore.journal import recover
+    from snapcore.safety.deadline import GuardLink
+    from snapcore.safety.journal import recover
     from snapcore.testing import LoopFactory
-    from snapcore.watchdog import GuardLink
 
     with tempfile.TemporaryDirectory(prefix="snapcore-bench-safety-") as tmp:
         base = Path(tmp)

@@ -102,8 +102,8 @@ def program_demo(base: Path, loops: LoopFactory, state: Path) -> int:
 
     from crcycle import App, cycle
 
-    from snapcore.criu import check_criu
     from snapcore.errors import CriuUnavailable
+    from snapcore.tasks.criu import check_criu
 
     step("a running program: checkpoint with CRIU, damage its files, restore")
     try:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from snapcore.cancel import Cancel, tied_to_controller
 from snapcore.errors import (
     BackendError,
     Cancelled,
@@ -33,9 +32,10 @@ from snapcore.errors import (
     Untrusted,
     UsageError,
 )
-from snapcore.fsutil import block_devnum, human_bytes, syncfs
+from snapcore.host.fsutil import block_devnum, human_bytes, syncfs
 from snapcore.lazy import lazy_import
 from snapcore.log import get_logger
+from snapcore.safety.cancel import Cancel, tied_to_controller
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -79,20 +79,20 @@ if TYPE_CHECKING:
         verify,
     )
     from snapcore.cli import main
-    from snapcore.confine import plain_name
-    from snapcore.fsutil import read_regular
-    from snapcore.guard import FIFREEZE, FITHAW
-    from snapcore.holders import Holder, mount_holders
-    from snapcore.locks import default_run_dir
-    from snapcore.manifest import Manifest, TargetRecord
-    from snapcore.mounts import find_mount, udev_attr, udev_device
+    from snapcore.host.fsutil import read_regular
+    from snapcore.host.locks import default_run_dir
+    from snapcore.host.mounts import find_mount, udev_attr, udev_device
+    from snapcore.host.tools import TOOL_LOCALE, find_tool, run_tool, stderr_tail, tool_env, write_atomic
     from snapcore.plugins import Plugins, make_plugins
     from snapcore.policy import Policy, load_policy
-    from snapcore.restoring import MountRestored, Verification
-    from snapcore.retention import Deletion, PruneReport
-    from snapcore.tools import TOOL_LOCALE, find_tool, run_tool, stderr_tail, tool_env, write_atomic
+    from snapcore.safety.deadline import start_guard
+    from snapcore.safety.guard import FIFREEZE, FITHAW
+    from snapcore.store.confine import plain_name
+    from snapcore.store.manifest import Manifest, TargetRecord
+    from snapcore.store.restore import MountRestored, Verification
+    from snapcore.store.retention import Deletion, PruneReport
+    from snapcore.tasks.holders import Holder, mount_holders
     from snapcore.transaction import Selection, TaskSpec
-    from snapcore.watchdog import start_guard
 
 _LAZY = {
     **dict.fromkeys(
@@ -115,32 +115,32 @@ _LAZY = {
         "snapcore.api",
     ),
     "main": "snapcore.cli",
-    "Deletion": "snapcore.retention",
-    "PruneReport": "snapcore.retention",
-    "MountRestored": "snapcore.restoring",
-    "Verification": "snapcore.restoring",
+    "Deletion": "snapcore.store.retention",
+    "PruneReport": "snapcore.store.retention",
+    "MountRestored": "snapcore.store.restore",
+    "Verification": "snapcore.store.restore",
     "Plugins": "snapcore.plugins",
     "make_plugins": "snapcore.plugins",
     "Policy": "snapcore.policy",
     "load_policy": "snapcore.policy",
     "Selection": "snapcore.transaction",
     "TaskSpec": "snapcore.transaction",
-    "find_mount": "snapcore.mounts",
+    "find_mount": "snapcore.host.mounts",
     **dict.fromkeys(
-        ("find_tool", "run_tool", "stderr_tail", "tool_env", "write_atomic", "TOOL_LOCALE"), "snapcore.tools"
+        ("find_tool", "run_tool", "stderr_tail", "tool_env", "write_atomic", "TOOL_LOCALE"), "snapcore.host.tools"
     ),
-    "FIFREEZE": "snapcore.guard",
-    "FITHAW": "snapcore.guard",
-    "default_run_dir": "snapcore.locks",
-    "Manifest": "snapcore.manifest",
-    "TargetRecord": "snapcore.manifest",
-    "Holder": "snapcore.holders",
-    "plain_name": "snapcore.confine",
-    "read_regular": "snapcore.fsutil",
-    "mount_holders": "snapcore.holders",
-    "start_guard": "snapcore.watchdog",
-    "udev_attr": "snapcore.mounts",
-    "udev_device": "snapcore.mounts",
+    "FIFREEZE": "snapcore.safety.guard",
+    "FITHAW": "snapcore.safety.guard",
+    "default_run_dir": "snapcore.host.locks",
+    "Manifest": "snapcore.store.manifest",
+    "TargetRecord": "snapcore.store.manifest",
+    "Holder": "snapcore.tasks.holders",
+    "plain_name": "snapcore.store.confine",
+    "read_regular": "snapcore.host.fsutil",
+    "mount_holders": "snapcore.tasks.holders",
+    "start_guard": "snapcore.safety.deadline",
+    "udev_attr": "snapcore.host.mounts",
+    "udev_device": "snapcore.host.mounts",
 }
 
 

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore.cancel import Cancel
 from snapcore.errors import PolicyError, PolicyProblems, UsageError
-from snapcore.locks import default_run_dir
-from snapcore.manifest import Manifest
+from snapcore.host.locks import default_run_dir
 from snapcore.plugins import Plugins, default_plugins
 from snapcore.policy import Policy, check_backends, load_policy, resolved_options, state_dir_of
+from snapcore.safety.cancel import Cancel
+from snapcore.safety.deadline import Watchdog
+from snapcore.store.manifest import Manifest
 from snapcore.transaction import Payload, Selection, TaskSpec, Transaction, check_payload
 from snapcore.transaction import plan as _plan
-from snapcore.watchdog import Watchdog
 
 if TYPE_CHECKING:  # loaded by the calls that need them (the command line starts faster)
-    from snapcore.restoring import MountRestored, Verification
-    from snapcore.retention import Deletion, PruneReport
+    from snapcore.store.restore import MountRestored, Verification
+    from snapcore.store.retention import Deletion, PruneReport
 
 PathLike = str | os.PathLike[str]
 
@@ -118,7 +118,7 @@ def checkpoint(
     :class:`~snapcore.errors.CheckpointFailed` (carrying the failed manifest) on
     failure, with every target thawed and partial images discarded.
 
-    ``cancel``: a :class:`~snapcore.cancel.Cancel` another thread (or a signal
+    ``cancel``: a :class:`~snapcore.safety.cancel.Cancel` another thread (or a signal
     handler) may set; the checkpoint then fails at its next step, its exporters'
     commands stopped at once.
     """
@@ -189,7 +189,7 @@ def restore(
     Returns each mount restored (and, in place, the checkpoint id of the state it
     replaced); ``on_restored`` hears of each as it is done. Raises
     :class:`~snapcore.errors.SnapcoreError` naming the mounts already restored."""
-    from snapcore.restoring import restore as _restore
+    from snapcore.store.restore import restore as _restore
 
     return _restore(
         plugins or default_plugins(),
@@ -214,7 +214,7 @@ def verify(
 ) -> Verification:
     """Whether a checkpoint's images and exports (or, with ``from_dir``, an export
     directory's) are still there and intact: ``.ok``, and per mount what is wrong."""
-    from snapcore.restoring import verify as _verify
+    from snapcore.store.restore import verify as _verify
 
     return _verify(
         plugins or default_plugins(),
@@ -237,7 +237,7 @@ class Listed:
 
 def list_checkpoints(*, state_dir: PathLike | None = None) -> list[Listed]:
     """Every checkpoint's manifest, newest first (an unreadable one is listed with why)."""
-    from snapcore.manifest import iter_manifests
+    from snapcore.store.manifest import iter_manifests
 
     return [
         Listed(manifest.id if manifest else path.parent.name, path, manifest, error)
@@ -247,7 +247,7 @@ def list_checkpoints(*, state_dir: PathLike | None = None) -> list[Listed]:
 
 def show(checkpoint_id: str, *, state_dir: PathLike | None = None) -> Manifest:
     """One checkpoint's manifest."""
-    from snapcore.manifest import load
+    from snapcore.store.manifest import load
 
     return load(_state(state_dir), checkpoint_id)
 
@@ -263,7 +263,7 @@ def prune(
     """Apply each mount's ``keep`` rule: remove old images and exports through their
     backends (with ``dry_run``, only say what would go). ``now`` (seconds since the
     epoch) is the time ``within`` counts back from. Errors are in the report."""
-    from snapcore.retention import prune as _prune
+    from snapcore.store.retention import prune as _prune
 
     return _prune(_state(state_dir), plugins or default_plugins(), dry_run=dry_run, now=now, run_dir=_run(run_dir))
 
@@ -280,7 +280,7 @@ def delete(
     """Remove checkpoints (or only ``mounts``' part of them): each export, then each
     image, through their backends, which refuse what snapcore did not make and what
     later increments build on; then the manifest, once nothing of it is left."""
-    from snapcore.retention import delete as _delete
+    from snapcore.store.retention import delete as _delete
 
     return _delete(
         _state(state_dir),
@@ -303,7 +303,7 @@ class Recovered:
 def recover(*, run_dir: PathLike | None = None, plugins: Plugins | None = None) -> list[Recovered]:
     """Thaw and clean up after controllers that died, from their journals (a journal
     whose controller is alive is left alone)."""
-    from snapcore.journal import recover as _recover
+    from snapcore.safety.journal import recover as _recover
 
     return [Recovered(cid, done) for cid, done in _recover(_run(run_dir), plugins or default_plugins())]
 

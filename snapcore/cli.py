@@ -247,7 +247,7 @@ CRIU_ID_FILE = "snapcore-checkpoint"
 def cmd_criu_hook(args: argparse.Namespace) -> int:
     """``criu dump/restore --action-script 'snapcore criu-hook'``."""
     from snapcore import api
-    from snapcore.criu import ActionEvent, handle_action
+    from snapcore.tasks.criu import ActionEvent, handle_action
     from snapcore.transaction import TaskSpec
 
     def post_dump(event: ActionEvent) -> None:
@@ -288,14 +288,14 @@ def _run_after_restore(command: list[str]) -> int:
         raise UsageError(f"command not found: {command[0]}")
     status = subprocess.run(command, check=False).returncode
     if status != 0:
-        from snapcore.criu import describe_failure
+        from snapcore.tasks.criu import describe_failure
 
         raise SnapcoreError(describe_failure(command, status))
     return ExitCode.OK
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    from snapcore.locks import default_run_dir
+    from snapcore.host.locks import default_run_dir
 
     return Path(args.run_dir) if args.run_dir else default_run_dir()
 
@@ -408,7 +408,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     from snapcore import api
-    from snapcore.cancel import Cancel, on_signals
+    from snapcore.safety.cancel import Cancel, on_signals
 
     _require_root("snapcore checkpoint")
     plugins = _plugins(args)
@@ -538,7 +538,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from snapcore import api
-    from snapcore.retention import describe
+    from snapcore.store.retention import describe
 
     if not args.dry_run:
         _require_root("snapcore prune")
@@ -615,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the guard boots on the other CPU while this process loads the rest; if
             # it cannot start now, the checkpoint tries again and says why
             from snapcore.errors import GuardError
-            from snapcore.watchdog import start_guard
+            from snapcore.safety.deadline import start_guard
 
             with contextlib.suppress(GuardError):
                 start_guard()

@@ -29,10 +29,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from snapcore.faults import ACTIONS
-from snapcore.mounts import MountTable
+from snapcore.host.mounts import MountTable
 from snapcore.plugins import Plugins, make_plugins
-from snapcore.records import image_of, target_of
+from snapcore.safety.faults import ACTIONS
+from snapcore.store.records import image_of, target_of
 from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen, wait_for_path
 from snapcore.types import Consistency, Role
 

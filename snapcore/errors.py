@@ -134,7 +134,7 @@ class ToolFailed(BackendError):
         backend: str | None = None,
         status: int | None = None,
     ) -> None:
-        from snapcore.tools import stderr_tail
+        from snapcore.host.tools import stderr_tail
 
         self.argv = list(argv)
         self.stderr = stderr

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from snapcore.manifest import Manifest
+    from snapcore.store.manifest import Manifest
     from snapcore.types import (
         BackendInfo,
         Checkpoint,
@@ -290,7 +290,7 @@ def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str] | None
     on the exporter of a target of a checkpoint whose controller died during
     ``export`` (its journal holds the intent and no result). ``dest`` is the path
     ``export`` was given. The exporter's commands were started with
-    :func:`~snapcore.cancel.tied_to_controller`, so they died with it.
+    :func:`~snapcore.safety.cancel.tied_to_controller`, so they died with it.
 
     **Returns**: what was removed, one line each, for the report; ``None`` or empty:
     nothing was found.

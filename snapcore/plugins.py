@@ -23,8 +23,8 @@ import pluggy
 
 from snapcore import hookspecs
 from snapcore.errors import PluginError, SnapcoreError
-from snapcore.faults import inject
 from snapcore.log import get_logger
+from snapcore.safety.faults import inject
 from snapcore.types import (
     BackendInfo,
     Checkpoint,
@@ -42,7 +42,7 @@ from snapcore.types import (
 )
 
 if TYPE_CHECKING:
-    from snapcore.manifest import Manifest
+    from snapcore.store.manifest import Manifest
 
 log = get_logger(__name__)
 

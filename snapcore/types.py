@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from snapcore.cancel import Cancel
+from snapcore.safety.cancel import Cancel
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 

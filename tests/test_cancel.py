@@ -15,7 +15,7 @@ import pytest
 
 import snapcore
 from snapcore import Cancel, Cancelled, CheckpointFailed
-from snapcore.cancel import on_signals, tied_to_controller
+from snapcore.safety.cancel import on_signals, tied_to_controller
 from snapcore.testing import LoopFactory, Pace, assert_not_frozen, start_write, wait_for_path
 
 SNAPCORE = [sys.executable, "-m", "snapcore"]

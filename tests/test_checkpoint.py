@@ -12,7 +12,7 @@ import pytest
 import snapcore
 from snapcore import CheckpointFailed, Consistency, Image, Role, Target, hookimpl
 from snapcore.cli import main
-from snapcore.mounts import read_mounts
+from snapcore.host.mounts import read_mounts
 from snapcore.plugins import Plugins, make_plugins
 from snapcore.policy import load_policy
 from snapcore.testing import HookRecorder, LoopFactory, Pace, assert_not_frozen, start_write, thaw_quietly

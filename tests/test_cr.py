@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.cli import main
-from snapcore.criu import Criu
+from snapcore.tasks.criu import Criu
 from snapcore.testing import LoopFactory, Pace, assert_not_frozen, wait_for_path
 
 pytestmark = pytest.mark.usefixtures("root_only")
@@ -251,9 +251,9 @@ def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str],
 def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path) -> tuple[Criu, Path]:
     """A working CRIU, the btrfs backend, and a btrfs subvolume mounted on its own
     (so that it can be rolled back in place)."""
-    from snapcore.criu import check_criu
     from snapcore.errors import CriuUnavailable
     from snapcore.plugins import make_plugins
+    from snapcore.tasks.criu import check_criu
 
     try:
         criu = check_criu()
@@ -720,7 +720,7 @@ def test_tasks_are_thawed_by_the_guard_when_the_controller_dies(
 
 
 def _cgroup_events(pid: int) -> str:
-    from snapcore.tasks import cgroup_hierarchies, task_cgroup
+    from snapcore.tasks.freezer import cgroup_hierarchies, task_cgroup
 
     v2, _ = cgroup_hierarchies()
     assert v2 is not None

@@ -1,4 +1,4 @@
-"""snapcore.criu: finding and checking CRIU, action scripts, and a real dump + restore
+"""snapcore.tasks.criu: finding and checking CRIU, action scripts, and a real dump + restore
 of a task snapcore froze, inventoried and watched."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.criu import (
+from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
+from snapcore.tasks.changes import ChangeKind, Watch
+from snapcore.tasks.criu import (
     ActionEvent,
     Criu,
     ScriptAction,
@@ -28,11 +30,9 @@ from snapcore.criu import (
     handle_action,
     parse_version,
 )
-from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
-from snapcore.inventory import FileState, copy_ghosts, take_inventory
-from snapcore.tasks import TaskFreezer, recover_temporary_cgroups, resolve_pid
+from snapcore.tasks.freezer import TaskFreezer, recover_temporary_cgroups, resolve_pid
+from snapcore.tasks.inventory import FileState, copy_ghosts, take_inventory
 from snapcore.testing import Pace, machine_pace
-from snapcore.watch import ChangeKind, Watch
 
 
 def fake_criu(tmp_path: Path, version: str, check_rc: int, check_out: str = "") -> str:
@@ -124,10 +124,10 @@ while True:
     time.sleep(0.02)
 """
 
-# CRIU's action script: records what snapcore.criu.handle_action hands the handlers.
+# CRIU's action script: records what snapcore.tasks.criu.handle_action hands the handlers.
 HOOK = r"""#!{python}
 import json, sys
-from snapcore.criu import handle_action
+from snapcore.tasks.criu import handle_action
 def record(event):
     with open({log!r}, "a") as f:
         f.write(json.dumps(event.to_json()) + "\n")

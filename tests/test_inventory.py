@@ -1,4 +1,4 @@
-"""snapcore.inventory with real processes holding real files."""
+"""snapcore.tasks.inventory with real processes holding real files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.inventory import (
+from snapcore.host.mounts import mount_id_of
+from snapcore.tasks.inventory import (
     FileState,
     Inventory,
     OpenFile,
@@ -21,7 +22,6 @@ from snapcore.inventory import (
     copy_ghosts,
     take_inventory,
 )
-from snapcore.mounts import mount_id_of
 from snapcore.testing import LoopFactory, machine_pace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="map_files and other tasks' fdinfo need root")

@@ -51,5 +51,9 @@ def test_every_public_name_resolves(name: str) -> None:
 
 def test_the_check_catches_an_internal_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from snapcore.manifest import load\nimport snapcore.policy\nfrom snapcore import records\n")
-    assert [m for _, m in _imports(bad) if _internal(m)] == ["snapcore.manifest", "snapcore.policy", "snapcore.records"]
+    bad.write_text("from snapcore.store.manifest import load\nimport snapcore.policy\nfrom snapcore import records\n")
+    assert [m for _, m in _imports(bad) if _internal(m)] == [
+        "snapcore.store.manifest",
+        "snapcore.policy",
+        "snapcore.records",
+    ]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.errors import UnsupportedMount, UsageError
-from snapcore.mounts import MountTable, freeze_levels, parse_mountinfo_line, resolve_paths, unescape
+from snapcore.host.mounts import MountTable, freeze_levels, parse_mountinfo_line, resolve_paths, unescape
 from snapcore.testing import LoopFactory
 
 LINE = "36 35 98:0 /mnt1 /mnt/my\\040disk rw,noatime master:1 - ext3 /dev/root rw,errors=continue"

@@ -16,8 +16,8 @@ import pytest
 import snapcore
 from snapcore.cli import main
 from snapcore.errors import LockBusy
-from snapcore.journal import Journal, read_journal, recover
-from snapcore.locks import MountLock
+from snapcore.host.locks import MountLock
+from snapcore.safety.journal import Journal, read_journal, recover
 from snapcore.testing import LoopFactory, Pace, assert_not_frozen, machine_pace, start_write, thaw_quietly
 
 pytestmark = pytest.mark.usefixtures("root_only")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("root_only")
 CONTROLLER = """
 import os, sys, time, snapcore
 from pathlib import Path
-from snapcore.watchdog import GuardLink
+from snapcore.safety.deadline import GuardLink
 policy, state, ready, how = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 if how == "spawn":
     GuardLink.FORK_MAX_RSS = 0  # as in a big process: a fresh interpreter
@@ -181,7 +181,7 @@ def test_a_second_checkpoint_of_a_mount_fails_at_once_naming_the_holder(
 def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom snapcore.locks import MountLock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom snapcore.host.locks import MountLock\n"
         "MountLock(Path(sys.argv[1]), '/srv', 'x').acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
@@ -373,7 +373,7 @@ def test_manifest_never_written_through_a_planted_symlink(loop_fs: LoopFactory, 
 
 
 def test_one_guard_serves_every_checkpoint_of_a_process(loop_fs: LoopFactory, state_dir: Path) -> None:
-    from snapcore.watchdog import _LINK
+    from snapcore.safety.deadline import _LINK
 
     fs = loop_fs("ext4")
     snapcore.checkpoint([fs], state_dir=state_dir)
@@ -384,7 +384,7 @@ def test_one_guard_serves_every_checkpoint_of_a_process(loop_fs: LoopFactory, st
 
 
 def test_a_guard_that_died_is_started_anew(loop_fs: LoopFactory, state_dir: Path, pace: Pace) -> None:
-    from snapcore.watchdog import _LINK
+    from snapcore.safety.deadline import _LINK
 
     fs = loop_fs("ext4")
     snapcore.checkpoint([fs], state_dir=state_dir)
@@ -446,7 +446,7 @@ time.sleep(120)
 def test_a_guard_that_does_not_answer_fails_the_checkpoint_before_any_freeze(
     loop_fs: LoopFactory, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import snapcore.watchdog as watchdog
+    import snapcore.safety.deadline as watchdog
 
     fs = loop_fs("ext4")
     snapcore.checkpoint([fs], state_dir=state_dir)
@@ -494,7 +494,7 @@ class GuardDiesThenFrozenElsewhere:
 
     @snapcore.hookimpl
     def snapcore_freeze(self, target: snapcore.Target) -> None:
-        from snapcore.watchdog import _LINK
+        from snapcore.safety.deadline import _LINK
 
         assert _LINK.pid is not None
         os.kill(_LINK.pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.cli import main
-from snapcore.criu import Criu
+from snapcore.tasks.criu import Criu
 from snapcore.testing import Pace
 from tests.test_cr import criu_and_btrfs  # noqa: F401 - a fixture, used by name
 

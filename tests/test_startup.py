@@ -20,9 +20,9 @@ from snapcore import hookimpl
 from snapcore.cli import _COMMANDS, _command_of, build_parser, parse_args
 from snapcore.entrypoints import entry_points
 from snapcore.errors import UsageError
-from snapcore.fsutil import block_devnum
-from snapcore.locks import lock_name
-from snapcore.mounts import MountTable, _sysfs_facts, _udev_facts, enrich
+from snapcore.host.fsutil import block_devnum
+from snapcore.host.locks import lock_name
+from snapcore.host.mounts import MountTable, _sysfs_facts, _udev_facts, enrich
 from snapcore.plugins import make_plugins
 from snapcore.testing import LoopFactory
 

@@ -1,4 +1,4 @@
-"""snapcore.tasks with real process trees: resolve, freeze, thaw, clean up."""
+"""snapcore.tasks.freezer with real process trees: resolve, freeze, thaw, clean up."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.errors import NoSuchTask, NotACgroup, SnapcoreError, UsageError
-from snapcore.tasks import (
+from snapcore.tasks.freezer import (
     TEMP_PREFIX,
     FreezeMethod,
     TaskFreezer,

@@ -1,4 +1,4 @@
-"""snapcore.watch: real files held by real processes, changed by real processes."""
+"""snapcore.tasks.changes: real files held by real processes, changed by real processes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.inventory import FileState, Inventory, take_inventory
+from snapcore.tasks.changes import Change, ChangeKind, Watch, apply_changes
+from snapcore.tasks.inventory import FileState, Inventory, take_inventory
 from snapcore.testing import LoopFactory, Pace, machine_pace
-from snapcore.watch import Change, ChangeKind, Watch, apply_changes
 from tests.test_inventory import Holders, content
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and other tasks' /proc need root")

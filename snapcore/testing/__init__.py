@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 
 import snapcore
-from snapcore.guard import FITHAW
 from snapcore.policy import DEFAULT_FREEZE_TIMEOUT as _DEFAULT_FREEZE_TIMEOUT
+from snapcore.safety.guard import FITHAW
 
 #: A bare ``python -I -c pass`` on the machine the suite's time allowances were first
 #: written on (issue 4's notes: 5.7-5.8 ms): the unit of :class:`Pace`.
@@ -441,21 +441,21 @@ def target_of(manifest: snapcore.Manifest, record: snapcore.TargetRecord, state_
     """The :class:`~snapcore.Target` a backend's hooks get for one of ``manifest``'s
     targets, rebuilt as restore, verify and delete do (the live mount when it is still
     there)."""
-    from snapcore.mounts import MountTable
-    from snapcore.records import target_of as _target_of
+    from snapcore.host.mounts import MountTable
+    from snapcore.store.records import target_of as _target_of
 
     return _target_of(manifest, record, state_dir, MountTable.read())
 
 
 def image_of(record: snapcore.TargetRecord) -> snapcore.Image | None:
     """The :class:`~snapcore.Image` a manifest's target record describes."""
-    from snapcore.records import image_of as _image_of
+    from snapcore.store.records import image_of as _image_of
 
     return _image_of(record)
 
 
 def export_of(record: snapcore.TargetRecord) -> snapcore.Export | None:
     """The :class:`~snapcore.Export` a manifest's target record describes."""
-    from snapcore.records import export_of as _export_of
+    from snapcore.store.records import export_of as _export_of
 
     return _export_of(record)

@@ -22,10 +22,10 @@ made: a checksum, a sync, a health check; may still fail the checkpoint) → **r
 checkpoint exists) → ``checkpoint_end`` (observers; exporters *publish*: the manifest
 copy beside the export and the ``latest`` pointer, only once the manifest says ok).
 
-Three safety nets, three names: the **change watch** (:mod:`snapcore.watch`) notices
+Three safety nets, three names: the **change watch** (:mod:`snapcore.tasks.changes`) notices
 files the tasks need changing under them; the **deadline watchdog**
-(:mod:`snapcore.watchdog`, a thread) thaws when the window outlives
-``freeze_timeout``; the **guard** (:mod:`snapcore.guard`, a process) thaws when the
+(:mod:`snapcore.safety.deadline`, a thread) thaws when the window outlives
+``freeze_timeout``; the **guard** (:mod:`snapcore.safety.guard`, a process) thaws when the
 controller dies.
 """
 

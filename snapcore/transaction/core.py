@@ -24,13 +24,17 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from snapcore.cancel import Cancel
 from snapcore.errors import Cancelled, CheckpointFailed, PolicyProblems, SnapcoreError, UnsupportedMount, UsageError
-from snapcore.faults import inject
-from snapcore.journal import Journal, recover, secure_dir
-from snapcore.locks import MountLock, default_run_dir
+from snapcore.host.locks import MountLock, default_run_dir
+from snapcore.host.mounts import MountTable, freeze_levels
 from snapcore.log import get_logger
-from snapcore.manifest import (
+from snapcore.plugins import Plugins
+from snapcore.policy import Policy, check_backends, resolved_options
+from snapcore.safety.cancel import Cancel
+from snapcore.safety.deadline import ProcessWatchdog, Watchdog
+from snapcore.safety.faults import inject
+from snapcore.safety.journal import Journal, recover, secure_dir
+from snapcore.store.manifest import (
     Manifest,
     TargetRecord,
     check_checkpoint_id,
@@ -39,9 +43,6 @@ from snapcore.manifest import (
     new_checkpoint_id,
     utc_now,
 )
-from snapcore.mounts import MountTable, freeze_levels
-from snapcore.plugins import Plugins
-from snapcore.policy import Policy, check_backends, resolved_options
 from snapcore.transaction import images
 from snapcore.transaction.payload import Payload, run_payload
 from snapcore.transaction.pool import shared_pool
@@ -50,7 +51,6 @@ from snapcore.transaction.targets import TargetRun, TaskSpec, describe
 from snapcore.transaction.tasks_step import HeldTasks
 from snapcore.transaction.window import FreezeWindow
 from snapcore.types import Checkpoint, Image, Mount, Outcome, Phase, Role, Target
-from snapcore.watchdog import ProcessWatchdog, Watchdog
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -285,7 +285,7 @@ class Transaction:
 
     def _check_run_dir(self) -> None:
         """The journal is written inside the window: never on a mount we freeze."""
-        from snapcore.mounts import mount_id_of
+        from snapcore.host.mounts import mount_id_of
 
         run_mount = mount_id_of(self.run_dir)
         for run in self.runs:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from snapcore.errors import PayloadFailed, UsageError
-from snapcore.faults import inject
+from snapcore.safety.faults import inject
 from snapcore.types import Checkpoint
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def run_payload(txn: Transaction, payload: Payload) -> None:
     txn.manifest.payload = {"argv": cmd, "status": proc.returncode}
     txn.cancel.check()
     if proc.returncode != 0:
-        from snapcore.criu import describe_failure
+        from snapcore.tasks.criu import describe_failure
 
         raise PayloadFailed(describe_failure(cmd, proc.returncode))
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import PolicyProblems, SnapcoreError, UnsupportedMount, UsageError
-from snapcore.mounts import MountTable, is_pseudo, mount_id_of, resolve_paths
+from snapcore.host.mounts import MountTable, is_pseudo, mount_id_of, resolve_paths
 from snapcore.plugins import Plugins
 from snapcore.policy import Policy, Rule, check_backends
 from snapcore.types import Mount, Role, Support
 
 if TYPE_CHECKING:
-    from snapcore.inventory import Inventory
-    from snapcore.tasks import TaskSet
+    from snapcore.tasks.freezer import TaskSet
+    from snapcore.tasks.inventory import Inventory
     from snapcore.transaction.targets import TaskSpec
 
 
@@ -145,8 +145,8 @@ def task_mounts(
     working directories, inventoried now), plus any ``paths`` named. The root
     filesystem and the mounts holding ``own`` (snapcore's state and run directories)
     are left out unless the policy names them."""
-    from snapcore.inventory import take_inventory
-    from snapcore.tasks import resolve_cgroup, resolve_pid
+    from snapcore.tasks.freezer import resolve_cgroup, resolve_pid
+    from snapcore.tasks.inventory import take_inventory
 
     taskset = resolve_pid(spec.pid) if spec.pid is not None else resolve_cgroup(spec.cgroup or "")
     inventory = take_inventory(taskset.pids, table=table)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from snapcore.errors import SnapcoreError
-from snapcore.manifest import TargetRecord
+from snapcore.store.manifest import TargetRecord
 from snapcore.types import Export, Image, Phase, Rescue, Target
 
 

@@ -10,15 +10,15 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import ChangeDetected, SnapcoreError
-from snapcore.manifest import manifest_path
+from snapcore.store.manifest import manifest_path
 from snapcore.types import Rescue, RescueKind
 
 if TYPE_CHECKING:
-    from snapcore.inventory import Inventory
-    from snapcore.tasks import TaskFreezer, TaskSet
+    from snapcore.tasks.changes import Watch
+    from snapcore.tasks.freezer import TaskFreezer, TaskSet
+    from snapcore.tasks.inventory import Inventory
     from snapcore.transaction.core import Transaction
     from snapcore.transaction.targets import TaskSpec
-    from snapcore.watch import Watch
 
 #: How long a checkpoint whose payload was ``criu dump`` waits for the dumped tasks'
 #: PIDs to be free (PID 1 reaps them; 1-2 s were seen on a loaded machine).
@@ -50,7 +50,7 @@ class HeldTasks:
         what the guard must write to thaw them if we die. Undo: :meth:`release`."""
         txn, spec = self.txn, self.spec
         if spec.stopped_by is None:
-            from snapcore.tasks import TaskFreezer
+            from snapcore.tasks.freezer import TaskFreezer
 
             txn.journal.record("tasks", name=txn.id)
             self.freezer = TaskFreezer(self.taskset, name=txn.id)
@@ -64,7 +64,7 @@ class HeldTasks:
             self.stopped_at = time.monotonic()
         if spec.criu_images:
             txn.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
-        from snapcore.watch import Watch
+        from snapcore.tasks.changes import Watch
 
         self.watch = Watch(self.inventory)
         self.watch.start()
@@ -93,7 +93,7 @@ class HeldTasks:
             self.stopped_at = time.monotonic()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
         if self.inventory.ghosts_needed:
-            from snapcore.inventory import copy_ghosts
+            from snapcore.tasks.inventory import copy_ghosts
 
             self.inventory = copy_ghosts(self.inventory, self._ghosts_dir(), limit=txn.policy.ghost_limit)
         txn.manifest.files = self.inventory.to_json()
@@ -134,8 +134,8 @@ class HeldTasks:
         get their old content copied through the tasks' descriptors."""
         if self.watch is None:
             return
-        from snapcore.inventory import FileState, copy_ghosts
-        from snapcore.watch import ChangeKind, apply_changes
+        from snapcore.tasks.changes import ChangeKind, apply_changes
+        from snapcore.tasks.inventory import FileState, copy_ghosts
 
         txn = self.txn
         nameless = {
@@ -182,7 +182,7 @@ class HeldTasks:
         argv = (txn.manifest.criu or {}).get("argv")
         if not argv or any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv):
             return
-        from snapcore.tasks import wait_pids_free
+        from snapcore.tasks.freezer import wait_pids_free
 
         t = time.perf_counter()
         held = wait_pids_free(self.taskset.pids, DUMPED_TASKS_GONE_S)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from snapcore.mounts import MountTable, is_pseudo
+from snapcore.host.mounts import MountTable, is_pseudo
 from snapcore.policy import DEFAULT_GHOST_LIMIT
 from snapcore.types import Mount
 

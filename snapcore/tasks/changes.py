@@ -38,7 +38,7 @@ from typing import Any
 from inotify_simple import INotify
 from inotify_simple import flags as inflags
 
-from snapcore.inventory import FileState, Inventory, OpenFile
+from snapcore.tasks.inventory import FileState, Inventory, OpenFile
 
 log = logging.getLogger(__name__)
 

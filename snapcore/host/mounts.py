@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore.errors import UnsupportedMount, UsageError
-from snapcore.fsutil import block_devnum
+from snapcore.host.fsutil import block_devnum
 from snapcore.types import Mount
 
 MOUNTINFO = "/proc/self/mountinfo"

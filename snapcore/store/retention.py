@@ -35,11 +35,11 @@ from datetime import datetime
 from pathlib import Path
 
 from snapcore.errors import LockBusy, StillNeeded, UsageError
-from snapcore.locks import MountLock, default_run_dir
-from snapcore.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
-from snapcore.mounts import MountTable
+from snapcore.host.locks import MountLock, default_run_dir
+from snapcore.host.mounts import MountTable
 from snapcore.plugins import Plugins
-from snapcore.records import export_of, image_of, mount_of, target_of
+from snapcore.store.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
+from snapcore.store.records import export_of, image_of, mount_of, target_of
 from snapcore.types import Consistency, Export, Image, ImageEntry, Keep, Outcome, Target
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The out-of-process guard: thaws what a checkpoint froze if its controller dies.
 
 One guard serves every checkpoint of a controller process: it is started with the
-first one (:class:`snapcore.watchdog.GuardLink`) and lives as long as its end of a
+first one (:class:`snapcore.safety.deadline.GuardLink`) and lives as long as its end of a
 ``SOCK_SEQPACKET`` socket pair stays open, so later checkpoints of the same process
 pay nothing to start it. Standard library only: it must start fast and never import
 anything while filesystems are frozen.

@@ -31,7 +31,7 @@ class MountLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        from snapcore.journal import secure_dir
+        from snapcore.safety.journal import secure_dir
 
         secure_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 
 from snapcore.errors import SnapcoreError
-from snapcore.inventory import _fdinfo, _map_files_name, _mnt_id_of
-from snapcore.mounts import MountTable, mount_id_of
+from snapcore.host.mounts import MountTable, mount_id_of
+from snapcore.tasks.inventory import _fdinfo, _map_files_name, _mnt_id_of
 
 __all__ = ["Holder", "mount_holders"]
 

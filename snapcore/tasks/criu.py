@@ -240,7 +240,7 @@ class Criu:
 
         Args:
             freeze_cgroup: the cgroup the tasks are frozen in (from
-                :attr:`snapcore.tasks.TaskFreezer.criu_freeze_cgroup`): required when
+                :attr:`snapcore.tasks.freezer.TaskFreezer.criu_freeze_cgroup`): required when
                 snapcore froze them, or CRIU waits forever for them to stop.
             leave_running: keep the tasks running after the dump (``-R``).
             shell_job: the tree does not lead its session (``--shell-job``).

@@ -9,12 +9,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapcore.confine import beneath, clean_mount
 from snapcore.errors import SnapcoreError, UsageError
-from snapcore.manifest import MANIFEST_NAME, Manifest, TargetRecord, check_checkpoint_id, load, read_manifest, utc_now
-from snapcore.mounts import MountTable
+from snapcore.host.mounts import MountTable
 from snapcore.plugins import Plugins
-from snapcore.records import export_of, image_of, target_of
+from snapcore.store.confine import beneath, clean_mount
+from snapcore.store.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    TargetRecord,
+    check_checkpoint_id,
+    load,
+    read_manifest,
+    utc_now,
+)
+from snapcore.store.records import export_of, image_of, target_of
 from snapcore.types import Export, Restored
 
 #: How long a restore before ``criu restore`` waits for the checkpointed PIDs to be free.
@@ -128,7 +136,7 @@ def restore(
             dest = beneath(to, record.mount) if len(records) > 1 else to
         try:
             if safe and dest is not None:
-                from snapcore.defuse import staged
+                from snapcore.store.defuse import staged
 
                 with staged(dest) as staging:
                     restored = plugins.restore(backend, target, image, export, staging.tree, False)
@@ -154,7 +162,7 @@ def restore(
 def check_pids_free(manifest: Manifest) -> None:
     """``criu restore`` gives the tasks back their PIDs, and fails ("File exists") when
     one is taken: say so before any filesystem is rolled back, not after."""
-    from snapcore.tasks import wait_pids_free
+    from snapcore.tasks.freezer import wait_pids_free
 
     pids = (manifest.tasks or {}).get("pids") if isinstance(manifest.tasks, dict) else None
     wanted = [p for p in pids or () if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22]

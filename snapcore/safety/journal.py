@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore import guard
 from snapcore.errors import SnapcoreError
-from snapcore.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
+from snapcore.safety import guard as guard
+from snapcore.store.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Export, Image, Rescue, RescueKind, Target
 
 if TYPE_CHECKING:
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 
 def secure_dir(path: Path) -> Path:
-    """Create ``path`` 0700 if needed (see :func:`snapcore.fsutil.secure_dir`)."""
-    from snapcore.fsutil import secure_dir as check
+    """Create ``path`` 0700 if needed (see :func:`snapcore.host.fsutil.secure_dir`)."""
+    from snapcore.host.fsutil import secure_dir as check
 
     check(path)
     return path
@@ -131,9 +131,9 @@ MAX_JOURNAL_BYTES = 64 << 20
 
 
 def _lines(path: Path) -> list[str]:
-    """A journal's lines, read as :func:`~snapcore.fsutil.read_regular` reads a
+    """A journal's lines, read as :func:`~snapcore.host.fsutil.read_regular` reads a
     manifest: a regular file of root's that nobody else can write, size-capped."""
-    from snapcore.fsutil import read_regular
+    from snapcore.host.fsutil import read_regular
 
     return read_regular(path, MAX_JOURNAL_BYTES, owned=True).decode("utf-8", "replace").splitlines()
 
@@ -204,8 +204,8 @@ def _thaw(how: Rescue) -> str:
 
 def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
     """Thaw, discard and mark failed what ``pending`` left; returns what was done."""
-    from snapcore.mounts import MountTable
-    from snapcore.records import target_of
+    from snapcore.host.mounts import MountTable
+    from snapcore.store.records import target_of
 
     done: list[str] = []
     for entry in pending.guard:
@@ -221,7 +221,7 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
             done.append(f"{key}: THAW FAILED: {exc}")
     if pending.tasks:
         # the tasks go after the filesystems, as in the transaction
-        from snapcore.tasks import recover_temporary_cgroups
+        from snapcore.tasks.freezer import recover_temporary_cgroups
 
         try:
             for group in recover_temporary_cgroups(name=pending.tasks):

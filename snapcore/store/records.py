@@ -6,8 +6,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from snapcore.errors import SnapcoreError
-from snapcore.manifest import Manifest, TargetRecord
-from snapcore.mounts import MountTable
+from snapcore.host.mounts import MountTable
+from snapcore.store.manifest import Manifest, TargetRecord
 from snapcore.types import Export, Image, Keep, Mount, Target
 
 

@@ -148,7 +148,7 @@ class ThreadWatchdog:
 
 
 class GuardLink:
-    """This process's connection to its guard process (:mod:`snapcore.guard`).
+    """This process's connection to its guard process (:mod:`snapcore.safety.guard`).
 
     Started with the first checkpoint and kept for the next ones. The guard is
     forked (under a millisecond) while the only other threads are snapcore's own
@@ -178,7 +178,7 @@ class GuardLink:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         try:
             if not spawn and _only_our_threads() and _rss() <= self.FORK_MAX_RSS:
-                from snapcore import guard
+                from snapcore.safety import guard as guard
 
                 self.pid = guard.fork(ours, theirs)
             else:  # the guard's module is not imported here: the interpreter runs it

@@ -206,7 +206,7 @@ class Manifest:
 
     def write(self, state_dir: Path) -> Path:
         """Write atomically (temporary file, fsync, rename) and return the path."""
-        from snapcore.fsutil import secure_dir
+        from snapcore.host.fsutil import secure_dir
 
         path = manifest_path(state_dir, self.id)
         secure_dir(state_dir)  # nothing is created in a state dir someone else controls
@@ -214,7 +214,7 @@ class Manifest:
         path.parent.mkdir(exist_ok=True, mode=0o700)
         if path.parent.is_symlink():  # never follow a link planted in the state dir
             raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
-        from snapcore.tools import write_atomic
+        from snapcore.host.tools import write_atomic
 
         write_atomic(path, self.dumps().encode("utf-8"), mode=0o600)
         return path
@@ -253,7 +253,7 @@ def read_manifest(path: Path, *, owned: bool = False) -> Manifest:
     """Read a manifest: from a state directory (``owned``: it must be root's and
     writable by nobody else) or an export's copy (from anywhere). Untrusted input
     either way: a regular file (never a FIFO, device or symlink), size-capped."""
-    from snapcore.fsutil import read_regular
+    from snapcore.host.fsutil import read_regular
 
     try:
         data = json.loads(read_regular(path, MAX_MANIFEST_BYTES, owned=owned))

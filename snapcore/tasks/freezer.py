@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore.errors import NoSuchTask, NotACgroup, TaskError, UsageError
-from snapcore.mounts import MOUNTINFO, read_mounts
+from snapcore.host.mounts import MOUNTINFO, read_mounts
 
 log = logging.getLogger(__name__)
 
