@@ -30,8 +30,9 @@ from floor import header, machine_floor
 
 from snapcore.host.mounts import MountTable
 from snapcore.tasks.changes import Watch
-from snapcore.tasks.freezer import TaskFreezer, descendants, resolve_pid
+from snapcore.tasks.freezer import TaskFreezer
 from snapcore.tasks.inventory import take_inventory
+from snapcore.tasks.resolve import descendants, resolve_pid
 
 HOLDER = r"""
 import os, resource, sys, time

@@ -720,7 +720,7 @@ def test_tasks_are_thawed_by_the_guard_when_the_controller_dies(
 
 
 def _cgroup_events(pid: int) -> str:
-    from snapcore.tasks.freezer import cgroup_hierarchies, task_cgroup
+    from snapcore.tasks.cgroups import cgroup_hierarchies, task_cgroup
 
     v2, _ = cgroup_hierarchies()
     assert v2 is not None

@@ -30,8 +30,9 @@ from snapcore.tasks.criu import (
     handle_action,
     parse_version,
 )
-from snapcore.tasks.freezer import TaskFreezer, recover_temporary_cgroups, resolve_pid
+from snapcore.tasks.freezer import TaskFreezer, recover_temporary_cgroups
 from snapcore.tasks.inventory import FileState, copy_ghosts, take_inventory
+from snapcore.tasks.resolve import resolve_pid
 from snapcore.testing import Pace, machine_pace
 
 

@@ -14,20 +14,9 @@ from pathlib import Path
 import pytest
 
 from snapcore.errors import NoSuchTask, NotACgroup, SnapcoreError, UsageError
-from snapcore.tasks.freezer import (
-    TEMP_PREFIX,
-    FreezeMethod,
-    TaskFreezer,
-    TaskSet,
-    cgroup_hierarchies,
-    descendants,
-    frozen,
-    live,
-    recover_temporary_cgroups,
-    resolve_cgroup,
-    resolve_pid,
-    task_cgroup,
-)
+from snapcore.tasks.cgroups import FreezeMethod, cgroup_hierarchies, task_cgroup
+from snapcore.tasks.freezer import TEMP_PREFIX, TaskFreezer, frozen, recover_temporary_cgroups
+from snapcore.tasks.resolve import TaskSet, descendants, live, resolve_cgroup, resolve_pid
 from snapcore.testing import Pace, machine_pace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="freezing tasks needs root")

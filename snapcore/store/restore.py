@@ -162,7 +162,7 @@ def restore(
 def check_pids_free(manifest: Manifest) -> None:
     """``criu restore`` gives the tasks back their PIDs, and fails ("File exists") when
     one is taken: say so before any filesystem is rolled back, not after."""
-    from snapcore.tasks.freezer import wait_pids_free
+    from snapcore.tasks.resolve import wait_pids_free
 
     pids = (manifest.tasks or {}).get("pids") if isinstance(manifest.tasks, dict) else None
     wanted = [p for p in pids or () if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 1 << 22]

@@ -1,10 +1,4 @@
-"""Tasks: resolve ``--pid``/``--cgroup`` to processes, and freeze and thaw them.
-
-``--pid PID`` means the process and all its descendants (read from
-``/proc/PID/task/*/children``, or by scanning ``/proc`` where that file is missing);
-``--cgroup PATH`` means every process of a cgroup (v2, or the v1 freezer) and of its
-descendants. Where the cgroup hierarchies are mounted is read from
-``/proc/self/mountinfo``: hybrid hosts mount cgroup2 at ``/sys/fs/cgroup/unified``.
+"""Tasks: freeze and thaw them (resolved by :mod:`snapcore.tasks.resolve`).
 
 How a ``--pid`` tree is stopped: a temporary freezer cgroup, not ptrace
 -----------------------------------------------------------------------------
@@ -53,14 +47,15 @@ import logging
 import os
 import select
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from snapcore.errors import NoSuchTask, NotACgroup, TaskError, UsageError
-from snapcore.host.mounts import MOUNTINFO, read_mounts
+from snapcore.errors import NoSuchTask, TaskError, UsageError
+from snapcore.host.mounts import MOUNTINFO
+from snapcore.tasks.cgroups import CgroupHierarchy, FreezeMethod, cgroup_hierarchies, task_cgroup
+from snapcore.tasks.resolve import TaskSet, ancestors_of_self, cgroup_procs, check_alive, descendants, stat_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,228 +63,6 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = "snapcore-"
 
 _counter = itertools.count(1)
-
-
-class FreezeMethod(StrEnum):
-    """How tasks were stopped: recorded in the manifest's ``tasks`` field."""
-
-    #: ``--cgroup`` on cgroup v2: ``cgroup.freeze`` of that cgroup.
-    CGROUP2 = "cgroup2-freeze"
-    #: ``--cgroup`` on the v1 freezer: ``freezer.state`` of that cgroup.
-    CGROUP1 = "cgroup1-freezer"
-    #: ``--pid``: tree moved into temporary cgroup v2 children, frozen, moved back.
-    CGROUP2_TEMPORARY = "cgroup2-freeze-temporary"
-    #: ``--pid`` where only the v1 freezer is mounted.
-    CGROUP1_TEMPORARY = "cgroup1-freezer-temporary"
-
-
-# -- cgroup hierarchies --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CgroupHierarchy:
-    """A mounted cgroup hierarchy: cgroup2, or the v1 one holding ``freezer``."""
-
-    version: int
-    mount_point: str
-    #: The cgroup path mounted there (``/`` unless in a cgroup namespace or a bind).
-    root: str
-
-    def dir_of(self, cgroup: str) -> str | None:
-        """Directory of cgroup path ``cgroup`` (as in ``/proc/PID/cgroup``), or None
-        when it is outside this mount."""
-        root = self.root.rstrip("/")
-        if cgroup != root and not cgroup.startswith(root + "/"):
-            return None
-        rel = cgroup[len(root) :].lstrip("/")
-        return os.path.join(self.mount_point, rel) if rel else self.mount_point
-
-    def owns(self, path: str) -> bool:
-        mp = self.mount_point.rstrip("/")
-        return path == mp or path.startswith(mp + "/")
-
-
-def cgroup_hierarchies(mountinfo: str = MOUNTINFO) -> tuple[CgroupHierarchy | None, CgroupHierarchy | None]:
-    """``(cgroup2, v1 freezer)`` as mounted in this mount namespace (either may be None)."""
-    v2: CgroupHierarchy | None = None
-    v1: CgroupHierarchy | None = None
-    for m in read_mounts(mountinfo):
-        if m.fstype == "cgroup2" and v2 is None:
-            v2 = CgroupHierarchy(version=2, mount_point=m.mount_point, root=m.root)
-        elif m.fstype == "cgroup" and "freezer" in m.super_options and v1 is None:
-            v1 = CgroupHierarchy(version=1, mount_point=m.mount_point, root=m.root)
-    return v2, v1
-
-
-def task_cgroup(pid: int, version: int) -> str | None:
-    """The cgroup path of ``pid`` in the v2 hierarchy or the v1 freezer; None when
-    the task is gone or not in that hierarchy."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    for line in lines:
-        hid, controllers, path = line.split(":", 2)
-        if version == 2 and hid == "0" and controllers == "":
-            return path
-        if version == 1 and "freezer" in controllers.split(","):
-            return path
-    return None
-
-
-# -- resolving tasks ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TaskSet:
-    """The processes to checkpoint: a ``--pid`` tree or a ``--cgroup``."""
-
-    pids: tuple[int, ...]
-    #: The ``--pid`` given (the root of the tree), else None.
-    root_pid: int | None = None
-    #: The ``--cgroup`` directory given, else None.
-    cgroup: str | None = None
-    #: 2 or 1 (v1 freezer) for a ``--cgroup``.
-    cgroup_version: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "root_pid": self.root_pid,
-            "cgroup": self.cgroup,
-            "cgroup_version": self.cgroup_version,
-            "pids": list(self.pids),
-        }
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of ``/proc/PID/stat`` after the command name; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rfind(b")") + 2 :].decode().split()
-
-
-def _check_alive(pid: int) -> None:
-    if pid <= 0:
-        raise NoSuchTask(f"--pid {pid}: not a process id")
-    fields = _stat_fields(pid)
-    if fields is None:
-        raise NoSuchTask(f"--pid {pid}: no such process")
-    if fields[0] in ("Z", "X"):
-        raise NoSuchTask(f"--pid {pid}: the process is exiting (state {fields[0]})")
-
-
-def _children(pid: int) -> list[int] | None:
-    """Children of every thread of ``pid``; None when /proc has no children files."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    out: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(x) for x in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
-                continue  # the thread exited
-            return None  # kernel without CONFIG_PROC_CHILDREN
-    return out
-
-
-def _children_by_scan() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields is not None:
-                tree.setdefault(int(fields[1]), []).append(int(name))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and all its living descendants, parents before children."""
-    out = [pid]
-    seen = {pid}
-    scanned: dict[int, list[int]] | None = None
-    i = 0
-    while i < len(out):
-        kids = _children(out[i]) if scanned is None else None
-        if kids is None:
-            if scanned is None:
-                scanned = _children_by_scan()
-            kids = scanned.get(out[i], [])
-        for kid in kids:
-            if kid not in seen:
-                seen.add(kid)
-                out.append(kid)
-        i += 1
-    return out
-
-
-def resolve_pid(pid: int) -> TaskSet:
-    """The process ``pid`` and all its descendants.
-
-    Raises:
-        NoSuchTask: ``pid`` does not exist or is exiting.
-    """
-    _check_alive(pid)
-    return TaskSet(pids=tuple(descendants(pid)), root_pid=pid)
-
-
-def _cgroup_procs(directory: str) -> list[int]:
-    """PIDs in the cgroup at ``directory`` and in every cgroup below it."""
-    pids: list[int] = []
-    for dirpath, _dirs, files in os.walk(directory):
-        if "cgroup.procs" in files:
-            with contextlib.suppress(FileNotFoundError):
-                pids.extend(int(x) for x in Path(dirpath, "cgroup.procs").read_text().split())
-    return pids
-
-
-def resolve_cgroup(path: str | os.PathLike[str], *, mountinfo: str = MOUNTINFO) -> TaskSet:
-    """Every process in the cgroup directory ``path`` and below it.
-
-    Raises:
-        NotACgroup: ``path`` is not a directory of a mounted cgroup2 hierarchy or of
-            the v1 freezer, or it is a root cgroup (which cannot be frozen).
-    """
-    directory = os.path.realpath(path)
-    v2, v1 = cgroup_hierarchies(mountinfo)
-    for hierarchy, control in ((v2, "cgroup.freeze"), (v1, "freezer.state")):
-        if hierarchy is None or not hierarchy.owns(directory):
-            continue
-        if not os.path.isdir(directory):
-            raise NotACgroup(f"--cgroup {os.fspath(path)}: no such cgroup")
-        if not os.path.exists(os.path.join(directory, control)):
-            why = (
-                "it is a root cgroup, which cannot be frozen"
-                if os.path.realpath(directory) == os.path.realpath(hierarchy.mount_point)
-                else f"it has no {control}"
-            )
-            raise NotACgroup(f"--cgroup {os.fspath(path)}: {why}")
-        return TaskSet(
-            pids=tuple(sorted(set(_cgroup_procs(directory)))), cgroup=directory, cgroup_version=hierarchy.version
-        )
-    mounted = ", ".join(f"{h.mount_point} (v{h.version})" for h in (v2, v1) if h is not None) or "none"
-    raise NotACgroup(
-        f"--cgroup {os.fspath(path)}: not a cgroup; give a directory under a cgroup2 or v1 freezer mount "
-        f"(mounted here: {mounted})"
-    )
-
-
-def _ancestors_of_self() -> set[int]:
-    """This process and its ancestors: freezing any of them would hang snapcore."""
-    out = set()
-    pid = os.getpid()
-    while pid > 0 and pid not in out:
-        out.add(pid)
-        fields = _stat_fields(pid)
-        pid = int(fields[1]) if fields else 0
-    return out
 
 
 # -- freezing ----------------------------------------------------------------------
@@ -442,7 +215,7 @@ class TaskFreezer:
         :class:`TaskError`; on failure whatever was moved is moved back."""
         if self.attached:
             return
-        mine = _ancestors_of_self()
+        mine = ancestors_of_self()
         if self.tasks.cgroup is not None:
             own = task_cgroup(os.getpid(), self.hierarchy.version)
             own_dir = self.hierarchy.dir_of(own) if own is not None else None
@@ -462,7 +235,7 @@ class TaskFreezer:
         self.attached = True
 
     def _move_tree(self, root: int, mine: set[int]) -> None:
-        _check_alive(root)
+        check_alive(root)
         for _round in range(100):
             tree = descendants(root)
             if root not in self._state.moved and not os.path.exists(f"/proc/{root}"):
@@ -599,8 +372,8 @@ class TaskFreezer:
 
     def _not_frozen_message(self, group: _Group) -> str:
         stuck = []
-        for pid in _cgroup_procs(group.directory):
-            fields = _stat_fields(pid)
+        for pid in cgroup_procs(group.directory):
+            fields = stat_fields(pid)
             if fields is not None:
                 stuck.append(f"{pid} (state {fields[0]})")
         return (
@@ -764,69 +537,3 @@ def recover_temporary_cgroups(mountinfo: str = MOUNTINFO, *, name: str | None = 
                     done.append(directory)
                 dirnames.remove(d)
     return done
-
-
-def live(pids: Iterable[int]) -> list[int]:
-    """The PIDs of ``pids`` that still exist and are not zombies."""
-    out = []
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is not None and fields[0] not in ("Z", "X"):
-            out.append(pid)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class PidHolder:
-    """A process that holds one of the PIDs a restore needs."""
-
-    pid: int
-    comm: str
-    state: str
-    ppid: int
-
-    def __str__(self) -> str:
-        if self.state == "Z":
-            return f"pid {self.pid} (a zombie of pid {self.ppid}: its parent has not reaped it)"
-        return f"pid {self.pid} ({self.comm})"
-
-
-def pid_holders(pids: Iterable[int]) -> list[PidHolder]:
-    """What holds each of ``pids`` now (zombies too: their PID is not free)."""
-    out = []
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is None:
-            continue
-        try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                comm = f.read().strip()
-        except OSError:
-            comm = "?"
-        out.append(PidHolder(pid=pid, comm=comm, state=fields[0], ppid=int(fields[1])))
-    return out
-
-
-def wait_pids_free(
-    pids: Iterable[int], timeout: float, *, ending: bool = True, interval: float = 0.02
-) -> list[PidHolder]:
-    """Wait until no process holds any of ``pids``, at most ``timeout`` seconds, and
-    return what still holds them. ``ending``: the holders are tasks on their way out
-    (CRIU ended them) and are waited for whatever their state; else a live holder is
-    returned at once (it will not go by itself), and only zombies are waited for. A
-    zombie is collected by its reaper (PID 1 takes a second or two on some
-    machines); one whose parent is some other live process is that parent's to reap,
-    whenever it chooses: not waited for past a short grace."""
-    wanted = [p for p in pids if p > 0]
-    start = time.monotonic()
-    while True:
-        held = pid_holders(wanted)
-        if not held:
-            return []
-        waited = time.monotonic() - start
-        if not ending and any(h.state not in ("Z", "X") for h in held):
-            return held
-        parents_job = all(h.state == "Z" and h.ppid not in (0, 1) for h in held)
-        if waited >= timeout or (parents_job and waited >= min(0.5, timeout)):
-            return held
-        time.sleep(interval)

@@ -16,8 +16,8 @@ from snapcore.policy import Policy, Rule, check_backends
 from snapcore.types import Mount, Role, Support
 
 if TYPE_CHECKING:
-    from snapcore.tasks.freezer import TaskSet
     from snapcore.tasks.inventory import Inventory
+    from snapcore.tasks.resolve import TaskSet
     from snapcore.transaction.targets import TaskSpec
 
 
@@ -145,8 +145,8 @@ def task_mounts(
     working directories, inventoried now), plus any ``paths`` named. The root
     filesystem and the mounts holding ``own`` (snapcore's state and run directories)
     are left out unless the policy names them."""
-    from snapcore.tasks.freezer import resolve_cgroup, resolve_pid
     from snapcore.tasks.inventory import take_inventory
+    from snapcore.tasks.resolve import resolve_cgroup, resolve_pid
 
     taskset = resolve_pid(spec.pid) if spec.pid is not None else resolve_cgroup(spec.cgroup or "")
     inventory = take_inventory(taskset.pids, table=table)

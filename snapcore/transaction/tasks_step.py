@@ -15,8 +15,9 @@ from snapcore.types import Rescue, RescueKind
 
 if TYPE_CHECKING:
     from snapcore.tasks.changes import Watch
-    from snapcore.tasks.freezer import TaskFreezer, TaskSet
+    from snapcore.tasks.freezer import TaskFreezer
     from snapcore.tasks.inventory import Inventory
+    from snapcore.tasks.resolve import TaskSet
     from snapcore.transaction.core import Transaction
     from snapcore.transaction.targets import TaskSpec
 
@@ -182,7 +183,7 @@ class HeldTasks:
         argv = (txn.manifest.criu or {}).get("argv")
         if not argv or any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv):
             return
-        from snapcore.tasks.freezer import wait_pids_free
+        from snapcore.tasks.resolve import wait_pids_free
 
         t = time.perf_counter()
         held = wait_pids_free(self.taskset.pids, DUMPED_TASKS_GONE_S)
