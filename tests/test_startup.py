@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from snapcore import hookimpl
-from snapcore.cli import _COMMANDS, _command_of, build_parser, parse_args
+from snapcore.cli import build_parser, command_of, parse_args
+from snapcore.cli.commands import COMMANDS
 from snapcore.entrypoints import entry_points
 from snapcore.errors import UsageError
 from snapcore.host.fsutil import block_devnum
@@ -155,12 +156,12 @@ def test_the_one_command_parser_parses_like_the_whole_one(argv: list[str]) -> No
 
 
 def test_the_guess_is_none_when_unsure() -> None:
-    assert _command_of(["--help"]) is None
-    assert _command_of(["--state-dir", "list"]) is None  # 'list' is the option's value
-    assert _command_of(["nosuch"]) is None
-    assert _command_of(["--state-dir", "/s", "plan", "/x"]) == "plan"
+    assert command_of(["--help"]) is None
+    assert command_of(["--state-dir", "list"]) is None  # 'list' is the option's value
+    assert command_of(["nosuch"]) is None
+    assert command_of(["--state-dir", "/s", "plan", "/x"]) == "plan"
     help_text = build_parser().format_help()
-    assert all(name in help_text for name in _COMMANDS)
+    assert all(name in help_text for name in COMMANDS)
 
 
 def test_a_usage_error_reads_the_same_with_the_one_command_parser() -> None:

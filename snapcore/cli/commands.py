@@ -1,17 +1,18 @@
-"""The ``snapcore`` command. ``main(argv) -> int``; heavy modules load per command."""
+"""The ``snapcore`` commands: each one's arguments and what it does, through the
+Python API (:mod:`snapcore.api`): parse, call, print. Heavy modules load per command."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcore import __version__
+from snapcore.cli.parser import Parser
 from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
 from snapcore.log import get_logger
 
@@ -22,34 +23,7 @@ if TYPE_CHECKING:
 log = get_logger("snapcore")
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter, told the terminal's width: left to itself it imports
-    :mod:`shutil` (and its compression modules, ~1.4 ms) for every command line."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
-        if width is None:  # as shutil.get_terminal_size(), less 2 as argparse does
-            try:
-                columns = int(os.environ.get("COLUMNS", ""))
-            except ValueError:
-                columns = 0
-            if columns <= 0:
-                try:
-                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-                except (AttributeError, ValueError, OSError):
-                    columns = 80
-            width = (columns or 80) - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a :class:`UsageError` (exit 2, one line)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> Any:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+# -- arguments -----------------------------------------------------------------------
 
 
 def _add_backends(p: argparse.ArgumentParser) -> None:
@@ -123,95 +97,16 @@ def _add_criu_hook(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy(p: argparse.ArgumentParser) -> None:
-    policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=Parser)
     policy_sub.required = True
     c = policy_sub.add_parser("check", help="validate a policy, print problems")
     c.add_argument("file", metavar="F")
 
 
-#: name -> (help, usage or None, adds its arguments)
-_COMMANDS: dict[str, tuple[str, str | None, Any]] = {
-    "backends": ("installed backends, roles, versions, broken plugins", None, _add_backends),
-    "plan": ("per mount: chosen imager/exporter and why; touches nothing", None, _add_plan),
-    "checkpoint": (
-        "freeze, image, (run CMD), thaw, export; write the manifest",
-        "snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
-        _add_checkpoint,
-    ),
-    "list": ("checkpoints, newest first", None, _add_list),
-    "show": ("one manifest", None, _add_show),
-    "restore": ("bring a checkpoint's images back", None, _add_restore),
-    "verify": ("images and exports still there and intact", None, _add_verify),
-    "prune": ("apply each mount's keep: remove old images through their backends", None, _add_prune),
-    "delete": ("remove checkpoints: their exports and images, then their manifests", None, _add_delete),
-    "recover": ("thaw and clean up after a crash, from the journal", None, _add_nothing),
-    "criu-hook": (
-        "CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
-        "criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
-        _add_criu_hook,
-    ),
-    "policy": ("policy tools", None, _add_policy),
-}
-#: Options of the top-level parser that take a value (for :func:`_command_of`).
-_VALUED = ("--state-dir", "--run-dir", "--disable-plugin")
+# -- helpers ---------------------------------------------------------------------------
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser, or with ``only`` the top level and that one command:
-    argparse spends milliseconds on every command it is told of."""
-    parser = _Parser(
-        prog="snapcore",
-        description="Make the filesystems under a process checkpoint consistent with it.",
-    )
-    parser.add_argument("--version", action="version", version=f"snapcore {__version__}")
-    parser.add_argument(
-        "--state-dir",
-        default=None,
-        help="manifests live in STATE/checkpoints/ID (env SNAPCORE_STATE_DIR; default /var/lib/snapcore)",
-    )
-    parser.add_argument(
-        "--run-dir",
-        default=None,
-        help="journal and locks (env SNAPCORE_RUN_DIR; default /run/snapcore)",
-    )
-    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME", help="do not load this plugin")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics on stderr")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="only errors on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    for name, (help_text, usage, add) in _COMMANDS.items():
-        if only is None or name == only:
-            add(sub.add_parser(name, help=help_text, usage=usage))
-    return parser
-
-
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The command named in ``argv``, when that is certain (else None: parse it all)."""
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in _VALUED:
-            skip = True
-        elif arg.startswith("-"):
-            if arg in ("-h", "--help", "--version") or arg == "--":
-                return None
-        else:
-            return arg if arg in _COMMANDS else None
-    return None
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    only = _command_of(argv)
-    if only is not None:
-        try:
-            return build_parser(only).parse_args(argv)
-        except UsageError:
-            pass  # an abbreviated option made us guess wrong: the whole parser says why
-    return build_parser().parse_args(argv)
-
-
-def _setup_logging(verbose: int, quiet: int) -> None:
+def setup_logging(verbose: int, quiet: int) -> None:
     from snapcore import log as logs
 
     logs.configure(verbose, quiet)
@@ -596,79 +491,54 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
-    return argv, None
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One ``snapcore`` command: its help, its arguments, and what it does."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    #: ``run(args, command)``: ``command`` is what follows ``--`` (only where ``takes_command``)
+    run: Callable[[argparse.Namespace, list[str] | None], int]
+    usage: str | None = None
+    takes_command: bool = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list, command = _split_command(list(sys.argv[1:] if argv is None else argv))
-    try:
-        args = parse_args(args_list)
-        _setup_logging(args.verbose, args.quiet)
-        if os.geteuid() == 0 and (
-            args.command == "checkpoint"
-            or (args.command == "criu-hook" and os.environ.get("CRTOOLS_SCRIPT_ACTION") == "post-dump")
-        ):
-            # the guard boots on the other CPU while this process loads the rest; if
-            # it cannot start now, the checkpoint tries again and says why
-            from snapcore.errors import GuardError
-            from snapcore.safety.deadline import start_guard
-
-            with contextlib.suppress(GuardError):
-                start_guard()
-        if command is not None and args.command not in ("checkpoint", "restore"):
-            raise UsageError(f"'-- CMD' is only for 'snapcore checkpoint' and 'restore', not {args.command!r}")
-        if args.command == "checkpoint":
-            return int(cmd_checkpoint(args, command))
-        if args.command == "restore":
-            code = int(cmd_restore(args, then=command))
-            if command:
-                return _run_after_restore(command)
-            return code
-        handlers = {
-            "backends": cmd_backends,
-            "plan": cmd_plan,
-            "list": cmd_list,
-            "show": cmd_show,
-            "restore": cmd_restore,
-            "verify": cmd_verify,
-            "recover": cmd_recover,
-            "criu-hook": cmd_criu_hook,
-            "prune": cmd_prune,
-            "delete": cmd_delete,
-            "policy": cmd_policy_check,
-        }
-        return int(handlers[args.command](args))
-    except SnapcoreError as exc:
-        print(f"snapcore: error: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("snapcore: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return int(ExitCode.FAILED)
+def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace, list[str] | None], int]:
+    return lambda args, command: handler(args)
 
 
-def entry() -> None:
-    """The ``snapcore`` command: :func:`main`, then leave without tearing the
-    interpreter down. Finalising ~250 modules was measured at 7-10 ms of a 65 ms
-    checkpoint (more with a forked guard: the teardown writes to every page the two
-    processes share). Everything of ours is closed by then; the exit handlers
-    (logging's flush, temporary directories' cleanup) still run."""
-    code = main()
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: what was lost is lost either way
-            code = code or int(ExitCode.FAILED)
-    os._exit(code)
+def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
+    code = cmd_restore(args, then=command)
+    return _run_after_restore(command) if command else code
 
 
-if __name__ == "__main__":  # pragma: no cover
-    entry()
+#: Every command, in the order ``--help`` lists them: the one registry.
+COMMANDS: dict[str, Command] = {
+    "backends": Command("installed backends, roles, versions, broken plugins", _add_backends, _plain(cmd_backends)),
+    "plan": Command("per mount: chosen imager/exporter and why; touches nothing", _add_plan, _plain(cmd_plan)),
+    "checkpoint": Command(
+        "freeze, image, (run CMD), thaw, export; write the manifest",
+        _add_checkpoint,
+        cmd_checkpoint,
+        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
+        takes_command=True,
+    ),
+    "list": Command("checkpoints, newest first", _add_list, _plain(cmd_list)),
+    "show": Command("one manifest", _add_show, _plain(cmd_show)),
+    "restore": Command("bring a checkpoint's images back", _add_restore, _restore_then, takes_command=True),
+    "verify": Command("images and exports still there and intact", _add_verify, _plain(cmd_verify)),
+    "prune": Command(
+        "apply each mount's keep: remove old images through their backends", _add_prune, _plain(cmd_prune)
+    ),
+    "delete": Command(
+        "remove checkpoints: their exports and images, then their manifests", _add_delete, _plain(cmd_delete)
+    ),
+    "recover": Command("thaw and clean up after a crash, from the journal", _add_nothing, _plain(cmd_recover)),
+    "criu-hook": Command(
+        "CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
+        _add_criu_hook,
+        _plain(cmd_criu_hook),
+        usage="criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
+    ),
+    "policy": Command("policy tools", _add_policy, _plain(cmd_policy_check)),
+}
