@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from snapcore.errors import PolicyError
-from snapcore.policy import MAX_DEPTH, MAX_NODES, MAX_POLICY_BYTES, YMap, YSeq, _short
+from snapcore.policy.model import MAX_DEPTH, MAX_NODES, MAX_POLICY_BYTES, YMap, YSeq, short
 
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
@@ -66,7 +66,7 @@ class _Walker:
             # PyYAML's scalar constructors fail with whatever int(), float(), datetime()
             # or a dict lookup raise on a malformed value: !!int x, 0x_, 2024-13-45
             raise PolicyError(
-                f"bad value {_short(node.value)} for its type ({node.tag.rsplit(':', 1)[-1]})",
+                f"bad value {short(node.value)} for its type ({node.tag.rsplit(':', 1)[-1]})",
                 file=self.file,
                 line=node.start_mark.line + 1,
             ) from None
@@ -90,10 +90,10 @@ class _Walker:
                     raise PolicyError("YAML merge keys (<<) are not supported", file=self.file, line=line)
                 key = self.value(key_node)
                 if not isinstance(key, str):
-                    raise PolicyError(f"keys must be strings, got {_short(key)}", file=self.file, line=line)
+                    raise PolicyError(f"keys must be strings, got {short(key)}", file=self.file, line=line)
                 if key in result:
                     raise PolicyError(
-                        f"duplicate key {_short(key)} (first at line {result.lines[key]})", file=self.file, line=line
+                        f"duplicate key {short(key)} (first at line {result.lines[key]})", file=self.file, line=line
                     )
                 result.lines[key] = line
                 result[key] = self.value(value_node)
@@ -153,7 +153,7 @@ def read_policy_file(name: str) -> tuple[bytes, int]:
     size. Opened once, without following a symlink and without blocking (a FIFO in
     its place would hang every command); what is checked (a regular file, who may
     write it) is checked on that descriptor, so nothing can be swapped in between."""
-    from snapcore.policy import check_trusted
+    from snapcore.policy.parse import check_trusted
 
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
