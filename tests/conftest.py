@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.plugins import Plugins, make_plugins
-from tests.test_inventory import Holders
+from snapcore.testing.processes import holder  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +44,3 @@ def write_policy(tmp_path: Path) -> Iterator[object]:
 def root_only() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-
-
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Holders]:
-    """Processes that hold files open (tests of the inventory and of the watch)."""
-    holders = Holders(tmp_path)
-    try:
-        yield holders
-    finally:
-        holders.close()

@@ -12,7 +12,7 @@ import pytest
 import snapcore
 from snapcore import CheckpointFailed, PolicyError, UsageError
 from snapcore.testing import LoopFactory, assert_not_frozen
-from tests.test_inventory import Holders
+from snapcore.testing.processes import Holders
 
 pytestmark = pytest.mark.usefixtures("root_only")
 

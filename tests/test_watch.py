@@ -13,7 +13,8 @@ import pytest
 from snapcore.tasks.changes import Change, ChangeKind, Watch, apply_changes
 from snapcore.tasks.inventory import FileState, Inventory, take_inventory
 from snapcore.testing import LoopFactory, Pace, machine_pace
-from tests.test_inventory import Holders, content
+from snapcore.testing.processes import Holders
+from tests.test_inventory import content
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and other tasks' /proc need root")
 

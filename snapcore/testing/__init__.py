@@ -144,6 +144,14 @@ def thaw_quietly(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
+def write_under(root: Path, relpath: str, data: bytes | str) -> Path:
+    """Write ``data`` to ``root/relpath``, making the directories on the way."""
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
 @dataclass(slots=True)
 class LoopFS:
     """A filesystem on a loop device that a test made (and will destroy)."""
@@ -161,10 +169,7 @@ class LoopFS:
         return str(self.mount_point)
 
     def write(self, relpath: str, data: bytes | str) -> Path:
-        path = self.mount_point / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
-        return path
+        return write_under(self.mount_point, relpath, data)
 
     def mount_subvolume(self, name: str, where: Path) -> Path:
         """(btrfs) Create the subvolume ``name`` and mount it alone at ``where`` with

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.testing import LoopFS
+from snapcore.testing import LoopFS, write_under
 
 
 def unmount(path: Path) -> None:
@@ -51,10 +51,7 @@ class Subvol:
         return str(self.path)
 
     def write(self, rel: str, data: bytes | str) -> Path:
-        p = self.path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data.encode() if isinstance(data, str) else data)
-        return p
+        return write_under(self.path, rel, data)
 
 
 SubvolFactory = Callable[..., Subvol]

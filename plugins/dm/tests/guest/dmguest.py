@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapcore.testing import write_under
+
 SCRATCH = Path("/run/snapcore-tests")
 VG = "scvg"
 POOL = "pool"
@@ -63,10 +65,7 @@ class Volume:
         return f"{VG}/{self.lv}"
 
     def write(self, rel: str, data: bytes | str) -> Path:
-        path = self.mount_point / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
-        return path
+        return write_under(self.mount_point, rel, data)
 
     def unmount(self) -> None:
         sh("umount", str(self.mount_point))
