@@ -187,6 +187,47 @@ def test_a_change_under_the_frozen_task_decides(
     assert_not_frozen(fs.mount_point)
 
 
+WRITER = """
+import os, sys, time
+path, ready = sys.argv[1:3]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+open(ready + ".tmp", "w").close(); os.rename(ready + ".tmp", ready)
+while True:
+    os.write(fd, b"tick\\n")
+    time.sleep(0.001)
+"""
+
+
+def test_writes_the_task_made_before_its_freeze_are_no_change_even_read_late_FAKE_LATE_READER(
+    loop_fs: LoopFactory, state_dir: Path, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task writing its needed file up to the moment it freezes: its own writes are
+    no change under it. The watch stamps an event when it reads it; on a busy machine
+    its reader thread ran late and the task's last writes were taken for changes after
+    the freeze (seen once in a full run). The fake: a watch with no reader thread at
+    all, the latest a reader can be (a scheduler's delay cannot be caused on demand)."""
+    from snapcore.tasks import changes
+
+    class LateReader(changes.Watch):
+        def __init__(self, files: object, **kw: object) -> None:
+            super().__init__(files, fanotify=True, thread=False)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(changes, "Watch", LateReader)
+    fs = loop_fs("ext4")
+    ready = tmp_path / "ready"
+    proc = _start(WRITER, str(fs.mount_point / "log"), str(ready), ready=ready, pace=pace, what="writer")
+    try:
+        time.sleep(0.05)  # writing steadily
+        code = main(["--state-dir", str(state_dir), "checkpoint", "--pid", str(proc.pid), "--id", "late"])
+        manifest = json.loads((state_dir / "checkpoints" / "late" / "manifest.json").read_text())
+        assert code == 0 and manifest["changes"] == [], manifest.get("error")
+        assert _state(proc) in "SR"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_not_frozen(fs.mount_point)
+
+
 TWO_FILES = """
 import os, sys, time
 keep, gone, ready = sys.argv[1:4]

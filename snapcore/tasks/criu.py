@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
+from snapcore.host.tools import stderr_tail
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def _sh(path: str, *args: str, **kwargs: Any) -> Any:
 
 
 def _tail(text: str | bytes, lines: int = 8) -> str:
+    """CRIU's output, as every tool's is reported, less its RLIMIT_NOFILE chatter."""
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
-    kept = [line for line in text.strip().splitlines() if "RLIMIT_NOFILE" not in line]
-    return " | ".join(kept[-lines:])
+    return stderr_tail("\n".join(line for line in text.splitlines() if "RLIMIT_NOFILE" not in line), lines)
 
 
 def log_path(argv: Sequence[str]) -> str | None:

@@ -392,6 +392,7 @@ class TestVM:
         env: Mapping[str, str] | None = None,
         budget: Budget | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> VMResult:
         """Boot, run ``command`` (a shell line, or an argv) as root, shut down.
 
@@ -399,7 +400,8 @@ class TestVM:
         ``$SNAPCORE_VM_OUT`` are in ``result.outdir``. The run is killed, as a whole
         process group, after ``timeout`` seconds in all, or as soon as it overstays
         ``budget`` (read from the guest's streamed events; each is also passed to
-        ``on_event`` as it arrives), or on any interrupt; then ``timed_out`` is set
+        ``on_event`` as it arrives), or when ``stop`` is set (a run in a thread of
+        its own whose session ends), or on any interrupt; then ``timed_out`` is set
         and ``stopped`` says why.
         """
         line = command if isinstance(command, str) else shlex.join(command)
@@ -434,6 +436,8 @@ class TestVM:
                     progress.poll(now, on_event)
                     if now - start > timeout:
                         stopped = f"the whole run exceeded its {timeout:g}s"
+                    elif stop is not None and stop.is_set():
+                        stopped = "stopped: the test session ended first"
                     elif budget is not None:
                         stopped = budget.exceeded(progress, now)
                     if stopped:
@@ -465,6 +469,10 @@ class TestVM:
             progress=progress if budget is not None else None,
         )
 
+    def ran(self, args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None) -> bool:
+        """Whether :meth:`pytest` already ran this selection (and will give it back)."""
+        return (os.fspath(cwd or os.getcwd()), *args) in self._cache
+
     def pytest(
         self,
         args: Sequence[str],
@@ -474,6 +482,7 @@ class TestVM:
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> GuestTests:
         """Run a pytest selection in one boot; the same ``args`` twice reuse the boot.
 
@@ -488,7 +497,9 @@ class TestVM:
             return cached
         plugins = "-p no:cacheprovider -p snapcore.testing -p snapcore.testing.vmreport"
         line = f"python -m pytest {plugins} -rfEs " + shlex.join(args)
-        result = self.run(line, timeout=timeout, cwd=cwd, env=env, budget=budget or Budget(), on_event=on_event)
+        result = self.run(
+            line, timeout=timeout, cwd=cwd, env=env, budget=budget or Budget(), on_event=on_event, stop=stop
+        )
         progress = result.progress
         assert progress is not None
         tests = GuestTests(result=result, outcomes=dict(progress.outcomes), messages=dict(progress.messages))

@@ -91,6 +91,12 @@ class HeldTasks:
                 txn.watchdog.freezing(*self.rescues)
             t = time.perf_counter()
             self.freezer.freeze()
+            if self.watch is not None:
+                # a task's write queues its event before the task can freeze, but the
+                # watch stamps an event when it reads it: read what the tasks wrote
+                # before they stopped now, so that it is not taken for a change after
+                # (a busy machine's reader thread ran late: a false "changed" was seen)
+                self.watch.drain()
             self.stopped_at = time.monotonic()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
         if self.inventory.ghosts_needed:
