@@ -110,16 +110,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "starts_early: moved to the front of the session (it starts a long run in the background)"
     )
+    config.addinivalue_line("markers", "waits_late: moved to the end of the session (it waits for such a run)")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``starts_early`` go first: the dm tests' one start their VM's guest
-    run there, in a thread, so its ~12 minutes of emulated CPU overlap the host's tests
-    (on the other CPU) instead of following them."""
+    """Tests marked ``starts_early`` go first and those marked ``waits_late`` last: the
+    dm tests start their VM's guest run first, in a thread, and judge it last, so its
+    ~12 minutes of emulated CPU overlap every host test (on the other CPU) instead of
+    following them."""
     early = [item for item in items if item.get_closest_marker("starts_early")]
-    for item in early:
-        items.remove(item)
-    items[:0] = early
+    late = [item for item in items if item.get_closest_marker("waits_late") and item not in early]
+    rest = [item for item in items if item not in early and item not in late]
+    items[:] = [*early, *rest, *late]
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -5,8 +5,9 @@ kernel under qemu (snapcore.testing.vm). One boot runs both guest suites: the
 scenarios (``guest/test_dm_guest.py``) and the conformance kit against dm
 (``guest/test_dm_contract.py``, whose fault matrix is printed); each has a test here
 that judges its own part of the run. The boot starts with the session, in a thread of
-its own (``test_the_guest_run_starts_with_the_session`` is marked ``starts_early``:
-:mod:`snapcore.testing` moves it to the front): the ~12 minutes the guest takes (it emulates its CPU) overlap the host's
+its own (``test_the_guest_run_starts_with_the_session`` is marked ``starts_early``
+and the tests that judge it ``waits_late``: :mod:`snapcore.testing` moves them to the
+front and to the end): the ~12 minutes the guest takes (it emulates its CPU) overlap the host's
 tests instead of following them. Each guest test's start and outcome stream to the
 host as they happen and are printed when the test here that judges them runs; a
 test that overstays its allowance — derived from this run's boot time and one
@@ -166,11 +167,13 @@ def test_the_guest_run_starts_with_the_session(guest_run: GuestRun) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.waits_late
 def test_dm_scenarios_in_vm(guest_run: GuestRun, capsys: pytest.CaptureFixture[str]) -> None:
     check(guest_run.wait(capsys), SCENARIOS)
 
 
 @pytest.mark.slow
+@pytest.mark.waits_late
 def test_dm_contract_in_vm(guest_run: GuestRun, capsys: pytest.CaptureFixture[str]) -> None:
     run = guest_run.wait(capsys)
     print(contract_matrix(run.outcomes))
@@ -224,6 +227,7 @@ def test_never_reached():
 """
 
 
+@pytest.mark.waits_late  # one VM at a time: it waits for the guest run anyway
 def test_a_hung_guest_test_is_named_and_leaves_no_qemu(
     qemu_vm: Any, pace: Pace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
