@@ -29,7 +29,7 @@ from typing import Any
 from floor import header, machine_floor
 
 from snapcore.host.mounts import MountTable
-from snapcore.tasks.changes import Watch
+from snapcore.tasks.changes import ChangeWatch
 from snapcore.tasks.freezer import TaskFreezer
 from snapcore.tasks.inventory import take_inventory
 from snapcore.tasks.resolve import descendants, resolve_pid
@@ -91,12 +91,12 @@ def bench_files(base: Path, n: int, repeat: int, table: MountTable) -> dict[str,
             t0 = time.perf_counter()
             inv = take_inventory([proc.pid], table=table)
             t1 = time.perf_counter()
-            watch = Watch(inv)
+            watch = ChangeWatch(inv)
             watch.start()
             t2 = time.perf_counter()
             watch.stop()
             t3 = time.perf_counter()
-            plain = Watch(inv, fanotify=False, thread=False)
+            plain = ChangeWatch(inv, fanotify=False, thread=False)
             plain.start()
             t4 = time.perf_counter()
             plain.stop()

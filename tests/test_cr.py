@@ -208,11 +208,11 @@ def test_writes_the_task_made_before_its_freeze_are_no_change_even_read_late_FAK
     all, the latest a reader can be (a scheduler's delay cannot be caused on demand)."""
     from snapcore.tasks import changes
 
-    class LateReader(changes.Watch):
+    class LateReader(changes.ChangeWatch):
         def __init__(self, files: object, **kw: object) -> None:
             super().__init__(files, fanotify=True, thread=False)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(changes, "Watch", LateReader)
+    monkeypatch.setattr(changes, "ChangeWatch", LateReader)
     fs = loop_fs("ext4")
     ready = tmp_path / "ready"
     proc = _start(WRITER, str(fs.mount_point / "log"), str(ready), ready=ready, pace=pace, what="writer")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.errors import CriuError, CriuUnavailable, SnapcoreError
-from snapcore.tasks.changes import ChangeKind, Watch
+from snapcore.tasks.changes import ChangeKind, ChangeWatch
 from snapcore.tasks.criu import (
     ActionEvent,
     Criu,
@@ -196,7 +196,7 @@ def test_dump_and_restore_a_frozen_watched_task(criu: Criu, workdir: Path, tmp_p
 
     tasks = resolve_pid(proc.pid)
     inventory = take_inventory(tasks.pids)
-    watch = Watch(inventory)
+    watch = ChangeWatch(inventory)
     watch.start()
     with TaskFreezer(tasks, timeout=pace.seconds(5.0), name=f"criu-test-{os.getpid()}") as freezer:
         frozen_at = time.monotonic()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapcore.tasks.changes import Change, ChangeKind, Watch, apply_changes
+from snapcore.tasks.changes import Change, ChangeKind, ChangeWatch, apply_changes
 from snapcore.tasks.inventory import FileState, Inventory, take_inventory
 from snapcore.testing import LoopFactory, Pace, machine_pace
 from snapcore.testing.processes import Holders
@@ -26,7 +26,7 @@ def writer(code: str, *args: str) -> int:
     return proc.pid
 
 
-def settle(watch: Watch, kinds: set[ChangeKind], timeout: float = 5.0) -> tuple[Change, ...]:
+def settle(watch: ChangeWatch, kinds: set[ChangeKind], timeout: float = 5.0) -> tuple[Change, ...]:
     """Results once every kind in ``kinds`` showed up (or the timeout passed)."""
     deadline = time.monotonic() + machine_pace().seconds(timeout)
     while True:
@@ -36,10 +36,10 @@ def settle(watch: Watch, kinds: set[ChangeKind], timeout: float = 5.0) -> tuple[
         time.sleep(0.01)
 
 
-def watched(holder: Holders, *specs: str) -> tuple[Inventory, Watch]:
+def watched(holder: Holders, *specs: str) -> tuple[Inventory, ChangeWatch]:
     pid = holder(*specs)
     inv = take_inventory([pid])
-    watch = Watch(inv)
+    watch = ChangeWatch(inv)
     watch.start()
     return inv, watch
 
@@ -119,7 +119,7 @@ def test_hard_link_and_deleted_open_file(holder: Holders, tmp_path: Path, pace: 
     pid = holder(f"r:{a}", f"w:{ghost}")
     ghost.unlink()
     inv = take_inventory([pid])
-    with Watch(inv) as watch:
+    with ChangeWatch(inv) as watch:
         # written through a name in a directory nobody watches
         with open(other, "a") as f:
             f.write(" and changed")
@@ -163,7 +163,7 @@ def test_idle_tree_of_10k_files_raises_no_alarm(holder: Holders, tmp_path: Path,
     pid = holder(*specs)
     inv = take_inventory([pid])
     assert len([f for f in inv.files if f.path.startswith(str(tree))]) == 10_000
-    with Watch(inv) as watch:
+    with ChangeWatch(inv) as watch:
         assert watch.inotify_watches >= 10_000 and not [w for w in watch.warnings if "inotify" in w]
         # reads, and changes to files nobody needs, in the same directories
         subprocess.run(["cat", *(str(tree / "d00" / f"f{i:02d}") for i in range(100))], check=True, capture_output=True)
@@ -198,7 +198,7 @@ def test_inotify_only(holder: Holders, tmp_path: Path) -> None:
     f = tmp_path / "y"
     f.write_text("y")
     pid = holder(f"r:{f}")
-    with Watch(take_inventory([pid]), fanotify=False, thread=False) as watch:
+    with ChangeWatch(take_inventory([pid]), fanotify=False, thread=False) as watch:
         assert watch.fanotify_marks == []
         with open(f, "a") as out:
             out.write("more")

@@ -1,7 +1,8 @@
 """The ``snapcore`` command. ``main(argv) -> int``; heavy modules load per command.
 
 :mod:`.parser` reads the command line, :mod:`.commands` holds every command (its
-arguments, and what it does through :mod:`snapcore.api`), and :func:`main` is the one
+arguments, and what it does through :mod:`snapcore.api`; the CRIU action script is
+:mod:`.criu_hook`, what they share :mod:`.common`), and :func:`main` is the one
 place a :class:`SnapcoreError` becomes a message and an exit code.
 """
 
@@ -27,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parse_args(args_list)
-        from snapcore.cli.commands import COMMANDS, setup_logging
+        from snapcore.cli.commands import COMMANDS
+        from snapcore.cli.common import setup_logging
 
         setup_logging(args.verbose, args.quiet)
         if os.geteuid() == 0 and (

@@ -4,21 +4,28 @@ Python API (:mod:`snapcore.api`): parse, call, print. Heavy modules load per com
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapcore.cli.common import (
+    plugins_of,
+    policy_of,
+    print_json,
+    require_root,
+    run_dir_arg,
+    said,
+    state_dir_arg,
+)
+from snapcore.cli.criu_hook import cmd_criu_hook
 from snapcore.cli.parser import Parser
 from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
 from snapcore.log import get_logger
 
 if TYPE_CHECKING:
-    from snapcore.plugins import Plugins
-    from snapcore.policy import Policy
+    pass
 
 log = get_logger("snapcore")
 
@@ -106,74 +113,6 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def setup_logging(verbose: int, quiet: int) -> None:
-    from snapcore import log as logs
-
-    logs.configure(verbose, quiet)
-
-
-def _plugins(args: argparse.Namespace) -> Plugins:
-    from snapcore.plugins import make_plugins
-
-    plugins = make_plugins(disabled=args.disable_plugin)
-    from snapcore.log import apply_if_loaded
-
-    apply_if_loaded()  # a plugin that imported logging may log with it at once
-    for broken in plugins.broken:
-        log.warning("plugin %s (%s) is broken: %s", broken.name, broken.distribution, broken.error)
-    return plugins
-
-
-def _policy(args: argparse.Namespace) -> Policy:
-    from snapcore.policy import Policy, load_policy
-
-    return load_policy(args.policy) if getattr(args, "policy", None) else Policy.default()
-
-
-def _state_dir(args: argparse.Namespace, policy: Policy | None = None) -> Path:
-    from snapcore.policy import Policy, state_dir_of
-
-    return state_dir_of(policy or Policy.default(), args.state_dir)
-
-
-CRIU_ID_FILE = "snapcore-checkpoint"
-
-
-def cmd_criu_hook(args: argparse.Namespace) -> int:
-    """``criu dump/restore --action-script 'snapcore criu-hook'``."""
-    from snapcore import api
-    from snapcore.tasks.criu import ActionEvent, handle_action
-    from snapcore.transaction import TaskSpec
-
-    def post_dump(event: ActionEvent) -> None:
-        # CRIU holds the tasks stopped: image their filesystems now
-        if event.init_pid is None or event.images_dir is None:
-            raise SnapcoreError("post-dump without CRTOOLS_INIT_PID or CRTOOLS_IMAGE_DIR")
-        policy = _policy(args)
-        manifest = api.checkpoint(
-            args.paths,
-            policy=policy,
-            state_dir=_state_dir(args, policy),
-            run_dir=_run_dir(args),
-            plugins=_plugins(args),
-            tasks=TaskSpec(pid=event.init_pid, stopped_by="CRIU", criu_images=event.images_dir),
-        )
-        (Path(event.images_dir) / CRIU_ID_FILE).write_text(manifest.id + "\n")
-        print(f"snapcore: checkpoint {manifest.id} of the dumped tasks' filesystems", file=sys.stderr)
-
-    def pre_restore(event: ActionEvent) -> None:
-        # before CRIU opens the files: put the checkpoint's images back in place
-        if event.images_dir is None:
-            raise SnapcoreError("pre-restore without CRTOOLS_IMAGE_DIR")
-        id_file = Path(event.images_dir) / CRIU_ID_FILE
-        if not id_file.exists():
-            raise SnapcoreError(f"{id_file} is missing: these CRIU images were not dumped through snapcore criu-hook")
-        checkpoint_id = id_file.read_text().strip()
-        api.restore(checkpoint_id, in_place=True, state_dir=_state_dir(args), plugins=_plugins(args), on_restored=_said)
-
-    return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})
-
-
 def _run_after_restore(command: list[str]) -> int:
     """``snapcore restore ID -- criu restore -D DIR``: the files first, then CMD."""
     import shutil
@@ -189,17 +128,11 @@ def _run_after_restore(command: list[str]) -> int:
     return ExitCode.OK
 
 
-def _run_dir(args: argparse.Namespace) -> Path:
-    from snapcore.host.locks import default_run_dir
-
-    return Path(args.run_dir) if args.run_dir else default_run_dir()
-
-
 def cmd_recover(args: argparse.Namespace) -> int:
     from snapcore import api
 
-    _require_root("snapcore recover")
-    report = api.recover(run_dir=_run_dir(args), plugins=_plugins(args))
+    require_root("snapcore recover")
+    report = api.recover(run_dir=run_dir_arg(args), plugins=plugins_of(args))
     if not report:
         print("nothing to recover")
     for recovered in report:
@@ -209,20 +142,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise UsageError(f"{what} must run as root (freezing and snapshotting need CAP_SYS_ADMIN): try sudo")
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
 # -- commands ------------------------------------------------------------------------
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    plugins = _plugins(args)
+    plugins = plugins_of(args)
     rows = [
         {
             "name": name,
@@ -235,7 +159,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     ]
     broken = [{"name": b.name, "distribution": b.distribution, "error": b.error} for b in plugins.broken]
     if args.json:
-        _print_json({"backends": rows, "broken": broken})
+        print_json({"backends": rows, "broken": broken})
         return ExitCode.OK
     for row in rows:
         print(
@@ -250,11 +174,11 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from snapcore.transaction import plan
 
-    plugins = _plugins(args)
-    policy = _policy(args)
+    plugins = plugins_of(args)
+    policy = policy_of(args)
     selections, warnings = plan(plugins, policy, args.paths)  # api.plan, with the warnings
     if args.json:
-        _print_json(
+        print_json(
             {
                 "policy": policy.path,
                 "warnings": warnings,
@@ -305,9 +229,9 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     from snapcore import api
     from snapcore.safety.cancel import Cancel, on_signals
 
-    _require_root("snapcore checkpoint")
-    plugins = _plugins(args)
-    policy = _policy(args)
+    require_root("snapcore checkpoint")
+    plugins = plugins_of(args)
+    policy = policy_of(args)
     if not args.paths and policy.path is None and args.pid is None and not args.cgroup:
         raise UsageError("nothing to checkpoint: give PATHs, --pid, --cgroup, or a --policy that names mounts")
     cancel = Cancel()
@@ -317,8 +241,8 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
                 args.paths,
                 policy=policy,
                 checkpoint_id=args.checkpoint_id,
-                state_dir=_state_dir(args, policy),
-                run_dir=_run_dir(args),
+                state_dir=state_dir_arg(args, policy),
+                run_dir=run_dir_arg(args),
                 payload=command,
                 plugins=plugins,
                 cancel=cancel,
@@ -348,7 +272,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from snapcore import api
 
     rows: list[dict[str, Any]] = []
-    for listed in api.list_checkpoints(state_dir=_state_dir(args)):
+    for listed in api.list_checkpoints(state_dir=state_dir_arg(args)):
         manifest, path = listed.manifest, listed.path
         if manifest is None:
             rows.append({"id": listed.id, "outcome": "unreadable", "error": listed.error, "path": str(path)})
@@ -366,7 +290,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return ExitCode.OK
     for row in rows:
         mounts = " ".join(row.get("mounts") or [])
@@ -379,7 +303,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from snapcore import api
 
-    _show(api.show(args.checkpoint_id, state_dir=_state_dir(args)), args.json, sys.stdout)
+    _show(api.show(args.checkpoint_id, state_dir=state_dir_arg(args)), args.json, sys.stdout)
     return ExitCode.OK
 
 
@@ -388,17 +312,11 @@ def _which(args: argparse.Namespace) -> None:
         raise UsageError(f"give a checkpoint ID or --from EXPORT_DIR (see 'snapcore {args.command} --help')")
 
 
-def _said(done: Any) -> None:
-    print(f"{done.mount}: {done.message}", flush=True)
-    if done.set_aside_id:
-        print(f"{done.mount}: the state it replaced is checkpoint {done.set_aside_id}", flush=True)
-
-
 def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> int:
     """``snapcore restore``; ``then`` is the command to run after it (``-- CMD``)."""
     from snapcore import api
 
-    _require_root("snapcore restore")
+    require_root("snapcore restore")
     _which(args)
     if args.safe and not args.to:
         raise UsageError("--safe restores a copy: use it with --to DIR")
@@ -410,9 +328,9 @@ def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> 
         mount=args.mount,
         safe=args.safe,
         before_criu_restore=bool(then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]),
-        state_dir=_state_dir(args),
-        plugins=_plugins(args),
-        on_restored=_said,
+        state_dir=state_dir_arg(args),
+        plugins=plugins_of(args),
+        on_restored=said,
     )
     return ExitCode.OK
 
@@ -421,7 +339,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from snapcore import api
 
     _which(args)
-    found = api.verify(args.checkpoint_id, from_dir=args.from_dir, state_dir=_state_dir(args), plugins=_plugins(args))
+    found = api.verify(
+        args.checkpoint_id, from_dir=args.from_dir, state_dir=state_dir_arg(args), plugins=plugins_of(args)
+    )
     for mount, problems in found.mounts.items():
         print(f"{mount}: {'OK' if not problems else 'DAMAGED'}")
     for p in found.problems:
@@ -436,8 +356,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from snapcore.store.retention import describe
 
     if not args.dry_run:
-        _require_root("snapcore prune")
-    report = api.prune(dry_run=args.dry_run, state_dir=_state_dir(args), run_dir=_run_dir(args), plugins=_plugins(args))
+        require_root("snapcore prune")
+    report = api.prune(
+        dry_run=args.dry_run, state_dir=state_dir_arg(args), run_dir=run_dir_arg(args), plugins=plugins_of(args)
+    )
     for line in describe(report, args.dry_run):
         print(line)
     if report.errors:
@@ -449,14 +371,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from snapcore import api
 
     if not args.dry_run:
-        _require_root("snapcore delete")
+        require_root("snapcore delete")
     done = api.delete(
         args.checkpoint_ids,
         mounts=args.mount,
         dry_run=args.dry_run,
-        state_dir=_state_dir(args),
-        run_dir=_run_dir(args),
-        plugins=_plugins(args),
+        state_dir=state_dir_arg(args),
+        run_dir=run_dir_arg(args),
+        plugins=plugins_of(args),
     )
     verb = "would remove" if args.dry_run else "removed"
     errors = 0
@@ -480,7 +402,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from snapcore import api
     from snapcore.policy import load_policy
 
-    problems = api.check_policy(args.file, plugins=_plugins(args))
+    problems = api.check_policy(args.file, plugins=plugins_of(args))
     for problem in problems:
         print(f"snapcore: error: {problem}", file=sys.stderr)
     if problems:

@@ -11,11 +11,11 @@ From the inventory until the tasks are thawed, every needed file is watched:
   names the writer's PID and catches writes through any hard link. Its events
   carry a descriptor of the written file, matched to the needed set by device and
   inode. Where it cannot run (no ``CAP_SYS_ADMIN``, a filesystem that refuses the
-  mark) the watch says so in :attr:`Watch.warnings` and goes on with inotify.
+  mark) the watch says so in :attr:`ChangeWatch.warnings` and goes on with inotify.
 
 A write that makes a file shorter than it was at the inventory is reported as a
 truncation. A reader thread drains both queues while the watch runs, and
-:meth:`Watch.results` drains once more before answering, so nothing already queued
+:meth:`ChangeWatch.results` drains once more before answering, so nothing already queued
 is missed. Each :class:`Change` has a monotonic timestamp: changes the tasks made
 themselves before they were frozen can be told apart with ``results(since=...)``.
 """
@@ -167,7 +167,7 @@ class Watched:
         )
 
 
-class Watch:
+class ChangeWatch:
     """Watch needed files for changes. ``start``, ``results``, ``stop`` (or ``with``).
 
     Args:
@@ -432,7 +432,7 @@ class Watch:
                 self._fan_fd = None
         return self.results()
 
-    def __enter__(self) -> Watch:
+    def __enter__(self) -> ChangeWatch:
         self.start()
         return self
 

@@ -14,7 +14,7 @@ from snapcore.store.manifest import manifest_path
 from snapcore.types import Rescue, RescueKind
 
 if TYPE_CHECKING:
-    from snapcore.tasks.changes import Watch
+    from snapcore.tasks.changes import ChangeWatch
     from snapcore.tasks.freezer import TaskFreezer
     from snapcore.tasks.inventory import Inventory
     from snapcore.tasks.resolve import TaskSet
@@ -36,7 +36,7 @@ class HeldTasks:
         self.taskset = taskset
         self.inventory = inventory
         self.freezer: TaskFreezer | None = None
-        self.watch: Watch | None = None
+        self.watch: ChangeWatch | None = None
         #: when they stopped (``time.monotonic()``), None while they run
         self.stopped_at: float | None = None
         self.rescues: dict[str, Rescue] = {}
@@ -65,9 +65,9 @@ class HeldTasks:
             self.stopped_at = time.monotonic()
         if spec.criu_images:
             txn.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
-        from snapcore.tasks.changes import Watch
+        from snapcore.tasks.changes import ChangeWatch
 
-        self.watch = Watch(self.inventory)
+        self.watch = ChangeWatch(self.inventory)
         self.watch.start()
         return self.rescues
 
