@@ -1,5 +1,10 @@
 """Tasks: freeze and thaw them (resolved by :mod:`snapcore.tasks.resolve`).
 
+One module of ~540 lines because it is one thing: the life of the temporary freezer
+cgroups — made, joined, frozen, judged frozen, thawed, emptied and removed, and found
+again by ``recover`` — whose invariants (a task is moved back before its cgroup goes;
+nothing is removed that is not ours) hold only if read in one place.
+
 How a ``--pid`` tree is stopped: a temporary freezer cgroup, not ptrace
 -----------------------------------------------------------------------------
 A process tree usually shares its cgroup with others (a shell's child, a service's
