@@ -7,6 +7,8 @@
 * ``hook_recorder``: records every hook call a plugin manager makes.
 * :func:`start_write` / :class:`WriteProbe`: a write in a subprocess, to see whether
   a filesystem is frozen without ever blocking the test itself.
+* :func:`describe_tree` / :func:`assert_same_tree`: a tree as a comparable value
+  (:mod:`snapcore.testing.trees`).
 * ``pace`` / :func:`machine_pace`: how fast this machine is, measured once per run
   (a bare interpreter start), so that every time a test allows (a freeze deadline,
   a wait for a guard or a daemon) scales with the machine instead of being a
@@ -36,6 +38,8 @@ import pytest
 import snapcore
 from snapcore.policy import DEFAULT_FREEZE_TIMEOUT as _DEFAULT_FREEZE_TIMEOUT
 from snapcore.safety.guard import FITHAW
+from snapcore.testing.trees import assert_same_tree as assert_same_tree
+from snapcore.testing.trees import describe_tree as describe_tree
 
 #: A bare ``python -I -c pass`` on the machine the suite's time allowances were first
 #: written on (issue 4's notes: 5.7-5.8 ms): the unit of :class:`Pace`.
