@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,22 +20,6 @@ def core_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
 def plugins() -> Plugins:
     """A fresh plugin manager with every installed backend."""
     return make_plugins()
-
-
-@pytest.fixture
-def write_policy(tmp_path: Path) -> Iterator[object]:
-    """Write a policy file and return its path: ``write_policy(text, name=...)``."""
-    counter = iter(range(1000))
-
-    def write(text: str | bytes, name: str | None = None) -> Path:
-        path = tmp_path / (name or f"policy-{next(counter)}.yaml")
-        if isinstance(text, bytes):
-            path.write_bytes(text)
-        else:
-            path.write_text(text)
-        return path
-
-    yield write
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 * ``loop_fs``: a factory that makes a loop-backed ext4, xfs or btrfs filesystem in
   a temporary directory and tears it down however the test ends (thaw, unmount,
   detach the loop device, delete the image).
-* ``state_dir``: a private snapcore state directory.
+* ``state_dir``: a private snapcore state directory; ``write_policy``: writes a
+  policy file for the test.
 * ``hook_recorder``: records every hook call a plugin manager makes.
 * :func:`start_write` / :class:`WriteProbe`: a write in a subprocess, to see whether
   a filesystem is frozen without ever blocking the test itself.
@@ -323,6 +324,26 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir(mode=0o700)
     return path
+
+
+WritePolicy = Callable[..., Path]
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> WritePolicy:
+    """Write a policy file under the test's directory and return its path:
+    ``write_policy(text)`` or ``write_policy(text_or_bytes, name="p.yaml")``."""
+    counter = iter(range(10_000))
+
+    def write(text: str | bytes, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"policy-{next(counter)}.yaml")
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return path
+
+    return write
 
 
 @dataclass(slots=True)
