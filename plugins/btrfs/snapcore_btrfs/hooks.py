@@ -1,4 +1,6 @@
-"""pluggy hooks of the ``btrfs`` imager; the work is in :mod:`.backend`."""
+"""pluggy hooks of the ``btrfs`` imager; the work is in :mod:`.subvol` (probe),
+:mod:`.snapshot` (prepare, snapshot), :mod:`.images` (discard, list, verify),
+:mod:`.restore` (``--to``) and :mod:`.rollback` (``--in-place``)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ from snapcore import (
 from snapcore_btrfs import BTRFS as NAME
 
 if TYPE_CHECKING:
-    from snapcore_btrfs import backend
+    from snapcore_btrfs import images, restore, rollback, snapshot, subvol
 else:  # btrfsutil is loaded when a btrfs mount is really met: the CLI starts fast
-    backend = lazy_import("snapcore_btrfs.backend")
+    images = lazy_import("snapcore_btrfs.images")
+    restore = lazy_import("snapcore_btrfs.restore")
+    rollback = lazy_import("snapcore_btrfs.rollback")
+    snapshot = lazy_import("snapcore_btrfs.snapshot")
+    subvol = lazy_import("snapcore_btrfs.subvol")
 
 
 @hookimpl
@@ -68,16 +74,16 @@ def snapcore_option_schema() -> Sequence[Option]:
 def snapcore_probe(mount: Mount) -> Support:
     if mount.fstype != "btrfs":
         return Support.no(f"{mount.fstype} is not btrfs")
-    ok, reason = backend.check_mount(mount)
+    ok, reason = subvol.check_mount(mount)
     # above fsfreeze (20): a snapshot keeps an image and never holds writers
     return Support.yes(reason, score=80) if ok else Support.no(reason)
 
 
 @hookimpl
 def snapcore_prepare(target: Target, role: Role) -> None:
-    plan = backend.plan(target, create=True)
+    plan = snapshot.plan(target, create=True)
     if target.options_for(NAME).get("sync", True):
-        backend.sync(plan)
+        snapshot.sync(plan)
     target.state_of(NAME)["plan"] = plan  # for snapshot
 
 
@@ -92,8 +98,8 @@ def snapcore_freeze(target: Target) -> None:
 def snapcore_snapshot(target: Target) -> Image:
     plan = target.state_of(NAME).pop("plan", None)
     if plan is None:  # prepare ran in another process, or not at all
-        plan = backend.plan(target, create=False)
-    marker, warnings = backend.take_snapshot(plan, target.checkpoint_id)
+        plan = snapshot.plan(target, create=False)
+    marker, warnings = snapshot.take_snapshot(plan, target.checkpoint_id)
     return Image(
         backend=NAME,
         ref=os.fspath(plan.dest),
@@ -129,7 +135,7 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
     if export is not None or image is None or image.ref is None:
         return
     uuid = image.details.get("uuid")
-    backend.delete_image(
+    images.delete_image(
         Path(image.ref), checkpoint_id=target.checkpoint_id, uuid=uuid if isinstance(uuid, str) else None
     )
 
@@ -140,7 +146,7 @@ def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
         return []
     return [
         ImageEntry(backend=NAME, ref=os.fspath(path), checkpoint_id=marker.checkpoint_id, created=marker.created)
-        for path, marker in backend.list_images(mount)
+        for path, marker in images.list_images(mount)
     ]
 
 
@@ -152,16 +158,16 @@ def snapcore_restore(
     if image is None or image.ref is None:
         raise BackendError("the checkpoint has no btrfs image to restore from", mount=mp, backend=NAME)
     if in_place:
-        return backend.rollback(
+        return rollback.rollback(
             target.mount, target.checkpoint_id, image=Path(image.ref), snapshot_dir=Path(image.ref).parent
         )
     if dest is None:
         raise BackendError("restore needs --to DIR or --in-place", mount=mp, backend=NAME)
-    return backend.restore_to(Path(image.ref), dest, mp)
+    return restore.restore_to(Path(image.ref), dest, mp)
 
 
 @hookimpl
 def snapcore_verify(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
     if image is None or image.ref is None:
         return ["no btrfs image is recorded"]
-    return backend.verify_image(Path(image.ref), image.details.get("uuid"))
+    return images.verify_image(Path(image.ref), image.details.get("uuid"))

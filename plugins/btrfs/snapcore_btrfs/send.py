@@ -28,7 +28,7 @@ from typing import IO, Any, Protocol
 import btrfsutil
 
 from snapcore import BackendError, Cancel, Cancelled, MissingTool, stderr_tail, tied_to_controller, write_atomic
-from snapcore_btrfs import BTRFS_SEND, backend
+from snapcore_btrfs import BTRFS_SEND, restore, subvol
 
 NAME = BTRFS_SEND
 RECORD_SUFFIX = ".btrfs-send.json"
@@ -179,7 +179,7 @@ def export(
         info = btrfsutil.subvolume_info(os.fspath(snapshot))
     except btrfsutil.BtrfsUtilError as exc:
         raise fail(f"{snapshot} is not a btrfs snapshot: {exc}", mount) from exc
-    if not info.flags & backend.RDONLY:
+    if not info.flags & subvol.RDONLY:
         raise fail(f"{snapshot} is not read-only: btrfs send needs a read-only snapshot", mount)
     dest.mkdir(parents=True, exist_ok=True)
     if record_path(dest, checkpoint_id).exists():
@@ -346,15 +346,15 @@ def receive(dest: Path, record: Record, into: Path, mount: str | None = None) ->
 
 def restore_to(dest: Path, record: Record, target_dir: Path, mount: str | None = None) -> str:
     """Receive the chain next to ``target_dir``, then make a writable snapshot at it."""
-    backend.check_restore_dest(target_dir, mount)
+    restore.check_restore_dest(target_dir, mount)
     problems = check_chain(dest, record)
     if problems:
         raise fail("cannot restore: " + "; ".join(problems), mount)
-    parent = backend.nearest_existing(target_dir if target_dir.exists() else target_dir.parent)
-    if backend.fsid(parent) is None:
+    parent = subvol.nearest_existing(target_dir if target_dir.exists() else target_dir.parent)
+    if subvol.fsid(parent) is None:
         raise fail(f"{target_dir} is not on a btrfs filesystem: btrfs receive needs one", mount)
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = target_dir.parent / f"{backend.STAGING_PREFIX}receive-{record.checkpoint_id}-{os.urandom(3).hex()}"
+    staging = target_dir.parent / f"{subvol.STAGING_PREFIX}receive-{record.checkpoint_id}-{os.urandom(3).hex()}"
     staging.mkdir()
     try:
         received = receive(dest, record, staging, mount)
@@ -364,7 +364,7 @@ def restore_to(dest: Path, record: Record, target_dir: Path, mount: str | None =
     finally:
         for child in list(staging.iterdir()):
             with contextlib.suppress(BackendError):
-                backend.delete_subvolume_tree(child)
+                subvol.delete_subvolume_tree(child)
         with contextlib.suppress(OSError):
             staging.rmdir()
     return f"restored to {target_dir} from {len(record.chain)} send stream(s) in {dest}"

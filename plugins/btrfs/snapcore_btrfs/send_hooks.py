@@ -24,10 +24,11 @@ from snapcore_btrfs import BTRFS
 from snapcore_btrfs import BTRFS_SEND as NAME
 
 if TYPE_CHECKING:
-    from snapcore_btrfs import backend, send
+    from snapcore_btrfs import rollback, send, snapshot
 else:  # loaded when a target really exports with btrfs send: the CLI starts fast
-    backend = lazy_import("snapcore_btrfs.backend")
+    rollback = lazy_import("snapcore_btrfs.rollback")
     send = lazy_import("snapcore_btrfs.send")
+    snapshot = lazy_import("snapcore_btrfs.snapshot")
 
 
 def fail(message: str, mount: str | None = None) -> BackendError:
@@ -133,11 +134,11 @@ def snapcore_restore(
         problems = send.check_chain(where, record)
         if problems:
             raise fail("cannot restore: " + "; ".join(problems), mp)
-        return backend.rollback(
+        return rollback.rollback(
             target.mount,
             target.checkpoint_id,
             receive=lambda staging: send.receive(where, record, staging, mp),
-            snapshot_dir=backend.snapshot_dir_of(target),
+            snapshot_dir=snapshot.snapshot_dir_of(target),
         )
     if dest is None:
         raise fail("restore needs --to DIR or --in-place", mp)

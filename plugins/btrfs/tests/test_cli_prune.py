@@ -18,7 +18,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 
 import snapcore
 from snapcore import Plugins, main
-from snapcore_btrfs import backend
+from snapcore_btrfs import images, markers
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -53,7 +53,7 @@ def test_cli_several_mounts(btrfs_subvol: SubvolFactory, run: Run, state_dir: Pa
     code, out, _ = run("restore", "k1", "--mount", str(b.path), "--to", str(a.fs.mount_point / "back"))
     assert code == 0 and (a.fs.mount_point / "back" / "who").read_text() == "@b"
     # damage: an image deleted behind snapcore's back
-    backend.delete_image(c.path / ".snapshots" / "k1")
+    images.delete_image(c.path / ".snapshots" / "k1")
     code, out, _ = run("verify", "k1")
     assert code == 1 and "missing" in out
 
@@ -205,7 +205,7 @@ def test_delete_through_a_tampered_manifest_never_removes_another_checkpoint_s_s
     path.write_text(json.dumps(data))
     code, out, err = run("delete", "mine")
     assert code == 1 and "it is checkpoint theirs's, not mine's" in out + err, out + err
-    assert theirs.exists() and backend.recognise(theirs) is not None
+    assert theirs.exists() and markers.recognise(theirs) is not None
     # the uuid is checked too: a record naming the right checkpoint with another uuid
     data["targets"][0]["image"] = data["targets"][0]["image_record"]["ref"] = str(sv.path / ".snapshots" / "mine")
     data["targets"][0]["image_record"]["details"]["uuid"] = "0" * 32

@@ -22,7 +22,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 import snapcore
 from snapcore import CheckpointFailed, Consistency, Plugins, find_mount
 from snapcore.testing import LoopFactory, Pace
-from snapcore_btrfs import backend
+from snapcore_btrfs import images, markers, restore, rollback
 
 # the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
 pytest_plugins = ["btrfs_fixtures"]
@@ -137,7 +137,7 @@ def test_nested_subvolumes_warned_or_recursive(btrfs_subvol: SubvolFactory, stat
         "plain.snapcore.json",
     }
     assert any("one after another" in w for w in t.warnings)
-    backend.delete_image(image)
+    images.delete_image(image)
     assert not image.exists()
 
 
@@ -177,11 +177,11 @@ def test_list_and_discard_only_what_snapcore_made(
     assert all(e.backend == "btrfs" and e.created for e in listed)
     for name in ("theirs", "fake"):
         with pytest.raises(snapcore.BackendError, match="not a snapshot snapcore made"):
-            backend.delete_image(sv.path / ".snapshots" / name)
+            images.delete_image(sv.path / ".snapshots" / name)
         assert (sv.path / ".snapshots" / name).exists()
-    assert backend.delete_image(sv.path / ".snapshots" / "one")
+    assert images.delete_image(sv.path / ".snapshots" / "one")
     assert not (sv.path / ".snapshots" / "one.snapcore.json").exists()
-    assert not backend.delete_image(sv.path / ".snapshots" / "one")  # idempotent
+    assert not images.delete_image(sv.path / ".snapshots" / "one")  # idempotent
     assert [e.checkpoint_id for e in plugins.list_images("btrfs", _mount(sv.path))] == ["two"]
 
 
@@ -193,18 +193,18 @@ def test_restore_to_new_and_empty_dirs(btrfs_subvol: SubvolFactory, state_dir: P
     (sv.path / "big.bin").unlink()
     image = sv.path / ".snapshots" / "r1"
     dest = sv.fs.mount_point / "restored" / "here"
-    assert "restored to" in backend.restore_to(image, dest)
+    assert "restored to" in restore.restore_to(image, dest)
     assert tree(dest) == before
     (dest / "new").write_text("writable")
     empty = sv.fs.mount_point / "empty"
     empty.mkdir()
-    backend.restore_to(image, empty)
+    restore.restore_to(image, empty)
     assert tree(empty) == before
     with pytest.raises(snapcore.BackendError, match="not empty"):
-        backend.restore_to(image, dest)
+        restore.restore_to(image, dest)
     other = loop_fs("ext4")
     with pytest.raises(snapcore.BackendError, match="not on the btrfs filesystem"):
-        backend.restore_to(image, other.mount_point / "x")
+        restore.restore_to(image, other.mount_point / "x")
     assert not (other.mount_point / "x").exists()
 
 
@@ -221,25 +221,25 @@ def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, s
     (sv.path / "after.txt").write_text("written after")
     (sv.path / "nested" / "n.txt").write_text("nested changed")
     image = Path(manifest.targets[0].image or "")
-    done = backend.rollback(_mount(sv.path), "r1", image=image)
+    done = rollback.rollback(_mount(sv.path), "r1", image=image)
     assert "mounted again" in done.message
     assert tree(sv.path, skip=(".snapshots", "nested")) == before
     assert not (sv.path / "after.txt").exists()
     # nested subvolumes and the snapshots came along, so images stay where the manifests say
     assert (sv.path / "nested" / "n.txt").read_text() == "nested changed"
-    assert backend.recognise(sv.path / ".snapshots" / "r1") is not None
-    assert backend.recognise(sv.path / ".snapshots" / "r2") is not None
+    assert markers.recognise(sv.path / ".snapshots" / "r1") is not None
+    assert markers.recognise(sv.path / ".snapshots" / "r2") is not None
     # the replaced state is an image of its own in the snapshot_dir, read-only and marked
     assert done.set_aside is not None and done.set_aside_id and done.set_aside_id.startswith("before-restore-")
     aside = sv.path / ".snapshots" / done.set_aside_id
     assert done.set_aside.ref == str(aside) and str(aside) in done.message
-    assert backend.recognise(aside) is not None and btrfsutil.get_subvolume_read_only(str(aside))
+    assert markers.recognise(aside) is not None and btrfsutil.get_subvolume_read_only(str(aside))
     assert (aside / "after.txt").read_text() == "written after"
     assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
     # a second restore a moment later keeps a second, differently named state
-    again = backend.rollback(_mount(sv.path), "r1", image=image)
+    again = rollback.rollback(_mount(sv.path), "r1", image=image)
     assert again.set_aside_id and again.set_aside_id != done.set_aside_id
-    assert backend.recognise(sv.path / ".snapshots" / again.set_aside_id) is not None
+    assert markers.recognise(sv.path / ".snapshots" / again.set_aside_id) is not None
 
 
 def _image_of_old_then_new(sv: Subvol, state_dir: Path, checkpoint_id: str) -> Path:
@@ -260,7 +260,7 @@ def test_restore_in_place_busy_mount_and_refusals(
     with open(sv.path / "a") as busy:
         # a mount in use cannot show the restored state now: refused, naming the holder
         with pytest.raises(snapcore.MountBusy, match=rf"pid {os.getpid()} \(.*fd {busy.fileno()} \({sv.path}/a\)"):
-            backend.rollback(_mount(sv.path), "b1", image=image)
+            rollback.rollback(_mount(sv.path), "b1", image=image)
         assert busy.read() == "new"
     # nothing changed: the same subvolume, nothing staged or set aside
     assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
@@ -272,21 +272,21 @@ def test_restore_in_place_busy_mount_and_refusals(
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(below)], check=True)
     try:
         with pytest.raises(snapcore.MountBusy, match=f"{below} is mounted below it"):
-            backend.rollback(_mount(sv.path), "b1", image=image)
+            rollback.rollback(_mount(sv.path), "b1", image=image)
     finally:
         subprocess.run(["umount", str(below)], check=True)
     assert (sv.path / "a").read_text() == "new"
-    backend.rollback(_mount(sv.path), "b1", image=image)
+    rollback.rollback(_mount(sv.path), "b1", image=image)
     assert (sv.path / "a").read_text() == "old"
     # the top-level subvolume cannot be replaced
     top = sv.fs.mount_point
     manifest = snapcore.checkpoint([top], state_dir=state_dir, checkpoint_id="t1")
     with pytest.raises(snapcore.BackendError, match="top-level subvolume"):
-        backend.rollback(_mount(top), "t1", image=Path(manifest.targets[0].image or ""))
+        rollback.rollback(_mount(top), "t1", image=Path(manifest.targets[0].image or ""))
     # not a snapcore image
     btrfsutil.create_snapshot(str(sv.path), str(sv.path / "foreign"), read_only=True)
     with pytest.raises(snapcore.BackendError, match="not a snapshot snapcore made"):
-        backend.rollback(_mount(sv.path), "b1", image=sv.path / "foreign")
+        rollback.rollback(_mount(sv.path), "b1", image=sv.path / "foreign")
 
 
 @pytest.mark.usefixtures("no_leftover_mounts")
@@ -302,16 +302,16 @@ def test_restore_in_place_undoes_the_swap_when_a_holder_comes_after_the_check_fa
     image = _image_of_old_then_new(sv, state_dir, "u1")
     subvol_id = btrfsutil.subvolume_id(str(sv.path))
     seen: Iterator[list[object]] = iter([[], []])  # the check before the swap, then the one for the message
-    monkeypatch.setattr(backend, "mount_holders", lambda mp: next(seen))
+    monkeypatch.setattr(rollback, "mount_holders", lambda mp: next(seen))
     with open(sv.path / "a") as busy, pytest.raises(snapcore.MountBusy, match="target is busy"):
-        backend.rollback(_mount(sv.path), "u1", image=image)
+        rollback.rollback(_mount(sv.path), "u1", image=image)
     assert busy.closed
     assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
     assert (sv.path / "a").read_text() == "new" and (sv.path / "nested" / "n.txt").read_text() == "nested"
     assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
     # and with the holder gone, the same restore works
     monkeypatch.undo()
-    backend.rollback(_mount(sv.path), "u1", image=image)
+    rollback.rollback(_mount(sv.path), "u1", image=image)
     assert (sv.path / "a").read_text() == "old" and (sv.path / "nested" / "n.txt").read_text() == "nested"
 
 
@@ -362,16 +362,16 @@ def test_restore_in_place_refuses_a_mount_pinned_by_subvolid_in_fstab(
     fstab = tmp_path / "fstab"
     subvol_id = btrfsutil.subvolume_id(str(sv.path))
     fstab.write_text(f"# a comment line\nUUID=x {sv.path} btrfs defaults,subvolid={subvol_id},noatime 0 0\n")
-    monkeypatch.setattr(backend, "FSTAB", str(fstab))
+    monkeypatch.setattr(rollback, "FSTAB", str(fstab))
     with pytest.raises(snapcore.BackendError, match=f"subvolid={subvol_id}.*subvol=/@data"):
-        backend.rollback(_mount(sv.path), "f1", image=image)
+        rollback.rollback(_mount(sv.path), "f1", image=image)
     # nothing changed: the same subvolume, the same data, nothing set aside
     assert btrfsutil.subvolume_id(str(sv.path)) == subvol_id
     assert (sv.path / "a").read_text() == "new"
     assert not [n for n in os.listdir(sv.fs.mount_point) if ".snapcore-" in n]
     # by name, the next mount finds the restored subvolume: allowed
     fstab.write_text(f"UUID=x {sv.path} btrfs defaults,subvol=/@data 0 0\n")
-    where = backend.rollback(_mount(sv.path), "f1", image=image)
+    where = rollback.rollback(_mount(sv.path), "f1", image=image)
     assert "rolled back in place" in where.message
     assert (sv.path / "a").read_text() == "old"
 

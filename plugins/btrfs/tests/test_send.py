@@ -22,7 +22,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 import snapcore
 from snapcore import Cancel, Cancelled, CheckpointFailed, main
 from snapcore.testing import export_of, target_of
-from snapcore_btrfs import backend, send, send_hooks
+from snapcore_btrfs import images, send, send_hooks
 
 # the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
 pytest_plugins = ["btrfs_fixtures"]
@@ -88,12 +88,12 @@ def test_deleted_parents(
     m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p2")
     assert m2.targets[0].export_record["details"]["parent"] == "p1"  # type: ignore[index]
     # the parent snapshot is deleted: the next export is a full stream, and says so
-    backend.delete_image(sv.path / ".snapshots" / "p2")
+    images.delete_image(sv.path / ".snapshots" / "p2")
     sv.write("y", "y")
     m3 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p3")
     assert m3.targets[0].export_record["details"]["parent"] == "p1"  # type: ignore[index]
-    backend.delete_image(sv.path / ".snapshots" / "p1")
-    backend.delete_image(sv.path / ".snapshots" / "p3")
+    images.delete_image(sv.path / ".snapshots" / "p1")
+    images.delete_image(sv.path / ".snapshots" / "p3")
     m4 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p4")
     [t4] = m4.targets
     assert t4.export_record["details"]["parent"] is None  # type: ignore[index]
@@ -141,7 +141,7 @@ def test_in_place_from_stream(
     before = tree(sv.path)
     policy = policy_file(_policy(sv.path, tmp_path / "streams"))
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="i1")
-    backend.delete_image(sv.path / ".snapshots" / "i1")  # only the stream is left
+    images.delete_image(sv.path / ".snapshots" / "i1")  # only the stream is left
     sv.write("later", "later")
     assert main(["--state-dir", str(state_dir), "restore", "i1", "--in-place"]) == 0
     assert tree(sv.path) == before
