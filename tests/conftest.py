@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from snapcore.plugins import Plugins, make_plugins
 from snapcore.testing.processes import holder  # noqa: F401  (a fixture)
 
 
@@ -14,12 +13,6 @@ def core_backends_only(monkeypatch: pytest.MonkeyPatch) -> None:
     is installed: other backends are tested by their own distributions. (Each test's
     own run directory comes from snapcore.testing's ``run_dir``.)"""
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze")
-
-
-@pytest.fixture
-def plugins() -> Plugins:
-    """A fresh plugin manager with every installed backend."""
-    return make_plugins()
 
 
 @pytest.fixture

@@ -326,6 +326,13 @@ def state_dir(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def plugins() -> snapcore.Plugins:
+    """A fresh plugin manager with every installed backend (or those ``SNAPCORE_PLUGINS``
+    names)."""
+    return snapcore.make_plugins()
+
+
 WritePolicy = Callable[..., Path]
 
 

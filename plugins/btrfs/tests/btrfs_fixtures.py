@@ -9,14 +9,13 @@ with the other plugins' test directories (they are all top-level ``conftest``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import btrfsutil
 import pytest
 from btrfs_testlib import Subvol, SubvolFactory, mount
 
-from snapcore import Plugins, make_plugins
 from snapcore.testing import LoopFactory, LoopFS
 
 
@@ -36,23 +35,6 @@ def btrfs_subvol(loop_fs: LoopFactory, tmp_path: Path) -> SubvolFactory:
         return Subvol(fs=fs, name=name, path=where)
 
     return make
-
-
-@pytest.fixture
-def plugins() -> Plugins:
-    return make_plugins()
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path) -> Callable[[str], Path]:
-    counter = iter(range(1000))
-
-    def write(text: str) -> Path:
-        path = tmp_path / f"policy-{next(counter)}.yaml"
-        path.write_text(text)
-        return path
-
-    return write
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ with the other plugins' test directories: they are all top-level ``conftest``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -57,24 +56,8 @@ class Subvol:
 SubvolFactory = Callable[..., Subvol]
 
 
-def tree(root: str | os.PathLike[str], skip: tuple[str, ...] = (".snapshots",)) -> dict[str, str]:
-    """Every entry below ``root``: type, mode and content digest, for byte-for-byte comparisons."""
-    result: dict[str, str] = {}
-    base = Path(root)
-    for dirpath, dirnames, filenames in os.walk(base):
-        rel_dir = os.path.relpath(dirpath, base)
-        dirnames[:] = [d for d in dirnames if not (rel_dir == "." and d in skip)]
-        for name in sorted(dirnames + filenames):
-            p = Path(dirpath) / name
-            rel = os.path.relpath(p, base)
-            st = p.lstat()
-            if p.is_symlink():
-                result[rel] = f"link:{os.readlink(p)}"
-            elif p.is_dir():
-                result[rel] = f"dir:{oct(st.st_mode)}"
-            else:
-                result[rel] = f"file:{oct(st.st_mode)}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
-    return result
+#: what a subvolume's tree is compared without: snapcore's own snapshot directory
+SNAPSHOTS = (".snapshots",)
 
 
 def populate(root: Path, n: int = 20) -> None:

@@ -22,7 +22,7 @@ from snapcore_btrfs import images, markers
 
 Run = Callable[..., tuple[int, str, str]]
 
-# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+# the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
 pytest_plugins = ["btrfs_fixtures"]
 
 
@@ -59,16 +59,16 @@ def test_cli_several_mounts(btrfs_subvol: SubvolFactory, run: Run, state_dir: Pa
 
 
 def test_cli_bad_input(
-    btrfs_subvol: SubvolFactory, run: Run, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, run: Run, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     ro = btrfs_subvol(ro=True)
-    policy = policy_file(f"version: 1\nmounts:\n  {ro.path}:\n    imager: btrfs\n")
+    policy = write_policy(f"version: 1\nmounts:\n  {ro.path}:\n    imager: btrfs\n")
     code, _, err = run("checkpoint", "--policy", str(policy))
     assert code == 2 and "read-only" in err
     sv = btrfs_subvol()
     (sv.path / "dir").mkdir()
     bind = mount(["--bind", str(sv.path / "dir")], tmp_path / "bind", sv.fs)
-    policy = policy_file(f"version: 1\nmounts:\n  {bind}:\n    imager: btrfs\n")
+    policy = write_policy(f"version: 1\nmounts:\n  {bind}:\n    imager: btrfs\n")
     code, _, err = run("checkpoint", "--policy", str(policy))
     assert code == 2 and "not a subvolume" in err
     code, _, err = run("checkpoint", str(sv.path), "--id", "ok1")
@@ -82,19 +82,19 @@ def test_cli_bad_input(
     assert code == 2
 
 
-def _keep_policy(policy_file: Callable[[str], Path], mp: Path, keep: str, exporter: str = "") -> Path:
-    return policy_file(f"version: 1\nmounts:\n  {mp}:\n    imager: btrfs\n{exporter}    keep: {keep}\n")
+def _keep_policy(write_policy: Callable[[str], Path], mp: Path, keep: str, exporter: str = "") -> Path:
+    return write_policy(f"version: 1\nmounts:\n  {mp}:\n    imager: btrfs\n{exporter}    keep: {keep}\n")
 
 
 def test_prune_last(
-    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     need("zstd")
     sv = btrfs_subvol()
     other = btrfs_subvol()
     exporter = f"    exporter: btrfs-send\n    options:\n      btrfs-send: {{dest: {tmp_path / 's'}, compress: zstd}}\n"
-    policy = _keep_policy(policy_file, sv.path, "{last: 2}", exporter)
-    other_policy = policy_file(f"version: 1\nmounts:\n  {other.path}:\n    imager: btrfs\n")  # no keep
+    policy = _keep_policy(write_policy, sv.path, "{last: 2}", exporter)
+    other_policy = write_policy(f"version: 1\nmounts:\n  {other.path}:\n    imager: btrfs\n")  # no keep
     for i in range(4):
         sv.write("n", str(i))
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=f"k{i}")
@@ -128,11 +128,11 @@ def test_prune_last(
 
 
 def test_prune_within_never_removes_the_newest(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], plugins: Plugins
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], plugins: Plugins
 ) -> None:
     a = btrfs_subvol()
     b = btrfs_subvol()
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {a.path}:\n    imager: btrfs\n    keep: {{within: 1h}}\n"
         f"  {b.path}:\n    imager: btrfs\n    keep: {{last: 1}}\n"
     )
@@ -145,7 +145,7 @@ def test_prune_within_never_removes_the_newest(
     assert not (state_dir / "checkpoints" / "w1").exists()
     assert (a.path / ".snapshots" / "w2").exists() and (b.path / ".snapshots" / "w2").exists()
     # a checkpoint with one target pruned and one kept is rewritten, not removed
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {a.path}:\n    imager: btrfs\n    keep: {{last: 5}}\n"
         f"  {b.path}:\n    imager: btrfs\n    keep: {{last: 1}}\n"
     )
@@ -216,11 +216,11 @@ def test_delete_through_a_tampered_manifest_never_removes_another_checkpoint_s_s
 
 
 def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifest(
-    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     sv = btrfs_subvol()
     streams = tmp_path / "streams"
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n    exporter: btrfs-send\n"
         f"    options:\n      btrfs-send: {{dest: {streams}}}\n"
     )
@@ -243,10 +243,10 @@ def test_cli_delete_whose_image_cannot_go_drops_only_the_export_from_the_manifes
 
 
 def test_delete_and_prune_leave_a_mount_alone_while_it_is_checkpointed(
-    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path]
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, write_policy: Callable[[str], Path]
 ) -> None:
     sv = btrfs_subvol()
-    policy = _keep_policy(policy_file, sv.path, "{last: 1}")
+    policy = _keep_policy(write_policy, sv.path, "{last: 1}")
     for cid in ("k1", "k2"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
     with snapcore.hold(policy=policy, state_dir=state_dir, checkpoint_id="k3"):  # a checkpoint in progress
@@ -280,12 +280,12 @@ def test_delete_of_an_unmounted_filesystem_s_image_waits_for_its_mount(
 
 @pytest.mark.usefixtures("no_leftover_mounts")
 def test_the_states_restores_replace_are_pruned_like_checkpoints(
-    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, policy_file: Callable[[str], Path]
+    btrfs_subvol: SubvolFactory, run: Run, state_dir: Path, write_policy: Callable[[str], Path]
 ) -> None:
     """Twenty restores must not leave twenty subvolumes no command sees: each replaced
     state is a checkpoint of the mount, kept by the mount's keep rule."""
     sv = btrfs_subvol()
-    policy = _keep_policy(policy_file, sv.path, "{last: 2}")
+    policy = _keep_policy(write_policy, sv.path, "{last: 2}")
     sv.write("n", "0")
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="base")
     kept = []

@@ -8,23 +8,24 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import btrfsutil
 import pytest
 from btrfs_testlib import (  # the fixtures are used by name
+    SNAPSHOTS,
     Subvol,
     SubvolFactory,
     mount,
     populate,
-    tree,
 )
 
 import snapcore
 from snapcore import CheckpointFailed, Consistency, Plugins, find_mount
-from snapcore.testing import LoopFactory, Pace
+from snapcore.testing import LoopFactory, Pace, describe_tree
 from snapcore_btrfs import images, markers, restore, rollback
 
-# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+# the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
 pytest_plugins = ["btrfs_fixtures"]
 
 
@@ -81,14 +82,14 @@ def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
     try:
         while not (sv.path / "w" / "last").exists():
             pass
-        seen: dict[str, str] = {}
+        seen: dict[bytes, tuple[Any, ...]] = {}
 
         def payload(_: object) -> int:
             # runs once the image exists: it must already be the checkpoint-time tree
-            seen.update(tree(sv.path / "docs"))
+            seen.update(describe_tree(sv.path / "docs", skip=SNAPSHOTS))
             return 0
 
-        before = tree(sv.path / "docs")
+        before = describe_tree(sv.path / "docs", skip=SNAPSHOTS)
         manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="c1", payload=payload)
     finally:
         writer.kill()
@@ -101,7 +102,7 @@ def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
     assert target.imager == "btrfs" and target.consistency == Consistency.CRASH_CONSISTENT.value
     image = Path(target.image or "")
     assert image == sv.path / ".snapshots" / "c1"
-    assert tree(image / "docs") == before == seen
+    assert describe_tree(image / "docs", skip=SNAPSHOTS) == before == seen
     assert btrfsutil.get_subvolume_read_only(str(image))
     # the concurrent writer: names without gaps, and the complete files form a prefix
     numbers = sorted(int(p.name[1:]) for p in (image / "w").iterdir() if p.name.startswith("f"))
@@ -111,7 +112,7 @@ def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
     assert target.timings["snapshot"] < pace.seconds(1.0) * 1000
 
 
-def test_nested_subvolumes_warned_or_recursive(btrfs_subvol: SubvolFactory, state_dir: Path, policy_file) -> None:  # type: ignore[no-untyped-def]
+def test_nested_subvolumes_warned_or_recursive(btrfs_subvol: SubvolFactory, state_dir: Path, write_policy) -> None:  # type: ignore[no-untyped-def]
     sv = btrfs_subvol()
     btrfsutil.create_subvolume(str(sv.path / "inner"))
     (sv.path / "inner" / "a.txt").write_text("inner")
@@ -123,7 +124,7 @@ def test_nested_subvolumes_warned_or_recursive(btrfs_subvol: SubvolFactory, stat
     assert any("inner" in w and "sub/deep" in w and "recursive: true" in w for w in t.warnings)
     assert os.listdir(Path(t.image or "") / "inner") == []  # only the placeholder
     # a second checkpoint must not count the first snapshot as a nested subvolume
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n    options:\n      btrfs: {{recursive: true}}\n"
     )
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="rec")
@@ -188,18 +189,18 @@ def test_list_and_discard_only_what_snapcore_made(
 def test_restore_to_new_and_empty_dirs(btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory) -> None:
     sv = btrfs_subvol()
     populate(sv.path)
-    before = tree(sv.path)
+    before = describe_tree(sv.path, skip=SNAPSHOTS)
     snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r1")
     (sv.path / "big.bin").unlink()
     image = sv.path / ".snapshots" / "r1"
     dest = sv.fs.mount_point / "restored" / "here"
     assert "restored to" in restore.restore_to(image, dest)
-    assert tree(dest) == before
+    assert describe_tree(dest, skip=SNAPSHOTS) == before
     (dest / "new").write_text("writable")
     empty = sv.fs.mount_point / "empty"
     empty.mkdir()
     restore.restore_to(image, empty)
-    assert tree(empty) == before
+    assert describe_tree(empty, skip=SNAPSHOTS) == before
     with pytest.raises(snapcore.BackendError, match="not empty"):
         restore.restore_to(image, dest)
     other = loop_fs("ext4")
@@ -214,7 +215,7 @@ def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, s
     populate(sv.path)
     btrfsutil.create_subvolume(str(sv.path / "nested"))
     (sv.path / "nested" / "n.txt").write_text("nested stays current")
-    before = tree(sv.path, skip=(".snapshots", "nested"))
+    before = describe_tree(sv.path, skip=(".snapshots", "nested"))
     manifest = snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r1")
     snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="r2")
     (sv.path / "big.bin").unlink()
@@ -223,7 +224,7 @@ def test_restore_in_place_keeps_the_old_subvolume(btrfs_subvol: SubvolFactory, s
     image = Path(manifest.targets[0].image or "")
     done = rollback.rollback(_mount(sv.path), "r1", image=image)
     assert "mounted again" in done.message
-    assert tree(sv.path, skip=(".snapshots", "nested")) == before
+    assert describe_tree(sv.path, skip=(".snapshots", "nested")) == before
     assert not (sv.path / "after.txt").exists()
     # nested subvolumes and the snapshots came along, so images stay where the manifests say
     assert (sv.path / "nested" / "n.txt").read_text() == "nested changed"
@@ -327,10 +328,10 @@ def test_errors_no_space(btrfs_subvol: SubvolFactory, state_dir: Path) -> None:
     assert os.listdir(sv.path / ".snapshots") == []
 
 
-def test_errors_snapshot_dir(btrfs_subvol: SubvolFactory, state_dir: Path, policy_file, loop_fs: LoopFactory) -> None:  # type: ignore[no-untyped-def]
+def test_errors_snapshot_dir(btrfs_subvol: SubvolFactory, state_dir: Path, write_policy, loop_fs: LoopFactory) -> None:  # type: ignore[no-untyped-def]
     sv = btrfs_subvol()
     other = loop_fs("btrfs")
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
         f"    options:\n      btrfs: {{snapshot_dir: {other.mount_point}/snaps}}\n"
     )
@@ -338,14 +339,14 @@ def test_errors_snapshot_dir(btrfs_subvol: SubvolFactory, state_dir: Path, polic
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x1")
     assert not (other.mount_point / "snaps").exists()
     (sv.path / "afile").write_text("")
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
         f"    options:\n      btrfs: {{snapshot_dir: {sv.path}/afile}}\n"
     )
     with pytest.raises(CheckpointFailed, match="exists and is not a directory"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="x2")
     # a snapshot_dir elsewhere on the same filesystem is fine
-    policy = policy_file(
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv.path}:\n    imager: btrfs\n"
         f"    options:\n      btrfs: {{snapshot_dir: {sv.fs.mount_point}/snaps}}\n"
     )

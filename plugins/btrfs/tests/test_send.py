@@ -13,18 +13,18 @@ from pathlib import Path
 import btrfsutil
 import pytest
 from btrfs_testlib import (  # the fixtures are used by name
+    SNAPSHOTS,
     SubvolFactory,
     need,
     populate,
-    tree,
 )
 
 import snapcore
 from snapcore import Cancel, Cancelled, CheckpointFailed, main
-from snapcore.testing import export_of, target_of
+from snapcore.testing import describe_tree, export_of, target_of
 from snapcore_btrfs import images, send, send_hooks
 
-# the fixtures (btrfs_subvol, plugins, policy_file, no_leftover_mounts)
+# the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
 pytest_plugins = ["btrfs_fixtures"]
 
 
@@ -37,7 +37,7 @@ def _policy(sv_path: Path, dest: Path, compress: str = "zstd", extra: str = "") 
 
 @pytest.mark.parametrize("compress", ["zstd", "none"])
 def test_full_and_incremental_round_trip(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path, compress: str
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path, compress: str
 ) -> None:
     if compress == "zstd":
         need("zstd")
@@ -45,14 +45,14 @@ def test_full_and_incremental_round_trip(
     other = btrfs_subvol()  # receive on another filesystem, as on another node
     populate(sv.path, n=50)
     dest = tmp_path / "streams"
-    policy = policy_file(_policy(sv.path, dest, compress))
+    policy = write_policy(_policy(sv.path, dest, compress))
     m1 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s1")
-    first = tree(sv.path)
+    first = describe_tree(sv.path, skip=SNAPSHOTS)
     sv.write("docs/f3.txt", "changed")
     (sv.path / "docs" / "f4.txt").unlink()
     sv.write("added/new.bin", b"\x00\x01" * 5000)
     m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s2")
-    second = tree(sv.path)
+    second = describe_tree(sv.path, skip=SNAPSHOTS)
     e1, e2 = export_of(m1.targets[0]), export_of(m2.targets[0])
     assert e1 is not None and e2 is not None
     assert e1.details["parent"] is None and e2.details["parent"] == "s1"
@@ -61,9 +61,9 @@ def test_full_and_incremental_round_trip(
     assert e1.ref == f"{dest}/s1{suffix}"
     # byte-for-byte, through the CLI, on another filesystem
     assert main(["--state-dir", str(state_dir), "restore", "s2", "--to", str(other.path / "r2")]) == 0
-    assert tree(other.path / "r2") == second
+    assert describe_tree(other.path / "r2", skip=SNAPSHOTS) == second
     assert main(["--state-dir", str(state_dir), "restore", "s1", "--to", str(other.path / "r1")]) == 0
-    assert tree(other.path / "r1") == first
+    assert describe_tree(other.path / "r1", skip=SNAPSHOTS) == first
     (other.path / "r2" / "writable").write_text("yes")
     assert main(["--state-dir", str(state_dir), "verify", "s2"]) == 0
     # nothing of the staging is left behind
@@ -73,7 +73,7 @@ def test_full_and_incremental_round_trip(
 def test_deleted_parents(
     btrfs_subvol: SubvolFactory,
     state_dir: Path,
-    policy_file: Callable[[str], Path],
+    write_policy: Callable[[str], Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -82,7 +82,7 @@ def test_deleted_parents(
     other = btrfs_subvol()
     populate(sv.path)
     dest = tmp_path / "streams"
-    policy = policy_file(_policy(sv.path, dest))
+    policy = write_policy(_policy(sv.path, dest))
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p1")
     sv.write("x", "x")
     m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p2")
@@ -112,13 +112,13 @@ def test_deleted_parents(
 
 
 def test_discard_keeps_streams_a_later_export_needs(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     need("zstd")
     sv = btrfs_subvol()
     populate(sv.path)
     dest = tmp_path / "streams"
-    policy = policy_file(_policy(sv.path, dest))
+    policy = write_policy(_policy(sv.path, dest))
     m1 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d1")
     sv.write("x", "x")
     m2 = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="d2")
@@ -133,32 +133,32 @@ def test_discard_keeps_streams_a_later_export_needs(
 
 
 def test_in_place_from_stream(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     need("zstd")
     sv = btrfs_subvol()
     populate(sv.path)
-    before = tree(sv.path)
-    policy = policy_file(_policy(sv.path, tmp_path / "streams"))
+    before = describe_tree(sv.path, skip=SNAPSHOTS)
+    policy = write_policy(_policy(sv.path, tmp_path / "streams"))
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="i1")
     images.delete_image(sv.path / ".snapshots" / "i1")  # only the stream is left
     sv.write("later", "later")
     assert main(["--state-dir", str(state_dir), "restore", "i1", "--in-place"]) == 0
-    assert tree(sv.path) == before
+    assert describe_tree(sv.path, skip=SNAPSHOTS) == before
     assert not any(n.startswith(".snapcore-receive") for n in os.listdir(sv.fs.mount_point))
 
 
 def test_exporter_needs_the_btrfs_imager(
-    loop_fs: object, btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    loop_fs: object, btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     sv = btrfs_subvol()
-    policy = policy_file(f"version: 1\nmounts:\n  {sv.path}:\n    imager: fsfreeze\n    exporter: btrfs-send\n")
+    policy = write_policy(f"version: 1\nmounts:\n  {sv.path}:\n    imager: fsfreeze\n    exporter: btrfs-send\n")
     with pytest.raises(CheckpointFailed, match="use 'imager: btrfs'"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="e1")
 
 
 def test_a_cancelled_send_stops_and_leaves_no_partial_stream(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     need("zstd")
     sv = btrfs_subvol()
@@ -186,7 +186,7 @@ def test_a_cancelled_send_stops_and_leaves_no_partial_stream(
 
 
 def test_recover_removes_a_planted_partial_stream_of_a_controller_killed_at_export(
-    btrfs_subvol: SubvolFactory, state_dir: Path, policy_file: Callable[[str], Path], tmp_path: Path
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """A fake for what cannot be timed for real (a send is too quick to kill halfway
     on demand): the controller really dies where the export starts; the test then
@@ -195,7 +195,7 @@ def test_recover_removes_a_planted_partial_stream_of_a_controller_killed_at_expo
     sv = btrfs_subvol()
     populate(sv.path)
     dest = tmp_path / "streams"
-    policy = policy_file(_policy(sv.path, dest))
+    policy = write_policy(_policy(sv.path, dest))
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="k0")  # another checkpoint's stream
     argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", "--policy", str(policy)]
     killed = subprocess.run(
