@@ -1,4 +1,4 @@
-"""pluggy hooks of the ``rsync`` exporter; the work is in :mod:`.rsync_backend`."""
+"""pluggy hooks of the ``rsync`` exporter; the work is in :mod:`.rsync_export` and :mod:`.rsync_restore`."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from snapcore_tar import RSYNC as NAME
 
 if TYPE_CHECKING:
     from snapcore import Manifest
-    from snapcore_tar import common, rsync_backend
+    from snapcore_tar import common, rsync_dest, rsync_export, rsync_restore
 else:  # loaded when a target really exports with rsync: the CLI starts fast
     common = lazy_import("snapcore_tar.common")
-    rsync_backend = lazy_import("snapcore_tar.rsync_backend")
+    rsync_dest = lazy_import("snapcore_tar.rsync_dest")
+    rsync_export = lazy_import("snapcore_tar.rsync_export")
+    rsync_restore = lazy_import("snapcore_tar.rsync_restore")
 
 log = get_logger(__name__)
 
@@ -71,14 +73,14 @@ def snapcore_option_schema() -> Sequence[Option]:
 @hookimpl
 def snapcore_prepare(target: Target, role: Role) -> None:
     if role is Role.EXPORTER:
-        rsync_backend.prepare(target)
+        rsync_export.prepare(target)
 
 
 @hookimpl
 def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
     for target in checkpoint.targets:
         if target.exporter == NAME:  # else common stays unloaded
-            dest = rsync_backend.local_dest(target)
+            dest = rsync_dest.local_dest(target)
             if dest is not None:  # a remote dest is on no filesystem of ours
                 common.refuse_dest_on_a_target(NAME, target, dest, checkpoint.targets)
 
@@ -86,25 +88,25 @@ def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
 @hookimpl
 def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
     # the dest option may be a URL, which a Path would mangle: read the option itself
-    return rsync_backend.export(target, image)
+    return rsync_export.export(target, image)
 
 
 @hookimpl
 def snapcore_discard(target: Target, export: Export | None) -> None:
     if export is not None and export.backend == NAME:
-        rsync_backend.discard(target, export)
+        rsync_export.discard(target, export)
 
 
 @hookimpl
 def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str]:
-    return rsync_backend.discard_partial(target)
+    return rsync_export.discard_partial(target)
 
 
 @hookimpl
 def snapcore_verify(target: Target, export: Export | None) -> Sequence[str]:
     if export is None or export.backend != NAME:
         return []
-    return rsync_backend.verify(target, export)
+    return rsync_restore.verify(target, export)
 
 
 @hookimpl
@@ -119,13 +121,13 @@ def snapcore_restore(target: Target, export: Export | None, dest: Path | None, i
             mount=target.mount.mount_point,
             backend=NAME,
         )
-    return rsync_backend.restore(target, export, dest)
+    return rsync_restore.restore(target, export, dest)
 
 
 @hookimpl
 def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
     if export is not None:
-        rsync_backend.finish(target, export)
+        rsync_export.finish(target, export)
     return []
 
 
@@ -133,4 +135,4 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
     if all(t.exporter != NAME for t in checkpoint.targets):
         return
-    common.publish_exports(NAME, checkpoint, outcome, manifest, rsync_backend.publish)
+    common.publish_exports(NAME, checkpoint, outcome, manifest, rsync_export.publish)

@@ -1,4 +1,4 @@
-"""pluggy hooks of the ``tar`` exporter; the work is in :mod:`.tar_backend`."""
+"""pluggy hooks of the ``tar`` exporter; the work is in :mod:`.tar_export` and :mod:`.tar_restore`."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from snapcore_tar import TAR as NAME
 
 if TYPE_CHECKING:
     from snapcore import Manifest
-    from snapcore_tar import common, tar_backend
+    from snapcore_tar import common, tar_export, tar_format, tar_restore
 else:  # loaded when a target really exports with tar: the CLI starts fast
     common = lazy_import("snapcore_tar.common")
-    tar_backend = lazy_import("snapcore_tar.tar_backend")
+    tar_format = lazy_import("snapcore_tar.tar_format")
+    tar_export = lazy_import("snapcore_tar.tar_export")
+    tar_restore = lazy_import("snapcore_tar.tar_restore")
 
 
 def _dest(target: Target) -> Path:
@@ -69,7 +71,7 @@ def snapcore_option_schema() -> Sequence[Option]:
             name="compress",
             kind=OptionKind.CHOICE,
             default="none",
-            choices=tuple(tar_backend.COMPRESSIONS),
+            choices=tuple(tar_format.COMPRESSIONS),
             help="compression of the archive",
         ),
         Option(
@@ -90,7 +92,7 @@ def snapcore_option_schema() -> Sequence[Option]:
 @hookimpl
 def snapcore_prepare(target: Target, role: Role) -> None:
     if role is Role.EXPORTER:
-        tar_backend.prepare(target, _dest(target))
+        tar_export.prepare(target, _dest(target))
 
 
 @hookimpl
@@ -102,25 +104,25 @@ def snapcore_before_freeze(checkpoint: Checkpoint) -> None:
 
 @hookimpl
 def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
-    return tar_backend.export(target, image, dest)
+    return tar_export.export(target, image, dest)
 
 
 @hookimpl
 def snapcore_discard(target: Target, export: Export | None) -> None:
     if export is not None and export.backend == NAME:
-        tar_backend.discard(target, export)
+        tar_export.discard(target, export)
 
 
 @hookimpl
 def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str]:
-    return tar_backend.discard_partial(target, dest)
+    return tar_export.discard_partial(target, dest)
 
 
 @hookimpl
 def snapcore_verify(target: Target, export: Export | None) -> Sequence[str]:
     if export is None or export.backend != NAME:
         return []
-    return tar_backend.verify(export, _name(target, export))
+    return tar_restore.verify(export, _name(target, export))
 
 
 @hookimpl
@@ -128,14 +130,18 @@ def snapcore_restore(target: Target, export: Export | None, dest: Path | None, i
     if export is None:
         raise BackendError("this checkpoint has no tar export to restore", mount=target.mount.mount_point, backend=NAME)
     if in_place or dest is None:
-        raise tar_backend.restore_in_place_refused(target)
-    return tar_backend.restore(export, _name(target, export), dest)
+        raise BackendError(
+            "a tar export is restored into a new, empty directory (--to DIR), never in place",
+            mount=target.mount.mount_point,
+            backend=NAME,
+        )
+    return tar_restore.restore(export, _name(target, export), dest)
 
 
 @hookimpl
 def snapcore_finish(target: Target, image: Image | None, export: Export | None) -> Sequence[str]:
     if export is not None:
-        tar_backend.finish(target, export)
+        tar_export.finish(target, export)
     return []
 
 
@@ -143,4 +149,4 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 def snapcore_checkpoint_end(checkpoint: Checkpoint, outcome: Outcome, manifest: Manifest) -> None:
     if all(t.exporter != NAME for t in checkpoint.targets):
         return
-    common.publish_exports(NAME, checkpoint, outcome, manifest, tar_backend.publish)
+    common.publish_exports(NAME, checkpoint, outcome, manifest, tar_export.publish)
