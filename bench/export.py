@@ -4,7 +4,7 @@ On a tree of 20k x 16 KiB files (a loop ext4 made here, exported to another loop
 ext4, warm page cache), in one run:
 
 * raw GNU tar (``tar -cf``, and with the same preserving flags snapcore passes)
-  vs snapcore's tar export (``snapcore_tar.tar_backend.export``, what runs inside
+  vs snapcore's tar export (``snapcore_tar.tar_export.export``, what runs inside
   the freeze window with fsfreeze), and Python's ``tarfile`` for scale;
 * raw ``rsync -a --link-dest`` (and with snapcore's flags) with 1 % of the files
   changed vs snapcore's incremental rsync export linking to the same base tree.
@@ -38,7 +38,7 @@ from floor import header, machine_floor, ratio
 from snapcore import Consistency, Export, Image, Target
 from snapcore.host.mounts import MountTable
 from snapcore.testing import LoopFactory
-from snapcore_tar import rsync_backend, tar_backend
+from snapcore_tar import rsync_dest, rsync_export, tar_export, tar_format
 from snapcore_tar.common import slug
 
 MiB = 1 << 20
@@ -47,7 +47,7 @@ MANIFEST = '{{"id": "{}", "outcome": "ok"}}\n'
 
 def _finish(module: Any, target: Any, export: Any, manifest_text: str) -> None:
     """What the core does after the thaw: the ``finish`` hook, then ``checkpoint_end``."""
-    module.complete(target, export)
+    module.finish(target, export)
     module.publish(target, export, manifest_text)
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             make_tree(src, args.files, args.size)
             name = slug(str(src))
-            flags = list(tar_backend.CREATE_FLAGS)
+            flags = list(tar_format.CREATE_FLAGS)
 
             # -- tar -----------------------------------------------------------------
             raw_plain: list[float] = []
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 cid = f"tar-{i}"
                 target = target_for(src, dest, "tar", cid, state)
                 export: list[Export] = []
-                t = timed(lambda: export.append(tar_backend.export(target, image_of(src), dest)))
-                after.append(timed(lambda: _finish(tar_backend, target, export[0], MANIFEST.format(cid))))
-                tar_backend.discard(target, export[0])
+                t = timed(lambda: export.append(tar_export.export(target, image_of(src), dest)))
+                after.append(timed(lambda: _finish(tar_export, target, export[0], MANIFEST.format(cid))))
+                tar_export.discard(target, export[0])
                 return t
 
             def pytar() -> float:
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # -- rsync ----------------------------------------------------------------
             base = target_for(src, dest, "rsync", "base", state)
-            base_export = rsync_backend.export(base, image_of(src))
-            _finish(rsync_backend, base, base_export, MANIFEST.format("base"))
+            base_export = rsync_export.export(base, image_of(src))
+            _finish(rsync_export, base, base_export, MANIFEST.format("base"))
             changed = change_some(src, args.files, args.size, args.changed)
             subprocess.run(["sync"], check=True)
             link = f"--link-dest=../../base/{name}"
@@ -217,16 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             def snap_rsync(i: int) -> float:
                 target = target_for(src, dest, "rsync", f"inc-{i}", state)
                 export: list[Export] = []
-                t = timed(lambda: export.append(rsync_backend.export(target, image_of(src))))
+                t = timed(lambda: export.append(rsync_export.export(target, image_of(src))))
                 assert export[0].details["link_dest"] == "base"
                 after_r.append(
-                    timed(lambda: _finish(rsync_backend, target, export[0], MANIFEST.format(target.checkpoint_id)))
+                    timed(lambda: _finish(rsync_export, target, export[0], MANIFEST.format(target.checkpoint_id)))
                 )
                 (dest / f"{name}.latest").write_text("base\n")  # the next run links to base again
-                rsync_backend.discard(target, export[0])
+                rsync_export.discard(target, export[0])
                 return t
 
-            same = [*rsync_backend.COPY_FLAGS, "--one-file-system"]
+            same = [*rsync_dest.COPY_FLAGS, "--one-file-system"]
             raw_rsync(-1, ["-a"]), snap_rsync(-1)
             for i in range(args.runs):
                 raw_a.append(raw_rsync(i, ["-a"]))

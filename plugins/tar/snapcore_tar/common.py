@@ -1,5 +1,6 @@
 """What the tar and rsync exporters share: the layout of an export directory, tools,
-atomic writes, and the sidecar files that let an export be restored on its own.
+atomic writes, the sidecar files that let an export be restored on its own, and
+the empty directory a restore writes into.
 
 An export destination ``DEST`` holds one directory per checkpoint::
 
@@ -242,6 +243,32 @@ def remove_tree(path: Path) -> None:
 def remove_if_empty(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+def prepare_restore_dir(dest: Path, backend: str) -> bool:
+    """Make sure ``dest`` is an empty directory; True when we created it."""
+    if dest.is_symlink():
+        raise BackendError(f"{dest} is a symlink: restore into a real, empty directory", backend=backend)
+    if dest.exists():
+        if not dest.is_dir():
+            raise BackendError(f"{dest} is not a directory", backend=backend)
+        if any(dest.iterdir()):
+            raise BackendError(f"{dest} is not empty: restore into an empty directory", backend=backend)
+        return False
+    try:
+        dest.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise BackendError(f"cannot create {dest}: {exc.strerror}", backend=backend) from exc
+    return True
+
+
+def empty_restore_dir(dest: Path, created: bool) -> None:
+    """Undo a failed restore: the directory was empty (or absent) before."""
+    with contextlib.suppress(OSError):
+        for child in dest.iterdir():
+            remove_tree(child)
+    if created:
+        remove_if_empty(dest)
 
 
 def copy_manifest(export_dir: Path, manifest_text: str) -> None:

@@ -13,14 +13,21 @@ Refused, for any archive (snapcore's or not):
 * member types a backup never holds (volume labels, multi-volume continuations).
 
 GNU tar's own defences (it strips ``/``, skips ``..`` members, delays dangerous
-symlinks) stay in place behind this check.
+symlinks) stay in place behind this check. :func:`scan` runs the listing of one
+archive and checks it; the rest reads listing lines and needs no archive.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapcore import BackendError
+from snapcore_tar import TAR
+from snapcore_tar.common import tool
+from snapcore_tar.runner import LineCounter, run
 
 #: first letter of a verbose listing line → member kind
 MEMBER_TYPES = {
@@ -229,3 +236,33 @@ def check_stderr(text: str) -> None:
     for line in text.splitlines():
         if "Removing leading" in line or "contains '..'" in line or "Member name contains" in line:
             raise UnsafeArchive(f"GNU tar had to rewrite names: {line.strip()}")
+
+
+def scan(archive: Path, read_flags: Sequence[str], state: ScanState) -> int:
+    """Read ``archive`` to the end with GNU tar (``read_flags``: its decompression)
+    and check every member; returns the number of members. Raises
+    :class:`UnsafeArchive` or :class:`BackendError`."""
+    before = state.members
+    out = LineCounter(None, keep=True)
+    argv = [
+        tool("tar", TAR),
+        "--list",
+        "-vv",
+        "--numeric-owner",
+        "--quoting-style=c",
+        "--listed-incremental=/dev/null",
+        f"--file={archive}",
+        *read_flags,
+    ]
+    try:
+        result = run(argv, target=None, backend=TAR, what=f"reading {archive}", on_out=out)
+    except BackendError as exc:
+        cause = exc.__cause__
+        stderr = getattr(cause, "stderr", b"") or b""
+        check_stderr(stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr))
+        raise
+    # our own reading first (it names the member), then GNU tar's warnings: it shows
+    # hard-link targets already stripped of a leading "/" and says so only there
+    scan_listing(out.text().split("\n"), state)
+    check_stderr(result.stderr)
+    return state.members - before

@@ -261,7 +261,7 @@ def test_remote_latest_pointer_moves_within_one_second(loop_fs: LoopFactory, tmp
     one size and one mtime, which rsync's quick check alone would take as unchanged."""
     import time
 
-    from snapcore_tar import rsync_backend
+    from snapcore_tar import rsync_export
 
     out = loop_fs("ext4")
     mount = find_mount(out.mount_point)
@@ -274,7 +274,7 @@ def test_remote_latest_pointer_moves_within_one_second(loop_fs: LoopFactory, tmp
             export = snapcore.Export(
                 backend="rsync", ref=f"{url}/{cid}/t", path=f"{url}/{cid}", details={"dest": url, "slug": "t"}
             )
-            rsync_backend.publish(target, export, json.dumps({"id": cid}))
+            rsync_export.publish(target, export, json.dumps({"id": cid}))
         assert (out.mount_point / "t.latest").read_text() == "p1\n"
 
 

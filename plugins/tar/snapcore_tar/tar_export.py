@@ -1,10 +1,9 @@
-"""The ``tar`` exporter: one GNU tar archive per target and checkpoint.
-
-Archives keep what a backup must (numeric owners, modes, times, hard links,
-symlinks, device nodes, xattrs, ACLs, sparse files) and stay on one filesystem.
-With ``incremental: true`` they form chains made with ``--listed-incremental``:
-level 0, then increments, each with the snapshot file it left beside it; a
-restore extracts the chain in order. See :mod:`snapcore_tar.common` for the layout.
+"""Writing ``tar`` exports (the format is in :mod:`.tar_format`): checking the
+destination, the archive itself (level 0, or the next increment of the newest
+complete chain in the destination), then, after the thaw, its checksum and sync
+(``finish``), the manifest copy and ``latest`` pointer (``publish``), and
+deleting an export again (``discard``, ``discard_partial``) without breaking a
+chain that later increments build on.
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, StillNeeded, Target, Untrusted, plain_name, syncfs, write_atomic
-from snapcore_tar import TAR, common
+from snapcore import BackendError, Export, Image, StillNeeded, Target, plain_name, syncfs, write_atomic
+from snapcore_tar import common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
     MANIFEST_NAME,
@@ -33,78 +31,9 @@ from snapcore_tar.common import (
 )
 from snapcore_tar.progress import Progress, bar_wanted
 from snapcore_tar.runner import LineCounter, SizeWatcher, run, sha256_file
-from snapcore_tar.safety import ScanState, UnsafeArchive, check_stderr, scan_listing
+from snapcore_tar.tar_format import CREATE_FLAGS, NAME, TarOptions, archive_name, fail, record_chain
 
 log = logging.getLogger(__name__)
-
-NAME = TAR
-
-
-@dataclass(frozen=True, slots=True)
-class Compression:
-    name: str
-    suffix: str
-    tool: str | None
-    create: tuple[str, ...]
-    read: tuple[str, ...]
-
-
-COMPRESSIONS: dict[str, Compression] = {
-    "none": Compression("none", "", None, (), ()),
-    "gzip": Compression("gzip", ".gz", "gzip", ("--gzip",), ("--gzip",)),
-    # multi-threaded: the export may run inside the freeze window
-    "zstd": Compression("zstd", ".zst", "zstd", ("--use-compress-program=zstd -T0 -q",), ("--zstd",)),
-}
-
-#: What every archive keeps. posix (pax) format: xattrs and ACLs need it.
-CREATE_FLAGS = (
-    "--format=posix",
-    "--one-file-system",
-    "--numeric-owner",
-    "--sparse",
-    "--acls",
-    "--xattrs",
-    "--xattrs-include=*",
-    # ACLs travel as SCHILY.acl.*; keeping their raw xattrs too would store them twice
-    "--xattrs-exclude=system.posix_acl_*",
-)
-EXTRACT_FLAGS = (
-    "--numeric-owner",
-    "--same-owner",
-    "--same-permissions",
-    "--acls",
-    "--xattrs",
-    "--xattrs-include=*",
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TarOptions:
-    compress: Compression
-    incremental: bool
-    full_every: int
-
-    @classmethod
-    def of(cls, target: Target) -> TarOptions:
-        opts = target.options_for(NAME)
-        name = opts.get("compress") or "none"
-        if name not in COMPRESSIONS:
-            raise BackendError(
-                f"unknown compression {name!r} (none, gzip or zstd)", mount=target.mount.mount_point, backend=NAME
-            )
-        return cls(
-            compress=COMPRESSIONS[name],
-            incremental=bool(opts.get("incremental", False)),
-            full_every=int(opts.get("full_every") or 0),
-        )
-
-
-def _fail(message: str, target: Target | None) -> BackendError:
-    return BackendError(message, mount=target.mount.mount_point if target else None, backend=NAME)
-
-
-def archive_name(name: str, compress: Compression) -> str:
-    return f"{name}.tar{compress.suffix}"
 
 
 # -- prepare ----------------------------------------------------------------------------
@@ -154,7 +83,7 @@ def _plan(target: Target, dest: Path, name: str, opts: TarOptions) -> _Plan:
     chain: list[str] = []
     if why is None:
         try:
-            chain = _chain(info)
+            chain = record_chain(info)
         except ValueError as exc:
             why = str(exc)
     if why is None:
@@ -183,7 +112,7 @@ def export(target: Target, image: Image, dest: Path) -> Export:
     """Write the archive of ``image`` under ``dest/ID/``; nothing looks complete on failure."""
     opts = TarOptions.of(target)
     if not image.path:
-        raise _fail(f"the {image.backend} image has no path to copy", target)
+        raise fail(f"the {image.backend} image has no path to copy", target)
     src = Path(image.path)
     name = slug(target.mount.mount_point)
     export_dir = dest / target.checkpoint_id
@@ -196,9 +125,9 @@ def export(target: Target, image: Image, dest: Path) -> Export:
     try:
         export_dir.mkdir(mode=0o755, exist_ok=True)
     except OSError as exc:
-        raise _fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
+        raise fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
     if archive.exists() or (export_dir / f"{name}.export.json").exists():
-        raise _fail(f"{archive} already exists: checkpoint ids must be unique per dest", target)
+        raise fail(f"{archive} already exists: checkpoint ids must be unique per dest", target)
 
     argv = [tool("tar", NAME), "--create", f"--file={part}", f"--directory={src}", *CREATE_FLAGS]
     argv += opts.compress.create
@@ -282,7 +211,7 @@ def export(target: Target, image: Image, dest: Path) -> Export:
         )
         ok = True
     except OSError as exc:
-        raise _fail(f"writing {archive} failed: {exc.strerror or exc}", target) from exc
+        raise fail(f"writing {archive} failed: {exc.strerror or exc}", target) from exc
     finally:
         progress.close(ok)
         if watcher is not None:
@@ -347,7 +276,7 @@ def discard(target: Target, export: Export, *, unfinished: bool = False) -> None
             except (OSError, ValueError):
                 continue
             with contextlib.suppress(ValueError):  # a broken record builds on nothing
-                if me in _chain(info)[:-1]:
+                if me in record_chain(info)[:-1]:
                     children.append(other.name)
     if children:
         raise StillNeeded(
@@ -427,217 +356,3 @@ def _drop_dir_if_done(export_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (export_dir / MANIFEST_NAME).unlink()
         common.remove_if_empty(export_dir)
-
-
-# -- reading archives -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """One archive of a chain, as its ``export.json`` describes it."""
-
-    checkpoint_id: str
-    dir: Path
-    info: Mapping[str, Any]
-
-    @property
-    def archive(self) -> Path:
-        return self.dir / plain_name(self.info.get("archive"), what=f"{self.dir}: the archive")
-
-    @property
-    def compress(self) -> Compression:
-        name = str(self.info.get("compress") or "none")
-        if name not in COMPRESSIONS:
-            raise BackendError(f"{self.dir}: unknown compression {name!r}", backend=NAME)
-        return COMPRESSIONS[name]
-
-
-def _chain(info: Mapping[str, Any]) -> list[str]:
-    """An export record's chain of checkpoint ids (untrusted: ``ValueError`` unless
-    it is a list of strings)."""
-    chain = info.get("chain") or []
-    if not isinstance(chain, list):
-        raise ValueError(f"its chain {chain!r} is not a list of checkpoint ids")
-    try:
-        return [plain_name(c, what="a chain entry") for c in chain]
-    except Untrusted as exc:
-        raise ValueError(str(exc)) from None
-
-
-def chain_of(export_dir: Path, name: str) -> list[Link]:
-    """The archives to extract, level 0 first, ending with the one in ``export_dir``."""
-    try:
-        info = read_json(export_dir / f"{name}.export.json")
-    except FileNotFoundError:
-        raise BackendError(
-            f"no tar export named {name!r} in {export_dir} ({name}.export.json is missing)", backend=NAME
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"{export_dir / (name + '.export.json')}: unreadable: {exc}", backend=NAME) from exc
-    if info.get("backend") != NAME:
-        raise BackendError(f"{export_dir}: {name} is a {info.get('backend')!r} export, not tar", backend=NAME)
-    me = export_dir.name
-    try:
-        ids = _chain(info) or [str(info.get("checkpoint_id") or me)]
-    except ValueError as exc:
-        raise BackendError(f"{export_dir}: {exc}", backend=NAME) from None
-    links: list[Link] = []
-    for cid in ids[:-1]:
-        d = export_dir.parent / cid
-        try:
-            links.append(Link(cid, d, read_json(d / f"{name}.export.json")))
-        except (OSError, ValueError) as exc:
-            raise BackendError(
-                f"the increment in {export_dir} needs the earlier export {cid}, expected beside it at {d}: {exc}",
-                backend=NAME,
-            ) from exc
-    links.append(Link(ids[-1], export_dir, info))
-    return links
-
-
-def _check_sum(link: Link) -> str | None:
-    expected = str(link.info.get("sha256") or "")
-    if not expected:
-        return f"{link.archive}: no sha256 recorded in {link.dir}"
-    try:
-        actual = sha256_file(link.archive)
-    except FileNotFoundError:
-        return f"{link.archive} is missing"
-    except OSError as exc:
-        return f"{link.archive}: {exc.strerror}"
-    if actual != expected:
-        return (
-            f"{link.archive}: sha256 mismatch (recorded {expected[:16]}…, found {actual[:16]}…): the archive is corrupt"
-        )
-    return None
-
-
-def scan(link: Link, state: ScanState) -> int:
-    """Read ``link``'s archive to the end with GNU tar and check every member; returns
-    the number of members. Raises :class:`UnsafeArchive` or :class:`BackendError`."""
-    before = state.members
-    out = LineCounter(None, keep=True)
-    argv = [
-        tool("tar", NAME),
-        "--list",
-        "-vv",
-        "--numeric-owner",
-        "--quoting-style=c",
-        "--listed-incremental=/dev/null",
-        f"--file={link.archive}",
-        *link.compress.read,
-    ]
-    try:
-        result = run(argv, target=None, backend=NAME, what=f"reading {link.archive}", on_out=out)
-    except BackendError as exc:
-        cause = exc.__cause__
-        stderr = getattr(cause, "stderr", b"") or b""
-        check_stderr(stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr))
-        raise
-    # our own reading first (it names the member), then GNU tar's warnings: it shows
-    # hard-link targets already stripped of a leading "/" and says so only there
-    scan_listing(out.text().split("\n"), state)
-    check_stderr(result.stderr)
-    return state.members - before
-
-
-def verify(export: Export, name: str) -> list[str]:
-    export_dir = Path(export.path or Path(export.ref).parent)
-    try:
-        links = chain_of(export_dir, name)
-    except BackendError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    problem = manifest_problem(export_dir, links[-1].checkpoint_id)
-    if problem:
-        problems.append(problem)
-    state = ScanState()
-    for link in links:
-        problem = _check_sum(link)
-        if problem:
-            problems.append(problem)
-            continue
-        try:
-            members = scan(link, state)
-        except UnsafeArchive as exc:
-            problems.append(f"{link.archive}: unsafe to restore: {exc}")
-            continue
-        except BackendError as exc:
-            problems.append(f"{link.archive}: unreadable: {exc}")
-            continue
-        recorded = link.info.get("files")
-        if isinstance(recorded, int) and recorded != members:
-            problems.append(f"{link.archive}: {members} members, {recorded} recorded: the archive is incomplete")
-        if link.dir != export_dir:
-            problem = manifest_problem(link.dir, link.checkpoint_id)
-            if problem:
-                problems.append(f"chain: {problem}")
-    return problems
-
-
-# -- restore ----------------------------------------------------------------------------
-
-
-def prepare_restore_dir(dest: Path) -> bool:
-    """Make sure ``dest`` is an empty directory; True when we created it."""
-    if dest.is_symlink():
-        raise BackendError(f"{dest} is a symlink: restore into a real, empty directory", backend=NAME)
-    if dest.exists():
-        if not dest.is_dir():
-            raise BackendError(f"{dest} is not a directory", backend=NAME)
-        if any(dest.iterdir()):
-            raise BackendError(f"{dest} is not empty: restore into an empty directory", backend=NAME)
-        return False
-    try:
-        dest.mkdir(parents=True, mode=0o700)
-    except OSError as exc:
-        raise BackendError(f"cannot create {dest}: {exc.strerror}", backend=NAME) from exc
-    return True
-
-
-def empty_restore_dir(dest: Path, created: bool) -> None:
-    """Undo a failed restore: the directory was empty (or absent) before."""
-    with contextlib.suppress(OSError):
-        for child in dest.iterdir():
-            common.remove_tree(child)
-    if created:
-        common.remove_if_empty(dest)
-
-
-def restore(export: Export, name: str, dest: Path) -> str:
-    """Extract the chain ending at ``export`` into the empty directory ``dest``."""
-    export_dir = Path(export.path or Path(export.ref).parent)
-    links = chain_of(export_dir, name)
-    for link in links:  # every checksum first: nothing is extracted from a corrupt chain
-        problem = _check_sum(link)
-        if problem:
-            raise BackendError(f"refusing to restore: {problem}", backend=NAME)
-    dest = Path(os.path.abspath(dest))
-    created = prepare_restore_dir(dest)
-    state = ScanState()
-    try:
-        for link in links:
-            try:
-                scan(link, state)
-            except UnsafeArchive as exc:
-                raise BackendError(f"refusing to restore {link.archive}: {exc}", backend=NAME) from exc
-            argv = [
-                tool("tar", NAME),
-                "--extract",
-                f"--file={link.archive}",
-                f"--directory={dest}",
-                *EXTRACT_FLAGS,
-                *link.compress.read,
-            ]
-            if link.info.get("incremental"):
-                argv.append("--listed-incremental=/dev/null")
-            run(argv, target=None, backend=NAME, what=f"extracting {link.archive}")
-    except BaseException:
-        empty_restore_dir(dest, created)
-        raise
-    levels = f"levels 0-{len(links) - 1}" if len(links) > 1 else "level 0"
-    return f"restored {len(links)} archive(s) ({levels}) from {export_dir} into {dest}"
-
-
-def restore_in_place_refused(target: Target) -> BackendError:
-    return _fail("a tar export is restored into a new, empty directory (--to DIR), never in place", target)

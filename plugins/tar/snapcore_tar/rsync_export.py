@@ -1,0 +1,328 @@
+"""The ``rsync`` exporter: a complete tree per checkpoint, unchanged files hard-linked
+to the previous export (``--link-dest``), locally or on an rsync daemon / over ssh
+(:mod:`.rsync_dest`). This module writes and deletes exports; reading them back
+is :mod:`.rsync_restore`.
+
+Layout as in :mod:`snapcore_tar.common`, with ``<slug>/`` the tree and
+``<slug>.files`` the list of what rsync put in it (:mod:`.rsync_files`), against
+which ``verify`` checks the tree. A local tree is written as ``.<slug>.part`` and
+renamed; a remote tree cannot be renamed, so there the sidecars (``export.json``,
+then ``manifest.json``) uploaded after it are what make it complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from snapcore import BackendError, Export, Image, Target, syncfs, write_atomic
+from snapcore_tar import common
+from snapcore_tar.common import (
+    EXPORT_FORMAT,
+    MANIFEST_NAME,
+    manifest_problem,
+    read_json,
+    slug,
+    tool,
+    write_json,
+)
+from snapcore_tar.progress import Progress, bar_wanted
+from snapcore_tar.rsync_dest import COPY_FLAGS, NAME, RsyncOptions, fail, read_latest, rsync, sidecars
+from snapcore_tar.rsync_files import ItemCounter, walk_tree
+
+log = logging.getLogger(__name__)
+
+#: rsync exit statuses that still mean a complete tree: 24 = files vanished while copied
+OK_CODES = (0, 24)
+
+
+# -- prepare ----------------------------------------------------------------------------
+
+
+def prepare(target: Target) -> None:
+    opts = RsyncOptions.of(target)
+    tool("rsync", NAME)
+    if opts.dest.local:
+        common.check_dest_dir(opts.dest.path(), target, NAME)
+        return
+    # reach the daemon or host now, before anything is frozen
+    rsync(opts, ["--list-only", "--dirs", opts.dest.join("")], target=target, what=f"reaching {opts.dest.raw}")
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def _previous(opts: RsyncOptions, target: Target, name: str, scratch: Path | None) -> str | None:
+    """The newest complete rsync export of this mount in dest, to hard-link against."""
+    prev = read_latest(opts, name, scratch)
+    if prev is None or prev == target.checkpoint_id:
+        return None
+    with sidecars(opts, prev, name, scratch) as where:
+        problem = manifest_problem(where, prev)
+        if problem is None:
+            try:
+                info = read_json(where / f"{name}.export.json")
+                if info.get("backend") != NAME:
+                    problem = f"it is a {info.get('backend')!r} export"
+            except (OSError, ValueError) as exc:
+                problem = f"its export.json is unreadable: {exc}"
+    if problem is not None:
+        log.warning(
+            "%s: copying everything: the previous export %s cannot be linked to: %s",
+            target.mount.mount_point,
+            prev,
+            problem,
+        )
+        return None
+    return prev
+
+
+def export(target: Target, image: Image) -> Export:
+    opts = RsyncOptions.of(target)
+    if not image.path:
+        raise fail(f"the {image.backend} image has no path to copy", target)
+    name = slug(target.mount.mount_point)
+    me = target.checkpoint_id
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    prev = _previous(opts, target, name, scratch)
+    dest = opts.dest
+    tree = dest.join(me, name)
+    write_to = dest.join(me, f".{name}.part") if dest.local else tree
+    made_dir = False
+    if dest.local:
+        export_dir = dest.path(me)
+        made_dir = not export_dir.exists()
+        try:
+            export_dir.mkdir(mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
+        if (export_dir / name).exists() or (export_dir / f"{name}.export.json").exists():
+            raise fail(f"{export_dir / name} already exists: checkpoint ids must be unique per dest", target)
+    # the file list: a remote tree is listed by rsync as it copies; a local one is
+    # walked after the thaw (finish), which keeps the copy itself as fast as rsync alone
+    listed = not dest.local or bar_wanted(sys.stderr)
+    args = [*COPY_FLAGS, "--one-file-system", "--mkpath"]
+    if listed:
+        args += ["--info=name2", "--out-format=+ %i %l %n"]
+    if prev is not None:
+        # relative to the tree being written: DEST/ID/<slug> → DEST/PREV/<slug>
+        args.append(f"--link-dest=../../{prev}/{name}")
+    args += [image.path.rstrip("/") + "/", write_to + "/"]
+    total_bytes = total_files = None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(image.path)
+        total_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
+        total_files = st.f_files - st.f_ffree
+    progress = Progress(f"rsync {target.mount.mount_point} → {tree}", total_bytes=total_bytes, total_files=total_files)
+    counter = ItemCounter(progress)
+    ok = False
+    try:
+        code = rsync(
+            opts,
+            args,
+            target=target,
+            what=f"rsync to {dest.raw}",
+            on_out=counter if listed else None,
+            ok_codes=OK_CODES,
+            hint=(lambda: common.full_hint(dest.path(me))) if dest.local else None,
+        )
+        warnings = []
+        if code == 24:
+            warnings.append("rsync: some files vanished while they were copied")
+            log.warning("%s: %s", target.mount.mount_point, warnings[-1])
+        details: dict[str, Any] = {
+            "dest": dest.raw,
+            "slug": name,
+            "tree": name,
+            "files": None if dest.local else len(counter.entries),
+            "bytes": None if dest.local else counter.bytes,
+            "link_dest": prev,
+            "file_list": f"{name}.files",
+            "warnings": warnings,
+        }
+        info = {
+            "format": EXPORT_FORMAT,
+            "backend": NAME,
+            "checkpoint_id": me,
+            "mount": target.mount.mount_point,
+            "created": common.utc_now(),
+            **details,
+        }
+        listing = ("\n".join(counter.entries) + "\n").encode("latin-1")
+        if dest.local:
+            export_dir = dest.path(me)
+            os.rename(export_dir / f".{name}.part", export_dir / name)
+            write_json(export_dir / f"{name}.export.json", info, sync=False)
+        else:
+            with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as tmp:
+                Path(tmp, f"{name}.files").write_bytes(listing)
+                write_json(Path(tmp, f"{name}.export.json"), info)
+                # the list first, export.json last: it is what makes the tree complete
+                rsync(
+                    opts,
+                    [str(Path(tmp, f"{name}.files")), dest.join(me) + "/"],
+                    target=target,
+                    what="uploading the file list",
+                )
+                rsync(
+                    opts,
+                    [str(Path(tmp, f"{name}.export.json")), dest.join(me) + "/"],
+                    target=target,
+                    what="uploading export.json",
+                )
+        ok = True
+    except OSError as exc:
+        raise fail(f"finishing the tree {tree} failed: {exc.strerror or exc}", target) from exc
+    finally:
+        progress.close(ok)
+        if not ok:
+            with contextlib.suppress(Exception):
+                _remove(opts, me, name, scratch)
+            if made_dir:
+                common.remove_if_empty(dest.path(me))
+    return Export(backend=NAME, ref=tree, path=dest.join(me), details=details)
+
+
+def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | None, *, proven: bool = True) -> None:
+    """Delete this export's tree and sidecars (export.json first). Locally, only what
+    its ``export.json`` proves is this checkpoint's rsync export (a manifest is
+    untrusted input), else the ``.part`` tree alone, unless ``proven`` by our own
+    journal or by the export that was just written."""
+    if opts.dest.local:
+        export_dir = opts.dest.path(checkpoint_id)
+        proof = common.proof_of(export_dir, name, checkpoint_id, NAME)
+        if proof is None and not proven and os.path.lexists(export_dir / name):
+            raise BackendError(
+                f"refusing to delete {export_dir / name}: no {name}.export.json there proves it is checkpoint "
+                f"{checkpoint_id}'s rsync export",
+                backend=NAME,
+            )
+        record = export_dir / f"{name}.export.json"
+        marker = export_dir / common.discarding_name(name)
+        if proof is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(record, marker)  # first: the export stops looking complete
+        common.remove_tree(export_dir / f".{name}.part")
+        if proof is not None or proven:
+            with contextlib.suppress(FileNotFoundError):
+                (export_dir / f"{name}.files").unlink()
+            common.remove_tree(export_dir / name)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()  # the proof last: a delete that stops halfway can go on
+        return
+    with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as empty:
+        # an empty directory synced with --delete, limited to this export's names
+        filters = [
+            f"--include=/{name}.export.json",
+            f"--include=/{name}.files",
+            f"--include=/{name}/***",
+            "--exclude=*",
+        ]
+        rsync(
+            opts,
+            ["-r", "--delete", *filters, empty + "/", opts.dest.join(checkpoint_id) + "/"],
+            target=None,
+            what=f"deleting {opts.dest.join(checkpoint_id, name)}",
+            ok_codes=(0, 23),
+        )
+
+
+# -- after the checkpoint ---------------------------------------------------------------
+
+
+def finish(target: Target, export: Export) -> None:
+    """After the thaw, before the manifest says ok: record the file list, sync the tree."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    name = common.record_slug(export.details, target.mount.mount_point)
+    if opts.dest.local:
+        export_dir = opts.dest.path(target.checkpoint_id)
+        entries, nbytes = walk_tree(export_dir / name)
+        write_atomic(export_dir / f"{name}.files", ("\n".join(entries) + "\n").encode("latin-1"), sync=False)
+        info_path = export_dir / f"{name}.export.json"
+        info = read_json(info_path)
+        info.update(files=len(entries), bytes=nbytes)
+        write_json(info_path, info, sync=False)
+        syncfs(export_dir)  # the tree and its sidecars, before the manifest says "complete"
+
+
+def publish(target: Target, export: Export, manifest_text: str) -> None:
+    """Once the manifest is written: its copy beside the tree, then ``latest``."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    name = common.record_slug(export.details, target.mount.mount_point)
+    me = target.checkpoint_id
+    if opts.dest.local:
+        export_dir = opts.dest.path(me)
+        common.copy_manifest(export_dir, manifest_text)
+        write_atomic(common.latest_pointer(opts.dest.path(), name), f"{me}\n".encode())
+        return
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as tmp:
+        Path(tmp, MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
+        Path(tmp, f"{name}.latest").write_text(f"{me}\n", encoding="utf-8")
+        rsync(
+            opts,
+            [str(Path(tmp, MANIFEST_NAME)), opts.dest.join(me) + "/"],
+            target=target,
+            what="uploading the manifest",
+        )
+        # --ignore-times: "s0\n" and "s1\n" have one size, and written within one
+        # second one mtime: rsync's quick check would keep the old pointer
+        rsync(
+            opts,
+            ["--ignore-times", str(Path(tmp, f"{name}.latest")), opts.dest.join("")],
+            target=target,
+            what="moving the latest pointer",
+        )
+
+
+def discard(target: Target, export: Export, *, unfinished: bool = False) -> None:
+    """Delete this export (what its record proves is this checkpoint's; see
+    :func:`_remove`); ``unfinished``: our journal says it never returned."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    name = common.record_slug(export.details, target.mount.mount_point)
+    me = Path(str(export.path)).name if export.path else target.checkpoint_id
+    if me != target.checkpoint_id:  # what snapcore deletes, it proves it made
+        raise fail(f"refusing to delete the export {me}: it is not checkpoint {target.checkpoint_id}'s", target)
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    _remove(opts, me, name, scratch, proven=unfinished)
+    if opts.dest.local:
+        if common.read_latest(opts.dest.path(), name) == me:
+            with contextlib.suppress(FileNotFoundError):
+                common.latest_pointer(opts.dest.path(), name).unlink()
+        export_dir = opts.dest.path(me)
+        with contextlib.suppress(OSError):
+            left = [p.name for p in export_dir.iterdir()]
+            if all(n == MANIFEST_NAME or n.startswith(".") for n in left):
+                with contextlib.suppress(FileNotFoundError):
+                    (export_dir / MANIFEST_NAME).unlink()
+                common.remove_if_empty(export_dir)
+
+
+def discard_partial(target: Target) -> list[str]:
+    """Remove what an export of ``target`` that never returned (its controller was
+    killed) left: the ``.part`` tree, or a remote tree without its ``export.json``."""
+    opts = RsyncOptions.of(target)
+    name = slug(target.mount.mount_point)
+    me = target.checkpoint_id
+    before = common.names_in(opts.dest.path(me)) if opts.dest.local else {"(remote)"}
+    if not before:
+        return []
+    discard(
+        target,
+        Export(
+            backend=NAME,
+            ref=opts.dest.join(me, name),
+            path=opts.dest.join(me),
+            details={"slug": name, "dest": opts.dest.raw},
+        ),
+        unfinished=True,
+    )
+    if not opts.dest.local:
+        return [f"removed the unfinished export {opts.dest.join(me, name)}"]
+    gone = before - common.names_in(opts.dest.path(me))
+    return [f"removed the unfinished export file {opts.dest.path(me, n)}" for n in sorted(gone)]
