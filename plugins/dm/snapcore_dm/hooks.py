@@ -1,4 +1,6 @@
-"""pluggy hooks of the ``dm`` backend; the work is in :mod:`.backend`.
+"""pluggy hooks of the ``dm`` backend; the work is in :mod:`.backend` (probe,
+snapshot, health, mount), :mod:`.restore` (discard, list, restore) and
+:mod:`.devices` (the tools, the devices, LVM).
 
 Life of a dm image in a checkpoint:
 
@@ -49,9 +51,11 @@ from snapcore_dm import NAME
 
 if TYPE_CHECKING:
     from snapcore import Manifest
-    from snapcore_dm import backend
+    from snapcore_dm import backend, devices, restore
 else:  # LVM and udev are loaded when a dm mount is really met: the CLI starts fast
     backend = lazy_import("snapcore_dm.backend")
+    devices = lazy_import("snapcore_dm.devices")
+    restore = lazy_import("snapcore_dm.restore")
 log = get_logger(__name__)
 
 
@@ -202,12 +206,12 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
         return
     details: Mapping[str, Any] = image.details
     if not details.get("kind") and image.ref:  # found by listing (recover): the ref says it all
-        details = backend.details_from_ref(image.ref, backend.dm_device_of_mount(target.mount))
+        details = restore.details_from_ref(image.ref, devices.dm_device_of_mount(target.mount))
     # the image may be mounted for an exporter: at its path, or (a controller that
     # died before journaling it) where this checkpoint would have mounted it
     where = image.path or str(backend.image_mount_dir(target.checkpoint_id, target.mount.mount_point))
     backend.unmount_image(Path(where))
-    backend.discard(details)
+    restore.discard(details)
     made = target.state_of(NAME).get("made")
     if made is not None and made.image.ref == image.ref:
         del target.state_of(NAME)["made"]
@@ -249,12 +253,12 @@ def snapcore_verify(target: Target, image: Image | None, export: Export | None) 
 def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
     if not _maybe_dm(mount):
         return []
-    dev = backend.dm_device_of_mount(mount)
+    dev = devices.dm_device_of_mount(mount)
     if dev is None:
         return []
     entries = []
     if dev.is_lvm:
-        for lv in backend.list_lvm(dev):
+        for lv in restore.list_lvm(dev):
             details = {"kind": "thin" if lv.thin else "thick", "vg": lv.vg, "lv": lv.name, "pool": lv.pool}
             entries.append(
                 ImageEntry(
@@ -266,7 +270,7 @@ def snapcore_list_images(mount: Mount) -> Sequence[ImageEntry]:
                 )
             )
         return entries
-    for name in backend.raw_snapshots_of(dev.name):
+    for name in restore.raw_snapshots_of(dev.name):
         checkpoint_id = name.rsplit("-snapcore-", 1)[-1] if "-snapcore-" in name else None
         state = backend.health({"kind": "raw", "dm_name": name})
         entries.append(
@@ -290,7 +294,7 @@ def snapcore_restore(
     if problems:
         raise BackendError(f"{image.ref}: {'; '.join(problems)}", mount=target.mount.mount_point, backend=NAME)
     if in_place:
-        return backend.restore_in_place(image.details, target.mount)
+        return restore.restore_in_place(image.details, target.mount)
     if dest is None:
         raise BackendError("restore needs a destination or in_place", backend=NAME)
     from tempfile import mkdtemp
@@ -298,7 +302,7 @@ def snapcore_restore(
     where = Path(mkdtemp(prefix="restore-", dir=_ensure(backend.run_dir())))
     try:
         backend.mount_image(image.details, str(image.details.get("fstype") or target.mount.fstype), where)
-        backend.copy_tree(where, dest)
+        restore.copy_tree(where, dest)
     finally:
         with contextlib.suppress(BackendError):
             backend.unmount_image(where)

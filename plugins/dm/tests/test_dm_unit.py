@@ -9,7 +9,7 @@ import pytest
 
 from snapcore import BackendError, Mount
 from snapcore.testing.vm import Budget, Progress, find_kernel
-from snapcore_dm import backend
+from snapcore_dm import backend, devices, restore
 
 LVS_JSON = {
     "report": [
@@ -54,7 +54,7 @@ LVS_JSON = {
 
 
 def test_parse_lvs() -> None:
-    origin, snap = backend.parse_lvs(json.dumps(LVS_JSON))
+    origin, snap = devices.parse_lvs(json.dumps(LVS_JSON))
     assert origin.ref == "vg0/data" and origin.active and not origin.is_snapshot
     assert origin.vg_free == 512 << 20 and origin.created == 1764000000
     assert snap.is_snapshot and snap.origin == "data" and snap.checkpoint_id == "20261125T140102Z-1a2b"
@@ -67,19 +67,19 @@ def test_parse_lvs() -> None:
     [("vg0-data", ("vg0", "data")), ("my--vg-lv--1", ("my-vg", "lv-1")), ("a-b--snapcore--x", ("a", "b-snapcore-x"))],
 )
 def test_split_lvm_name(name: str, expected: tuple[str, str]) -> None:
-    assert backend.split_lvm_name(name) == expected
+    assert devices.split_lvm_name(name) == expected
 
 
 def test_snapshot_sizes() -> None:
-    (origin, _) = backend.parse_lvs(json.dumps(LVS_JSON))
-    assert backend.snapshot_size_bytes("20%ORIGIN", origin) == int(0.2 * (1 << 30))
-    assert backend.snapshot_size_bytes("1G", origin) == 1 << 30
-    assert backend.snapshot_size_bytes("512", origin) == 512 << 20  # LVM's default unit is MiB
-    assert backend.snapshot_size_bytes("50%FREE", origin) == 256 << 20
-    assert backend.size_args("20%origin") == ["-l", "20%ORIGIN"]
-    assert backend.size_args("1G") == ["-L", "1G"]
+    (origin, _) = devices.parse_lvs(json.dumps(LVS_JSON))
+    assert devices.snapshot_size_bytes("20%ORIGIN", origin) == int(0.2 * (1 << 30))
+    assert devices.snapshot_size_bytes("1G", origin) == 1 << 30
+    assert devices.snapshot_size_bytes("512", origin) == 512 << 20  # LVM's default unit is MiB
+    assert devices.snapshot_size_bytes("50%FREE", origin) == 256 << 20
+    assert devices.size_args("20%origin") == ["-l", "20%ORIGIN"]
+    assert devices.size_args("1G") == ["-L", "1G"]
     with pytest.raises(ValueError, match="LVM syntax"):
-        backend.snapshot_size_bytes("lots", origin)
+        devices.snapshot_size_bytes("lots", origin)
 
 
 @pytest.mark.parametrize(
@@ -116,19 +116,19 @@ def test_snapshot_names_fit() -> None:
 
 def test_details_from_a_bare_ref() -> None:
     # what 'snapcore recover' hands to discard for a snapshot it found by listing
-    assert backend.details_from_ref("vg0/data-snapcore-x", None) == {
+    assert restore.details_from_ref("vg0/data-snapcore-x", None) == {
         "kind": "lvm",
         "vg": "vg0",
         "lv": "data-snapcore-x",
     }
-    origin = backend.DmDevice(name="rawsc", uuid="", devnode="/dev/dm-0", major=253, minor=0, size=1 << 20)
-    raw = backend.details_from_ref("dm:rawsc-snapcore-x", origin)
+    origin = devices.DmDevice(name="rawsc", uuid="", devnode="/dev/dm-0", major=253, minor=0, size=1 << 20)
+    raw = restore.details_from_ref("dm:rawsc-snapcore-x", origin)
     assert raw == {"kind": "raw", "dm_name": "rawsc-snapcore-x", "origin": "rawsc"}
     for bad in ("nothing", "/lv", "vg/"):
         with pytest.raises(BackendError, match="no dm image reference"):
-            backend.details_from_ref(bad, None)
+            restore.details_from_ref(bad, None)
     with pytest.raises(BackendError, match="origin device is gone"):
-        backend.details_from_ref("dm:rawsc-snapcore-x", None)
+        restore.details_from_ref("dm:rawsc-snapcore-x", None)
 
 
 def test_probe_of_a_plain_mount_says_why_not() -> None:

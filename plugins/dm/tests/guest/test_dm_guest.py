@@ -21,7 +21,7 @@ from dmguest import VG, Volume, VolumeFactory, drop_loop, installed, make_loop, 
 import snapcore
 from snapcore import Checkpoint, CheckpointFailed, Image, find_mount, main, make_plugins
 from snapcore.testing import image_of, target_of
-from snapcore_dm import backend, hooks
+from snapcore_dm import backend, devices, hooks, restore
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -153,7 +153,7 @@ def test_snapshot_is_checkpoint_time_tree(
     entries = plugins.list_images("dm", find_mount(vol.mount_point))
     assert [e.ref for e in entries] == [rec.image] and entries[0].checkpoint_id == manifest.id
     assert entries[0].problems == ()
-    lv = backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}")
+    lv = devices.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}")
     assert lv is not None and "snapcore" in lv.tags and f"snapcore-checkpoint={manifest.id}" in lv.tags
     assert main(["--state-dir", str(state_dir), "verify", manifest.id]) == 0
     # restore to a new place: a copy of the checkpoint-time tree
@@ -166,8 +166,8 @@ def test_snapshot_is_checkpoint_time_tree(
     # discard deletes it, and only it
     target = target_of(manifest, rec, state_dir)
     plugins.discard("dm", target, image_of(rec), None)
-    assert backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
-    assert backend.find_lv(VG, vol.lv) is not None
+    assert devices.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
+    assert devices.find_lv(VG, vol.lv) is not None
 
 
 def test_probe_says_why_not(volume: VolumeFactory, tmp_path: Path) -> None:
@@ -189,7 +189,7 @@ def test_probe_says_why_not(volume: VolumeFactory, tmp_path: Path) -> None:
 def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_file: Any, state_dir: Path) -> None:
     vol = volume("thick", "ext4", size_mb=64)
     before = fill(vol, 4)
-    free = backend.find_lv(VG, vol.lv)
+    free = devices.find_lv(VG, vol.lv)
     assert free is not None
     filler = "filler"
     sh("lvm", "lvcreate", "-q", "-y", "-W", "n", "-l", "100%FREE", "-n", filler, VG)
@@ -207,7 +207,7 @@ def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_fil
     with pytest.raises(CheckpointFailed, match=r"needs 100\.0 GiB"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir)
     assert tree(vol.mount_point) == before
-    assert backend.list_lvm(backend.dm_device_of_mount(find_mount(vol.mount_point))) == []  # type: ignore[arg-type]
+    assert restore.list_lvm(devices.dm_device_of_mount(find_mount(vol.mount_point))) == []  # type: ignore[arg-type]
 
 
 def test_thin_pool_nearly_full_is_refused(volume: VolumeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,14 +269,14 @@ def test_merge_restore(volume: VolumeFactory, policy_file: Any, state_dir: Path,
         assert out.returncode == 1, out.stdout
         assert f"pid {os.getpid()} (" in out.stderr and "nothing was changed" in out.stderr, out.stderr
         assert busy.read() == "written after the checkpoint\n"
-    assert backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is not None
+    assert devices.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is not None
     # not in use: unmounted, merged, mounted again, the old tree shows at once
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "mounted again" in out.stdout
     assert os.path.ismount(vol.mount_point)
     assert tree(vol.mount_point) == before
-    assert backend.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
+    assert devices.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
 
 
 def test_merge_restore_unmounted_is_immediate(volume: VolumeFactory, policy_file: Any, state_dir: Path) -> None:
