@@ -32,9 +32,14 @@ class EntryPoint:
         self.dist_name = dist_name
         self.dist_version = dist_version
 
+    @property
+    def module(self) -> str:
+        """The module part of ``module:attr [extras]``."""
+        return self.value.split("[", 1)[0].partition(":")[0].strip()
+
     def load(self) -> Any:
-        module, _, attrs = self.value.split("[", 1)[0].partition(":")  # "module:attr [extras]"
-        obj: Any = importlib.import_module(module.strip())
+        attrs = self.value.split("[", 1)[0].partition(":")[2]  # "module:attr [extras]"
+        obj: Any = importlib.import_module(self.module)
         for attr in filter(None, attrs.strip().split(".")):
             obj = getattr(obj, attr)
         return obj

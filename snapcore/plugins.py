@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -348,17 +349,34 @@ def _said(exc: Exception) -> str:
 
 
 def _load_trusted(ep: Any) -> object:
-    """Import an entry point's module, refusing code others could have planted:
-    as root, a plugin whose module or directory is writable by others is broken."""
-    plugin = ep.load()
+    """Import an entry point's module, refusing code others could have planted: as
+    root, a plugin whose module, package or directory is writable by others is broken.
+    Each package on the way is checked before it runs (``find_spec`` imports only the
+    parents, checked already), so refused code never executes; an entry point that
+    names an object (``module:attr``) is judged by its module."""
     if os.geteuid() == 0:
-        path = getattr(plugin, "__file__", None)
-        if path:
-            for place in (path, os.path.dirname(path)):
+        parts = str(ep.module).split(".")
+        for i in range(1, len(parts) + 1):
+            spec = importlib.util.find_spec(".".join(parts[:i]))
+            for place in _code_places(spec):
                 mode = os.stat(place).st_mode
                 if mode & 0o002 and not mode & 0o1000:
                     raise PluginError(f"refused: {place} is writable by others (mode {mode & 0o7777:o}); chmod o-w it")
-    return plugin
+    return ep.load()
+
+
+def _code_places(spec: Any) -> list[str]:
+    """The files and directories a module spec's code comes from (whoever can write
+    one of them can replace the code)."""
+    if spec is None:
+        return []
+    places: list[str] = []
+    origin = spec.origin if spec.has_location else None
+    if origin:
+        places += [origin, os.path.dirname(origin)]
+    for directory in spec.submodule_search_locations or ():  # a package: its directory and where it lies
+        places += [str(directory), os.path.dirname(str(directory))]
+    return list(dict.fromkeys(places))
 
 
 def _version() -> str:

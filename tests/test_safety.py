@@ -356,6 +356,31 @@ def test_plugin_in_a_world_writable_directory_is_refused(tmp_path: Path, monkeyp
     assert "writable by others" in plugins.broken[0].error
 
 
+def test_plugin_package_under_a_world_writable_directory_is_refused_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package (not a lone module) named through ``module:attr``, as snapcore-tar's
+    hooks are: refused by where its code lies, and none of it ran."""
+    from snapcore.plugins import make_plugins
+
+    ran = tmp_path / "ran"
+    site = tmp_path / "site"
+    dist = site / "snapcore_evil-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: snapcore-evil\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[snapcore]\nevil = evil_pkg.hooks:evil\n")
+    (site / "evil_pkg").mkdir()
+    (site / "evil_pkg" / "__init__.py").write_text(f"open({str(ran)!r}, 'a').write('package\\n')\n")
+    (site / "evil_pkg" / "hooks.py").write_text(f"open({str(ran)!r}, 'a').write('hooks\\n')\nevil = object()\n")
+    site.chmod(0o777)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "evil")
+    plugins = make_plugins()
+    assert [b.name for b in plugins.broken] == ["evil"]
+    assert f"{site} is writable by others" in plugins.broken[0].error
+    assert not ran.exists(), ran.read_text()
+
+
 def test_manifest_never_written_through_a_planted_symlink(loop_fs: LoopFactory, tmp_path: Path) -> None:
     fs = loop_fs("ext4")
     state = tmp_path / "state"

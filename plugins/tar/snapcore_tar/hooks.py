@@ -83,11 +83,6 @@ class Exporter(Protocol):
 class ExporterHooks:
     """The hooks of one exporter, delegating to its :class:`Exporter`."""
 
-    #: Run as root, snapcore refuses a plugin whose file or directory others can
-    #: write; it finds that file as the plugin's ``__file__``, which a module has and
-    #: an object has only when given one: this module's.
-    __file__ = __file__
-
     def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
         self.name = exporter.name

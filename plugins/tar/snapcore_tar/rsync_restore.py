@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 from snapcore import BackendError, Export, SnapcoreError, Target, plain_name, read_regular
-from snapcore_tar import TAR, common
+from snapcore_tar import RSYNC, common
 from snapcore_tar.common import manifest_problem, read_json
 from snapcore_tar.rsync_dest import COPY_FLAGS, NAME, RsyncOptions, fail, rsync, sidecars
 from snapcore_tar.rsync_files import compare, parse_file_list, scan_local, scan_remote
@@ -76,8 +76,7 @@ def restore(target: Target, export: Export, dest: Path) -> str:
     if problems:
         raise fail(f"refusing to restore {opts.dest.join(me, name)}: {'; '.join(problems[:5])}", target)
     dest = Path(os.path.abspath(dest))
-    # its refusals have always been labelled "tar" (this code was tar's): kept as they were
-    created = common.prepare_restore_dir(dest, TAR)
+    created = common.prepare_restore_dir(dest, RSYNC)
     source = opts.dest.join(me, name) + "/"
     try:
         rsync(opts, [*COPY_FLAGS, source, str(dest) + "/"], target=target, what=f"restoring {source}")

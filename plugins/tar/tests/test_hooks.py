@@ -29,15 +29,14 @@ def test_the_entry_points_load_two_instances_of_one_class() -> None:
     assert type(tar) is type(rsync) is hooks.ExporterHooks
     assert plugins.info("tar").name == "tar" and plugins.info("rsync").name == "rsync"
     assert plugins.backends["tar"].distribution == plugins.backends["rsync"].distribution == "snapcore-tar"
-    # snapcore's check of a plugin's file (refused when others can write it) reads __file__
-    assert tar.__file__ == rsync.__file__ == hooks.__file__
     assert [o.name for o in plugins.option_schema("tar")] == ["dest", "compress", "incremental", "full_every"]
     assert [o.name for o in plugins.option_schema("rsync")] == ["dest", "rsh", "password_file", "timeout"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="snapcore checks a plugin's file only when run as root")
 def test_the_instances_are_refused_from_a_directory_others_can_write(tmp_path: Path) -> None:
-    """The check reads the plugin's ``__file__``: an object without one would pass it."""
+    """The check judges an object plugin by its entry point's module (an object has no
+    ``__file__``: it would otherwise pass)."""
     site = tmp_path / "site"
     shutil.copytree(Path(hooks.__file__).parent, site / "snapcore_tar", ignore=shutil.ignore_patterns("__pycache__"))
     dist = site / "snapcore_tar-0.1.0.dist-info"
