@@ -5,7 +5,6 @@ server."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from snapcore.testing import DEFAULT_FREEZE_TIMEOUT, machine_pace
 MiB = 1 << 20
 
 
-def write_policy(
+def exporter_policy(
     tmp: Path, mount: Path, exporter: str, options: dict[str, Any], imager: str = "fsfreeze", name: str = "policy"
 ) -> Path:
     lines = ["version: 1", "mounts:", f"  {mount}:", f"    imager: {imager}", f"    exporter: {exporter}"]
@@ -85,57 +84,6 @@ def make_every_kind(root: Path) -> None:
     for i, rel in enumerate(["empty", "small.txt", "dir/random.bin", "sparse", "dir/sub/deep.txt", "dir"]):
         os.utime(root / rel, ns=(1_600_000_000_123_456_789 + i, 1_500_000_000_987_654_321 + i * 1000))
     os.utime(root / "link-rel", ns=(1_400_000_000_000_000_001, 1_400_000_000_000_000_002), follow_symlinks=False)
-
-
-def describe(root: Path) -> dict[bytes, tuple[Any, ...]]:
-    """Everything a bit-for-bit round trip must keep, per path (atime excepted)."""
-    out: dict[bytes, tuple[Any, ...]] = {}
-    inodes: dict[int, list[bytes]] = {}
-    base = os.fsencode(root)
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in [b".", *sorted(dirnames), *sorted(filenames)]:
-            path = dirpath if name == b"." else os.path.join(dirpath, name)
-            if name == b"." and dirpath != base:
-                continue
-            rel = os.path.relpath(path, base)
-            st = os.lstat(path)
-            kind = st.st_mode & 0o170000
-            content: Any = None
-            sparse = None
-            if kind == 0o100000:
-                with open(path, "rb") as f:
-                    content = hashlib.sha256(f.read()).hexdigest()
-                if st.st_size >= 16 * MiB:
-                    sparse = st.st_blocks * 512 < st.st_size // 4
-                inodes.setdefault(st.st_ino, []).append(rel)
-            elif kind == 0o120000:
-                content = os.readlink(path)
-            xattrs: dict[str, bytes] = {}
-            if kind != 0o120000:
-                for key in sorted(os.listxattr(path, follow_symlinks=False)):
-                    xattrs[key] = os.getxattr(path, key, follow_symlinks=False)
-            mtime = None if rel == b"." else st.st_mtime_ns
-            out[rel] = (
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_size if kind != 0o040000 else None,
-                mtime,
-                st.st_rdev if kind in (0o020000, 0o060000) else None,
-                content,
-                sparse,
-                tuple(sorted(xattrs.items())),
-            )
-    links = {rel: tuple(sorted(names)) for names in inodes.values() for rel in names if len(names) > 1}
-    return {rel: (*desc, links.get(rel)) for rel, desc in out.items()}
-
-
-def assert_same_tree(got: Path, expected: dict[bytes, tuple[Any, ...]]) -> None:
-    actual = describe(got)
-    assert sorted(actual) == sorted(expected), "different names"
-    for rel in expected:
-        assert actual[rel] == expected[rel], f"{rel!r} differs: {actual[rel]} != {expected[rel]}"
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tar_helpers import MiB, write_policy
+from tar_helpers import MiB, exporter_policy
 
 from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen, machine_pace
 from snapcore_tar.common import slug
@@ -145,7 +145,7 @@ def test_a_signal_during_the_export_cancels_the_checkpoint(
     out = loop_fs("ext4", size_mb=DATA_MIB + 96)
     dest = out.mount_point / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"}, imager=imager)
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"}, imager=imager)
 
     proc, part, group = _start(policy, state_dir, dest / "c1", "c1")
     t = time.monotonic()
@@ -180,7 +180,7 @@ def test_a_killed_controller_takes_tar_with_it_and_recover_removes_the_part(
     out = loop_fs("ext4", size_mb=DATA_MIB + 96)
     dest = out.mount_point / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"})
 
     proc, part, group = _start(policy, state_dir, dest / "k1", "k1")
     t = time.monotonic()
@@ -236,7 +236,7 @@ def test_recover_discards_a_finished_export_of_a_controller_killed_before_its_ma
     src.write("a/file.txt", "data\n")
     dest = tmp_path / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, exporter, {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, exporter, {"dest": str(dest)})
     _killed_checkpoint(policy, state_dir, "f1", "finish=kill")  # every export done, no manifest yet
     assert (dest / "f1").is_dir()
 
@@ -259,7 +259,7 @@ def test_recover_removes_a_planted_rsync_part_tree_of_a_controller_killed_at_exp
     src.write("a/file.txt", "data\n")
     dest = tmp_path / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
     _killed_checkpoint(policy, state_dir, "p1", "export=kill")
     part = dest / "p1" / f".{slug(str(src.mount_point))}.part"
     (part / "a").mkdir(parents=True)

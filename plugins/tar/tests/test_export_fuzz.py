@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tar_helpers import write_policy
+from tar_helpers import exporter_policy
 
 import snapcore
 from snapcore import main
@@ -130,7 +130,7 @@ def made_export(
         dest = out.mount_point / "exports"
         dest.mkdir()
         state = out.mount_point / "state"
-        policy = write_policy(out.mount_point, src.mount_point, request.param, {"dest": str(dest)})
+        policy = exporter_policy(out.mount_point, src.mount_point, request.param, {"dest": str(dest)})
         snapcore.checkpoint(policy=policy, state_dir=state, checkpoint_id="fz")
         (out.mount_point / "outside").mkdir()
         (out.mount_point / "outside" / "secret").write_text("secret\n")

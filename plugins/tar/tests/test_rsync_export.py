@@ -12,18 +12,16 @@ from pathlib import Path
 import pytest
 from tar_helpers import (
     MiB,
-    assert_same_tree,
-    describe,
+    exporter_policy,
     free_port,
     make_every_kind,
     rsync_daemon,
     ssh_server,
-    write_policy,
 )
 
 import snapcore
 from snapcore import CheckpointFailed, find_mount, main, make_plugins
-from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
+from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen, assert_same_tree, describe_tree
 from snapcore_tar.progress import Progress
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
@@ -44,7 +42,7 @@ def test_rsync_round_trip_and_link_dest_chain(
     make_every_kind(src.mount_point)
     dest = out.mount_point / "trees"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
     states = []
     for step, cid in enumerate(["r0", "r1", "r2"]):
         if step == 1:
@@ -53,7 +51,7 @@ def test_rsync_round_trip_and_link_dest_chain(
         elif step == 2:
             (src.mount_point / "new-file").unlink()
             (src.mount_point / "dir" / "sub").rename(src.mount_point / "dir" / "moved")
-        states.append(describe(src.mount_point))
+        states.append(describe_tree(src.mount_point, metadata=True))
         manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
         details = _details(manifest)
         assert details["link_dest"] == (None if step == 0 else f"r{step - 1}")
@@ -94,7 +92,7 @@ def _remote_round_trip(src: LoopFS, out: LoopFS, trees: Path, policy: Path, stat
     for step, cid in enumerate([f"{p}0", f"{p}1"]):
         if step:
             (src.mount_point / "small.txt").write_text(f"changed remotely ({dest})\n")
-        states.append(describe(src.mount_point))
+        states.append(describe_tree(src.mount_point, metadata=True))
         details = _details(snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid))
         assert details["dest"] == dest and details["link_dest"] == (f"{p}{step - 1}" if step else None)
     name = str(details["slug"])
@@ -124,7 +122,7 @@ def test_rsync_daemon_dest(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path
     trees.mkdir(parents=True)
     with rsync_daemon(module, tmp_path) as url:
         dest = f"{url}/exports"
-        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest})
+        policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": dest})
         name = _remote_round_trip(src, out, trees, policy, state_dir, dest, "d")
         big = Path("dir") / "random.bin"
         # keep applies to the trees (fsfreeze keeps no image): prune removes d0 on the daemon
@@ -149,7 +147,7 @@ def test_rsync_over_ssh(
     sd = ["--state-dir", str(state_dir)]
     with ssh_server(tmp_path) as rsh:
         dest = f"root@127.0.0.1:{trees}"
-        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": rsh})
+        policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": rsh})
         name = _remote_round_trip(src, out, trees, policy, state_dir, dest, "s")
         # delete removes a tree there
         assert main([*sd, "delete", "s0"]) == 0
@@ -157,7 +155,7 @@ def test_rsync_over_ssh(
         # a key the server does not accept: refused before anything is frozen
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
         stranger = rsh.replace(str(tmp_path / "client"), str(tmp_path / "stranger"))
-        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": stranger}, name="stranger")
+        policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "rsh": stranger}, name="stranger")
         capsys.readouterr()
         assert main([*sd, "checkpoint", "--policy", str(policy), "--id", "s3"]) == 1
         assert f"reaching {dest}" in capsys.readouterr().err
@@ -178,7 +176,7 @@ def test_rsync_bad_input(
     sd = ["--state-dir", str(state_dir)]
 
     def run(dest: str, cid: str) -> int:
-        policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "timeout": "5s"}, name=cid)
+        policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": dest, "timeout": "5s"}, name=cid)
         return main([*sd, "checkpoint", "--policy", str(policy), "--id", cid])
 
     # nobody listens on this port of 127.0.0.1
@@ -196,7 +194,7 @@ def test_rsync_full_dest_fails_cleanly(loop_fs: LoopFactory, state_dir: Path, tm
     small = loop_fs("ext4", size_mb=16)
     for i in range(3):
         src.write(f"big-{i}", os.urandom(10 * MiB))
-    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(small.mount_point)})
+    policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": str(small.mount_point)})
     with pytest.raises(CheckpointFailed) as info:
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="full")
     assert "No space left on device" in str(info.value), str(info.value)
@@ -211,8 +209,8 @@ def test_btrfs_snapshot_then_rsync(loop_fs: LoopFactory, state_dir: Path, tmp_pa
     out = loop_fs("ext4", size_mb=64)
     make_every_kind(src.mount_point)
     dest = out.mount_point
-    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)}, imager="btrfs")
-    expected = describe(src.mount_point)
+    policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)}, imager="btrfs")
+    expected = describe_tree(src.mount_point, metadata=True)
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="b1")
     details = _details(manifest)
     assert manifest.targets[0].imager == "btrfs" and manifest.targets[0].image
@@ -221,7 +219,7 @@ def test_btrfs_snapshot_then_rsync(loop_fs: LoopFactory, state_dir: Path, tmp_pa
     assert main(["--state-dir", str(state_dir), "verify", "b1"]) == 0
     restored = out.mount_point / "restored"
     assert main(["restore", "--from", str(dest / "b1"), "--to", str(restored)]) == 0
-    got = describe(restored)
+    got = describe_tree(restored, metadata=True)
     # the snapshot directory (a nested subvolume) is not copied: one filesystem only
     expected = {k: v for k, v in expected.items() if not k.startswith(b".snapshots")}
     got = {k: v for k, v in got.items() if not k.startswith(b".snapshots")}
@@ -288,7 +286,7 @@ def test_a_tree_swapped_for_a_symlink_is_never_restored(
     (src.mount_point / "data.txt").write_text("mine\n")
     dest = out.mount_point / "trees"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "rsync", {"dest": str(dest)})
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="sw")
     name = str(_details(manifest)["slug"])
     secret = out.mount_point / "secret"

@@ -10,11 +10,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from tar_helpers import describe, make_every_kind, write_policy
+from tar_helpers import exporter_policy, make_every_kind
 
 import snapcore
 from snapcore import main
-from snapcore.testing import LoopFactory
+from snapcore.testing import LoopFactory, describe_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
 
@@ -43,10 +43,10 @@ def test_safe_restore_defuses_and_keeps_the_rest(
     src = loop_fs("ext4", size_mb=96)
     out = loop_fs("ext4", size_mb=128)
     _dangerous_tree(src.mount_point)
-    expected = describe(src.mount_point)
+    expected = describe_tree(src.mount_point, metadata=True)
     dest = out.mount_point / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, exporter, {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, exporter, {"dest": str(dest)})
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="s1")
     capsys.readouterr()
 
@@ -54,7 +54,9 @@ def test_safe_restore_defuses_and_keeps_the_rest(
     assert main(["restore", "--from", str(dest / "s1"), "--to", str(faithful)]) == 0
     assert os.getxattr(faithful / "capable", "security.capability") == CAP_NET_RAW
     assert stat.S_ISBLK(os.lstat(faithful / "block-dev").st_mode)  # by default, as it was
-    special = {rel for rel, desc in describe(faithful).items() if stat.S_IFMT(desc[0]) in SPECIAL_KINDS}
+    special = {
+        rel for rel, desc in describe_tree(faithful, metadata=True).items() if stat.S_IFMT(desc[0]) in SPECIAL_KINDS
+    }
     assert {b"char-dev", b"block-dev", b"fifo"} <= special  # and a socket where rsync copies it (tar skips them)
 
     safe = out.mount_point / "safe"
@@ -64,7 +66,7 @@ def test_safe_restore_defuses_and_keeps_the_rest(
     assert f"safe mode: removed special files {len(special)} " in report
     assert "cleared setuid/setgid on 2" in report and "cleared file capabilities on 1" in report
     assert str(safe) in report and ".snapcore-safe-" not in report
-    got = describe(safe)
+    got = describe_tree(safe, metadata=True)
     assert set(expected) - set(got) == special | {b"sock"}
     for rel, desc in got.items():
         if rel in SETID:
@@ -85,7 +87,7 @@ def test_safe_needs_a_copy_and_a_new_directory(
     src.write("f", "f")
     dest = tmp_path / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="n1")
     capsys.readouterr()
     assert main(["--state-dir", str(state_dir), "restore", "n1", "--in-place", "--safe"]) == 2

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tar_helpers import MiB, assert_same_tree, describe, make_every_kind, write_policy
+from tar_helpers import MiB, exporter_policy, make_every_kind
 
 import snapcore
 from snapcore import CheckpointFailed, main
-from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen
+from snapcore.testing import LoopFactory, LoopFS, assert_not_frozen, assert_same_tree, describe_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
 
@@ -34,10 +34,10 @@ def test_every_kind_of_file_round_trips_bit_for_bit(
     src = loop_fs("ext4", size_mb=64)
     out = loop_fs("ext4", size_mb=96)
     make_every_kind(src.mount_point)
-    expected = describe(src.mount_point)
+    expected = describe_tree(src.mount_point, metadata=True)
     dest = out.mount_point / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": compress})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": compress})
 
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="c1")
 
@@ -83,13 +83,13 @@ def test_incremental_chain_of_three_restores_each_point(loop_fs: LoopFactory, st
     dest = out.mount_point / "exports"
     dest.mkdir()
     options = {"dest": str(dest), "compress": "zstd", "incremental": True}
-    policy = write_policy(tmp_path, src.mount_point, "tar", options)
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", options)
     states = []
     sizes = []
     for step, cid in enumerate(["i0", "i1", "i2"]):
         if step:
             _mutate(src.mount_point, step)
-        states.append(describe(src.mount_point))
+        states.append(describe_tree(src.mount_point, metadata=True))
         manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
         details = manifest.targets[0].export_record["details"]  # type: ignore[index]
         assert details["level"] == step
@@ -117,7 +117,9 @@ def test_full_every_starts_a_new_chain(loop_fs: LoopFactory, state_dir: Path, tm
     out = loop_fs("ext4")
     src.write("a", "a")
     dest = out.mount_point
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "incremental": True, "full_every": 1})
+    policy = exporter_policy(
+        tmp_path, src.mount_point, "tar", {"dest": str(dest), "incremental": True, "full_every": 1}
+    )
     levels = []
     for cid in ["f0", "f1", "f2"]:
         src.write(cid, cid)
@@ -132,10 +134,10 @@ def test_cli_checkpoint_verify_restore_from_export_dir(
     src = loop_fs("ext4", size_mb=32)
     out = loop_fs("ext4", size_mb=64)
     make_every_kind(src.mount_point)
-    expected = describe(src.mount_point)
+    expected = describe_tree(src.mount_point, metadata=True)
     dest = out.mount_point / "exports"
     dest.mkdir()
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "compress": "gzip"})
 
     assert main(["--state-dir", str(state_dir), "checkpoint", "--policy", str(policy), "--id", "cli1", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -169,7 +171,7 @@ def test_corrupt_archive_is_found_and_never_restored(
     out = loop_fs("ext4")
     src.write("data", os.urandom(200_000))
     dest = out.mount_point
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="k1")
     (archive,) = _archives(dest)
     with open(archive, "r+b") as f:
@@ -206,7 +208,7 @@ def test_full_dest_fails_cleanly(loop_fs: LoopFactory, state_dir: Path, tmp_path
     dest.mkdir()
     # an earlier good export in the same dest must survive
     (dest / "keep-me").write_text("earlier export")
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest)})
     with pytest.raises(CheckpointFailed) as info:
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="full")
     assert "No space left on device" in str(info.value), str(info.value)
@@ -228,7 +230,7 @@ def test_bad_input(
     sd = ["--state-dir", str(state_dir)]
 
     def run(options: dict[str, object], cid: str) -> int:
-        policy = write_policy(tmp_path, src.mount_point, "tar", options, name=cid)
+        policy = exporter_policy(tmp_path, src.mount_point, "tar", options, name=cid)
         return main([*sd, "checkpoint", "--policy", str(policy), "--id", cid])
 
     # dest missing from the options: the policy is refused (exit 2) before anything runs
@@ -264,7 +266,7 @@ def test_failure_after_export_discards_it(loop_fs: LoopFactory, state_dir: Path,
     out = loop_fs("ext4")
     src.write("f", "x")
     dest = out.mount_point
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "incremental": True})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(dest), "incremental": True})
     snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="g1")
     before = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
     with pytest.raises(CheckpointFailed):
@@ -297,7 +299,7 @@ def _chain_of_two(loop_fs: LoopFactory, state_dir: Path, tmp_path: Path) -> Loop
     src = loop_fs("ext4")
     out = loop_fs("ext4")
     src.write("f", "x")
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point), "incremental": True})
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point), "incremental": True})
     for cid in ("c0", "c1"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id=cid)
     return out
@@ -349,7 +351,7 @@ def test_prune_applies_keep_to_the_exports_of_a_frozen_tree_and_keeps_chain_base
     fresh.mkdir()
     base = ["--state-dir", str(state_dir)]
     for dest, full_every, name in ((chained, 0, "a"), (fresh, 1, "b")):
-        policy = write_policy(
+        policy = exporter_policy(
             tmp_path,
             src.mount_point,
             "tar",
@@ -383,14 +385,14 @@ def test_the_python_api_restores_and_verifies_an_export(loop_fs: LoopFactory, st
     src = loop_fs("ext4")
     out = loop_fs("ext4")
     make_every_kind(src.mount_point)
-    expected = describe(src.mount_point)
-    policy = write_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point)})
+    expected = describe_tree(src.mount_point, metadata=True)
+    policy = exporter_policy(tmp_path, src.mount_point, "tar", {"dest": str(out.mount_point)})
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="api1")
     assert snapcore.verify("api1", state_dir=state_dir).ok
     heard: list[snapcore.MountRestored] = []
     done = snapcore.restore("api1", to=tmp_path / "r", state_dir=state_dir, on_restored=heard.append)
     assert done == heard and [d.mount for d in done] == [str(src.mount_point)] and done[0].set_aside_id is None
-    assert describe(tmp_path / "r") == expected
+    assert describe_tree(tmp_path / "r", metadata=True) == expected
     export_dir = out.mount_point / manifest.id
     found = snapcore.verify(from_dir=export_dir)
     assert found.ok and found.checkpoint_id == "api1"

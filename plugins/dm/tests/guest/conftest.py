@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -71,13 +69,3 @@ def volume(vg: str) -> Iterator[VolumeFactory]:
         yield factory
     finally:
         factory.close()
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path) -> Callable[[str], Path]:
-    def write(text: str) -> Path:
-        path = tmp_path / f"policy-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(text)
-        return path
-
-    return write

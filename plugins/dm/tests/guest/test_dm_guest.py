@@ -6,7 +6,6 @@ them, and a raw dm device; every test checks the origin is left as it was.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,31 +19,20 @@ from dmguest import VG, Volume, VolumeFactory, drop_loop, installed, make_loop, 
 
 import snapcore
 from snapcore import Checkpoint, CheckpointFailed, Image, find_mount, main, make_plugins
-from snapcore.testing import image_of, target_of
+from snapcore.testing import describe_tree, image_of, target_of
+from snapcore.testing.trees import Description
 from snapcore_dm import backend, devices, hooks, restore
 
-
-def tree(root: Path) -> dict[str, str]:
-    """relative path → sha256 of every regular file (and '<dir>' for directories)."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            if d != "lost+found":
-                out[os.path.relpath(os.path.join(dirpath, d), root)] = "<dir>"
-        dirnames[:] = [d for d in dirnames if d != "lost+found"]
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
+#: what a volume's tree is compared without
+LOST_FOUND = ("lost+found",)
 
 
-def fill(vol: Volume, n: int = 20) -> dict[str, str]:
+def fill(vol: Volume, n: int = 20) -> Description:
     for i in range(n):
         vol.write(f"d{i % 4}/f{i}.bin", os.urandom(4096 + i * 100))
     vol.write("top.txt", "before the checkpoint\n")
     os.sync()
-    return tree(vol.mount_point)
+    return describe_tree(vol.mount_point, skip=LOST_FOUND)
 
 
 WRITER = r"""
@@ -92,8 +80,8 @@ def check_prefix(image: Path) -> int:
     return n
 
 
-def dm_policy(policy_file: Callable[[str], Path], mount: Path, extra: str = "", imager: str = "dm") -> Path:
-    return policy_file(
+def dm_policy(write_policy: Callable[[str], Path], mount: Path, extra: str = "", imager: str = "dm") -> Path:
+    return write_policy(
         f"""version: 1
 mounts:
   {mount}:
@@ -105,7 +93,7 @@ mounts:
 # xfs on thin is covered by test_dm_with_tar_exporter (one xfs LV less: ~25 s of boot)
 @pytest.mark.parametrize(("kind", "fstype"), [("thick", "ext4"), ("thin", "ext4"), ("thick", "xfs")])
 def test_snapshot_is_checkpoint_time_tree(
-    volume: VolumeFactory, policy_file: Any, state_dir: Path, kind: str, fstype: str
+    volume: VolumeFactory, write_policy: Any, state_dir: Path, kind: str, fstype: str
 ) -> None:
     vol = volume(kind, fstype)
     before = fill(vol)
@@ -124,14 +112,14 @@ def test_snapshot_is_checkpoint_time_tree(
             path = backend.image_mount_dir(cp.id, str(vol.mount_point))
             assert os.path.ismount(path)
             seen["count_at_payload"] = writer.count()
-            got = tree(path)
+            got = describe_tree(path, skip=LOST_FOUND)
             seen["static"] = {k: v for k, v in got.items() if k in before}
             seen["n"] = check_prefix(path)
             return 0
 
         low = writer.count()
         manifest = snapcore.checkpoint(
-            policy=dm_policy(policy_file, vol.mount_point, "    options:\n      dm: {mount: true}\n"),
+            policy=dm_policy(write_policy, vol.mount_point, "    options:\n      dm: {mount: true}\n"),
             state_dir=state_dir,
             payload=payload,
             plugins=plugins,
@@ -159,7 +147,7 @@ def test_snapshot_is_checkpoint_time_tree(
     # restore to a new place: a copy of the checkpoint-time tree
     dest = Path(f"/run/snapcore-tests/restore-{vol.lv}")
     assert main(["--state-dir", str(state_dir), "restore", manifest.id, "--to", str(dest)]) == 0
-    restored = tree(dest)
+    restored = describe_tree(dest, skip=LOST_FOUND)
     assert {k: v for k, v in restored.items() if k in before} == before
     assert check_prefix(dest) == seen["n"]
     subprocess.run(["rm", "-rf", str(dest)], check=True)
@@ -186,7 +174,7 @@ def test_probe_says_why_not(volume: VolumeFactory, tmp_path: Path) -> None:
         drop_loop(loop)
 
 
-def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_file: Any, state_dir: Path) -> None:
+def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, write_policy: Any, state_dir: Path) -> None:
     vol = volume("thick", "ext4", size_mb=64)
     before = fill(vol, 4)
     free = devices.find_lv(VG, vol.lv)
@@ -197,16 +185,16 @@ def test_vg_without_free_extents_fails_cleanly(volume: VolumeFactory, policy_fil
         support = backend.probe(find_mount(vol.mount_point))
         assert not support.ok and "no free extents" in support.reason, support.reason
         code = main(
-            ["--state-dir", str(state_dir), "checkpoint", "--policy", str(dm_policy(policy_file, vol.mount_point))]
+            ["--state-dir", str(state_dir), "checkpoint", "--policy", str(dm_policy(write_policy, vol.mount_point))]
         )
         assert code in (1, 2)
     finally:
         sh("lvm", "lvremove", "-q", "-y", f"{VG}/{filler}")
     # a size larger than what is free: refused in prepare, nothing made
-    policy = dm_policy(policy_file, vol.mount_point, "    options:\n      dm: {size: 100G}\n")
+    policy = dm_policy(write_policy, vol.mount_point, "    options:\n      dm: {size: 100G}\n")
     with pytest.raises(CheckpointFailed, match=r"needs 100\.0 GiB"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir)
-    assert tree(vol.mount_point) == before
+    assert describe_tree(vol.mount_point, skip=LOST_FOUND) == before
     assert restore.list_lvm(devices.dm_device_of_mount(find_mount(vol.mount_point))) == []  # type: ignore[arg-type]
 
 
@@ -224,10 +212,10 @@ def test_missing_tools_name_the_package(volume: VolumeFactory, monkeypatch: pyte
     assert not support.ok and "lvm2" in support.reason
 
 
-def test_cow_overflow_is_detected(volume: VolumeFactory, policy_file: Any, state_dir: Path) -> None:
+def test_cow_overflow_is_detected(volume: VolumeFactory, write_policy: Any, state_dir: Path) -> None:
     vol = volume("thick", "ext4", size_mb=64)
     before = fill(vol, 4)
-    policy = dm_policy(policy_file, vol.mount_point, "    options:\n      dm: {size: 4M, warn_percent: 1}\n")
+    policy = dm_policy(write_policy, vol.mount_point, "    options:\n      dm: {size: 4M, warn_percent: 1}\n")
 
     def payload(cp: Checkpoint) -> int:
         # writes during the checkpoint: the COW passes the warning threshold
@@ -250,14 +238,14 @@ def test_cow_overflow_is_detected(volume: VolumeFactory, policy_file: Any, state
     assert entries and "INVALID" in entries[0].problems[0]
     with pytest.raises(snapcore.BackendError, match="INVALID"):
         hooks.snapcore_restore(target, image_of(rec), None, Path("/run/snapcore-tests/nope"), False)
-    assert {k: v for k, v in tree(vol.mount_point).items() if k in before} == before
+    assert {k: v for k, v in describe_tree(vol.mount_point, skip=LOST_FOUND).items() if k in before} == before
 
 
 @pytest.mark.parametrize("kind", ["thick", "thin"])
-def test_merge_restore(volume: VolumeFactory, policy_file: Any, state_dir: Path, kind: str) -> None:
+def test_merge_restore(volume: VolumeFactory, write_policy: Any, state_dir: Path, kind: str) -> None:
     vol = volume(kind, "ext4", size_mb=64)
     before = fill(vol, 8)
-    manifest = snapcore.checkpoint(policy=dm_policy(policy_file, vol.mount_point), state_dir=state_dir)
+    manifest = snapcore.checkpoint(policy=dm_policy(write_policy, vol.mount_point), state_dir=state_dir)
     vol.write("after.txt", "written after the checkpoint\n")
     (vol.mount_point / "top.txt").unlink()
     os.sync()
@@ -275,14 +263,14 @@ def test_merge_restore(volume: VolumeFactory, policy_file: Any, state_dir: Path,
     assert out.returncode == 0, out.stderr
     assert "mounted again" in out.stdout
     assert os.path.ismount(vol.mount_point)
-    assert tree(vol.mount_point) == before
+    assert describe_tree(vol.mount_point, skip=LOST_FOUND) == before
     assert devices.find_lv(VG, f"{vol.lv}-snapcore-{manifest.id}") is None
 
 
-def test_merge_restore_unmounted_is_immediate(volume: VolumeFactory, policy_file: Any, state_dir: Path) -> None:
+def test_merge_restore_unmounted_is_immediate(volume: VolumeFactory, write_policy: Any, state_dir: Path) -> None:
     vol = volume("thick", "ext4", size_mb=64)
     before = fill(vol, 4)
-    manifest = snapcore.checkpoint(policy=dm_policy(policy_file, vol.mount_point), state_dir=state_dir)
+    manifest = snapcore.checkpoint(policy=dm_policy(write_policy, vol.mount_point), state_dir=state_dir)
     vol.write("after.txt", "x")
     os.sync()
     vol.unmount()
@@ -291,7 +279,7 @@ def test_merge_restore_unmounted_is_immediate(volume: VolumeFactory, policy_file
     message = make_plugins().restore("dm", target, image_of(rec), None, None, True).message
     assert "rolled back" in message
     vol.mount()
-    assert tree(vol.mount_point) == before
+    assert describe_tree(vol.mount_point, skip=LOST_FOUND) == before
 
 
 @pytest.fixture
@@ -318,21 +306,21 @@ def raw_origin(tmp_path: Path) -> Any:
         drop_loop(data)
 
 
-def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, state_dir: Path) -> None:
+def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, write_policy: Any, state_dir: Path) -> None:
     name, mnt, cow = raw_origin
     table_before = sh("dmsetup", "table", name)
     for i in range(5):
         (mnt / f"f{i}").write_bytes(os.urandom(5000))
     os.sync()
-    before = tree(mnt)
+    before = describe_tree(mnt, skip=LOST_FOUND)
     support = backend.probe(find_mount(mnt))
     assert support.ok and "raw dm device" in support.reason
     # without a COW device: a clear error, the origin untouched
     with pytest.raises(CheckpointFailed, match="cow_device"):
-        snapcore.checkpoint(policy=dm_policy(policy_file, mnt), state_dir=state_dir)
+        snapcore.checkpoint(policy=dm_policy(write_policy, mnt), state_dir=state_dir)
     assert sh("dmsetup", "table", name) == table_before
     policy = dm_policy(
-        policy_file, mnt, f"    exporter: null\n    options:\n      dm: {{cow_device: {cow}, mount: true}}\n"
+        write_policy, mnt, f"    exporter: null\n    options:\n      dm: {{cow_device: {cow}, mount: true}}\n"
     )
     seen: dict[str, Any] = {}
 
@@ -340,7 +328,7 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
         path = backend.image_mount_dir(cp.id, str(mnt))
         (mnt / "f0").write_bytes(b"changed")
         os.sync()
-        seen["tree"] = tree(path)
+        seen["tree"] = describe_tree(path, skip=LOST_FOUND)
         return 0
 
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, payload=payload)
@@ -361,10 +349,10 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
     assert "rolled back" in hooks.snapcore_restore(target, image, None, None, True)
     assert sh("dmsetup", "table", name) == table_before
     sh("mount", f"/dev/mapper/{name}", str(mnt))
-    assert tree(mnt) == before
+    assert describe_tree(mnt, skip=LOST_FOUND) == before
     # a second snapshot, discarded: the origin's own table comes back
     manifest = snapcore.checkpoint(
-        policy=dm_policy(policy_file, mnt, f"    options:\n      dm: {{cow_device: {cow}}}\n"), state_dir=state_dir
+        policy=dm_policy(write_policy, mnt, f"    options:\n      dm: {{cow_device: {cow}}}\n"), state_dir=state_dir
     )
     (rec,) = manifest.targets
     image = image_of(rec)
@@ -375,7 +363,7 @@ def test_raw_dm_snapshot_discard_and_merge(raw_origin: Any, policy_file: Any, st
 
 
 def test_dm_fsfreeze_btrfs_in_one_checkpoint(
-    volume: VolumeFactory, loop_fs: Any, policy_file: Any, state_dir: Path
+    volume: VolumeFactory, loop_fs: Any, write_policy: Any, state_dir: Path
 ) -> None:
     if not installed("btrfs"):
         pytest.skip("the btrfs backend (plugins/btrfs) is not installed")
@@ -385,7 +373,7 @@ def test_dm_fsfreeze_btrfs_in_one_checkpoint(
     xfs.write("a.txt", "fsfreeze target\n")
     btr = loop_fs("btrfs")
     btr.write("b.txt", "btrfs target\n")
-    policy = policy_file(
+    policy = write_policy(
         f"""version: 1
 mounts:
   {dmvol.mount_point}:
@@ -402,19 +390,19 @@ mounts:
     assert by[str(dmvol.mount_point)].imager == "dm" and by[str(dmvol.mount_point)].consistency == "atomic"
     assert by[str(btr.mount_point)].imager == "btrfs"
     assert by[str(xfs.mount_point)].imager == "fsfreeze"
-    assert tree(dmvol.mount_point) == before
+    assert describe_tree(dmvol.mount_point, skip=LOST_FOUND) == before
     for path in (dmvol.mount_point, xfs.mount_point, btr.mount_point):
         (Path(path) / "after").write_text("not frozen\n")
 
 
-def test_dm_with_tar_exporter(volume: VolumeFactory, policy_file: Any, state_dir: Path, tmp_path: Path) -> None:
+def test_dm_with_tar_exporter(volume: VolumeFactory, write_policy: Any, state_dir: Path, tmp_path: Path) -> None:
     if not installed("tar"):
         pytest.skip("the tar exporter (plugins/tar) is not installed")
     vol = volume("thin", "xfs")
     before = fill(vol, 6)
     dest = tmp_path / "exports"
     dest.mkdir()
-    policy = dm_policy(policy_file, vol.mount_point, f"    exporter: tar\n    options:\n      tar: {{dest: {dest}}}\n")
+    policy = dm_policy(write_policy, vol.mount_point, f"    exporter: tar\n    options:\n      tar: {{dest: {dest}}}\n")
 
     def payload(cp: Checkpoint) -> int:
         vol.write("top.txt", "changed after the snapshot\n")
@@ -432,5 +420,5 @@ def test_dm_with_tar_exporter(volume: VolumeFactory, policy_file: Any, state_dir
     archives = [p for p in candidates if ".tar" in p.name and not p.name.endswith((".sha256", ".json"))]
     assert archives, candidates
     subprocess.run(["tar", "-xf", str(archives[0]), "-C", str(out)], check=True)
-    got = tree(out)
+    got = describe_tree(out, skip=LOST_FOUND)
     assert {k: v for k, v in got.items() if k in before} == before
