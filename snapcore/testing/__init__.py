@@ -16,17 +16,18 @@
   constant tuned on a fast one. Printed in the report header.
 
 Tests never freeze or snapshot a filesystem they did not create.
+
+This module is the pytest plugin (fixtures, hooks) and re-exports the helpers, which
+live in :mod:`.pace`, :mod:`.probes`, :mod:`.trees`, :mod:`.processes` and, for the
+test VM, :mod:`.vm`, :mod:`.vmprogress` and :mod:`.vmreport`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,77 +39,19 @@ import pytest
 
 import snapcore
 from snapcore.policy import DEFAULT_FREEZE_TIMEOUT as _DEFAULT_FREEZE_TIMEOUT
-from snapcore.safety.guard import FITHAW
+from snapcore.safety.guard import FITHAW as FITHAW
+from snapcore.testing.pace import REFERENCE_START_S as REFERENCE_START_S
+from snapcore.testing.pace import Pace as Pace
+from snapcore.testing.pace import machine_pace as machine_pace
+from snapcore.testing.pace import measure_python_start as measure_python_start
+from snapcore.testing.probes import WriteProbe as WriteProbe
+from snapcore.testing.probes import assert_not_frozen as assert_not_frozen
+from snapcore.testing.probes import reap_probes as reap_probes
+from snapcore.testing.probes import start_write as start_write
+from snapcore.testing.probes import thaw_quietly as thaw_quietly
+from snapcore.testing.probes import wait_for_path as wait_for_path
 from snapcore.testing.trees import assert_same_tree as assert_same_tree
 from snapcore.testing.trees import describe_tree as describe_tree
-
-#: A bare ``python -I -c pass`` on the machine the suite's time allowances were first
-#: written on (issue 4's notes: 5.7-5.8 ms): the unit of :class:`Pace`.
-REFERENCE_START_S = 0.006
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Pace:
-    """How slow this machine is against the one the suite was tuned on.
-
-    ``factor`` is the measured interpreter start over :data:`REFERENCE_START_S`,
-    never below 1: an allowance is only ever stretched, so a fast machine keeps the
-    strict figures and a slow or loaded one gets proportionally more time. What a
-    test asserts stays the same; only how long it waits for it changes.
-    """
-
-    #: median wall time of a bare ``python -I -c pass`` in this run, in seconds
-    python_start_s: float
-    #: an explicit factor (``SNAPCORE_TEST_PACE``), overriding the measurement
-    forced: float | None = None
-
-    @property
-    def factor(self) -> float:
-        if self.forced is not None:
-            return max(1.0, self.forced)
-        return max(1.0, self.python_start_s / REFERENCE_START_S)
-
-    def seconds(self, base: float, *, floor: float | None = None) -> float:
-        """``base`` seconds (an allowance written for the reference machine) scaled to
-        this one; at least ``floor`` (default: ``base``)."""
-        return max(base if floor is None else floor, base * self.factor)
-
-    def describe(self) -> str:
-        how = f"SNAPCORE_TEST_PACE={self.forced:g}" if self.forced is not None else "measured"
-        return (
-            f"bare interpreter start {self.python_start_s * 1000:.1f} ms "
-            f"(reference {REFERENCE_START_S * 1000:.1f} ms): time allowances x{self.factor:.2f} ({how})"
-        )
-
-
-def measure_python_start(runs: int | None = None) -> float:
-    """Median wall time of ``sys.executable -I -c pass``, in seconds (after one warm-up)."""
-    if runs is None:  # an emulated guest starts Python in ~0.4 s: fewer there
-        runs = 3 if os.environ.get("SNAPCORE_IN_VM") else 7
-    times = []
-    for i in range(runs + 1):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-I", "-c", "pass"], check=True, stdin=subprocess.DEVNULL)
-        if i:  # the first start warms the page cache
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
-
-
-_PACE: Pace | None = None
-
-
-def machine_pace() -> Pace:
-    """This process's :class:`Pace`, measured on first use (~50 ms)."""
-    global _PACE
-    if _PACE is None:
-        forced = os.environ.get("SNAPCORE_TEST_PACE")
-        try:
-            factor = float(forced) if forced else None
-        except ValueError:
-            raise pytest.UsageError(f"SNAPCORE_TEST_PACE={forced!r} is not a number (a factor, e.g. 3)") from None
-        _PACE = Pace(python_start_s=measure_python_start(), forced=factor)
-    return _PACE
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -150,21 +93,6 @@ MKFS: dict[str, tuple[list[str], str, int]] = {
 
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def thaw_quietly(path: str | os.PathLike[str]) -> bool:
-    """FITHAW ``path`` if it is frozen; True when it was. Never raises."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        fcntl.ioctl(fd, FITHAW, 0)
-        return True
-    except OSError as exc:
-        return exc.errno != errno.EINVAL and False
-    finally:
-        os.close(fd)
 
 
 def write_under(root: Path, relpath: str, data: bytes | str) -> Path:
@@ -390,83 +318,6 @@ def hook_recorder() -> Iterator[HookRecorder]:
     recorder = HookRecorder()
     yield recorder
     recorder.close()
-
-
-class WriteProbe:
-    """A write to ``path`` in a child process; blocks there while the fs is frozen."""
-
-    def __init__(self, path: str | os.PathLike[str], data: bytes = b"probe\n") -> None:
-        self.path = os.fspath(path)
-        # coreutils dd, not a Python child: an exec costs ~1 ms where an interpreter
-        # start costs 6-20 ms on a host and ~0.5 s in the emulated test VM
-        self.proc = subprocess.Popen(
-            ["dd", f"of={self.path}", "oflag=append", "conv=notrunc,fsync", "status=none"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        assert self.proc.stdin is not None
-        with self.proc.stdin:  # a pipe's buffer takes it even while dd waits on the freeze
-            self.proc.stdin.write(data)
-        self.proc.stdin = None
-        _PROBES.append(self)
-
-    def done(self, timeout: float) -> bool:
-        """True when the write finished within ``timeout`` seconds."""
-        try:
-            _, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        if self in _PROBES:
-            _PROBES.remove(self)
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"write probe failed: {err.decode(errors='replace')}")
-        return True
-
-
-_PROBES: list[WriteProbe] = []
-
-
-def reap_probes(timeout: float = 20.0) -> list[str]:
-    """Wait for write probes a test left behind (after thawing), so none lingers."""
-    problems = []
-    for probe in list(_PROBES):
-        try:
-            probe.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            probe.proc.kill()
-            probe.proc.communicate()
-            problems.append(f"write probe {probe.path} never finished: a filesystem stayed frozen")
-        _PROBES.remove(probe)
-    return problems
-
-
-def start_write(path: str | os.PathLike[str], data: bytes = b"probe\n") -> WriteProbe:
-    return WriteProbe(path, data)
-
-
-def wait_for_path(path: Path, proc: subprocess.Popen[Any], timeout: float, what: str) -> None:
-    """Wait until ``path`` exists (a child's "I am ready" or "I got here"); fail the
-    test, naming ``what``, if ``proc`` exits first or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited ({proc.returncode}) before {path.name} appeared")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: {path.name} did not appear within {timeout:.0f}s")
-        time.sleep(0.01)
-
-
-def assert_not_frozen(path: str | os.PathLike[str], timeout: float = 5.0) -> None:
-    """Fail (after thawing, so the machine survives) when ``path`` is frozen.
-
-    ``timeout`` is for the reference machine; it is scaled by :func:`machine_pace`
-    (on a slower machine the probe starts, writes and syncs more slowly)."""
-    probe = start_write(Path(path) / f".snapcore-probe-{uuid.uuid4().hex[:6]}")
-    if not probe.done(machine_pace().seconds(timeout)):
-        thaw_quietly(path)
-        probe.done(30)
-        pytest.fail(f"{path} was left frozen")
 
 
 @pytest.fixture(scope="session")
