@@ -6,7 +6,6 @@ command and the last lines of its stderr, on one line)."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 from snapcore.errors import MissingTool, ToolFailed
@@ -18,6 +17,8 @@ TOOL_LOCALE = {"LC_ALL": "C", "LANG": "C"}
 def find_tool(name: str, *, package: str, backend: str | None = None) -> str:
     """Absolute path of ``name`` on ``PATH``, else :class:`MissingTool` naming the
     Debian ``package`` that provides it."""
+    import shutil  # here, not at the top: shutil pulls in bz2, lzma and zlib (~4 ms) for every manifest write
+
     path = shutil.which(name)
     if path is None:
         raise MissingTool(name, package, backend=backend)

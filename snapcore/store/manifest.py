@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from snapcore.errors import SnapcoreError, UsageError
+from snapcore.host.tools import write_atomic
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -214,8 +215,6 @@ class Manifest:
         path.parent.mkdir(exist_ok=True, mode=0o700)
         if path.parent.is_symlink():  # never follow a link planted in the state dir
             raise SnapcoreError(f"{path.parent} is a symlink: refusing to write through it")
-        from snapcore.host.tools import write_atomic
-
         write_atomic(path, self.dumps().encode("utf-8"), mode=0o600)
         return path
 
