@@ -17,6 +17,11 @@ copies their content through ``/proc/PID/fd/N`` or ``map_files`` (as CRIU does w
 ghost files) into a directory, up to a byte budget. Copy while the tasks are frozen,
 so a task cannot write to the file after its copy.
 
+A task in another mount namespace (a container) reports mount ids of that namespace:
+they are mapped onto the host's mounts (:mod:`snapcore.tasks.mountns`), each file keeps
+the path the task sees and gets ``host_path``, where the host sees it; a file on a mount
+the host does not have is named in a warning.
+
 Records are frozen dataclasses; :meth:`Inventory.to_json` gives the manifest's
 ``files`` field.
 """
@@ -33,6 +38,7 @@ from typing import Any
 
 from snapcore.host.mounts import MountTable, is_pseudo
 from snapcore.policy import DEFAULT_GHOST_LIMIT
+from snapcore.tasks.mountns import NamespaceMounts
 from snapcore.types import Mount
 
 _DELETED = " (deleted)"
@@ -113,6 +119,9 @@ class OpenFile:
     #: A ``/proc`` path that reaches this inode while its task lives (fd or map_files).
     via: str
     ghost: Ghost | None = None
+    #: Where the host sees the file when the task is in another mount namespace (a
+    #: container) and ``path`` is the task's own view; None when they are the same.
+    host_path: str | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -145,6 +154,7 @@ class OpenFile:
             "pos": fd_use.pos if fd_use is not None else None,
             "uses": [u.to_json() for u in self.uses],
             "ghost": self.ghost.to_json() if self.ghost is not None else None,
+            **({"host_path": self.host_path} if self.host_path is not None else {}),
         }
 
 
@@ -230,6 +240,7 @@ class _Entry:
     uses: list[Use]
     other_paths: list[str]
     mapped: bool
+    host_path: str | None = None
 
 
 class _Collector:
@@ -239,6 +250,10 @@ class _Collector:
         self.skipped = 0
         self.warnings: list[str] = []
         self._pseudo: dict[int, bool] = {}
+        self.namespaces = NamespaceMounts(table)
+        #: each task's mount namespace when it is not ours (a container's)
+        self._ns: dict[int, int | None] = {}
+        self._unmapped: set[tuple[int, int]] = set()
 
     def _mount_ok(self, mnt_id: int) -> bool:
         ok = self._pseudo.get(mnt_id)
@@ -248,16 +263,36 @@ class _Collector:
             self._pseudo[mnt_id] = ok
         return ok
 
+    def _host(self, pid: int, mnt_id: int, path: str) -> tuple[int, str | None] | None:
+        """The host's mount id for a task's ``mnt_id`` and, for a task in another mount
+        namespace, where the host sees ``path``; None when the file is not ours to
+        image (a pseudo filesystem, or a mount the host does not have: warned)."""
+        ns = self._ns.get(pid)
+        if ns is None:
+            return (mnt_id, None) if self._mount_ok(mnt_id) else None
+        inner = self.namespaces.inner_mount(pid, ns, mnt_id)
+        if inner is None or is_pseudo(inner):
+            return None
+        mapped = self.namespaces.mapped(ns, inner)
+        if mapped is None:
+            if (ns, mnt_id) not in self._unmapped:
+                self._unmapped.add((ns, mnt_id))
+                self.warnings.append(NamespaceMounts.unmapped_reason(pid, inner))
+            return None
+        return mapped.host.mount_id, mapped.host_path(path)
+
     def add(self, pid: int, link: str, via: str, use: Use, st: os.stat_result, mnt_id: int, *, mapped: bool) -> None:
-        if not self._mount_ok(mnt_id):
-            self.skipped += 1
-            return
         marked = link.endswith(_DELETED)
         path = link[: -len(_DELETED)] if marked else link
+        host = self._host(pid, mnt_id, path)
+        if host is None:
+            self.skipped += 1
+            return
+        host_mnt_id, host_path = host
         key = (st.st_dev, st.st_ino)
         entry = self.entries.get(key)
         if entry is None:
-            self.entries[key] = _Entry(path, marked, st, mnt_id, via, pid, [use], [], mapped)
+            self.entries[key] = _Entry(path, marked, st, host_mnt_id, via, pid, [use], [], mapped, host_path)
             return
         entry.uses.append(use)
         entry.mapped = entry.mapped or mapped
@@ -270,6 +305,7 @@ class _Collector:
 
     def task(self, pid: int) -> None:
         base = f"/proc/{pid}"
+        self._ns[pid] = self.namespaces.namespace_of(pid)
         try:
             fds = os.listdir(f"{base}/fd")
         except (FileNotFoundError, ProcessLookupError):
@@ -410,6 +446,7 @@ def take_inventory(
                 mapped=e.mapped,
                 uses=tuple(e.uses),
                 via=e.via,
+                host_path=e.host_path if e.host_path != e.path else None,
             )
         )
     inventory = Inventory(

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,10 @@ class Holders:
         self.base = base
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def __call__(self, *specs: str, timeout: float = 30.0) -> int:
+    def __call__(self, *specs: str, timeout: float = 30.0, wrap: Sequence[str] = ()) -> int:
+        """Start a holder; ``wrap`` is a command that execs the rest of its argv (e.g.
+        ``unshare -m sh -c 'mount ...; exec "$@"' sh``: a holder in a mount namespace
+        of its own, as in a container). Returns its pid once it holds everything."""
         ready = self.base / f"ready-{len(self.procs)}"
         args = list(specs)
         if len(args) > 100:
@@ -70,7 +73,7 @@ class Holders:
             listing.write_text("\n".join(args))
             args = [f"@{listing}"]
         proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(ready), *args],
+            [*wrap, sys.executable, "-c", HOLDER, str(ready), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

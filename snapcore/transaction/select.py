@@ -177,7 +177,8 @@ def task_mounts(
         seen.add(mount.mount_id)
         result.append((table.enrich(mount), rule))
     if not result:
-        raise UsageError("the tasks use no mount that can be checkpointed (see the warnings with -v)")
+        why = "; ".join(warnings) if warnings else "they hold no file on a real filesystem"
+        raise UsageError(f"the tasks use no mount that can be checkpointed: {why}")
     return TaskMounts(taskset, inventory, result, warnings)
 
 
