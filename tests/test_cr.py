@@ -589,10 +589,10 @@ def test_criu_action_script(
     proc = holder(data)  # type: ignore[operator]
     images = tmp_path / "criu-images"
     images.mkdir()
-    # CRIU runs an action script by path, without a shell: the way an admin would
+    # CRIU runs an action script by path, without a shell: the one snapcore writes
     hook = tmp_path / "snapcore-hook"
-    hook.write_text(f"#!/bin/sh\nexec {sys.executable} -m snapcore --state-dir {state_dir} criu-hook\n")
-    hook.chmod(0o755)
+    assert main(["--state-dir", str(state_dir), "criu-hook", "--write-script", str(hook)]) == 0
+    assert os.stat(hook).st_mode & 0o777 == 0o755
     base = [criu.path, "--action-script", str(hook)]
     dump = subprocess.run(
         [*base[:3], "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"], capture_output=True
@@ -612,6 +612,50 @@ def test_criu_action_script(
     )
     assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
     try:
+        assert data.read_text() == "original bytes\n"
+    finally:
+        subprocess.run(["kill", "-9", str(proc.pid)], check=False)
+
+
+def test_criu_running_the_action_script_twice_makes_one_checkpoint_and_one_restore(
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
+) -> None:
+    """CRIU 4.1 runs every action script twice under runc and podman (it reads their
+    config file twice). CRIU 4.2 does the same for real when a script is named both in
+    a config file and on the command line: one dump, two post-dump calls by one CRIU."""
+    criu, mnt = criu_and_btrfs
+    data = mnt / "data.txt"
+    proc = holder(data)  # type: ignore[operator]
+    images = tmp_path / "criu-images"
+    images.mkdir()
+    hook = tmp_path / "snapcore-hook"
+    assert main(["--state-dir", str(state_dir), "criu-hook", "--write-script", str(hook)]) == 0
+    config = tmp_path / "criu.conf"
+    config.write_text(f"action-script {hook}\n")
+    twice = [criu.path, "--config", str(config), "--action-script", str(hook)]
+    dump = subprocess.run(
+        [*twice, "dump", "-t", str(proc.pid), "-D", str(images), "--log-file", "dump.log"],
+        capture_output=True,
+        text=True,
+    )
+    log = (images / "dump.log").read_text()  # CRIU gives its scripts its log as stderr
+    assert dump.returncode == 0, log[-3000:]
+    assert log.count("of the dumped tasks' filesystems") == 1, log[-3000:]
+    assert "was made at this dump's first post-dump call" in log, log[-3000:]
+    made = sorted(p.name for p in (state_dir / "checkpoints").iterdir())
+    assert len(made) == 1 and (images / "snapcore-checkpoint").read_text().strip() == made[0]
+    proc.wait(pace.seconds(10))
+    data.write_text("changed after the checkpoint\n")
+    restore = subprocess.run(
+        [*twice, "restore", "-D", str(images), "-d", "--manage-cgroups=ignore", "--log-file", "restore.log"],
+        capture_output=True,
+        text=True,
+    )
+    log = (images / "restore.log").read_text()
+    assert restore.returncode == 0, log[-3000:]
+    try:
+        assert log.count("rolled back in place") == 1, log[-3000:]
+        assert "was restored at this restore's first pre-restore call" in log, log[-3000:]
         assert data.read_text() == "original bytes\n"
     finally:
         subprocess.run(["kill", "-9", str(proc.pid)], check=False)

@@ -100,6 +100,12 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 
 def _add_criu_hook(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", metavar="F")
+    p.add_argument(
+        "--write-script",
+        metavar="FILE",
+        help="write a CRIU action script that runs this hook (with these options) for post-dump and pre-restore "
+        "only, then exit",
+    )
     p.add_argument("paths", nargs="*", metavar="PATH")
 
 
@@ -460,7 +466,8 @@ COMMANDS: dict[str, Command] = {
         "CRIU action script: image the filesystems at post-dump, put them back at pre-restore",
         _add_criu_hook,
         _plain(cmd_criu_hook),
-        usage="criu dump --action-script 'snapcore [--state-dir S] criu-hook [--policy F]' ...",
+        usage="snapcore [--state-dir S] criu-hook [--policy F] [PATH...] [--write-script FILE]; "
+        "CRIU runs it: criu dump --action-script FILE ...",
     ),
     "policy": Command("policy tools", _add_policy, _plain(cmd_policy_check)),
 }

@@ -1,20 +1,104 @@
 """``criu dump/restore --action-script 'snapcore criu-hook'``: image the dumped tasks'
-filesystems at post-dump, put them back at pre-restore."""
+filesystems at post-dump, put them back at pre-restore.
+
+Made for how runtimes call it:
+
+* **Once per CRIU run.** CRIU 4.1 runs every action script twice when a runtime drives
+  it over RPC (runc, podman: it parses the runtime's config file twice; fixed in 4.2).
+  The CRIU process that runs the hook (the hook's parent, with its start time) names
+  the run; the first call leaves a marker in the run directory and a second call of
+  the same action in the same run does nothing but say so.
+* **Next to nothing for the actions it ignores.** CRIU calls the script 10-12 times
+  per dump or restore; ``snapcore criu-hook --write-script PATH`` writes a small sh
+  script for CRIU's ``action-script`` that starts Python only for ``post-dump`` and
+  ``pre-restore`` (``bench/criu_hook.py`` measures both).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from snapcore.cli.common import plugins_of, policy_of, run_dir_arg, said, state_dir_arg
-from snapcore.errors import SnapcoreError
+from snapcore.errors import SnapcoreError, UsageError
 
 CRIU_ID_FILE = "snapcore-checkpoint"
+#: The actions the hook acts on; every other one returns at once.
+HANDLED = ("post-dump", "pre-restore")
+#: Bytes of the id file read from an image directory (it holds one checkpoint id).
+ID_FILE_LIMIT = 4096
+
+
+def criu_run() -> str:
+    """This CRIU run: the pid and start time of the process that runs the hook."""
+    from snapcore.host.fsutil import process_start_time
+
+    ppid = os.getppid()
+    return f"{ppid}-{process_start_time(ppid) or 0}"
+
+
+def _marker(args: argparse.Namespace, action: str) -> Path:
+    from snapcore.safety.journal import secure_dir
+
+    return secure_dir(secure_dir(run_dir_arg(args)) / "criu") / f"{criu_run()}.{action}"
+
+
+def _done_before(marker: Path) -> str | None:
+    """The checkpoint id a first call of this action in this CRIU run handled."""
+    from snapcore.host.fsutil import read_regular
+
+    try:
+        return read_regular(marker, ID_FILE_LIMIT, owned=True).decode("utf-8", "replace").strip() or "?"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SnapcoreError(f"{marker}: {exc.strerror}") from None
+
+
+def _remember(marker: Path, checkpoint_id: str) -> None:
+    from snapcore.host.tools import write_atomic
+
+    write_atomic(marker, (checkpoint_id + "\n").encode(), mode=0o600)
+    _forget_dead_runs(marker.parent)
+
+
+def _forget_dead_runs(directory: Path) -> None:
+    """Markers of CRIU runs whose process is gone (or was another one)."""
+    from snapcore.host.fsutil import process_start_time
+
+    for entry in directory.iterdir():
+        pid, _, rest = entry.name.partition("-")
+        start = rest.split(".", 1)[0]
+        if pid.isdigit() and process_start_time(int(pid)) != start:
+            entry.unlink(missing_ok=True)
+
+
+def read_checkpoint_id(images_dir: str) -> str:
+    """The checkpoint id a post-dump wrote into CRIU's image directory (untrusted: a
+    regular file, bounded, one plain id)."""
+    from snapcore.host.fsutil import read_regular
+    from snapcore.store.confine import plain_name
+
+    id_file = Path(images_dir) / CRIU_ID_FILE
+    try:
+        text = read_regular(id_file, ID_FILE_LIMIT).decode("utf-8", "replace")
+    except FileNotFoundError:
+        raise SnapcoreError(
+            f"{id_file} is missing: these CRIU images were not dumped through snapcore criu-hook"
+        ) from None
+    except OSError as exc:
+        raise SnapcoreError(f"{id_file}: {exc.strerror or exc}") from None
+    lines = text.splitlines()
+    return plain_name(lines[0].strip() if lines else "", what=f"the checkpoint id in {id_file}")
 
 
 def cmd_criu_hook(args: argparse.Namespace) -> int:
     """``criu dump/restore --action-script 'snapcore criu-hook'``."""
+    if args.write_script:
+        return write_script(args)
     from snapcore import api
     from snapcore.tasks.criu import ActionEvent, handle_action
     from snapcore.transaction import TaskSpec
@@ -23,6 +107,11 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
         # CRIU holds the tasks stopped: image their filesystems now
         if event.init_pid is None or event.images_dir is None:
             raise SnapcoreError("post-dump without CRTOOLS_INIT_PID or CRTOOLS_IMAGE_DIR")
+        marker = _marker(args, event.action)
+        done = _done_before(marker)
+        if done is not None:
+            print(f"snapcore: checkpoint {done} was made at this dump's first post-dump call", file=sys.stderr)
+            return
         policy = policy_of(args)
         manifest = api.checkpoint(
             args.paths,
@@ -32,19 +121,61 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
             plugins=plugins_of(args),
             tasks=TaskSpec(pid=event.init_pid, stopped_by="CRIU", criu_images=event.images_dir),
         )
-        (Path(event.images_dir) / CRIU_ID_FILE).write_text(manifest.id + "\n")
+        from snapcore.host.tools import write_atomic
+
+        write_atomic(Path(event.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
+        _remember(marker, manifest.id)
         print(f"snapcore: checkpoint {manifest.id} of the dumped tasks' filesystems", file=sys.stderr)
 
     def pre_restore(event: ActionEvent) -> None:
         # before CRIU opens the files: put the checkpoint's images back in place
         if event.images_dir is None:
             raise SnapcoreError("pre-restore without CRTOOLS_IMAGE_DIR")
-        id_file = Path(event.images_dir) / CRIU_ID_FILE
-        if not id_file.exists():
-            raise SnapcoreError(f"{id_file} is missing: these CRIU images were not dumped through snapcore criu-hook")
-        checkpoint_id = id_file.read_text().strip()
+        marker = _marker(args, event.action)
+        done = _done_before(marker)
+        if done is not None:
+            print(f"snapcore: checkpoint {done} was restored at this restore's first pre-restore call", file=sys.stderr)
+            return
+        checkpoint_id = read_checkpoint_id(event.images_dir)
         api.restore(
             checkpoint_id, in_place=True, state_dir=state_dir_arg(args), plugins=plugins_of(args), on_restored=said
         )
+        _remember(marker, checkpoint_id)
 
     return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})
+
+
+SCRIPT = """#!/bin/sh
+# CRIU action script, written by 'snapcore criu-hook --write-script'. CRIU runs it at
+# every action; only these two start Python (~0.1 s); any other returns at once.
+case "$CRTOOLS_SCRIPT_ACTION" in
+{cases}) exec {command} ;;
+esac
+exit 0
+"""
+
+
+def write_script(args: argparse.Namespace) -> int:
+    """Write the action script for CRIU's ``action-script`` (or ``--action-script``):
+    this interpreter and these options baked in, Python started only for the
+    actions the hook handles."""
+    from snapcore.host.tools import write_atomic
+
+    path = Path(os.path.abspath(args.write_script))
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UsageError(f"{path} exists and is not a regular file: refusing to replace it")
+    argv = [sys.executable, "-m", "snapcore"]
+    if args.state_dir:
+        argv += ["--state-dir", os.path.abspath(args.state_dir)]
+    if args.run_dir:
+        argv += ["--run-dir", os.path.abspath(args.run_dir)]
+    for name in args.disable_plugin:
+        argv += ["--disable-plugin", name]
+    argv.append("criu-hook")
+    if args.policy:
+        argv += ["--policy", os.path.abspath(args.policy)]
+    argv += [os.path.abspath(p) for p in args.paths]
+    text = SCRIPT.format(cases="|".join(HANDLED), command=shlex.join(argv))
+    write_atomic(path, text.encode(), mode=0o755)
+    print(f"{path}: CRIU action script (name it in CRIU's config: action-script {path})")
+    return 0

@@ -157,3 +157,15 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, owned: bool = Fals
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a reused pid apart."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+    except (OSError, IndexError):
+        return None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import SnapcoreError
+from snapcore.host.fsutil import process_start_time
 from snapcore.safety import guard as guard
 from snapcore.store.manifest import Manifest, TargetRecord, drop_ghosts, load, manifest_path, utc_now
 from snapcore.types import Consistency, Export, Image, Rescue, RescueKind, Target
@@ -35,18 +36,6 @@ def secure_dir(path: Path) -> Path:
 
     check(path)
     return path
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot): tells a reused pid apart."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode("utf-8", "replace")
-        finally:
-            os.close(fd)
-    except (OSError, IndexError):
-        return None
 
 
 class Journal:
@@ -64,7 +53,7 @@ class Journal:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         self.fd = os.open(self.path, flags, 0o600)
         pid = os.getpid()
-        self.record("begin", id=self.checkpoint_id, pid=pid, pid_start=_start_time(pid), **header)
+        self.record("begin", id=self.checkpoint_id, pid=pid, pid_start=process_start_time(pid), **header)
 
     def record(self, op: str, **fields: Any) -> None:
         """Append one record. No fsync: the journal guards against the controller's
@@ -122,7 +111,7 @@ class Pending:
 def _alive(pid: int | None, start: str | None) -> bool:
     if pid is None:
         return False
-    current = _start_time(pid)
+    current = process_start_time(pid)
     return current is not None and (start is None or current == start)
 
 
