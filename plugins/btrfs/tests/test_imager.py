@@ -22,7 +22,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 
 import snapcore
 from snapcore import CheckpointFailed, Consistency, Plugins, find_mount
-from snapcore.testing import LoopFactory, Pace, describe_tree
+from snapcore.testing import LoopFactory, Pace, describe_tree, wait_for_path
 from snapcore_btrfs import images, markers, restore, rollback
 
 # the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
@@ -66,6 +66,7 @@ def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
 ) -> None:
     sv = btrfs_subvol()
     populate(sv.path)
+    (sv.path / "w").mkdir()  # before the writer starts: it writes there at once
     # a writer that keeps going through the checkpoint: f<n> first, then 'last' = n
     writer = subprocess.Popen(
         [
@@ -78,10 +79,8 @@ def test_snapshot_is_the_tree_at_checkpoint_time_while_writes_go_on(
             str(sv.path),
         ]
     )
-    (sv.path / "w").mkdir()
     try:
-        while not (sv.path / "w" / "last").exists():
-            pass
+        wait_for_path(sv.path / "w" / "last", writer, pace.seconds(30), "the writer's first file")
         seen: dict[bytes, tuple[Any, ...]] = {}
 
         def payload(_: object) -> int:
