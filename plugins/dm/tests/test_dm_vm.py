@@ -168,12 +168,14 @@ def test_the_guest_run_starts_with_the_session(guest_run: GuestRun) -> None:
 
 @pytest.mark.slow
 @pytest.mark.waits_late
+@pytest.mark.timeout(0)  # the guest run is bounded by its own budget (measured in this run)
 def test_dm_scenarios_in_vm(guest_run: GuestRun, capsys: pytest.CaptureFixture[str]) -> None:
     check(guest_run.wait(capsys), SCENARIOS)
 
 
 @pytest.mark.slow
 @pytest.mark.waits_late
+@pytest.mark.timeout(0)  # the guest run is bounded by its own budget (measured in this run)
 def test_dm_contract_in_vm(guest_run: GuestRun, capsys: pytest.CaptureFixture[str]) -> None:
     run = guest_run.wait(capsys)
     print(contract_matrix(run.outcomes))
@@ -228,6 +230,7 @@ def test_never_reached():
 
 
 @pytest.mark.waits_late  # one VM at a time: it waits for the guest run anyway
+@pytest.mark.timeout(0)  # bounded by its own budget, and it waits for the guest run's lock
 def test_a_hung_guest_test_is_named_and_leaves_no_qemu(
     qemu_vm: Any, pace: Pace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
