@@ -71,3 +71,26 @@ def test_a_task_whose_files_the_host_cannot_see_fails_saying_why(
     policy = write_policy(f"version: 1\nmounts:\n  {container['fs']}:\n    imager: fsfreeze\n")
     with pytest.raises(UsageError, match=rf"no mount that can be checkpointed: pid {pid}: {private} in its mount"):
         snapcore.checkpoint(policy=policy, state_dir=state_dir, pid=pid)
+
+
+def test_restore_in_place_refuses_while_another_namespace_shows_the_old_tree(
+    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, holder: Holders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount namespace that copied the mount privately (a container's, CRIU's) keeps
+    the tree an in-place restore replaces: whatever runs there would start on it."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
+    mnt = loop_fs("btrfs").mount_subvolume("data", tmp_path / "data")
+    (mnt / "f").write_text("at the checkpoint\n")
+    manifest = snapcore.checkpoint([mnt], state_dir=state_dir)
+    (mnt / "f").write_text("after\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pid = holder(f"cwd:{elsewhere}", wrap=in_namespace(f"mount --bind {mnt} {elsewhere}"))
+    with pytest.raises(
+        snapcore.MountBusy, match=rf"pid {pid} \(python[^)]*: mounts it at .* in its own mount namespace"
+    ):
+        snapcore.restore(manifest.id, in_place=True, state_dir=state_dir)
+    assert (mnt / "f").read_text() == "after\n"  # nothing was changed
+    holder.close()
+    snapcore.restore(manifest.id, in_place=True, state_dir=state_dir)
+    assert (mnt / "f").read_text() == "at the checkpoint\n"

@@ -8,9 +8,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from snapcore.cli.common import (
+    RESTORED_ENV,
     plugins_of,
     policy_of,
     print_json,
@@ -23,9 +24,6 @@ from snapcore.cli.criu_hook import cmd_criu_hook
 from snapcore.cli.parser import Parser
 from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
 from snapcore.log import get_logger
-
-if TYPE_CHECKING:
-    pass
 
 log = get_logger("snapcore")
 
@@ -119,14 +117,17 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _run_after_restore(command: list[str]) -> int:
+def _run_after_restore(command: list[str], checkpoint_id: str | None) -> int:
     """``snapcore restore ID -- criu restore -D DIR``: the files first, then CMD."""
     import shutil
     import subprocess
 
     if shutil.which(command[0]) is None:
         raise UsageError(f"command not found: {command[0]}")
-    status = subprocess.run(command, check=False).returncode
+    env = dict(os.environ)
+    if checkpoint_id:
+        env[RESTORED_ENV] = checkpoint_id
+    status = subprocess.run(command, check=False, env=env).returncode
     if status != 0:
         from snapcore.tasks.criu import describe_failure
 
@@ -437,7 +438,8 @@ def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
     code = cmd_restore(args, then=command)
-    return _run_after_restore(command) if command else code
+    in_place = getattr(args, "in_place", False)
+    return _run_after_restore(command, args.checkpoint_id if in_place else None) if command else code
 
 
 #: Every command, in the order ``--help`` lists them: the one registry.

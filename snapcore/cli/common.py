@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 log = get_logger("snapcore")
 
+#: Set for the command after ``restore ID --in-place --``: the checkpoint whose files are
+#: in place already (the CRIU hook's pre-restore then has nothing left to do).
+RESTORED_ENV = "SNAPCORE_RESTORED"
+
 
 def setup_logging(verbose: int, quiet: int) -> None:
     from snapcore import log as logs

@@ -22,8 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from snapcore.cli.common import plugins_of, policy_of, run_dir_arg, said, state_dir_arg
-from snapcore.errors import SnapcoreError, UsageError
+from snapcore.cli.common import RESTORED_ENV, plugins_of, policy_of, run_dir_arg, said, state_dir_arg
+from snapcore.errors import MountBusy, SnapcoreError, UsageError
 
 CRIU_ID_FILE = "snapcore-checkpoint"
 #: The actions the hook acts on; every other one returns at once.
@@ -76,6 +76,25 @@ def _forget_dead_runs(directory: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def leave_runtime_cgroups() -> None:
+    """Out of the container's cgroups, into the runtime's (see
+    :func:`snapcore.tasks.cgroups.join_cgroups_of_caller`); said on stderr (CRIU's log)."""
+    from snapcore.tasks.cgroups import join_cgroups_of_caller
+
+    try:
+        moved = join_cgroups_of_caller()
+    except OSError as exc:
+        print(
+            f"snapcore: could not leave the container's cgroups ({exc.strerror}): mounting a device may be "
+            "refused here; if so, restore first and run the runtime after it: "
+            "snapcore restore ID --in-place -- RUNTIME restore ...",
+            file=sys.stderr,
+        )
+        return
+    if moved:
+        print(f"snapcore: {moved}", file=sys.stderr)
+
+
 def read_checkpoint_id(images_dir: str) -> str:
     """The checkpoint id a post-dump wrote into CRIU's image directory (untrusted: a
     regular file, bounded, one plain id)."""
@@ -112,6 +131,7 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
         if done is not None:
             print(f"snapcore: checkpoint {done} was made at this dump's first post-dump call", file=sys.stderr)
             return
+        leave_runtime_cgroups()
         policy = policy_of(args)
         manifest = api.checkpoint(
             args.paths,
@@ -137,9 +157,21 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
             print(f"snapcore: checkpoint {done} was restored at this restore's first pre-restore call", file=sys.stderr)
             return
         checkpoint_id = read_checkpoint_id(event.images_dir)
-        api.restore(
-            checkpoint_id, in_place=True, state_dir=state_dir_arg(args), plugins=plugins_of(args), on_restored=said
-        )
+        if os.environ.get(RESTORED_ENV) == checkpoint_id:
+            print(f"snapcore: checkpoint {checkpoint_id} is in place already ('snapcore restore')", file=sys.stderr)
+            return
+        leave_runtime_cgroups()  # runc and podman run CRIU in the container's cgroups at restore
+        try:
+            api.restore(
+                checkpoint_id, in_place=True, state_dir=state_dir_arg(args), plugins=plugins_of(args), on_restored=said
+            )
+        except MountBusy as exc:
+            # runc binds the rootfs for CRIU before this hook runs: a rollback now would
+            # not reach the container, which would run on the tree it replaced
+            raise SnapcoreError(
+                f"{exc} -- from a CRIU hook, the runtime may already hold the old tree: restore the files "
+                f"first, then run the runtime: snapcore restore {checkpoint_id} --in-place -- RUNTIME restore ..."
+            ) from None
         _remember(marker, checkpoint_id)
 
     return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})

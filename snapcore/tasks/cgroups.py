@@ -3,6 +3,7 @@ hybrid hosts mount cgroup2 at ``/sys/fs/cgroup/unified``) and which cgroup a tas
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -76,3 +77,67 @@ def task_cgroup(pid: int, version: int) -> str | None:
         if version == 1 and "freezer" in controllers.split(","):
             return path
     return None
+
+
+# -- leaving a runtime's cgroups -------------------------------------------------------
+
+
+def _cgroup_lines(pid: int | str) -> dict[tuple[str, str], str]:
+    """``(hierarchy id, controllers)`` → cgroup path, from ``/proc/PID/cgroup``."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        found[(hid, controllers)] = path
+    return found
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def join_cgroups_of_caller(mountinfo: str = MOUNTINFO) -> str | None:
+    """Move this process into the cgroups of the nearest ancestor that is in other
+    cgroups than it (a runtime that put CRIU, and so CRIU's action script, into the
+    container's cgroups: runc and podman do at restore). There the container's limits
+    stop applying to what the hook does for the host: the v1 ``devices`` cgroup of a
+    container refuses to mount a loop device (EPERM). Returns what was done (None when
+    nothing was), or raises :class:`OSError` when a move is refused."""
+    ours = _cgroup_lines("self")
+    pid = _parent_of(os.getpid())
+    while pid > 1:
+        theirs = _cgroup_lines(pid)
+        if theirs and theirs != ours:
+            break
+        pid = _parent_of(pid)
+    else:
+        return None
+    mounts = [m for m in read_mounts(mountinfo) if m.fstype in ("cgroup", "cgroup2")]
+    moved = []
+    for (hid, controllers), path in theirs.items():
+        if ours.get((hid, controllers)) == path:
+            continue
+        wanted = set(filter(None, controllers.split(",")))
+        for m in mounts:
+            v2 = hid == "0" and not controllers
+            if (v2 and m.fstype == "cgroup2") or (not v2 and m.fstype == "cgroup" and wanted <= set(m.super_options)):
+                if m.root != "/" and not path.startswith(m.root.rstrip("/") + "/") and path != m.root:
+                    continue
+                rel = path[len(m.root.rstrip("/")) :] if m.root != "/" else path
+                target = os.path.join(m.mount_point, rel.lstrip("/"), "cgroup.procs")
+                with open(target, "w", encoding="ascii") as f:
+                    f.write(str(os.getpid()))
+                moved.append(f"{controllers or 'cgroup2'}:{path}")
+                break
+    comm = ""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+        comm = f.read().strip()
+    return f"joined the cgroups of pid {pid} ({comm}): {', '.join(moved)}" if moved else None

@@ -32,6 +32,8 @@ class Holder:
 
     def __str__(self) -> str:
         if self.pid is None:
+            if self.uses == ("bind",):
+                return f"{self.name} shows the same tree (a bind mount)"
             return f"{self.name} is mounted below it"
         return f"pid {self.pid} ({self.name}: {', '.join(self.uses)})"
 
@@ -57,7 +59,84 @@ def mount_holders(mount_point: str, *, exclude: frozenset[int] = frozenset()) ->
         uses = _uses(pid, target)
         if uses:
             held.append(Holder(pid=pid, name=_comm(pid) + (" (snapcore itself)" if pid == me else ""), uses=uses))
+    held += namespace_mounts(target, exclude=exclude)
     return held
+
+
+def _optional_fields(line: str) -> set[str]:
+    """A mountinfo line's optional fields (``shared:N``, ``master:N``...)."""
+    fields = line.split()
+    try:
+        return set(fields[6 : fields.index("-", 6)])
+    except ValueError:
+        return set()
+
+
+def namespace_mounts(target: int, *, exclude: frozenset[int] = frozenset()) -> list[Holder]:
+    """Other mounts of our mount ``target``'s tree that will not follow a change of it:
+    a bind mount of it elsewhere in this namespace (runc binds a container's rootfs
+    for CRIU at ``/run/runc/ID/criu-root`` before a restore), and its mounts in other
+    mount namespaces (a running container's) except copies that a change of ours
+    reaches (propagation peers at the same mount point). An in-place restore that
+    swapped ours would leave them on the old tree, and whatever runs there would
+    start on it. In other namespaces, one holder per namespace, named by a process."""
+    ours = next((line for line in _mountinfo_lines("self") if line.split(" ", 1)[0] == str(target)), None)
+    if ours is None:
+        return []
+    mine = ours.split()
+    device, root, where = mine[2], mine[3], mine[4]
+    peers = {f.replace("master:", "shared:") for f in _optional_fields(ours) if f.startswith("shared:")}
+
+    def same_tree(fields: list[str]) -> bool:
+        their_root = fields[3]
+        return (
+            len(fields) > 4
+            and fields[2] == device
+            and (root == "/" or their_root == root or their_root.startswith(root.rstrip("/") + "/"))
+        )
+
+    held: list[Holder] = []
+    for line in _mountinfo_lines("self"):
+        fields = line.split()
+        if fields and fields[0] != str(target) and same_tree(fields) and fields[4] != where:
+            held.append(Holder(pid=None, name=fields[4], uses=("bind",)))
+    try:
+        own_ns = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return held
+    seen: set[int] = {own_ns}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+        except OSError:
+            continue
+        if ns in seen:
+            continue
+        seen.add(ns)
+        for line in _mountinfo_lines(name):
+            fields = line.split()
+            if not same_tree(fields):
+                continue
+            theirs = {f.replace("master:", "shared:") for f in _optional_fields(line)}
+            if peers & theirs and fields[4] == where:
+                continue  # its copy of our mount: our umount and mount reach it
+            held.append(
+                Holder(
+                    pid=int(name), name=_comm(int(name)), uses=(f"mounts it at {fields[4]} in its own mount namespace",)
+                )
+            )
+            break
+    return held
+
+
+def _mountinfo_lines(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def _uses(pid: int, target: int) -> tuple[str, ...]:

@@ -263,7 +263,7 @@ class _Collector:
             self._pseudo[mnt_id] = ok
         return ok
 
-    def _host(self, pid: int, mnt_id: int, path: str) -> tuple[int, str | None] | None:
+    def _host(self, pid: int, mnt_id: int, path: str, st: os.stat_result) -> tuple[int, str | None] | None:
         """The host's mount id for a task's ``mnt_id`` and, for a task in another mount
         namespace, where the host sees ``path``; None when the file is not ours to
         image (a pseudo filesystem, or a mount the host does not have: warned)."""
@@ -275,6 +275,8 @@ class _Collector:
             return None
         mapped = self.namespaces.mapped(ns, inner)
         if mapped is None:
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                return None  # /dev/null on the container's own /dev: a device, no content to keep
             if (ns, mnt_id) not in self._unmapped:
                 self._unmapped.add((ns, mnt_id))
                 self.warnings.append(NamespaceMounts.unmapped_reason(pid, inner))
@@ -284,7 +286,7 @@ class _Collector:
     def add(self, pid: int, link: str, via: str, use: Use, st: os.stat_result, mnt_id: int, *, mapped: bool) -> None:
         marked = link.endswith(_DELETED)
         path = link[: -len(_DELETED)] if marked else link
-        host = self._host(pid, mnt_id, path)
+        host = self._host(pid, mnt_id, path, st)
         if host is None:
             self.skipped += 1
             return
