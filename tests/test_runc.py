@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,8 @@ class Container:
 
     id: str
     rootfs: Path
+    #: where the host sees the container's /data
+    data: Path
     bundle: Path
     runc: list[str]
     state_dir: Path
@@ -73,7 +75,7 @@ class Container:
         return int(json.loads(self.run("state", self.id).stdout)["pid"])
 
     def count(self) -> int:
-        return int((self.rootfs / "data" / "count").read_text().strip() or 0)
+        return int((self.data / "count").read_text().strip() or 0)
 
     def wait_count(self, above: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -99,13 +101,31 @@ def _busybox_rootfs(root: Path) -> None:
     for applet in ("sh", "sleep", "cat", "echo", "rm"):
         (root / "bin" / applet).symlink_to("busybox")
     (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
-    (root / "data" / "keep").write_text("needed by the container\n")
+
+
+def write_bundle(bundle: Path, rootfs: Path, criu_conf: Path, volumes: dict[str, Path]) -> None:
+    """An OCI bundle for the busybox rootfs: the counter program, bind-mounted volumes
+    (container path → host directory), CRIU's config file named by the annotation."""
+    bundle.mkdir(exist_ok=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": str(rootfs), "readonly": False}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["sh", "-c", PROGRAM]
+    # no network namespace: CRIU would need iptables-restore to lock it
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+    config["mounts"] += [
+        {"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
+        for inside, host in volumes.items()
+    ]
+    config["annotations"] = {"org.criu.config": str(criu_conf)}
+    (bundle / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture
-def container(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch, pace: Pace
-) -> Iterator[Container]:
+def runc_container(tmp_path: Path, state_dir: Path, run_dir: Path, pace: Pace) -> Iterator[Callable[..., Container]]:
+    """``runc_container(rootfs, volumes={"/data": DIR}, policy=F)``: a running
+    container with snapcore's hook, deleted (and runc's binds undone) at teardown."""
     from snapcore.errors import CriuUnavailable
     from snapcore.tasks.criu import check_criu
 
@@ -117,39 +137,48 @@ def container(
         criu = check_criu()
     except CriuUnavailable as exc:
         pytest.skip(f"CRIU unusable here: {exc}")
-    monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
-    rootfs = loop_fs("btrfs").mount_subvolume("rootfs", tmp_path / "rootfs")
-    _busybox_rootfs(rootfs)
-    hook, criu_conf, bundle = tmp_path / "snapcore-hook", tmp_path / "criu.conf", tmp_path / "bundle"
-    argv = ["--state-dir", str(state_dir), "--run-dir", str(run_dir), "criu-hook", "--write-script", str(hook)]
-    assert main(argv) == 0
-    criu_conf.write_text(f"action-script {hook}\n")
-    bundle.mkdir()
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
-    config = json.loads((bundle / "config.json").read_text())
-    config["root"] = {"path": str(rootfs), "readonly": False}
-    config["process"]["terminal"] = False
-    config["process"]["args"] = ["sh", "-c", PROGRAM]
-    # no network namespace: CRIU would need iptables-restore to lock it
-    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
-    config["annotations"] = {"org.criu.config": str(criu_conf)}
-    (bundle / "config.json").write_text(json.dumps(config))
-    ctr = Container(
-        id=f"snapcore-test-{os.getpid()}",
-        rootfs=rootfs,
-        bundle=bundle,
-        runc=["runc", "--root", str(tmp_path / "runc-state"), "--criu", criu.path],
-        state_dir=state_dir,
-        tmp=tmp_path,
-    )
-    try:
+    made: list[Container] = []
+
+    def make(rootfs: Path, volumes: dict[str, Path] | None = None, policy: Path | None = None) -> Container:
+        _busybox_rootfs(rootfs)
+        hook, criu_conf, bundle = tmp_path / "snapcore-hook", tmp_path / "criu.conf", tmp_path / "bundle"
+        argv = ["--state-dir", str(state_dir), "--run-dir", str(run_dir), "criu-hook", "--write-script", str(hook)]
+        assert main(argv + (["--policy", str(policy)] if policy else [])) == 0
+        criu_conf.write_text(f"action-script {hook}\n")
+        write_bundle(bundle, rootfs, criu_conf, volumes or {})
+        data = (volumes or {}).get("/data", rootfs / "data")
+        (data / "keep").write_text("needed by the container\n")
+        ctr = Container(
+            id=f"snapcore-test-{os.getpid()}-{len(made)}",
+            rootfs=rootfs,
+            data=data,
+            bundle=bundle,
+            runc=["runc", "--root", str(tmp_path / "runc-state"), "--criu", criu.path],
+            state_dir=state_dir,
+            tmp=tmp_path,
+        )
+        made.append(ctr)
         ctr.run("run", "-d", "--bundle", str(bundle), ctr.id)
         ctr.wait_count(2, pace.seconds(30))
-        yield ctr
+        return ctr
+
+    try:
+        yield make
     finally:
-        ctr.run("delete", "-f", ctr.id, check=False)
-        # runc binds the rootfs for CRIU at restore; a failed restore may leave it
-        subprocess.run(["umount", "-R", str(tmp_path / "runc-state" / ctr.id / "criu-root")], capture_output=True)
+        for ctr in made:
+            ctr.run("delete", "-f", ctr.id, check=False)
+            # runc binds the rootfs for CRIU at restore; a failed restore may leave it
+            criu_root = tmp_path / "runc-state" / ctr.id / "criu-root"
+            subprocess.run(["umount", "-R", str(criu_root)], capture_output=True)
+
+
+@pytest.fixture
+def container(
+    loop_fs: LoopFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runc_container: Callable[..., Container]
+) -> Container:
+    """The container with its rootfs on a btrfs subvolume mounted on its own."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
+    return runc_container(loop_fs("btrfs").mount_subvolume("rootfs", tmp_path / "rootfs"))
 
 
 def _log(path: Path) -> str:
@@ -181,7 +210,7 @@ def test_runc_checkpoint_then_restore_files_first(container: Container, pace: Pa
     assert manifest["warnings"] == [], manifest["warnings"]
 
     # the tree is damaged after the checkpoint
-    (ctr.rootfs / "data" / "count").write_text("garbage\n")
+    (ctr.data / "count").write_text("garbage\n")
     (ctr.rootfs / "stray").write_text("not in the checkpoint\n")
     shutil.rmtree(ctr.rootfs / "etc")
 
@@ -211,7 +240,7 @@ def test_runc_checkpoint_then_restore_files_first(container: Container, pace: Pa
     restore += ["--work-path", str(ctr.tmp / "work2"), ctr.id]
     argv = ["--state-dir", str(ctr.state_dir), "restore", checkpoint_id, "--in-place", "--", *restore]
     assert main(argv) == 0, _log(ctr.tmp / "work2" / "restore.log")[-3000:]
-    assert "is in place already" in _log(ctr.tmp / "work2" / "restore.log")
+    assert "was restored already" in _log(ctr.tmp / "work2" / "restore.log")
     assert not (ctr.rootfs / "stray").exists() and (ctr.rootfs / "etc" / "passwd").exists()
     after = ctr.wait_count(at_checkpoint, pace.seconds(30))
     assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)  # it went on from there
@@ -233,7 +262,7 @@ def test_runc_checkpoint_fails_when_a_needed_file_changes(
     stop = threading.Event()
 
     def rewrite() -> None:
-        keep = ctr.rootfs / "data" / "keep"
+        keep = ctr.data / "keep"
         while not stop.is_set():
             with open(keep, "a") as f:
                 f.write("changed under the container\n")
@@ -260,3 +289,81 @@ def test_runc_checkpoint_fails_when_a_needed_file_changes(
     assert state == "running", state
     before = ctr.count()
     ctr.wait_count(before, pace.seconds(30))
+
+
+def test_runc_on_ext4_with_a_volume_restored_as_a_copy(
+    loop_fs: LoopFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runc_container: Callable[..., Container],
+    write_policy: Callable[..., Path],
+    pace: Pace,
+) -> None:
+    """A rootfs directory and a data volume on two ext4 filesystems: frozen (fsfreeze)
+    and copied by tar while CRIU holds the container; restored as a copy (tar restores
+    into a new directory), and the container restored by runc from a bundle that
+    points at the copy."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,tar")
+    system, volume, exports = loop_fs("ext4"), loop_fs("ext4"), tmp_path / "exports"
+    exports.mkdir()
+    rootfs, data = system.mount_point / "containers" / "web", volume.mount_point / "web-data"
+    rootfs.mkdir(parents=True)
+    data.mkdir()
+    rule = "    imager: fsfreeze\n    exporter: tar\n    options:\n      tar:\n        dest: {}\n"
+    policy = write_policy(
+        "version: 1\nmounts:\n" + "".join(f"  {m.mount_point}:\n" + rule.format(exports) for m in (system, volume))
+    )
+    ctr = runc_container(rootfs, volumes={"/data": data}, policy=policy)
+    images, work = ctr.tmp / "images", ctr.tmp / "work"
+    done = ctr.run("checkpoint", "--image-path", str(images), "--work-path", str(work), ctr.id, check=False)
+    assert done.returncode == 0, done.stderr + _log(work / "dump.log")[-3000:]
+    at_checkpoint = ctr.count()
+    checkpoint_id = (images / "snapcore-checkpoint").read_text().split()[0]
+    manifest = json.loads((ctr.state_dir / "checkpoints" / checkpoint_id / "manifest.json").read_text())
+    assert manifest["outcome"] == "ok", manifest.get("error")
+    assert sorted(t["mount"] for t in manifest["targets"]) == sorted([str(system.mount_point), str(volume.mount_point)])
+    assert {t["consistency"] for t in manifest["targets"]} == {"fs-frozen"}
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["/data/keep"]["host_path"] == f"{data}/keep" and files["/data/keep"]["mount"] == str(
+        volume.mount_point
+    )
+    assert files["/bin/busybox"]["host_path"] == f"{rootfs}/bin/busybox"
+    assert manifest["warnings"] == [], manifest["warnings"]
+
+    (data / "count").write_text("garbage\n")  # damaged after the checkpoint
+
+    # runc restore alone: its hook cannot restore tar exports in place, and says what to do
+    refused = ctr.run(
+        "restore",
+        "-d",
+        "--bundle",
+        str(ctr.bundle),
+        "--image-path",
+        str(images),
+        "--work-path",
+        str(tmp_path / "work-refused"),
+        ctr.id,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert f"snapcore restore {checkpoint_id} --to DIR -- RUNTIME restore" in _log(
+        tmp_path / "work-refused" / "restore.log"
+    )
+    ctr.run("delete", "-f", ctr.id, check=False)
+
+    # a copy, and runc on it: a bundle whose root and volume are in the copy
+    copy = tmp_path / "copy"
+    new_rootfs, new_data = copy / str(rootfs).lstrip("/"), copy / str(data).lstrip("/")
+    bundle2 = tmp_path / "bundle2"
+    write_bundle(bundle2, new_rootfs, tmp_path / "criu.conf", {"/data": new_data})
+    restore = [*ctr.runc, "restore", "-d", "--bundle", str(bundle2), "--image-path", str(images)]
+    restore += ["--work-path", str(tmp_path / "work2"), ctr.id]
+    argv = ["--state-dir", str(ctr.state_dir), "restore", checkpoint_id, "--to", str(copy), "--", *restore]
+    assert main(argv) == 0, _log(tmp_path / "work2" / "restore.log")[-3000:]
+    assert "was restored already" in _log(tmp_path / "work2" / "restore.log")
+    moved = Container(**{**ctr.__dict__, "rootfs": new_rootfs, "data": new_data})
+    after = moved.wait_count(at_checkpoint, pace.seconds(30))
+    assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
+    pid = ctr.pid()
+    assert Path(f"/proc/{pid}/fd/3").read_text() == "held while deleted\n"
+    assert os.readlink(f"/proc/{pid}/fd/4") == "/data/keep"

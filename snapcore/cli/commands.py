@@ -438,8 +438,7 @@ def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
     code = cmd_restore(args, then=command)
-    in_place = getattr(args, "in_place", False)
-    return _run_after_restore(command, args.checkpoint_id if in_place else None) if command else code
+    return _run_after_restore(command, args.checkpoint_id) if command else code
 
 
 #: Every command, in the order ``--help`` lists them: the one registry.

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 log = get_logger("snapcore")
 
-#: Set for the command after ``restore ID --in-place --``: the checkpoint whose files are
-#: in place already (the CRIU hook's pre-restore then has nothing left to do).
+#: Set for the command after ``restore ID ... --``: the checkpoint whose files were put
+#: back already, in place or as a copy (the CRIU hook's pre-restore leaves them alone).
 RESTORED_ENV = "SNAPCORE_RESTORED"
 
 

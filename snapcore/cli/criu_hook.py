@@ -158,7 +158,7 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
             return
         checkpoint_id = read_checkpoint_id(event.images_dir)
         if os.environ.get(RESTORED_ENV) == checkpoint_id:
-            print(f"snapcore: checkpoint {checkpoint_id} is in place already ('snapcore restore')", file=sys.stderr)
+            print(f"snapcore: checkpoint {checkpoint_id} was restored already ('snapcore restore')", file=sys.stderr)
             return
         leave_runtime_cgroups()  # runc and podman run CRIU in the container's cgroups at restore
         try:
@@ -171,6 +171,11 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
             raise SnapcoreError(
                 f"{exc} -- from a CRIU hook, the runtime may already hold the old tree: restore the files "
                 f"first, then run the runtime: snapcore restore {checkpoint_id} --in-place -- RUNTIME restore ..."
+            ) from None
+        except SnapcoreError as exc:
+            raise SnapcoreError(
+                f"{exc} -- or restore a copy and run the runtime on it: snapcore restore {checkpoint_id} "
+                "--to DIR -- RUNTIME restore ... (with the container's root and volumes in DIR)"
             ) from None
         _remember(marker, checkpoint_id)
 
