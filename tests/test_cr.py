@@ -617,12 +617,15 @@ def test_criu_action_script(
         subprocess.run(["kill", "-9", str(proc.pid)], check=False)
 
 
+@pytest.mark.parametrize("shell", ["exec", "child"])
 def test_criu_running_the_action_script_twice_makes_one_checkpoint_and_one_restore(
-    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
+    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace, shell: str
 ) -> None:
     """CRIU 4.1 runs every action script twice under runc and podman (it reads their
     config file twice). CRIU 4.2 does the same for real when a script is named both in
-    a config file and on the command line: one dump, two post-dump calls by one CRIU."""
+    a config file and on the command line: one dump, two post-dump calls by one CRIU.
+    ``child``: the script CRIU runs calls the hook without exec, so a shell that differs
+    at every call stands between CRIU and the hook."""
     criu, mnt = criu_and_btrfs
     data = mnt / "data.txt"
     proc = holder(data)  # type: ignore[operator]
@@ -630,6 +633,11 @@ def test_criu_running_the_action_script_twice_makes_one_checkpoint_and_one_resto
     images.mkdir()
     hook = tmp_path / "snapcore-hook"
     assert main(["--state-dir", str(state_dir), "criu-hook", "--write-script", str(hook)]) == 0
+    if shell == "child":
+        wrapper = tmp_path / "wrapper"
+        wrapper.write_text(f"#!/bin/sh\n{hook}\nexit $?\n")
+        wrapper.chmod(0o755)
+        hook = wrapper
     config = tmp_path / "criu.conf"
     config.write_text(f"action-script {hook}\n")
     twice = [criu.path, "--config", str(config), "--action-script", str(hook)]

@@ -32,12 +32,31 @@ HANDLED = ("post-dump", "pre-restore")
 ID_FILE_LIMIT = 4096
 
 
+def _criu_process() -> int:
+    """The CRIU process that runs this hook: the nearest ancestor named ``criu`` (a
+    shell between them, when ``sh -c`` does not exec, differs at every call), else
+    the parent."""
+    pid = os.getppid()
+    for _ in range(4):
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                if f.read().strip() == "criu":
+                    return pid
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        if pid <= 1:
+            break
+    return os.getppid()
+
+
 def criu_run() -> str:
-    """This CRIU run: the pid and start time of the process that runs the hook."""
+    """This CRIU run: the pid and start time of the CRIU process that runs the hook."""
     from snapcore.host.fsutil import process_start_time
 
-    ppid = os.getppid()
-    return f"{ppid}-{process_start_time(ppid) or 0}"
+    pid = _criu_process()
+    return f"{pid}-{process_start_time(pid) or 0}"
 
 
 def _marker(args: argparse.Namespace, action: str) -> Path:
