@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,8 @@ import pytest
 
 from snapcore import main
 from snapcore.testing import LoopFactory, Pace
+from snapcore.testing.containers import COUNTER_PROGRAM, HELD_WHILE_DELETED, busybox_rootfs, read_count, wait_for_count
 
-PROGRAM = (
-    "echo 'held while deleted' > /data/deleted; exec 3</data/deleted; rm /data/deleted; "
-    "i=$(cat /data/count 2>/dev/null || echo 0); while :; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
-)
 CONTAINERS_CONF = """[containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
@@ -67,20 +63,12 @@ class Podman:
         return done
 
     def count(self) -> int:
-        return int((self.volume / "count").read_text().strip() or 0)
+        value = read_count(self.volume / "count")
+        assert value is not None, f"no counter in {self.volume}"
+        return value
 
     def wait_count(self, above: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = self.count()
-            except (OSError, ValueError):
-                value = -1
-            if value > above:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the container's counter did not pass {above} within {timeout:.0f}s")
-            time.sleep(0.02)
+        return wait_for_count(self.volume / "count", above, timeout)
 
     def log(self, name: str, which: str) -> str:
         static = self("inspect", "-f", "{{.StaticDir}}", name).stdout.strip()
@@ -114,13 +102,7 @@ def podman(
     argv = ["podman", "--root", str(tmp_path / "storage"), "--runroot", str(runroot)]
     argv += ["--cgroup-manager", "cgroupfs", "--events-backend", "file"]
     pod = Podman(argv=argv, env=env, volume=volume, state_dir=state_dir, tmp=tmp_path)
-    rootfs = tmp_path / "rootfs"
-    for d in ("bin", "proc", "dev", "sys", "tmp", "data", "etc"):
-        (rootfs / d).mkdir(parents=True)
-    shutil.copy2("/usr/bin/busybox", rootfs / "bin" / "busybox")
-    for applet in ("sh", "sleep", "cat", "echo", "rm"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    (rootfs / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    rootfs = busybox_rootfs(tmp_path / "rootfs")
     with tarfile.open(tmp_path / "rootfs.tar", "w") as tar:
         tar.add(rootfs, arcname=".")
     pod("import", str(tmp_path / "rootfs.tar"), "snapcore-busybox")
@@ -143,7 +125,7 @@ def run_web(pod: Podman, pace: Pace) -> None:
     pod(
         "run", "-d", "--name", "web", "--network", "none",
         "--annotation", f"org.criu.config={pod.tmp / 'criu.conf'}",
-        "-v", f"{pod.volume}:/data", "snapcore-busybox", "sh", "-c", PROGRAM,
+        "-v", f"{pod.volume}:/data", "snapcore-busybox", "sh", "-c", COUNTER_PROGRAM,
     )  # fmt: skip
     pod.wait_count(2, pace.seconds(30))
 
@@ -178,7 +160,7 @@ def test_podman_checkpoint_and_restore_roll_the_volume_back(podman: Podman, pace
     assert not (pod.volume / "stray").exists()
     after = pod.wait_count(at_checkpoint, pace.seconds(30))
     assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
-    assert Path(f"/proc/{pod.pid('web')}/fd/3").read_text() == "held while deleted\n"
+    assert Path(f"/proc/{pod.pid('web')}/fd/3").read_text() == HELD_WHILE_DELETED
 
 
 def test_podman_export_and_import(podman: Podman, pace: Pace) -> None:

@@ -30,12 +30,16 @@ import pytest
 
 from snapcore import main
 from snapcore.testing import LoopFactory, Pace
-
-#: The container: the deleted-but-open file, then the counter, one step per 50 ms.
-PROGRAM = (
-    "echo 'held while deleted' > /data/deleted; exec 3</data/deleted; rm /data/deleted; exec 4</data/keep; "
-    "i=$(cat /data/count 2>/dev/null || echo 0); while :; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+from snapcore.testing.containers import (
+    COUNTER_PROGRAM,
+    HELD_WHILE_DELETED,
+    busybox_rootfs,
+    read_count,
+    wait_for_count,
 )
+
+#: The container: a file held open after it is deleted, a needed file, the counter.
+PROGRAM = "exec 4</data/keep; " + COUNTER_PROGRAM
 
 
 @dataclass
@@ -75,32 +79,17 @@ class Container:
         return int(json.loads(self.run("state", self.id).stdout)["pid"])
 
     def count(self) -> int:
-        return int((self.data / "count").read_text().strip() or 0)
+        value = read_count(self.data / "count")
+        assert value is not None, f"no counter in {self.data}"
+        return value
 
     def wait_count(self, above: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            with_value = self.count_or_none()
-            if with_value is not None and with_value > above:
-                return with_value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the container's counter did not pass {above} within {timeout:.0f}s")
-            time.sleep(0.02)
+        return wait_for_count(self.data / "count", above, timeout)
 
-    def count_or_none(self) -> int | None:
-        try:
-            return self.count()
-        except (OSError, ValueError):
-            return None
-
-
-def _busybox_rootfs(root: Path) -> None:
-    for d in ("bin", "proc", "dev", "sys", "tmp", "data", "etc"):
-        (root / d).mkdir(exist_ok=True)
-    shutil.copy2("/usr/bin/busybox", root / "bin" / "busybox")
-    for applet in ("sh", "sleep", "cat", "echo", "rm"):
-        (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    def restore_alone(self, images: Path, work: Path) -> subprocess.CompletedProcess[str]:
+        """``runc restore`` from ``images`` with the container's own bundle."""
+        args = ["restore", "-d", "--bundle", str(self.bundle), "--image-path", str(images), "--work-path", str(work)]
+        return self.run(*args, self.id, check=False)
 
 
 def write_bundle(bundle: Path, rootfs: Path, criu_conf: Path, volumes: dict[str, Path]) -> None:
@@ -140,7 +129,7 @@ def runc_container(tmp_path: Path, state_dir: Path, run_dir: Path, pace: Pace) -
     made: list[Container] = []
 
     def make(rootfs: Path, volumes: dict[str, Path] | None = None, policy: Path | None = None) -> Container:
-        _busybox_rootfs(rootfs)
+        busybox_rootfs(rootfs)
         hook, criu_conf, bundle = tmp_path / "snapcore-hook", tmp_path / "criu.conf", tmp_path / "bundle"
         argv = ["--state-dir", str(state_dir), "--run-dir", str(run_dir), "criu-hook", "--write-script", str(hook)]
         assert main(argv + (["--policy", str(policy)] if policy else [])) == 0
@@ -216,18 +205,7 @@ def test_runc_checkpoint_then_restore_files_first(container: Container, pace: Pa
 
     # runc restore alone: its pre-restore hook would roll back a tree that runc has
     # already bound for CRIU, so the container would run on the damaged one: refused
-    refused = ctr.run(
-        "restore",
-        "-d",
-        "--bundle",
-        str(ctr.bundle),
-        "--image-path",
-        str(images),
-        "--work-path",
-        str(ctr.tmp / "work-refused"),
-        ctr.id,
-        check=False,
-    )
+    refused = ctr.restore_alone(images, ctr.tmp / "work-refused")
     restore_log = _log(ctr.tmp / "work-refused" / "restore.log")
     assert refused.returncode != 0
     assert "shows the same tree (a bind mount)" in restore_log, restore_log[-3000:]
@@ -246,7 +224,7 @@ def test_runc_checkpoint_then_restore_files_first(container: Container, pace: Pa
     assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)  # it went on from there
     pid = ctr.pid()
     assert os.readlink(f"/proc/{pid}/fd/3") == "/data/deleted (deleted)"
-    assert Path(f"/proc/{pid}/fd/3").read_text() == "held while deleted\n"
+    assert Path(f"/proc/{pid}/fd/3").read_text() == HELD_WHILE_DELETED
 
 
 def test_runc_checkpoint_fails_when_a_needed_file_changes(
@@ -333,18 +311,7 @@ def test_runc_on_ext4_with_a_volume_restored_as_a_copy(
     (data / "count").write_text("garbage\n")  # damaged after the checkpoint
 
     # runc restore alone: its hook cannot restore tar exports in place, and says what to do
-    refused = ctr.run(
-        "restore",
-        "-d",
-        "--bundle",
-        str(ctr.bundle),
-        "--image-path",
-        str(images),
-        "--work-path",
-        str(tmp_path / "work-refused"),
-        ctr.id,
-        check=False,
-    )
+    refused = ctr.restore_alone(images, tmp_path / "work-refused")
     assert refused.returncode != 0
     assert f"snapcore restore {checkpoint_id} --to DIR -- RUNTIME restore" in _log(
         tmp_path / "work-refused" / "restore.log"
@@ -365,5 +332,5 @@ def test_runc_on_ext4_with_a_volume_restored_as_a_copy(
     after = moved.wait_count(at_checkpoint, pace.seconds(30))
     assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
     pid = ctr.pid()
-    assert Path(f"/proc/{pid}/fd/3").read_text() == "held while deleted\n"
+    assert Path(f"/proc/{pid}/fd/3").read_text() == HELD_WHILE_DELETED
     assert os.readlink(f"/proc/{pid}/fd/4") == "/data/keep"

@@ -1,0 +1,53 @@
+"""Containers for tests, built here and never pulled: a busybox rootfs and the
+counter program the container tests run (runc, podman)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+#: The container's program: a file held open after it is deleted (fd 3), then a
+#: counter in /data/count, one step per 50 ms, that goes on from the file's value.
+COUNTER_PROGRAM = (
+    "echo 'held while deleted' > /data/deleted; exec 3</data/deleted; rm /data/deleted; "
+    "i=$(cat /data/count 2>/dev/null || echo 0); while :; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+)
+#: What the deleted file held.
+HELD_WHILE_DELETED = "held while deleted\n"
+BUSYBOX = "/usr/bin/busybox"
+
+
+def busybox_rootfs(
+    root: str | os.PathLike[str], applets: tuple[str, ...] = ("sh", "sleep", "cat", "echo", "rm")
+) -> Path:
+    """A minimal rootfs at ``root``: busybox (Debian's static one) and its applets."""
+    base = Path(root)
+    for d in ("bin", "proc", "dev", "sys", "tmp", "data", "etc"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, base / "bin" / "busybox")
+    for applet in applets:
+        (base / "bin" / applet).symlink_to("busybox")
+    (base / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    return base
+
+
+def read_count(path: Path) -> int | None:
+    """The counter's value, None while it is being rewritten or not there."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_count(path: Path, above: int, timeout: float) -> int:
+    """Wait until the counter at ``path`` passes ``above``; its value then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read_count(path)
+        if value is not None and value > above:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the container's counter ({path}) did not pass {above} within {timeout:.0f}s")
+        time.sleep(0.02)
