@@ -27,6 +27,8 @@ def container(loop_fs: LoopFactory, tmp_path: Path) -> dict[str, Path]:
     (fs.mount_point / "rootfs" / "data").mkdir(parents=True)
     (fs.mount_point / "rootfs" / "data" / "keep.txt").write_text("kept\n")
     (fs.mount_point / "rootfs" / "data" / "gone.txt").write_text("deleted under the task\n")
+    (fs.mount_point / "rootfs" / "data" / "over.txt").write_text("the old content\n")
+    (fs.mount_point / "rootfs" / "data" / "lib.so").write_bytes(b"mapped, no descriptor left\n" * 100)
     inside, private = tmp_path / "inside", tmp_path / "private"
     inside.mkdir()
     private.mkdir()
@@ -40,10 +42,20 @@ def test_files_of_a_task_in_another_mount_namespace_map_onto_the_host_mount(
     wrap = in_namespace(
         f"mount --bind {fs}/rootfs/data {inside}\nmount -t tmpfs scratch {private}\necho t > {private}/t"
     )
-    pid = holder(f"r:{inside}/keep.txt", f"r:{inside}/gone.txt", f"r:{private}/t", f"cwd:{inside}", wrap=wrap)
+    pid = holder(
+        f"r:{inside}/keep.txt",
+        f"r:{inside}/gone.txt",
+        f"r:{inside}/over.txt",
+        f"m:{inside}/lib.so",
+        f"r:{private}/t",
+        f"cwd:{inside}",
+        wrap=wrap,
+    )
     assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
     assert not os.path.exists(inside / "keep.txt")  # the bind mount is the task's alone
     (fs / "rootfs" / "data" / "gone.txt").unlink()  # deleted under the task, from the host
+    (fs / "rootfs" / "data" / "new.txt").write_text("renamed over the old one\n")
+    (fs / "rootfs" / "data" / "new.txt").rename(fs / "rootfs" / "data" / "over.txt")
 
     policy = write_policy(f"version: 1\nmounts:\n  {fs}:\n    imager: fsfreeze\n")
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, pid=pid)
@@ -57,6 +69,10 @@ def test_files_of_a_task_in_another_mount_namespace_map_onto_the_host_mount(
     assert gone["state"] == "deleted" and gone["host_path"] == f"{fs}/rootfs/data/gone.txt"
     assert gone["ghost"] and gone["ghost"]["sha256"]  # copied through the task's descriptor
     assert files[str(inside)]["host_path"] == f"{fs}/rootfs/data"  # its cwd
+    over = files[f"{inside}/over.txt"]
+    assert over["state"] == "renamed-over" and over["ghost"] and over["host_path"] == f"{fs}/rootfs/data/over.txt"
+    mapped = files[f"{inside}/lib.so"]
+    assert mapped["mapped"] and mapped["host_path"] == f"{fs}/rootfs/data/lib.so" and mapped["mount"] == str(fs)
     assert f"{private}/t" not in files
     unmapped = [w for w in manifest.warnings if f"{private} in its mount namespace" in w]
     assert unmapped and "tmpfs" in unmapped[0] and "not checkpointed" in unmapped[0], manifest.warnings
