@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -59,7 +60,10 @@ class Podman:
             timeout=120,
         )
         if check and done.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)}: exit {done.returncode}: {done.stderr[-2000:]}")
+            # CRIU's log, named in the error, goes with the container at teardown: quote it now
+            logs = re.findall(r"log file: (\S+)", done.stderr)
+            tail = Path(logs[-1]).read_text(errors="replace")[-4000:] if logs and Path(logs[-1]).exists() else ""
+            raise AssertionError(f"podman {' '.join(args)}: exit {done.returncode}: {done.stderr[-2000:]}\n{tail}")
         return done
 
     def count(self) -> int:

@@ -54,13 +54,28 @@ def mount_holders(mount_point: str, *, exclude: frozenset[int] = frozenset()) ->
         if not name.isdigit():
             continue
         pid = int(name)
-        if pid in exclude:
+        if pid in exclude or _exiting(pid):
             continue
         uses = _uses(pid, target)
         if uses:
             held.append(Holder(pid=pid, name=_comm(pid) + (" (snapcore itself)" if pid == me else ""), uses=uses))
     held += namespace_mounts(target, exclude=exclude)
     return held
+
+
+#: ``PF_EXITING`` in ``/proc/PID/stat``'s flags: the task is in do_exit.
+_PF_EXITING = 0x4
+
+
+def _exiting(pid: int) -> bool:
+    """A process on its way out (exiting, a zombie) holds nothing for long: the
+    container a runtime just removed, whose last tasks are still being torn down."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return True  # gone
 
 
 def _optional_fields(line: str) -> set[str]:
@@ -106,7 +121,7 @@ def namespace_mounts(target: int, *, exclude: frozenset[int] = frozenset()) -> l
         return held
     seen: set[int] = {own_ns}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in exclude:
+        if not name.isdigit() or int(name) in exclude or _exiting(int(name)):
             continue
         try:
             ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
