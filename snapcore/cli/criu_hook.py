@@ -20,10 +20,15 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapcore.cli.common import RESTORED_ENV, plugins_of, policy_of, run_dir_arg, said, state_dir_arg
 from snapcore.errors import MountBusy, SnapcoreError, UsageError
+
+if TYPE_CHECKING:
+    from snapcore.tasks.criu import ActionEvent
 
 CRIU_ID_FILE = "snapcore-checkpoint"
 #: The actions the hook acts on; every other one returns at once.
@@ -36,18 +41,16 @@ def _criu_process() -> int:
     """The CRIU process that runs this hook: the nearest ancestor named ``criu`` (a
     shell between them, when ``sh -c`` does not exec, differs at every call), else
     the parent."""
+    from snapcore.tasks.holders import comm_of
+    from snapcore.tasks.resolve import parent_of
+
     pid = os.getppid()
     for _ in range(4):
-        try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                if f.read().strip() == "criu":
-                    return pid
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
         if pid <= 1:
             break
+        if comm_of(pid) == "criu":
+            return pid
+        pid = parent_of(pid)
     return os.getppid()
 
 
@@ -82,6 +85,26 @@ def _remember(marker: Path, checkpoint_id: str) -> None:
 
     write_atomic(marker, (checkpoint_id + "\n").encode(), mode=0o600)
     _forget_dead_runs(marker.parent)
+
+
+def _once_per_criu_run(
+    args: argparse.Namespace, handler: Callable[[ActionEvent], str | None], again: str
+) -> Callable[[ActionEvent], None]:
+    """``handler`` run at most once per action and CRIU run: a repeated call says
+    which checkpoint the first one handled (``again``) and does nothing; the id the
+    handler returns is remembered (None: nothing to remember)."""
+
+    def run(event: ActionEvent) -> None:
+        marker = _marker(args, event.action)
+        done = _done_before(marker)
+        if done is not None:
+            print(f"snapcore: checkpoint {done} {again}", file=sys.stderr)
+            return
+        checkpoint_id = handler(event)
+        if checkpoint_id is not None:
+            _remember(marker, checkpoint_id)
+
+    return run
 
 
 def _forget_dead_runs(directory: Path) -> None:
@@ -138,18 +161,13 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
     if args.write_script:
         return write_script(args)
     from snapcore import api
-    from snapcore.tasks.criu import ActionEvent, handle_action
+    from snapcore.tasks.criu import handle_action
     from snapcore.transaction import TaskSpec
 
-    def post_dump(event: ActionEvent) -> None:
+    def post_dump(event: ActionEvent) -> str:
         # CRIU holds the tasks stopped: image their filesystems now
         if event.init_pid is None or event.images_dir is None:
             raise SnapcoreError("post-dump without CRTOOLS_INIT_PID or CRTOOLS_IMAGE_DIR")
-        marker = _marker(args, event.action)
-        done = _done_before(marker)
-        if done is not None:
-            print(f"snapcore: checkpoint {done} was made at this dump's first post-dump call", file=sys.stderr)
-            return
         leave_runtime_cgroups()
         policy = policy_of(args)
         manifest = api.checkpoint(
@@ -163,22 +181,17 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
         from snapcore.host.tools import write_atomic
 
         write_atomic(Path(event.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
-        _remember(marker, manifest.id)
         print(f"snapcore: checkpoint {manifest.id} of the dumped tasks' filesystems", file=sys.stderr)
+        return manifest.id
 
-    def pre_restore(event: ActionEvent) -> None:
+    def pre_restore(event: ActionEvent) -> str | None:
         # before CRIU opens the files: put the checkpoint's images back in place
         if event.images_dir is None:
             raise SnapcoreError("pre-restore without CRTOOLS_IMAGE_DIR")
-        marker = _marker(args, event.action)
-        done = _done_before(marker)
-        if done is not None:
-            print(f"snapcore: checkpoint {done} was restored at this restore's first pre-restore call", file=sys.stderr)
-            return
         checkpoint_id = read_checkpoint_id(event.images_dir)
         if os.environ.get(RESTORED_ENV) == checkpoint_id:
             print(f"snapcore: checkpoint {checkpoint_id} was restored already ('snapcore restore')", file=sys.stderr)
-            return
+            return None
         leave_runtime_cgroups()  # runc and podman run CRIU in the container's cgroups at restore
         try:
             api.restore(
@@ -196,9 +209,16 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
                 f"{exc} -- or restore a copy and run the runtime on it: snapcore restore {checkpoint_id} "
                 "--to DIR -- RUNTIME restore ... (with the container's root and volumes in DIR)"
             ) from None
-        _remember(marker, checkpoint_id)
+        return checkpoint_id
 
-    return handle_action({"post-dump": post_dump, "pre-restore": pre_restore})
+    return handle_action(
+        {
+            "post-dump": _once_per_criu_run(args, post_dump, "was made at this dump's first post-dump call"),
+            "pre-restore": _once_per_criu_run(
+                args, pre_restore, "was restored at this restore's first pre-restore call"
+            ),
+        }
+    )
 
 
 SCRIPT = """#!/bin/sh

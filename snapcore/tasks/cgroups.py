@@ -3,7 +3,6 @@ hybrid hosts mount cgroup2 at ``/sys/fs/cgroup/unified``) and which cgroup a tas
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -96,14 +95,6 @@ def _cgroup_lines(pid: int | str) -> dict[tuple[str, str], str]:
     return found
 
 
-def _parent_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def join_cgroups_of_caller(mountinfo: str = MOUNTINFO) -> str | None:
     """Move this process into the cgroups of the nearest ancestor that is in other
     cgroups than it (a runtime that put CRIU, and so CRIU's action script, into the
@@ -111,13 +102,15 @@ def join_cgroups_of_caller(mountinfo: str = MOUNTINFO) -> str | None:
     stop applying to what the hook does for the host: the v1 ``devices`` cgroup of a
     container refuses to mount a loop device (EPERM). Returns what was done (None when
     nothing was), or raises :class:`OSError` when a move is refused."""
+    from snapcore.tasks.resolve import parent_of  # resolve imports this module
+
     ours = _cgroup_lines("self")
-    pid = _parent_of(os.getpid())
+    pid = parent_of(os.getpid())
     while pid > 1:
         theirs = _cgroup_lines(pid)
         if theirs and theirs != ours:
             break
-        pid = _parent_of(pid)
+        pid = parent_of(pid)
     else:
         return None
     mounts = [m for m in read_mounts(mountinfo) if m.fstype in ("cgroup", "cgroup2")]
@@ -137,7 +130,6 @@ def join_cgroups_of_caller(mountinfo: str = MOUNTINFO) -> str | None:
                     f.write(str(os.getpid()))
                 moved.append(f"{controllers or 'cgroup2'}:{path}")
                 break
-    comm = ""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-        comm = f.read().strip()
-    return f"joined the cgroups of pid {pid} ({comm}): {', '.join(moved)}" if moved else None
+    from snapcore.tasks.holders import comm_of
+
+    return f"joined the cgroups of pid {pid} ({comm_of(pid)}): {', '.join(moved)}" if moved else None

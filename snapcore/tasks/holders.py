@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from snapcore.errors import SnapcoreError
 from snapcore.host.mounts import MountTable, mount_id_of
 from snapcore.tasks.inventory import _fdinfo, _map_files_name, _mnt_id_of
+from snapcore.tasks.mountns import mount_namespace
+from snapcore.tasks.resolve import stat_fields
 
 __all__ = ["Holder", "mount_holders"]
 
@@ -58,7 +60,7 @@ def mount_holders(mount_point: str, *, exclude: frozenset[int] = frozenset()) ->
             continue
         uses = _uses(pid, target)
         if uses:
-            held.append(Holder(pid=pid, name=_comm(pid) + (" (snapcore itself)" if pid == me else ""), uses=uses))
+            held.append(Holder(pid=pid, name=comm_of(pid) + (" (snapcore itself)" if pid == me else ""), uses=uses))
     held += namespace_mounts(target, exclude=exclude)
     return held
 
@@ -70,12 +72,11 @@ _PF_EXITING = 0x4
 def _exiting(pid: int) -> bool:
     """A process on its way out (exiting, a zombie) holds nothing for long: the
     container a runtime just removed, whose last tasks are still being torn down."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
-    except (OSError, IndexError, ValueError):
-        return True  # gone
+        return fields is None or fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    except (IndexError, ValueError):
+        return True
 
 
 def _optional_fields(line: str) -> set[str]:
@@ -115,19 +116,15 @@ def namespace_mounts(target: int, *, exclude: frozenset[int] = frozenset()) -> l
         fields = line.split()
         if fields and fields[0] != str(target) and same_tree(fields) and fields[4] != where:
             held.append(Holder(pid=None, name=fields[4], uses=("bind",)))
-    try:
-        own_ns = os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
+    own_ns = mount_namespace("self")
+    if own_ns is None:
         return held
     seen: set[int] = {own_ns}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in exclude or _exiting(int(name)):
             continue
-        try:
-            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-        except OSError:
-            continue
-        if ns in seen:
+        ns = mount_namespace(name)
+        if ns is None or ns in seen:
             continue
         seen.add(ns)
         for line in _mountinfo_lines(name):
@@ -139,7 +136,9 @@ def namespace_mounts(target: int, *, exclude: frozenset[int] = frozenset()) -> l
                 continue  # its copy of our mount: our umount and mount reach it
             held.append(
                 Holder(
-                    pid=int(name), name=_comm(int(name)), uses=(f"mounts it at {fields[4]} in its own mount namespace",)
+                    pid=int(name),
+                    name=comm_of(int(name)),
+                    uses=(f"mounts it at {fields[4]} in its own mount namespace",),
                 )
             )
             break
@@ -187,7 +186,7 @@ def _uses(pid: int, target: int) -> tuple[str, ...]:
     return tuple(uses)
 
 
-def _comm(pid: int) -> str:
+def comm_of(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
             return f.read().strip()

@@ -58,6 +58,12 @@ def stat_fields(pid: int) -> list[str] | None:
     return data[data.rfind(b")") + 2 :].decode().split()
 
 
+def parent_of(pid: int) -> int:
+    """``pid``'s parent, 0 when it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else 0
+
+
 def check_alive(pid: int) -> None:
     if pid <= 0:
         raise NoSuchTask(f"--pid {pid}: not a process id")
@@ -173,8 +179,7 @@ def ancestors_of_self() -> set[int]:
     pid = os.getpid()
     while pid > 0 and pid not in out:
         out.add(pid)
-        fields = stat_fields(pid)
-        pid = int(fields[1]) if fields else 0
+        pid = parent_of(pid)
     return out
 
 
