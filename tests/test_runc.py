@@ -20,11 +20,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -334,3 +336,128 @@ def test_runc_on_ext4_with_a_volume_restored_as_a_copy(
     pid = ctr.pid()
     assert Path(f"/proc/{pid}/fd/3").read_text() == HELD_WHILE_DELETED
     assert os.readlink(f"/proc/{pid}/fd/4") == "/data/keep"
+
+
+# -- snapcore checkpoint --container: snapcore runs runc, CRIU's post-dump is relayed --
+
+
+def _snapcore(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The ``snapcore`` command, as a user runs it: its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "snapcore", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def _wrapped_checkpoint(ctr: Container, run_dir: Path, images: Path, *extra: str, **kw: Any) -> Any:
+    runtime = [*ctr.runc, "--log", str(ctr.tmp / "runc.log")]
+    argv = ["--state-dir", str(ctr.state_dir), "--run-dir", str(run_dir), "checkpoint", *extra]
+    argv += ["--container", f"runc:{ctr.id}", "--", *runtime, "checkpoint", "--image-path", str(images)]
+    return _snapcore(*argv, "--work-path", str(images), ctr.id, **kw)
+
+
+def test_runc_checkpoint_through_snapcore_container(container: Container, run_dir: Path, pace: Pace) -> None:
+    """``snapcore checkpoint --container runc:ID -- runc ... checkpoint ... ID``: one
+    checkpoint, made by the running snapcore (the container's own hook, named in its
+    CRIU config too, leaves the dump to it), the manifest naming the container; the
+    files first, then runc restore: the container goes on from there."""
+    ctr = container
+    images = ctr.tmp / "images"
+    done = _wrapped_checkpoint(ctr, run_dir, images)
+    dump_log = _log(images / "dump.log")
+    assert done.returncode == 0, done.stderr + dump_log[-3000:]
+    at_checkpoint = ctr.count()
+    [checkpoint_id] = [p.name for p in (ctr.state_dir / "checkpoints").iterdir()]
+    assert checkpoint_id in done.stdout
+    assert (images / "snapcore-checkpoint").read_text().split()[0] == checkpoint_id
+    assert dump_log.count("of the dumped tasks' filesystems") == 1, dump_log[-3000:]
+    assert "handled by 'snapcore checkpoint --container'" in dump_log, dump_log[-3000:]
+    manifest = json.loads((ctr.state_dir / "checkpoints" / checkpoint_id / "manifest.json").read_text())
+    assert manifest["outcome"] == "ok", manifest.get("error")
+    assert manifest["tasks"]["container"] == f"runc:{ctr.id}" and manifest["tasks"]["method"] == "stopped by CRIU"
+    assert manifest["criu"]["via"] == f"snapcore checkpoint --container runc:{ctr.id}"
+    [target] = manifest["targets"]
+    assert target["mount"] == str(ctr.rootfs) and target["consistency"] == "tasks-frozen"
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["/data/deleted"]["state"] == "deleted" and files["/data/deleted"]["ghost"]["sha256"]
+    assert not list((run_dir / "relay").iterdir())  # the relay is gone with the command
+
+    (ctr.data / "count").write_text("garbage\n")
+    (ctr.rootfs / "stray").write_text("not in the checkpoint\n")
+    ctr.run("delete", "-f", ctr.id, check=False)
+    restore = [*ctr.runc, "restore", "-d", "--bundle", str(ctr.bundle), "--image-path", str(images)]
+    restore += ["--work-path", str(ctr.tmp / "work2"), ctr.id]
+    back = _snapcore("--state-dir", str(ctr.state_dir), "restore", checkpoint_id, "--in-place", "--", *restore)
+    assert back.returncode == 0, back.stderr + _log(ctr.tmp / "work2" / "restore.log")[-3000:]
+    assert not (ctr.rootfs / "stray").exists()
+    after = ctr.wait_count(at_checkpoint, pace.seconds(30))
+    assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
+    assert Path(f"/proc/{ctr.pid()}/fd/3").read_text() == HELD_WHILE_DELETED
+
+
+def test_snapcore_container_fails_clearly_and_the_container_runs_on(
+    container: Container, run_dir: Path, write_policy: Callable[..., Path], pace: Pace
+) -> None:
+    """A needed file rewritten all through the dump (``on_change: fail``): exit 1,
+    the error says which file, CRIU resumes the container. Bad use is exit 2, and a
+    container that is not there is exit 1 before anything runs."""
+    ctr = container
+    policy = write_policy(f"version: 1\nmounts:\n  {ctr.rootfs}:\n    imager: btrfs\n    on_change: fail\n")
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            with open(ctr.data / "keep", "a") as f:
+                f.write("changed under the container\n")
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        done = _wrapped_checkpoint(ctr, run_dir, ctr.tmp / "images", "--policy", str(policy))
+    finally:
+        stop.set()
+        writer.join()
+    assert done.returncode == 1, done.stderr
+    assert "/data/keep" in done.stderr and "the container runs on" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert json.loads(ctr.run("state", ctr.id).stdout)["status"] == "running"
+    ctr.wait_count(ctr.count(), pace.seconds(30))
+
+    state = ["--state-dir", str(ctr.state_dir), "--run-dir", str(run_dir), "checkpoint"]
+    bad = _snapcore(*state, "--container", f"docker:{ctr.id}")
+    assert bad.returncode == 2 and "RUNTIME:ID" in bad.stderr, bad.stderr
+    bad = _snapcore(*state, "--container", f"runc:{ctr.id}", "--", "runc", "checkpoint", "someone-else")
+    assert bad.returncode == 2 and f"runc's checkpoint of {ctr.id}" in bad.stderr, bad.stderr
+    gone = _snapcore(
+        *state, "--container", "runc:no-such-container", "--", *ctr.runc, "checkpoint", "no-such-container"
+    )
+    assert gone.returncode == 1 and "no-such-container" in gone.stderr and "Traceback" not in gone.stderr, gone.stderr
+
+
+def test_snapcore_container_killed_at_post_dump_leaves_the_container_running(
+    container: Container, run_dir: Path, pace: Pace
+) -> None:
+    """snapcore SIGKILLed while CRIU waits on its relay (a fake of a crash, injected at
+    the snapshot): the action script's wait ends at once, the dump fails, runc resumes
+    the container, nothing is left frozen."""
+    ctr = container
+    env = {**os.environ, "SNAPCORE_FAULT": "snapshot=kill"}
+    images = ctr.tmp / "images"
+    t = time.monotonic()
+    done = _wrapped_checkpoint(ctr, run_dir, images, env=env)
+    assert done.returncode == -9, done.stderr
+    dump_log = _log(images / "dump.log")
+    assert "no answer from snapcore" in dump_log, dump_log[-3000:]
+    # runc outlives snapcore: wait for it to resume the container
+    deadline = time.monotonic() + pace.seconds(30)
+    while json.loads(ctr.run("state", ctr.id).stdout)["status"] != "running":
+        assert time.monotonic() < deadline, "the container was not resumed"
+        time.sleep(0.05)
+    ctr.wait_count(ctr.count(), pace.seconds(30))
+    assert time.monotonic() - t < pace.seconds(60)

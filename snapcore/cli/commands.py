@@ -49,6 +49,13 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     tasks = p.add_mutually_exclusive_group()
     tasks.add_argument("--pid", type=int, metavar="PID", help="freeze this process and its descendants too")
     tasks.add_argument("--cgroup", metavar="PATH", help="freeze every process of this cgroup too")
+    tasks.add_argument(
+        "--container",
+        metavar="RUNTIME:ID",
+        help="checkpoint this container with its runtime (runc, crun, podman): the command after '--' is the "
+        "runtime's own checkpoint command (default: RUNTIME checkpoint ID); its files are made consistent at "
+        "CRIU's post-dump",
+    )
 
 
 def _add_list(p: argparse.ArgumentParser) -> None:
@@ -237,6 +244,10 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     from snapcore.safety.cancel import Cancel, on_signals
 
     require_root("snapcore checkpoint")
+    if args.container:
+        from snapcore.cli.container import cmd_checkpoint_container
+
+        return cmd_checkpoint_container(args, command)
     plugins = plugins_of(args)
     policy = policy_of(args)
     if not args.paths and policy.path is None and args.pid is None and not args.cgroup:
@@ -259,15 +270,15 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     except CheckpointFailed as exc:
         if exc.manifest is not None:
             # the error itself follows once, on stderr ("snapcore: error: ...")
-            _show(exc.manifest, args.json, sys.stdout, with_error=False)
+            show_manifest(exc.manifest, args.json, sys.stdout, with_error=False)
         raise
-    _show(manifest, args.json, sys.stdout)
+    show_manifest(manifest, args.json, sys.stdout)
     if cancel.is_set():
         print(f"snapcore: {cancel.reason} too late to cancel: checkpoint {manifest.id} is complete", file=sys.stderr)
     return ExitCode.OK
 
 
-def _show(manifest: Any, as_json: bool, out: Any, *, with_error: bool = True) -> None:
+def show_manifest(manifest: Any, as_json: bool, out: Any, *, with_error: bool = True) -> None:
     if as_json:
         out.write(manifest.dumps())
     else:
@@ -310,7 +321,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from snapcore import api
 
-    _show(api.show(args.checkpoint_id, state_dir=state_dir_arg(args)), args.json, sys.stdout)
+    show_manifest(api.show(args.checkpoint_id, state_dir=state_dir_arg(args)), args.json, sys.stdout)
     return ExitCode.OK
 
 
@@ -449,7 +460,8 @@ COMMANDS: dict[str, Command] = {
         "freeze, image, (run CMD), thaw, export; write the manifest",
         _add_checkpoint,
         cmd_checkpoint,
-        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [-- CMD ARGS...]",
+        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [--pid P | --cgroup C] [-- CMD ARGS...]\n"
+        "       snapcore checkpoint --container RUNTIME:ID [--policy F] [PATH...] [-- RUNTIME ... checkpoint ... ID]",
         takes_command=True,
     ),
     "list": Command("checkpoints, newest first", _add_list, _plain(cmd_list)),

@@ -160,6 +160,12 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
     """``criu dump/restore --action-script 'snapcore criu-hook'``."""
     if args.write_script:
         return write_script(args)
+    from snapcore.tasks.relay import RELAY_ENV
+
+    relay = os.environ.get(RELAY_ENV)
+    if relay and os.environ.get("CRTOOLS_SCRIPT_ACTION") == "post-dump":
+        print(f"snapcore: this dump is handled by 'snapcore checkpoint --container' (pid {relay})", file=sys.stderr)
+        return 0
     from snapcore import api
     from snapcore.tasks.criu import handle_action
     from snapcore.transaction import TaskSpec
@@ -223,8 +229,15 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
 
 SCRIPT = """#!/bin/sh
 # CRIU action script, written by 'snapcore criu-hook --write-script'. CRIU runs it at
-# every action; only these two start Python (~0.1 s); any other returns at once.
+# every action; only post-dump and pre-restore start Python (~0.1 s); any other
+# returns at once.
 case "$CRTOOLS_SCRIPT_ACTION" in
+post-dump)
+  if [ -n "$SNAPCORE_RELAY" ]; then
+    echo "snapcore: this dump is handled by 'snapcore checkpoint --container' (pid $SNAPCORE_RELAY)" >&2
+    exit 0
+  fi
+  exec {command} ;;
 {cases}) exec {command} ;;
 esac
 exit 0
@@ -251,7 +264,7 @@ def write_script(args: argparse.Namespace) -> int:
     if args.policy:
         argv += ["--policy", os.path.abspath(args.policy)]
     argv += [os.path.abspath(p) for p in args.paths]
-    text = SCRIPT.format(cases="|".join(HANDLED), command=shlex.join(argv))
+    text = SCRIPT.format(cases="|".join(a for a in HANDLED if a != "post-dump"), command=shlex.join(argv))
     write_atomic(path, text.encode(), mode=0o755)
     print(f"{path}: CRIU action script (name it in CRIU's config: action-script {path})")
     return 0

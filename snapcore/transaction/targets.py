@@ -59,3 +59,8 @@ class TaskSpec:
     stopped_by: str | None = None
     #: CRIU's image directory, for the manifest.
     criu_images: str | None = None
+    #: How CRIU reached snapcore, for the manifest (``criu.via``).
+    criu_via: str = "action-script"
+    #: The container the tasks are, as its runtime names it (``runc:ID``), for the
+    #: manifest (``tasks.container``).
+    container: str | None = None

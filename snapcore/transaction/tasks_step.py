@@ -63,8 +63,10 @@ class HeldTasks:
         else:
             txn.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
             self.stopped_at = time.monotonic()
+        if spec.container and txn.manifest.tasks is not None:
+            txn.manifest.tasks["container"] = spec.container
         if spec.criu_images:
-            txn.manifest.criu = {"images_dir": spec.criu_images, "via": "action-script"}
+            txn.manifest.criu = {"images_dir": spec.criu_images, "via": spec.criu_via}
         from snapcore.tasks.changes import ChangeWatch
 
         self.watch = ChangeWatch(self.inventory)

@@ -1,0 +1,169 @@
+"""``snapcore checkpoint --container RUNTIME:ID [-- RUNTIME ... checkpoint ... ID]``:
+a container checkpointed by its own runtime, its filesystems made consistent with it.
+
+snapcore runs the runtime's checkpoint command itself, with CRIU's action script
+pointed (``CRIU_CONFIG_FILE``) at a relay (:mod:`snapcore.tasks.relay`) that hands
+post-dump back to this process: the checkpoint of the filesystems runs here, already
+loaded, while CRIU holds the container's tasks stopped. The container's own CRIU
+config needs nothing; if it names ``snapcore criu-hook`` too, that hook leaves this
+dump to us. The checkpoint id goes into CRIU's image directory
+(``snapcore-checkpoint``) as the hook's does, so that ``snapcore restore ID --in-place
+-- RUNTIME restore ...`` (or the hook at pre-restore) finds it.
+
+What can happen, and what it leaves:
+
+* the checkpoint fails (a backend, ``on_change: fail``, a cancellation): the hook
+  answers an error, CRIU fails the dump and resumes the container; exit 1;
+* the runtime fails after the checkpoint was made: the checkpoint is of a dump that
+  does not exist, so it is deleted (said on stderr); exit 1;
+* the runtime ends without ever calling the hook (its CRIU did not read our config):
+  exit 1, naming the cause; nothing was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapcore.cli.common import plugins_of, policy_of, run_dir_arg, state_dir_arg
+from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
+
+if TYPE_CHECKING:
+    from snapcore.policy import Policy
+    from snapcore.store.manifest import Manifest
+    from snapcore.tasks.relay import Request
+
+#: What the relay's script waits for beyond the longest freeze deadline: the steps of
+#: a checkpoint outside its window (inventory, exports, manifest). It only ever matters
+#: for a snapcore that hangs: one that dies closes the relay and the script's wait ends.
+ANSWER_MARGIN_S = 300.0
+
+
+def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None) -> int:
+    from snapcore import api
+    from snapcore.cli.commands import show_manifest
+    from snapcore.cli.criu_hook import CRIU_ID_FILE
+    from snapcore.host.tools import write_atomic
+    from snapcore.safety.cancel import Cancel, on_signals
+    from snapcore.tasks.relay import Relay
+    from snapcore.tasks.runtimes import ContainerRef, checkpoint_command, container_pid
+    from snapcore.transaction import TaskSpec
+
+    if args.pid is not None or args.cgroup:
+        raise UsageError("--container names the tasks: it goes with neither --pid nor --cgroup")
+    ref = ContainerRef.parse(args.container)
+    argv = checkpoint_command(ref, command)
+    plugins = plugins_of(args)
+    policy = policy_of(args)
+    state_dir, run_dir = state_dir_arg(args, policy), run_dir_arg(args)
+    env = _runtime_env()
+    pid = container_pid(ref, argv, env)  # running, or a plain error now, before any dump
+    made: list[Manifest] = []
+    failed: list[str] = []
+    cancel = Cancel()
+
+    def post_dump(request: Request) -> str:
+        if made:  # CRIU 4.1 runs each action twice when driven over RPC
+            return f"ok {made[0].id}"
+        if failed:
+            return f"error {failed[0]}"
+        if request.init_pid != pid:  # another dump that inherited our environment
+            return f"error this dump is of pid {request.init_pid}, not of container {ref} (pid {pid})"
+        if cancel.is_set():
+            failed.append(f"{cancel.reason}: checkpoint cancelled")
+            return f"error {failed[0]}"
+        try:
+            manifest = api.checkpoint(
+                args.paths,
+                policy=policy,
+                checkpoint_id=args.checkpoint_id,
+                state_dir=state_dir,
+                run_dir=run_dir,
+                plugins=plugins,
+                cancel=cancel,
+                tasks=TaskSpec(
+                    pid=request.init_pid,
+                    stopped_by="CRIU",
+                    criu_images=request.images_dir,
+                    criu_via=f"snapcore checkpoint --container {ref}",
+                    container=str(ref),
+                ),
+            )
+            write_atomic(Path(request.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
+        except CheckpointFailed as exc:
+            failed.append(str(exc))
+            if exc.manifest is not None:
+                show_manifest(exc.manifest, args.json, sys.stdout, with_error=False)
+            return f"error {exc}"
+        except SnapcoreError as exc:
+            failed.append(str(exc))
+            return f"error {exc}"
+        made.append(manifest)
+        return f"ok {manifest.id}"
+
+    with Relay(
+        run_dir / "relay", timeout_s=_longest_freeze(policy) + ANSWER_MARGIN_S, user_config=env.get("CRIU_CONFIG_FILE")
+    ) as relay:
+        try:
+            runtime = subprocess.Popen(argv, env=relay.env(env), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise SnapcoreError(f"{argv[0]}: {exc.strerror or exc}") from None
+        with on_signals(cancel):  # SIGTERM, Ctrl-C: the dump fails at post-dump, the container runs on
+            status = relay.serve(runtime, post_dump)
+    return _outcome(args, ref, argv, status, made, failed, pid)
+
+
+def _longest_freeze(policy: Policy) -> float:
+    rules = [*policy.rules.values(), *([policy.fallback] if policy.fallback else [])]
+    return max((rule.freeze_timeout for rule in rules), default=0.0)
+
+
+def _runtime_env() -> dict[str, str]:
+    """Our environment, with the directory of the CRIU snapcore uses first on ``PATH``
+    (runtimes run ``criu`` from ``PATH``; Debian's own 3.17 fails on this kernel)."""
+    from snapcore.errors import CriuUnavailable
+    from snapcore.tasks.criu import find_criu
+
+    env = dict(os.environ)
+    try:
+        criu_dir = os.path.dirname(find_criu(env))
+    except CriuUnavailable:
+        return env
+    path = [p for p in env.get("PATH", os.defpath).split(":") if p and p != criu_dir]
+    env["PATH"] = ":".join([criu_dir, *path])
+    return env
+
+
+def _outcome(
+    args: argparse.Namespace,
+    ref: object,
+    argv: list[str],
+    status: int,
+    made: list[Manifest],
+    failed: list[str],
+    pid: int,
+) -> int:
+    from snapcore import api
+    from snapcore.cli.commands import show_manifest
+    from snapcore.tasks.criu import describe_failure
+
+    if failed:
+        raise SnapcoreError(f"container {ref}: {failed[0]} (the dump failed; the container runs on)")
+    if status != 0:
+        said = describe_failure(argv, status)
+        if made:
+            api.delete([made[0].id], state_dir=state_dir_arg(args), run_dir=run_dir_arg(args), plugins=plugins_of(args))
+            said += f"; checkpoint {made[0].id}, made at its post-dump, was deleted (it has no dump to go with)"
+        raise SnapcoreError(said)
+    if not made:
+        raise SnapcoreError(
+            f"{argv[0]} checkpointed container {ref} (pid {pid}) without running snapcore's action script: its CRIU "
+            "did not read CRIU_CONFIG_FILE (a runtime that clears the environment?); the container's files were "
+            "not checkpointed: name 'snapcore criu-hook' in the container's CRIU config (org.criu.config) instead"
+        )
+    show_manifest(made[0], args.json, sys.stdout)
+    return ExitCode.OK
