@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -181,3 +182,44 @@ def test_podman_export_and_import(podman: Podman, pace: Pace) -> None:
     pod("container", "restore", "--import", str(exported))
     after = pod.wait_count(at_checkpoint, pace.seconds(30))
     assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
+
+
+def test_podman_checkpoint_through_snapcore_container(podman: Podman, run_dir: Path, pace: Pace) -> None:
+    """``snapcore checkpoint --container podman:web -- podman ... container checkpoint
+    ... web``: podman runs runc, runc runs CRIU, and CRIU's post-dump reaches the
+    running snapcore through the relay; one checkpoint, the container's own hook
+    leaving the dump to it; podman's restore (the hook at pre-restore) rolls back."""
+    pod = podman
+    run_web(pod, pace)
+    policy = pod.tmp / "policy.yaml"
+    argv = [sys.executable, "-m", "snapcore", "--state-dir", str(pod.state_dir), "--run-dir", str(run_dir)]
+    argv += ["checkpoint", "--policy", str(policy), "--container", "podman:web", "--"]
+    argv += [*pod.argv, "container", "checkpoint", "--keep", "web"]
+    done = subprocess.run(argv, env=pod.env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    dump_log = pod.log("web", "dump.log")
+    assert done.returncode == 0, done.stderr + dump_log[-3000:]
+    assert dump_log.count("of the dumped tasks' filesystems") == 1, dump_log[-3000:]
+    assert "handled by 'snapcore checkpoint --container'" in dump_log
+    at_checkpoint = pod.count()
+    manifest = _manifest(pod)
+    assert manifest["outcome"] == "ok", manifest.get("error")
+    assert manifest["id"] in done.stdout and manifest["tasks"]["container"] == "podman:web"
+    [target] = manifest["targets"]
+    assert target["mount"] == str(pod.volume) and target["consistency"] == "tasks-frozen"
+
+    (pod.volume / "count").write_text("garbage\n")
+    pod("container", "restore", "--keep", "web")
+    assert "rolled back in place" in pod.log("web", "restore.log")
+    after = pod.wait_count(at_checkpoint, pace.seconds(30))
+    assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
+
+    # a CRIU named by path (podman --runtime-flag criu=PATH) with podman's bare
+    # environment never reaches the relay: the container's own hook does the work
+    criu = pod.env["PATH"].split(":")[0] + "/criu"
+    argv = [*argv[: argv.index("--") + 1], *pod.argv, "--runtime-flag", f"criu={criu}"]
+    argv += ["container", "checkpoint", "--keep", "web"]
+    done = subprocess.run(argv, env=pod.env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, done.stderr + pod.log("web", "dump.log")[-3000:]
+    assert "did not reach this snapcore" in done.stderr and "the container's own hook made" in done.stderr
+    made = [p.name for p in (pod.state_dir / "checkpoints").iterdir() if not p.name.startswith("before-restore-")]
+    assert len(made) == 2 and manifest["id"] in made, made

@@ -16,8 +16,10 @@ What can happen, and what it leaves:
   answers an error, CRIU fails the dump and resumes the container; exit 1;
 * the runtime fails after the checkpoint was made: the checkpoint is of a dump that
   does not exist, so it is deleted (said on stderr); exit 1;
-* the runtime ends without ever calling the hook (its CRIU did not read our config):
-  exit 1, naming the cause; nothing was made.
+* the runtime ends without ever reaching the relay (its CRIU got neither our
+  environment nor our ``criu``: podman with ``--runtime-flag criu=PATH``): the
+  checkpoint the container's own ``criu-hook`` made, if it made one, is shown, with
+  a note (exit 0); else exit 1, naming the cause, nothing made.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
     plugins = plugins_of(args)
     policy = policy_of(args)
     state_dir, run_dir = state_dir_arg(args, policy), run_dir_arg(args)
-    env = _runtime_env()
+    env, criu = _runtime_env()
     pid = container_pid(ref, argv, env)  # running, or a plain error now, before any dump
     made: list[Manifest] = []
+    before = set(_checkpoints(state_dir))
     failed: list[str] = []
     cancel = Cancel()
 
@@ -106,7 +109,10 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
         return f"ok {manifest.id}"
 
     with Relay(
-        run_dir / "relay", timeout_s=_longest_freeze(policy) + ANSWER_MARGIN_S, user_config=env.get("CRIU_CONFIG_FILE")
+        run_dir / "relay",
+        timeout_s=_longest_freeze(policy) + ANSWER_MARGIN_S,
+        user_config=env.get("CRIU_CONFIG_FILE"),
+        criu=criu,
     ) as relay:
         try:
             runtime = subprocess.Popen(argv, env=relay.env(env), stdin=subprocess.DEVNULL)
@@ -114,7 +120,14 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
             raise SnapcoreError(f"{argv[0]}: {exc.strerror or exc}") from None
         with on_signals(cancel):  # SIGTERM, Ctrl-C: the dump fails at post-dump, the container runs on
             status = relay.serve(runtime, post_dump)
-    return _outcome(args, ref, argv, status, made, failed, pid)
+    return _outcome(args, ref, argv, status, made, failed, pid, before)
+
+
+def _checkpoints(state_dir: Path) -> list[str]:
+    try:
+        return os.listdir(state_dir / "checkpoints")
+    except OSError:
+        return []
 
 
 def _longest_freeze(policy: Policy) -> float:
@@ -122,20 +135,22 @@ def _longest_freeze(policy: Policy) -> float:
     return max((rule.freeze_timeout for rule in rules), default=0.0)
 
 
-def _runtime_env() -> dict[str, str]:
+def _runtime_env() -> tuple[dict[str, str], str | None]:
     """Our environment, with the directory of the CRIU snapcore uses first on ``PATH``
-    (runtimes run ``criu`` from ``PATH``; Debian's own 3.17 fails on this kernel)."""
+    (runtimes run ``criu`` from ``PATH``; Debian's own 3.17 fails on this kernel),
+    and that CRIU (None: none found; the runtime will say so)."""
     from snapcore.errors import CriuUnavailable
     from snapcore.tasks.criu import find_criu
 
     env = dict(os.environ)
     try:
-        criu_dir = os.path.dirname(find_criu(env))
+        criu = find_criu(env)
     except CriuUnavailable:
-        return env
+        return env, None
+    criu_dir = os.path.dirname(criu)
     path = [p for p in env.get("PATH", os.defpath).split(":") if p and p != criu_dir]
     env["PATH"] = ":".join([criu_dir, *path])
-    return env
+    return env, criu
 
 
 def _outcome(
@@ -146,6 +161,7 @@ def _outcome(
     made: list[Manifest],
     failed: list[str],
     pid: int,
+    before: set[str],
 ) -> int:
     from snapcore import api
     from snapcore.cli.commands import show_manifest
@@ -160,10 +176,22 @@ def _outcome(
             said += f"; checkpoint {made[0].id}, made at its post-dump, was deleted (it has no dump to go with)"
         raise SnapcoreError(said)
     if not made:
+        theirs = sorted(set(_checkpoints(state_dir_arg(args))) - before)
+        if theirs:  # the container's own 'criu-hook' did it, the slow way
+            print(
+                f"snapcore: {argv[0]}'s CRIU did not reach this snapcore (it ran without CRIU_CONFIG_FILE and with "
+                f"another criu than the one first on PATH); the container's own hook made checkpoint {theirs[-1]}",
+                file=sys.stderr,
+            )
+            from snapcore import api
+
+            show_manifest(api.show(theirs[-1], state_dir=state_dir_arg(args)), args.json, sys.stdout)
+            return ExitCode.OK
         raise SnapcoreError(
             f"{argv[0]} checkpointed container {ref} (pid {pid}) without running snapcore's action script: its CRIU "
-            "did not read CRIU_CONFIG_FILE (a runtime that clears the environment?); the container's files were "
-            "not checkpointed: name 'snapcore criu-hook' in the container's CRIU config (org.criu.config) instead"
+            "did not read CRIU_CONFIG_FILE (the runtime cleared the environment and ran a criu named by path, not "
+            "the one first on PATH?); the container's files were not checkpointed: name 'snapcore criu-hook' in "
+            "the container's CRIU config (org.criu.config) instead"
         )
     show_manifest(made[0], args.json, sys.stdout)
     return ExitCode.OK

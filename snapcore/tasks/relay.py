@@ -5,7 +5,9 @@ itself, not for Python to start and load (~0.15 s of a 0.2 s hook).
 ``snapcore checkpoint --container`` makes a :class:`Relay`: a private directory
 holding two FIFOs, a sh action script and a CRIU config file naming it, which the
 runtime's CRIU reads through ``CRIU_CONFIG_FILE`` (CRIU reads that file in the RPC
-mode runtimes use too, beside the runtime's own). The script returns at once for
+mode runtimes use too, beside the runtime's own; for runtimes that clear the
+environment, as podman does, the ``criu`` first on ``PATH`` is a shim that sets it).
+The script returns at once for
 every action but post-dump; at post-dump it writes one request line into ``req``
 and waits, bounded by ``timeout``, for the answer line in ``rep``:
 
@@ -59,6 +61,17 @@ exit 1
 """
 
 
+#: ``criu`` first on the runtime's ``PATH``: podman hands runc (and so CRIU) an
+#: environment of ``PATH`` and ``XDG_RUNTIME_DIR`` alone, but runc runs the ``criu`` it
+#: finds on that ``PATH``.
+SHIM = """#!/bin/sh
+# 'criu' for the runtime snapcore (pid {pid}) runs: the real one, told of snapcore's relay
+CRIU_CONFIG_FILE={config} {env}={pid}
+export CRIU_CONFIG_FILE {env}
+exec {criu} "$@"
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One post-dump, as the script reports it (untrusted: checked by :func:`parse`)."""
@@ -83,7 +96,9 @@ class Relay:
     """The relay's directory, FIFOs, script and CRIU config; :meth:`serve` answers
     post-dump while the runtime runs. Use it as a context manager."""
 
-    def __init__(self, parent: Path, *, timeout_s: float, user_config: str | None = None) -> None:
+    def __init__(
+        self, parent: Path, *, timeout_s: float, user_config: str | None = None, criu: str | None = None
+    ) -> None:
         #: ``parent/PID-XXXX``, made on entering
         self.dir = parent
         self.timeout_s = max(1, int(timeout_s + 0.999))
@@ -92,6 +107,7 @@ class Relay:
         self._req = self._rep = -1
         self._buffer = b""
         self._user_config = user_config
+        self._criu = criu
 
     def __enter__(self) -> Relay:
         from snapcore.host.fsutil import secure_dir
@@ -118,6 +134,12 @@ class Relay:
             )
             write_atomic(self.script, text.encode(), mode=0o700, sync=False)
             write_atomic(self.config, self._config_text().encode(), mode=0o600, sync=False)
+            if self._criu:
+                shim = SHIM.format(
+                    pid=os.getpid(), config=shlex.quote(str(self.config)), criu=shlex.quote(self._criu), env=RELAY_ENV
+                )
+                (self.dir / "bin").mkdir(mode=0o700)
+                write_atomic(self.dir / "bin" / "criu", shim.encode(), mode=0o700, sync=False)
         except BaseException:
             self.close()
             raise
@@ -140,8 +162,12 @@ class Relay:
         return f"{carried}# snapcore: hand post-dump to the running snapcore checkpoint\naction-script {self.script}\n"
 
     def env(self, base: Mapping[str, str]) -> dict[str, str]:
-        """The runtime's environment: CRIU reads our config; the hook knows of us."""
-        return {**base, "CRIU_CONFIG_FILE": str(self.config), RELAY_ENV: str(os.getpid())}
+        """The runtime's environment: CRIU reads our config, the hook knows of us, and
+        ``criu`` on ``PATH`` is our shim (for runtimes that pass CRIU ``PATH`` alone)."""
+        env = {**base, "CRIU_CONFIG_FILE": str(self.config), RELAY_ENV: str(os.getpid())}
+        if self._criu:
+            env["PATH"] = f"{self.dir / 'bin'}:{base.get('PATH', os.defpath)}"
+        return env
 
     def serve(self, runtime: subprocess.Popen[bytes], handle: Callable[[Request], str]) -> int:
         """Answer requests until ``runtime`` exits; its exit status. ``handle`` returns
