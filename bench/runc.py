@@ -3,16 +3,21 @@
 Run as root: ``.venv/bin/python bench/runc.py [--rounds N] [--rootfs-mib M]``. A busybox
 container on a btrfs subvolume (mounted on its own, on a loop device this script
 makes and removes) with M MiB of files in its rootfs is checkpointed and restored
-with runc, alternating round by round:
+with runc, round by round in turn:
 
-* checkpoint: ``runc checkpoint`` without an action script, against the same with
-  snapcore's hook (``criu-hook --write-script``) in the CRIU config runc hands CRIU;
-  the container is stopped for all of it, the hook's post-dump included;
+* checkpoint, three ways: ``runc checkpoint`` without an action script; the same
+  with snapcore's hook (``criu-hook --write-script``) in the CRIU config runc hands
+  CRIU; and ``snapcore checkpoint --container runc:ID -- runc ... checkpoint``, whose
+  relay hands post-dump to the snapcore already running. What counts is how long
+  the container stands still: from CRIU's ``freezing cgroup`` to its
+  ``Unfreezing tasks`` in the dump log (CRIU's own timestamps); the command's wall
+  time is printed too;
 * restore: ``runc restore`` alone, against ``snapcore restore ID --in-place -- runc
-  restore`` (the files rolled back first; the hook then sees them in place).
+  restore`` (the files rolled back first; the hook then sees them in place): the
+  wall time, since the container runs again only at the end.
 
-Prints medians of the wall times and the ratios (issue 17's target: <= 1.2x);
-``bench/criu_hook.py`` measures the hook's cost per ignored action.
+Prints medians and the ratios (issue 17's target: <= 1.2x); ``bench/criu_hook.py``
+measures the hook's cost per ignored action.
 """
 
 from __future__ import annotations
@@ -90,17 +95,26 @@ class Bench:
         subprocess.run([*self.runc, *args], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         return (time.perf_counter() - t) * 1000
 
-    def round(self, with_snapcore: bool) -> tuple[float, float]:
-        """One checkpoint and one restore: their wall times."""
+    def round(self, how: str) -> dict[str, float]:
+        """One checkpoint (``how``: none, hook or relay) and one restore: the
+        container's stopped time and the commands' wall times."""
         self.n += 1
         cid, images = f"b{self.n}", self.base / f"images-{self.n}"
-        self.conf.write_text(f"action-script {self.hook}\n" if with_snapcore else "")
+        self.conf.write_text(f"action-script {self.hook}\n" if how == "hook" else "")
         self.runc_do("run", "-d", "--bundle", str(self.bundle), cid)
         time.sleep(0.3)
-        dump = self.runc_do("checkpoint", "--image-path", str(images), "--work-path", str(images), cid)
+        dump_args = ["checkpoint", "--image-path", str(images), "--work-path", str(images), cid]
+        if how == "relay":
+            t = time.perf_counter()
+            argv = [*self.snapcore, "checkpoint", "--container", f"runc:{cid}", "--", *self.runc, *dump_args]
+            subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            dump = (time.perf_counter() - t) * 1000
+        else:
+            dump = self.runc_do(*dump_args)
+        stopped, post_dump = stopped_ms((images / "dump.log").read_text(errors="replace"))
         restore_args = ["restore", "-d", "--bundle", str(self.bundle), "--image-path", str(images)]
         restore_args += ["--work-path", str(images / "r"), cid]
-        if with_snapcore:
+        if how != "none":
             checkpoint_id = (images / "snapcore-checkpoint").read_text().split()[0]
             t = time.perf_counter()
             argv = [*self.snapcore, "restore", checkpoint_id, "--in-place", "--", *self.runc, *restore_args]
@@ -110,11 +124,29 @@ class Bench:
             restore = self.runc_do(*restore_args)
         subprocess.run([*self.runc, "delete", "-f", cid], check=False, capture_output=True)
         shutil.rmtree(images, ignore_errors=True)
-        return dump, restore
+        return {"stopped": stopped, "post_dump": post_dump, "dump": dump, "restore": restore}
 
     def close(self) -> None:
         for where in (self.rootfs, self.top):
             subprocess.run(["umount", "-R", str(where)], check=False, capture_output=True)
+
+
+def stopped_ms(log: str) -> tuple[float, float]:
+    """From a CRIU dump log: how long the tasks stood still (from "freezing cgroup"
+    to "Unfreezing tasks"), and how long the post-dump scripts took."""
+    stamps: dict[str, float] = {}
+    for line in log.splitlines():
+        for key, marker in (
+            ("freeze", "freezing cgroup "),
+            ("post", "Running post-dump scripts"),
+            ("thaw", "Unfreezing tasks"),
+        ):
+            if marker in line and key not in stamps and line.startswith("("):
+                stamps[key] = float(line[1 : line.index(")")])
+    stamps.setdefault("post", stamps.get("thaw", 0.0))  # no action script: no post-dump line
+    if len(stamps) != 3:
+        raise SystemExit(f"the dump log lacks CRIU's freeze/unfreeze lines: {sorted(stamps)}")
+    return (stamps["thaw"] - stamps["freeze"]) * 1000, (stamps["thaw"] - stamps["post"]) * 1000
 
 
 def main() -> int:
@@ -127,25 +159,36 @@ def main() -> int:
     print(header(machine_floor()))
     base = Path(tempfile.mkdtemp(prefix="snapcore-bench-runc-"))
     bench = Bench(base, args.rootfs_mib)
-    times: dict[str, list[float]] = {"dump": [], "dump+": [], "restore": [], "restore+": []}
+    ways = ("none", "hook", "relay")
+    rounds: dict[str, list[dict[str, float]]] = {how: [] for how in ways}
     try:
-        bench.round(False)  # warm-up: page cache, runc and CRIU binaries
+        bench.round("none")  # warm-up: page cache, runc and CRIU binaries
         for _ in range(args.rounds):
-            d, r = bench.round(False)
-            times["dump"].append(d)
-            times["restore"].append(r)
-            d, r = bench.round(True)
-            times["dump+"].append(d)
-            times["restore+"].append(r)
+            for how in ways:
+                rounds[how].append(bench.round(how))
     finally:
         bench.close()
         shutil.rmtree(base, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"runc container, {args.rootfs_mib} MiB rootfs on a btrfs subvolume, median of {args.rounds} rounds:")
-    print(f"  runc checkpoint            {med['dump']:8.1f} ms   with snapcore's hook {med['dump+']:8.1f} ms")
-    print(f"  runc restore               {med['restore']:8.1f} ms   after snapcore restore {med['restore+']:8.1f} ms")
-    print(f"  checkpoint: with / without {ratio(med['dump+'], med['dump'])} (target <= 1.2x)")
-    print(f"  restore:    with / without {ratio(med['restore+'], med['restore'])} (target <= 1.2x)")
+    med = {how: {k: statistics.median(r[k] for r in rounds[how]) for k in rounds[how][0]} for how in ways}
+    print(f"runc container, {args.rootfs_mib} MiB rootfs on a btrfs subvolume, median of {args.rounds} rounds (ms):")
+    print(f"  {'':34} {'stopped':>8} {'post-dump':>10} {'wall':>8}")
+    names = {
+        "none": "runc checkpoint",
+        "hook": "  + criu-hook in CRIU's config",
+        "relay": "snapcore checkpoint --container",
+    }
+    for how in ways:
+        m = med[how]
+        print(f"  {names[how]:34} {m['stopped']:8.1f} {m['post_dump']:10.1f} {m['dump']:8.1f}")
+    base_stop = med["none"]["stopped"]
+    print(f"  stopped, criu-hook / without:              {ratio(med['hook']['stopped'], base_stop)}")
+    print(f"  stopped, --container (relay) / without:    {ratio(med['relay']['stopped'], base_stop)} (target <= 1.2x)")
+    # CRIU's cgroup freeze waits in 100 ms steps, which the stopped times above
+    # include or not from round to round; snapcore's own share is its post-dump
+    added = base_stop + med["relay"]["post_dump"]
+    print(f"  runc's stopped time + the relay's post-dump / runc's: {ratio(added, base_stop)}")
+    print(f"  runc restore {med['none']['restore']:8.1f} ms; after snapcore restore {med['relay']['restore']:8.1f} ms:")
+    print(f"  restore, with / without:                   {ratio(med['relay']['restore'], med['none']['restore'])}")
     return 0
 
 

@@ -128,6 +128,25 @@ def checkpoint(
     return txn.run(payload)
 
 
+def rehearse(
+    paths: Sequence[PathLike] = (),
+    *,
+    policy: Policy | PathLike | None = None,
+    state_dir: PathLike | None = None,
+    plugins: Plugins | None = None,
+    run_dir: PathLike | None = None,
+    tasks: TaskSpec | None = None,
+) -> list[str]:
+    """What :func:`checkpoint` with these arguments would checkpoint now (the mount
+    points), changing nothing: it raises what the checkpoint would raise before
+    freezing anything (:class:`~snapcore.errors.PolicyProblems`,
+    :class:`~snapcore.errors.UnsupportedMount`, a :class:`~snapcore.errors.UsageError`),
+    and loads what it will need. For a checkpoint that starts later, at a moment
+    someone else chooses (a runtime's CRIU at post-dump)."""
+    txn = _transaction(paths, policy, None, state_dir, plugins, None, run_dir, None, tasks)
+    return txn.rehearse()
+
+
 @contextmanager
 def hold(
     paths: Sequence[PathLike] = (),

@@ -64,6 +64,10 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
     state_dir, run_dir = state_dir_arg(args, policy), run_dir_arg(args)
     env, criu = _runtime_env()
     pid = container_pid(ref, argv, env)  # running, or a plain error now, before any dump
+    spec = TaskSpec(pid=pid, stopped_by="CRIU", container=str(ref))
+    # a policy that would refuse the checkpoint refuses it now, before the dump; and
+    # what the checkpoint needs is loaded before CRIU stops the container for it
+    api.rehearse(args.paths, policy=policy, state_dir=state_dir, run_dir=run_dir, plugins=plugins, tasks=spec)
     made: list[Manifest] = []
     before = set(_checkpoints(state_dir))
     failed: list[str] = []

@@ -130,6 +130,18 @@ class Transaction:
         except SnapcoreError as exc:
             raise CheckpointFailed(self.manifest.error or str(exc), self.manifest) from exc
 
+    def rehearse(self) -> list[str]:
+        """Resolve the targets and select their backends as :meth:`run` would, on a
+        transaction that is then thrown away (it changes nothing): what would refuse
+        the checkpoint (a bad policy, no usable backend, tasks on no mount that can be
+        checkpointed) is raised before someone else stops the tasks for it (a
+        runtime's CRIU), and what the checkpoint will need is loaded. Returns the
+        mount points."""
+        self._select(self._targets())
+        if self.tasks is not None:
+            self.tasks.rehearse()
+        return [run.mount_point for run in self.runs]
+
     def image_of(self, mount_point: str) -> Image | None:
         for run in self.runs:
             if run.mount_point == mount_point:

@@ -73,6 +73,14 @@ class HeldTasks:
         self.watch.start()
         return self.rescues
 
+    def rehearse(self) -> None:
+        """Start and stop a watch of what the tasks need now (:meth:`Transaction.rehearse`)."""
+        from snapcore.tasks.changes import ChangeWatch
+
+        watch = ChangeWatch(self.inventory)
+        watch.start()
+        watch.stop()
+
     @contextmanager
     def frozen(self) -> Iterator[None]:
         """DESIGN step 5: stop the tasks, copy what only they still hold (files
