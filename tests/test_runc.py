@@ -368,14 +368,24 @@ def test_runc_checkpoint_through_snapcore_container(container: Container, run_di
     files first, then runc restore: the container goes on from there."""
     ctr = container
     images = ctr.tmp / "images"
-    done = _wrapped_checkpoint(ctr, run_dir, images)
+    # the user's own CRIU_CONFIG_FILE is carried into the relay's; this one runs the
+    # relay's action script a second time in the same dump, as CRIU 4.1 does with
+    # every script when a runtime drives it
+    again = ctr.tmp / "run-relay-again"
+    again.write_text('#!/bin/sh\nexec "$(sed -n "s/^action-script //p" "$CRIU_CONFIG_FILE" | tail -n 1)"\n')
+    again.chmod(0o755)
+    user_config = ctr.tmp / "user-criu.conf"
+    user_config.write_text(f"action-script {again}\n")
+    done = _wrapped_checkpoint(ctr, run_dir, images, env={**os.environ, "CRIU_CONFIG_FILE": str(user_config)})
     dump_log = _log(images / "dump.log")
     assert done.returncode == 0, done.stderr + dump_log[-3000:]
     at_checkpoint = ctr.count()
     [checkpoint_id] = [p.name for p in (ctr.state_dir / "checkpoints").iterdir()]
     assert checkpoint_id in done.stdout
     assert (images / "snapcore-checkpoint").read_text().split()[0] == checkpoint_id
-    assert dump_log.count("of the dumped tasks' filesystems") == 1, dump_log[-3000:]
+    # two answers, one checkpoint
+    said = f"checkpoint {checkpoint_id} of the dumped tasks' filesystems"
+    assert dump_log.count(said) == 2 and dump_log.count("of the dumped tasks' filesystems") == 2, dump_log[-3000:]
     assert "handled by 'snapcore checkpoint --container'" in dump_log, dump_log[-3000:]
     manifest = json.loads((ctr.state_dir / "checkpoints" / checkpoint_id / "manifest.json").read_text())
     assert manifest["outcome"] == "ok", manifest.get("error")
@@ -429,6 +439,13 @@ def test_snapcore_container_fails_clearly_and_the_container_runs_on(
     assert json.loads(ctr.run("state", ctr.id).stdout)["status"] == "running"
     ctr.wait_count(ctr.count(), pace.seconds(30))
 
+    # a policy that would refuse the checkpoint refuses it before runc dumps anything
+    uncovered = write_policy("version: 1\nuncovered: fail\nmounts:\n  /no/such/mount:\n    imager: btrfs\n")
+    images = ctr.tmp / "images-refused"
+    refused = _wrapped_checkpoint(ctr, run_dir, images, "--policy", str(uncovered))
+    assert refused.returncode == 2 and "not covered by the policy" in refused.stderr, refused.stderr
+    assert not images.exists() and json.loads(ctr.run("state", ctr.id).stdout)["status"] == "running"
+
     state = ["--state-dir", str(ctr.state_dir), "--run-dir", str(run_dir), "checkpoint"]
     bad = _snapcore(*state, "--container", f"docker:{ctr.id}")
     assert bad.returncode == 2 and "RUNTIME:ID" in bad.stderr, bad.stderr
@@ -461,3 +478,63 @@ def test_snapcore_container_killed_at_post_dump_leaves_the_container_running(
         time.sleep(0.05)
     ctr.wait_count(ctr.count(), pace.seconds(30))
     assert time.monotonic() - t < pace.seconds(60)
+
+
+def test_snapcore_container_on_ext4_exported_by_rsync(
+    loop_fs: LoopFactory,
+    tmp_path: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runc_container: Callable[..., Container],
+    write_policy: Callable[..., Path],
+    pace: Pace,
+) -> None:
+    """``--container`` with a rootfs and a data volume on two ext4 filesystems, frozen
+    (fsfreeze) and copied by rsync while CRIU holds the container; a file the container
+    holds open renamed over from the host before the dump: listed as renamed-over with
+    its old content copied. Restored as a copy, runc on the copy: the counter goes on,
+    the descriptors show the old bytes."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    system, volume, exports = loop_fs("ext4"), loop_fs("ext4"), tmp_path / "exports"
+    exports.mkdir()
+    rootfs, data = system.mount_point / "containers" / "web", volume.mount_point / "web-data"
+    rootfs.mkdir(parents=True)
+    data.mkdir()
+    rule = "    imager: fsfreeze\n    exporter: rsync\n    options:\n      rsync:\n        dest: {}\n"
+    policy = write_policy(
+        "version: 1\nmounts:\n" + "".join(f"  {m.mount_point}:\n" + rule.format(exports) for m in (system, volume))
+    )
+    ctr = runc_container(rootfs, volumes={"/data": data})
+    (data / "keep.new").write_text("the new content\n")
+    os.rename(data / "keep.new", data / "keep")  # over the file the container holds (fd 4)
+    images = tmp_path / "images"
+    done = _wrapped_checkpoint(ctr, run_dir, images, "--policy", str(policy))
+    assert done.returncode == 0, done.stderr + _log(images / "dump.log")[-3000:]
+    at_checkpoint = ctr.count()
+    checkpoint_id = (images / "snapcore-checkpoint").read_text().split()[0]
+    manifest = json.loads((ctr.state_dir / "checkpoints" / checkpoint_id / "manifest.json").read_text())
+    assert manifest["outcome"] == "ok", manifest.get("error")
+    assert {t["exporter"] for t in manifest["targets"]} == {"rsync"}
+    assert {t["consistency"] for t in manifest["targets"]} == {"fs-frozen"}
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["/data/keep"]["state"] == "renamed-over" and files["/data/keep"]["ghost"]["sha256"]
+    assert files["/data/deleted"]["state"] == "deleted" and files["/data/deleted"]["ghost"]["sha256"]
+    assert manifest["tasks"]["container"] == f"runc:{ctr.id}"
+
+    (data / "count").write_text("garbage\n")
+    ctr.run("delete", "-f", ctr.id, check=False)
+    copy = tmp_path / "copy"
+    new_rootfs, new_data = copy / str(rootfs).lstrip("/"), copy / str(data).lstrip("/")
+    bundle2 = tmp_path / "bundle2"
+    write_bundle(bundle2, new_rootfs, tmp_path / "criu.conf", {"/data": new_data})
+    restore = [*ctr.runc, "restore", "-d", "--bundle", str(bundle2), "--image-path", str(images)]
+    restore += ["--work-path", str(tmp_path / "work2"), ctr.id]
+    back = _snapcore("--state-dir", str(ctr.state_dir), "restore", checkpoint_id, "--to", str(copy), "--", *restore)
+    assert back.returncode == 0, back.stderr + _log(tmp_path / "work2" / "restore.log")[-3000:]
+    moved = Container(**{**ctr.__dict__, "rootfs": new_rootfs, "data": new_data})
+    after = moved.wait_count(at_checkpoint, pace.seconds(30))
+    assert at_checkpoint < after < at_checkpoint + 200, (at_checkpoint, after)
+    pid = ctr.pid()
+    assert Path(f"/proc/{pid}/fd/3").read_text() == HELD_WHILE_DELETED
+    assert Path(f"/proc/{pid}/fd/4").read_text() == "needed by the container\n"  # the old one
+    assert (new_data / "keep").read_text() == "the new content\n"
