@@ -538,3 +538,28 @@ def test_snapcore_container_on_ext4_exported_by_rsync(
     assert Path(f"/proc/{pid}/fd/3").read_text() == HELD_WHILE_DELETED
     assert Path(f"/proc/{pid}/fd/4").read_text() == "needed by the container\n"  # the old one
     assert (new_data / "keep").read_text() == "the new content\n"
+
+
+def test_snapcore_container_deletes_its_checkpoint_when_the_runtime_fails_after_it(
+    container: Container, run_dir: Path
+) -> None:
+    """A fake of a failure that cannot be caused on demand: a runtime that fails after
+    its CRIU's post-dump (a wrapper around runc that exits 1 once runc is done). The
+    checkpoint made at post-dump goes with no dump: it is deleted, exit 1."""
+    ctr = container
+    fake = ctr.tmp / "fake-runc-fails-after-dump"
+    fake.write_text(
+        '#!/bin/sh\nrunc "$@" || exit\ncase " $* " in *" checkpoint "*)\n'
+        '  echo "fake runtime: failing after the dump" >&2; exit 1 ;;\nesac\n'
+    )
+    fake.chmod(0o755)
+    images = ctr.tmp / "images"
+    argv = ["--state-dir", str(ctr.state_dir), "--run-dir", str(run_dir), "checkpoint", "--container", f"runc:{ctr.id}"]
+    argv += ["--", str(fake), *ctr.runc[1:], "checkpoint", "--image-path", str(images), "--work-path", str(images)]
+    done = _snapcore(*argv, ctr.id)
+    assert done.returncode == 1, done.stderr
+    assert "was deleted (it has no dump to go with)" in done.stderr, done.stderr
+    assert "of the dumped tasks' filesystems" in _log(images / "dump.log")  # it was made, then deleted
+    assert not list((ctr.state_dir / "checkpoints").iterdir())
+    snapshots = ctr.rootfs / ".snapshots"
+    assert not snapshots.exists() or not list(snapshots.iterdir())  # its btrfs snapshot went too

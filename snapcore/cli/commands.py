@@ -52,7 +52,7 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     tasks.add_argument(
         "--container",
         metavar="RUNTIME:ID",
-        help="checkpoint this container with its runtime (runc, crun, podman): the command after '--' is the "
+        help="checkpoint this container with its runtime (runc, podman): the command after '--' is the "
         "runtime's own checkpoint command (default: RUNTIME checkpoint ID); its files are made consistent at "
         "CRIU's post-dump",
     )

@@ -1,4 +1,4 @@
-"""Container runtimes (runc, crun, podman): a container named by the runtime's own id,
+"""Container runtimes (runc, podman): a container named by the runtime's own id,
 the runtime's checkpoint command for it, and the container's init process.
 
 ``snapcore checkpoint --container runc:ID -- runc --root R checkpoint --image-path I ID``
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.host.tools import stderr_tail
 
-#: The runtimes, and the words of their checkpoint command.
+#: The runtimes, and the words of their checkpoint command. Not crun: Debian 12's
+#: crun 1.8.1 is built without CRIU (no ``checkpoint`` command).
 RUNTIMES: dict[str, tuple[str, ...]] = {
     "runc": ("checkpoint",),
-    "crun": ("checkpoint",),
     "podman": ("container", "checkpoint"),
 }
 #: How long the runtime may take to say what state the container is in.
