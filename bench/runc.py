@@ -89,10 +89,17 @@ class Bench:
         (self.bundle / "config.json").write_text(json.dumps(config))
         self.runc = ["runc", "--root", str(base / "runc"), "--criu", criu_path()]
         self.n = 0
+        self.running: list[str] = []
 
     def runc_do(self, *args: str) -> float:
         t = time.perf_counter()
-        subprocess.run([*self.runc, *args], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*self.runc, *args],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return (time.perf_counter() - t) * 1000
 
     def round(self, how: str) -> dict[str, float]:
@@ -102,12 +109,15 @@ class Bench:
         cid, images = f"b{self.n}", self.base / f"images-{self.n}"
         self.conf.write_text(f"action-script {self.hook}\n" if how == "hook" else "")
         self.runc_do("run", "-d", "--bundle", str(self.bundle), cid)
+        self.running.append(cid)
         time.sleep(0.3)
         dump_args = ["checkpoint", "--image-path", str(images), "--work-path", str(images), cid]
         if how == "relay":
             t = time.perf_counter()
             argv = [*self.snapcore, "checkpoint", "--container", f"runc:{cid}", "--", *self.runc, *dump_args]
-            subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr}")
             dump = (time.perf_counter() - t) * 1000
         else:
             dump = self.runc_do(*dump_args)
@@ -123,10 +133,48 @@ class Bench:
         else:
             restore = self.runc_do(*restore_args)
         subprocess.run([*self.runc, "delete", "-f", cid], check=False, capture_output=True)
+        self.running.remove(cid)
         shutil.rmtree(images, ignore_errors=True)
+        # every round starts from one rootfs with no images in it: a rollback carries
+        # the images nested in the subvolume over, one by one
+        made = sorted(p.name for p in (self.state / "checkpoints").iterdir()) if self.state.exists() else []
+        if made:
+            sh(*self.snapcore, "delete", *sorted(made, key=lambda n: not n.startswith("before-restore-")))
         return {"stopped": stopped, "post_dump": post_dump, "dump": dump, "restore": restore}
 
+    def raw_rollback(self) -> float:
+        """The floor of a rollback in place, as a shell script would do it with the
+        tools themselves: a writable snapshot of a read-only image, the mount taken
+        away, the subvolumes swapped (the nested images carried over, each made
+        writable for its move), mounted again."""
+        device = sh("findmnt", "-n", "-o", "SOURCE", "--target", str(self.top)).stdout.strip()
+        image, new, aside = self.top / "raw-image", self.top / "raw-new", self.top / "raw-aside"
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(self.rootfs), str(image))
+        t = time.perf_counter()
+        sh("btrfs", "-q", "subvolume", "snapshot", str(image), str(new))
+        sh("umount", str(self.rootfs))
+        os.rename(self.top / "rootfs", aside)
+        os.rename(new, self.top / "rootfs")
+        nested = aside / ".snapshots"
+        subvolumes = [e for e in nested.iterdir() if e.is_dir() and e.stat().st_ino == 256] if nested.exists() else []
+        for entry in subvolumes:
+            # snapcore's images, subvolumes in .snapshots: the copy has empty
+            # directories in their place
+            placeholder = self.top / "rootfs" / ".snapshots" / entry.name
+            if placeholder.is_dir():
+                placeholder.rmdir()
+            # a read-only subvolume cannot move: writable for the move, as snapcore does
+            sh("btrfs", "property", "set", "-ts", str(entry), "ro", "false")
+            os.rename(entry, placeholder)
+            sh("btrfs", "property", "set", "-ts", str(placeholder), "ro", "true")
+        sh("mount", "-o", "subvol=rootfs", device, str(self.rootfs))
+        took = (time.perf_counter() - t) * 1000
+        sh("btrfs", "-q", "subvolume", "delete", str(image), str(aside))
+        return took
+
     def close(self) -> None:
+        for cid in self.running:  # a round that failed: its container would outlive us
+            subprocess.run([*self.runc, "delete", "-f", cid], check=False, capture_output=True)
         for where in (self.rootfs, self.top):
             subprocess.run(["umount", "-R", str(where)], check=False, capture_output=True)
 
@@ -166,6 +214,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for how in ways:
                 rounds[how].append(bench.round(how))
+        raw = statistics.median(bench.raw_rollback() for _ in range(args.rounds))
     finally:
         bench.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -189,6 +238,9 @@ def main() -> int:
     print(f"  runc's stopped time + the relay's post-dump / runc's: {ratio(added, base_stop)}")
     print(f"  runc restore {med['none']['restore']:8.1f} ms; after snapcore restore {med['relay']['restore']:8.1f} ms:")
     print(f"  restore, with / without:                   {ratio(med['relay']['restore'], med['none']['restore'])}")
+    floor = med["none"]["restore"] + raw
+    print(f"  the floor: a raw rollback (btrfs snapshot, swap, remount: {raw:.1f} ms) before runc restore:")
+    print(f"  (raw rollback + runc restore) / runc restore: {ratio(floor, med['none']['restore'])}")
     return 0
 
 

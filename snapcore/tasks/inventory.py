@@ -203,6 +203,8 @@ def _fdinfo(path: str) -> tuple[int, int, int] | None:
         return None
     try:
         data = os.read(fd, 4096)
+    except (FileNotFoundError, ProcessLookupError):  # the descriptor was closed meanwhile
+        return None
     finally:
         os.close(fd)
     pos = flags = mnt = -1
