@@ -13,8 +13,11 @@ with runc, round by round in turn:
   ``Unfreezing tasks`` in the dump log (CRIU's own timestamps); the command's wall
   time is printed too;
 * restore: ``runc restore`` alone, against ``snapcore restore ID --in-place -- runc
-  restore`` (the files rolled back first; the hook then sees them in place): the
-  wall time, since the container runs again only at the end.
+  restore`` (the files rolled back first), with and without criu-hook in CRIU's
+  config (it then sees them in place and returns): how long the restored tasks are
+  held stopped (CRIU's log: the first "Forking task" to "Tasks resumed"), and the
+  wall time, the rollback before the runtime included; and, as that wall time's
+  floor, a rollback done with the btrfs tools themselves.
 
 Prints medians and the ratios (issue 17's target: <= 1.2x); ``bench/criu_hook.py``
 measures the hook's cost per ignored action.
@@ -132,6 +135,7 @@ class Bench:
             restore = (time.perf_counter() - t) * 1000
         else:
             restore = self.runc_do(*restore_args)
+        restore_stopped = restored_ms((images / "r" / "restore.log").read_text(errors="replace"))
         subprocess.run([*self.runc, "delete", "-f", cid], check=False, capture_output=True)
         self.running.remove(cid)
         shutil.rmtree(images, ignore_errors=True)
@@ -140,7 +144,13 @@ class Bench:
         made = sorted(p.name for p in (self.state / "checkpoints").iterdir()) if self.state.exists() else []
         if made:
             sh(*self.snapcore, "delete", *sorted(made, key=lambda n: not n.startswith("before-restore-")))
-        return {"stopped": stopped, "post_dump": post_dump, "dump": dump, "restore": restore}
+        return {
+            "stopped": stopped,
+            "post_dump": post_dump,
+            "dump": dump,
+            "restore": restore,
+            "restore_stopped": restore_stopped,
+        }
 
     def raw_rollback(self) -> float:
         """The floor of a rollback in place, as a shell script would do it with the
@@ -197,6 +207,20 @@ def stopped_ms(log: str) -> tuple[float, float]:
     return (stamps["thaw"] - stamps["freeze"]) * 1000, (stamps["thaw"] - stamps["post"]) * 1000
 
 
+def restored_ms(log: str) -> float:
+    """From a CRIU restore log: how long the tasks existed stopped (the first "Forking
+    task" to "Restore finished successfully. Tasks resumed.")."""
+    start = end = None
+    for line in log.splitlines():
+        if start is None and "Forking task" in line and line.startswith("("):
+            start = float(line[1 : line.index(")")])
+        elif "Restore finished successfully" in line and line.startswith("("):
+            end = float(line[1 : line.index(")")])
+    if start is None or end is None:
+        raise SystemExit("the restore log lacks CRIU's forking/finished lines")
+    return (end - start) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -236,8 +260,18 @@ def main() -> int:
     # include or not from round to round; snapcore's own share is its post-dump
     added = base_stop + med["relay"]["post_dump"]
     print(f"  runc's stopped time + the relay's post-dump / runc's: {ratio(added, base_stop)}")
-    print(f"  runc restore {med['none']['restore']:8.1f} ms; after snapcore restore {med['relay']['restore']:8.1f} ms:")
-    print(f"  restore, with / without:                   {ratio(med['relay']['restore'], med['none']['restore'])}")
+    print("  restore: the tasks held stopped (CRIU's log: first fork to resumed), and the wall time:")
+    restores = {
+        "none": "runc restore",
+        "hook": "snapcore restore -- runc restore, criu-hook",
+        "relay": "snapcore restore -- runc restore",
+    }
+    for how in ways:
+        m = med[how]
+        print(f"  {restores[how]:44} {m['restore_stopped']:8.1f} {m['restore']:8.1f}")
+    base_restore = med["none"]["restore_stopped"]
+    print(f"  held stopped, with criu-hook / without:    {ratio(med['hook']['restore_stopped'], base_restore)}")
+    print(f"  wall, with / without:                      {ratio(med['relay']['restore'], med['none']['restore'])}")
     floor = med["none"]["restore"] + raw
     print(f"  the floor: a raw rollback (btrfs snapshot, swap, remount: {raw:.1f} ms) before runc restore:")
     print(f"  (raw rollback + runc restore) / runc restore: {ratio(floor, med['none']['restore'])}")

@@ -238,7 +238,15 @@ post-dump)
     exit 0
   fi
   exec {command} ;;
-{cases}) exec {command} ;;
+pre-restore)
+  # the files were put back already by 'snapcore restore ID ... -- RUNTIME restore'
+  # (which sets SNAPCORE_RESTORED=ID): say so without starting Python
+  if [ -n "$SNAPCORE_RESTORED" ] && [ -n "$CRTOOLS_IMAGE_DIR" ] &&
+     [ "$(head -c 200 "$CRTOOLS_IMAGE_DIR/{id_file}" 2>/dev/null | head -n 1)" = "$SNAPCORE_RESTORED" ]; then
+    echo "snapcore: checkpoint $SNAPCORE_RESTORED was restored already ('snapcore restore')" >&2
+    exit 0
+  fi
+  exec {command} ;;
 esac
 exit 0
 """
@@ -264,7 +272,7 @@ def write_script(args: argparse.Namespace) -> int:
     if args.policy:
         argv += ["--policy", os.path.abspath(args.policy)]
     argv += [os.path.abspath(p) for p in args.paths]
-    text = SCRIPT.format(cases="|".join(a for a in HANDLED if a != "post-dump"), command=shlex.join(argv))
+    text = SCRIPT.format(command=shlex.join(argv), id_file=CRIU_ID_FILE)
     write_atomic(path, text.encode(), mode=0o755)
     print(f"{path}: CRIU action script (name it in CRIU's config: action-script {path})")
     return 0
