@@ -74,6 +74,7 @@ if TYPE_CHECKING:
         plan,
         prune,
         recover,
+        rehearse,
         restore,
         show,
         verify,
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from snapcore.host.tools import TOOL_LOCALE, find_tool, run_tool, stderr_tail, tool_env, write_atomic
     from snapcore.plugins import Plugins, make_plugins
     from snapcore.policy import Policy, load_policy
+    from snapcore.policy.model import parse_size
     from snapcore.safety.deadline import start_guard
     from snapcore.safety.guard import FIFREEZE, FITHAW
     from snapcore.store.confine import plain_name
@@ -108,6 +110,7 @@ _LAZY = {
             "plan",
             "prune",
             "recover",
+            "rehearse",
             "restore",
             "show",
             "verify",
@@ -123,6 +126,7 @@ _LAZY = {
     "make_plugins": "snapcore.plugins",
     "Policy": "snapcore.policy",
     "load_policy": "snapcore.policy",
+    "parse_size": "snapcore.policy.model",
     "Selection": "snapcore.transaction",
     "TaskSpec": "snapcore.transaction",
     "find_mount": "snapcore.host.mounts",
@@ -241,4 +245,6 @@ __all__ = [
     "udev_attr",
     "udev_device",
     "verify",
+    "parse_size",
+    "rehearse",
 ]

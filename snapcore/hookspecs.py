@@ -27,9 +27,9 @@ file on a frozen mount: the write would block until the thaw, which would never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -225,6 +225,28 @@ def snapcore_after_thaw(checkpoint: Checkpoint) -> None:
     after the last thaw, whatever happened in between.
 
     **Raises**: recorded as a warning in the manifest; the checkpoint goes on.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_precopy(target: Target, dest: Path) -> Sequence[Mapping[str, Any]] | None:
+    """Copy the live mount of ``target`` to ``dest`` before anything is frozen, so
+    that ``export`` then moves only what changed since (live migration's pre-copy).
+
+    **When**: on the selected exporter, once per target whose options for it hold a
+    true ``precopy`` (the policy asks for it), after every ``prepare`` and before
+    any freeze, while the checkpoint's tasks still run.
+
+    **Returns**: one record per round of copying (e.g. ``round``, ``bytes``,
+    ``files``, ``ms``), for the manifest's ``precopy``; ``None`` or empty: nothing
+    was copied.
+
+    **Must**: write only where its ``export`` to ``dest`` will write, so that the
+    export completes it; what it wrote must be what ``discard_partial(target,
+    dest)`` removes (the core calls it when the checkpoint fails before the export,
+    and ``recover`` when the controller dies).
+
+    **Raises**: the checkpoint fails before any freeze; what was copied is removed.
     """
 
 

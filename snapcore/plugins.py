@@ -254,6 +254,14 @@ class Plugins:
         inject("thaw", name)
         self._one(name, "snapcore_thaw")(target=target)
 
+    def precopy(self, name: str, target: Target, dest: Path) -> list[dict[str, Any]]:
+        """The exporter's pre-copy rounds ([]: it copies nothing before the freeze)."""
+        if not self.implements(name, "snapcore_precopy"):
+            return []
+        inject("precopy", name)
+        rounds = self._one(name, "snapcore_precopy")(target=target, dest=dest)
+        return [dict(r) for r in rounds or ()]
+
     def export(self, name: str, target: Target, image: Image, dest: Path) -> Export:
         inject("export", name)
         export: Export | None = self._one(name, "snapcore_export")(target=target, image=image, dest=dest)

@@ -59,6 +59,7 @@ class Phase(StrEnum):
     RESOLVE = "resolve"
     SELECT = "select"
     PREPARE = "prepare"
+    PRECOPY = "precopy"
     BEFORE_FREEZE = "before_freeze"
     FREEZE = "freeze"
     SNAPSHOT = "snapshot"

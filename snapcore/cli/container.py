@@ -14,8 +14,8 @@ What can happen, and what it leaves:
 
 * the checkpoint fails (a backend, ``on_change: fail``, a cancellation): the hook
   answers an error, CRIU fails the dump and resumes the container; exit 1;
-* the runtime fails after the checkpoint was made: the checkpoint is of a dump that
-  does not exist, so it is deleted (said on stderr); exit 1;
+* the runtime fails after the checkpoint was made, or its id cannot be written beside
+  the dump: the checkpoint goes with no dump, so it is deleted (said on stderr); exit 1;
 * the runtime ends without ever reaching the relay (its CRIU got neither our
   environment nor our ``criu``: podman with ``--runtime-flag criu=PATH``): the
   checkpoint the container's own ``criu-hook`` made, if it made one, is shown, with
@@ -31,10 +31,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from snapcore.cli.common import plugins_of, policy_of, run_dir_arg, state_dir_arg
+from snapcore.cli.common import log, plugins_of, policy_of, run_dir_arg, state_dir_arg
 from snapcore.errors import CheckpointFailed, ExitCode, SnapcoreError, UsageError
 
 if TYPE_CHECKING:
+    from snapcore.plugins import Plugins
     from snapcore.policy import Policy
     from snapcore.store.manifest import Manifest
     from snapcore.tasks.relay import Request
@@ -54,6 +55,7 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
     from snapcore.tasks.relay import Relay
     from snapcore.tasks.runtimes import ContainerRef, checkpoint_command, container_pid
     from snapcore.transaction import TaskSpec
+    from snapcore.transaction.targets import describe
 
     if args.pid is not None or args.cgroup:
         raise UsageError("--container names the tasks: it goes with neither --pid nor --cgroup")
@@ -100,15 +102,22 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
                     container=str(ref),
                 ),
             )
-            write_atomic(Path(request.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
         except CheckpointFailed as exc:
             failed.append(str(exc))
             if exc.manifest is not None:
                 show_manifest(exc.manifest, args.json, sys.stdout, with_error=False)
             return f"error {exc}"
-        except SnapcoreError as exc:
-            failed.append(str(exc))
-            return f"error {exc}"
+        except Exception as exc:  # a SnapcoreError, or a bug: CRIU gets an answer either way
+            log.debug("post-dump failed", exc_info=True)
+            failed.append(describe(exc))
+            return f"error {failed[0]}"
+        try:
+            write_atomic(Path(request.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
+        except OSError as exc:
+            # without its id beside the dump, the checkpoint would never be found again
+            gone = _delete(manifest.id, state_dir, run_dir, plugins)
+            failed.append(f"{request.images_dir}: cannot write the checkpoint id ({exc.strerror or exc}); {gone}")
+            return f"error {failed[0]}"
         made.append(manifest)
         return f"ok {manifest.id}"
 
@@ -125,6 +134,17 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
         with on_signals(cancel):  # SIGTERM, Ctrl-C: the dump fails at post-dump, the container runs on
             status = relay.serve(runtime, post_dump)
     return _outcome(args, ref, argv, status, made, failed, pid, before)
+
+
+def _delete(checkpoint_id: str, state_dir: Path, run_dir: Path, plugins: Plugins) -> str:
+    """Delete a checkpoint that cannot be used; what happened, in words."""
+    from snapcore import api
+
+    try:
+        api.delete([checkpoint_id], state_dir=state_dir, run_dir=run_dir, plugins=plugins)
+    except SnapcoreError as exc:
+        return f"checkpoint {checkpoint_id} could not be deleted ({exc}): 'snapcore delete {checkpoint_id}'"
+    return f"checkpoint {checkpoint_id} was deleted"
 
 
 def _checkpoints(state_dir: Path) -> list[str]:
@@ -176,8 +196,8 @@ def _outcome(
     if status != 0:
         said = describe_failure(argv, status)
         if made:
-            api.delete([made[0].id], state_dir=state_dir_arg(args), run_dir=run_dir_arg(args), plugins=plugins_of(args))
-            said += f"; checkpoint {made[0].id}, made at its post-dump, was deleted (it has no dump to go with)"
+            gone = _delete(made[0].id, state_dir_arg(args), run_dir_arg(args), plugins_of(args))
+            said += f"; the checkpoint made at its post-dump has no dump to go with: {gone}"
         raise SnapcoreError(said)
     if not made:
         theirs = sorted(set(_checkpoints(state_dir_arg(args))) - before)

@@ -1,7 +1,7 @@
 """Test-only fault injection: make a phase raise, hang, or kill the controller.
 
 ``SNAPCORE_FAULT="PHASE[:BACKEND]=ACTION[,...]"`` with PHASE one of ``prepare``,
-``freeze``, ``snapshot``, ``thaw``, ``export``, ``finish``, ``discard`` (backend hooks, optionally
+``precopy``, ``freeze``, ``snapshot``, ``thaw``, ``export``, ``finish``, ``discard`` (backend hooks, optionally
 only for one backend), ``manifest`` or ``payload`` (the core's own steps), and ACTION
 ``raise``, ``hang`` (sleeps an hour) or ``kill`` (SIGKILL to the controller itself).
 These are fakes of failures that cannot be caused for real on demand; they exist so
@@ -19,7 +19,7 @@ import functools
 import os
 import time
 
-PHASES = ("prepare", "freeze", "snapshot", "thaw", "export", "finish", "discard", "manifest", "payload")
+PHASES = ("prepare", "precopy", "freeze", "snapshot", "thaw", "export", "finish", "discard", "manifest", "payload")
 ACTIONS = ("raise", "hang", "kill")
 
 

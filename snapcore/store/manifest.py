@@ -97,6 +97,8 @@ class TargetRecord:
     #: The backends' validated options, so restore and prune need no policy.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep: dict[str, Any] | None = None
+    #: The exporter's copying before the freeze (one record per round), None if none.
+    precopy: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
@@ -117,6 +119,7 @@ class TargetRecord:
         "device": (str, type(None)),
         "options": (dict,),
         "keep": (dict, type(None)),
+        "precopy": (list, type(None)),
     }
     #: The known fields, in the order the manifest writes them.
     _FIELDS = tuple(_TYPES)

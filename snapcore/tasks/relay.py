@@ -108,6 +108,7 @@ class Relay:
         self._buffer = b""
         self._user_config = user_config
         self._criu = criu
+        self._made = False
 
     def __enter__(self) -> Relay:
         from snapcore.host.fsutil import secure_dir
@@ -116,6 +117,7 @@ class Relay:
         secure_dir(self.dir)
         _forget_dead_relays(self.dir)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.dir))
+        self._made = True
         self.script = self.dir / "action-script"
         self.config = self.dir / "criu.conf"
         try:
@@ -216,7 +218,9 @@ class Relay:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._req = self._rep = -1
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._made:
+            self._made = False
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _forget_dead_relays(parent: Path) -> None:

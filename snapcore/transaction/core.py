@@ -346,6 +346,10 @@ class Transaction:
                     run.record.error = describe(exc)
                     raise
                 self._drop(run, Phase.PREPARE, exc)
+        # copying ahead (an exporter's pre-copy) happens now, while the tasks still run;
+        # what it wrote goes if the checkpoint fails before its export
+        undo.push(self._discard_precopies_if_failed)
+        images.precopy_all(self)
         rescues = {}
         for run in self.active:
             run.rescue = self.plugins.rescue(run.target.imager, run.target)
@@ -391,6 +395,14 @@ class Transaction:
             for run in reversed(self.runs):
                 images.discard(self, run)
             self.phase(Phase.DISCARD, t)
+        return False
+
+    def _discard_precopies_if_failed(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is not None:
+            for run in self.runs:
+                images.discard_precopy(self, run)
         return False
 
     def _write_manifest(

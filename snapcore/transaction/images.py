@@ -39,13 +39,68 @@ def export_all(txn: Transaction, runs: list[TargetRun]) -> None:
     txn.each([r for r in runs if r.export is None], Phase.EXPORT, lambda run: _export_one(txn, run))
 
 
+def export_dest(run: TargetRun) -> Path:
+    """Where the run's exporter writes: its ``dest`` option, else the checkpoint's own."""
+    exporter = run.target.exporter
+    assert exporter is not None
+    dest = run.target.options_for(exporter).get("dest")
+    return Path(dest) if dest else run.target.checkpoint_dir / "exports" / exporter
+
+
+def precopy_all(txn: Transaction) -> None:
+    """Before any freeze: each exporter asked to copy ahead (a true ``precopy`` in its
+    options) copies the live mount now; the rounds go into the target's record."""
+
+    def one(run: TargetRun) -> None:
+        exporter = run.target.exporter
+        assert exporter is not None
+        t = time.perf_counter()
+        dest_path = export_dest(run)
+        # as for an export: a controller killed now leaves this intent, and 'recover'
+        # has the exporter remove what it wrote
+        txn.journal.record("export", key=run.mount_point, exporter=exporter, dest=str(dest_path))
+        run.precopied = True
+        try:
+            rounds = txn.plugins.precopy(exporter, run.target, dest_path)
+        except BaseException:
+            discard_precopy(txn, run)
+            raise
+        if rounds:
+            run.record.precopy = rounds
+        run.time(Phase.PRECOPY, t)
+
+    runs = [
+        r
+        for r in txn.active
+        if r.target.exporter
+        and r.target.options_for(r.target.exporter).get("precopy")
+        and txn.plugins.implements(r.target.exporter, "snapcore_precopy")
+    ]
+    if runs:
+        txn.each(runs, Phase.PRECOPY, one)
+
+
+def discard_precopy(txn: Transaction, run: TargetRun) -> None:
+    """What a pre-copy wrote for a run that never got its export (a failure between)."""
+    exporter = run.target.exporter
+    if not run.precopied or run.export is not None or exporter is None:
+        return
+    run.precopied = False
+    try:
+        done = txn.plugins.discard_partial(exporter, run.target, export_dest(run))
+    except Exception as exc:
+        run.record.warnings.append(f"removing what the pre-copy wrote failed: {describe(exc)}")
+        return
+    txn.journal.record("export-discarded", key=run.mount_point)
+    run.record.warnings.extend(done)
+
+
 def _export_one(txn: Transaction, run: TargetRun) -> None:
     exporter = run.target.exporter
     if exporter is None or run.image is None:
         return
     t = time.perf_counter()
-    dest = run.target.options_for(exporter).get("dest")
-    dest_path = Path(dest) if dest else run.target.checkpoint_dir / "exports" / exporter
+    dest_path = export_dest(run)
     # a controller killed during the export leaves this intent: 'recover' asks the
     # exporter to remove what it half wrote (discard_partial)
     txn.journal.record("export", key=run.mount_point, exporter=exporter, dest=str(dest_path))
@@ -97,6 +152,7 @@ def record(run: TargetRun, *, tasks_stopped: bool) -> None:
 def discard(txn: Transaction, run: TargetRun) -> None:
     """Remove the run's export, then its image, through their backends (a failed
     checkpoint keeps nothing half-made); a failure to is a warning in its record."""
+    discard_precopy(txn, run)
     if run.export is not None and run.target.exporter:
         try:
             txn.plugins.discard(run.target.exporter, run.target, run.image, run.export)

@@ -37,6 +37,9 @@ class TargetRun:
     #: not required and failed: the checkpoint goes on without it
     dropped: bool = False
     rescue: Rescue | None = None
+    #: the exporter copied the live mount ahead (``precopy``): until the export, what
+    #: it wrote is removed by ``discard_partial`` on failure
+    precopied: bool = False
     prepared: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -15,9 +15,9 @@ starts fast (``tests/test_startup.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from snapcore import (
     BackendError,
@@ -65,6 +65,10 @@ class Exporter(Protocol):
         """The directory exports of ``target`` go to, None when it is remote."""
         ...
 
+    def precopy(self, target: Target) -> Sequence[Mapping[str, Any]]:
+        """Rounds of copying the live mount before the freeze (none: empty)."""
+        ...
+
     def export(self, target: Target, image: Image, dest: Path) -> Export: ...
 
     def finish(self, target: Target, export: Export) -> None: ...
@@ -110,6 +114,10 @@ class ExporterHooks:
                 dest = self.exporter.local_dest(target)
                 if dest is not None:  # a remote dest is on no filesystem of ours
                     common.refuse_dest_on_a_target(self.name, target, dest, checkpoint.targets)
+
+    @hookimpl
+    def snapcore_precopy(self, target: Target, dest: Path) -> Sequence[Mapping[str, Any]]:
+        return self.exporter.precopy(target)
 
     @hookimpl
     def snapcore_export(self, target: Target, image: Image, dest: Path) -> Export:
@@ -162,6 +170,11 @@ class TarExporter:
     name = TAR
     description = "GNU tar archive per checkpoint (gzip/zstd, --listed-incremental chains), with its manifest"
     in_place_refusal = "a tar export is restored into a new, empty directory (--to DIR), never in place"
+
+    def precopy(self, target: Target) -> Sequence[Mapping[str, Any]]:
+        # no pre-copy: an archive written before the freeze cannot be completed by
+        # the one written in it (README: "Pre-copy")
+        return ()
 
     def options(self) -> Sequence[Option]:
         return (
@@ -257,10 +270,27 @@ class RsyncExporter:
                 default=30.0,
                 help="give up on an unreachable or silent destination after this long",
             ),
+            Option(
+                name="precopy",
+                kind=OptionKind.INT,
+                default=0,
+                help="copy the live tree before the freeze, in up to this many rounds (0: no pre-copy); "
+                "the export then moves only what changed since",
+            ),
+            Option(
+                name="precopy_until",
+                kind=OptionKind.STR,
+                default="1%",
+                help="stop the pre-copy once a round (after the first) moves no more than this: N% of the "
+                "tree's size, or a size (64M)",
+            ),
         )
 
     def local_dest(self, target: Target) -> Path | None:
         return rsync_dest.local_dest(target)
+
+    def precopy(self, target: Target) -> Sequence[Mapping[str, Any]]:
+        return rsync_export.precopy(target)
 
     def prepare(self, target: Target) -> None:
         rsync_export.prepare(target)

@@ -54,6 +54,107 @@ def prepare(target: Target) -> None:
     rsync(opts, ["--list-only", "--dirs", opts.dest.join("")], target=target, what=f"reaching {opts.dest.raw}")
 
 
+# -- pre-copy ---------------------------------------------------------------------------
+
+_STAT_LINES = {
+    "Total file size": "total_bytes",
+    "Total transferred file size": "bytes",
+    "Number of regular files transferred": "files",
+}
+
+
+def _stats(text: str) -> dict[str, int]:
+    """The figures of rsync's ``--stats`` we record (thousands separators allowed)."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        label, sep, rest = line.partition(":")
+        key = _STAT_LINES.get(label.strip())
+        if sep and key:
+            digits = rest.strip().split(" ", 1)[0].replace(",", "")
+            if digits.isdigit():
+                found[key] = int(digits)
+    return found
+
+
+def until_bytes(until: str, total: int) -> int:
+    """``precopy_until`` as bytes: ``N%`` of the tree's size, or a size (``64M``)."""
+    from snapcore import parse_size
+
+    text = str(until).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise BackendError(f"precopy_until: {until!r} is neither N% nor a size", backend=NAME) from None
+        return int(total * share / 100)
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise BackendError(f"precopy_until: {exc}", backend=NAME) from None
+
+
+def precopy(target: Target) -> list[dict[str, Any]]:
+    """Rounds of rsync of the live mount into the tree the export will complete
+    (``.<slug>.part`` locally), before anything is frozen, until a round moves no more
+    than ``precopy_until`` or ``precopy`` rounds were made; the export's final pass
+    then moves only what changed since. One record per round."""
+    import time
+
+    options = target.options_for(NAME)
+    most = int(options.get("precopy") or 0)
+    if most <= 0:
+        return []
+    opts = RsyncOptions.of(target)
+    name, me = slug(target.mount.mount_point), target.checkpoint_id
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    prev = _previous(opts, target, name, scratch)
+    write_to, made_dir = _open_tree(opts, target, name)
+    target.state_of(NAME).update(precopied=True, made_dir=made_dir)
+    source = target.mount.mount_point.rstrip("/") + "/"
+    args = [*COPY_FLAGS, "--one-file-system", "--mkpath", "--delete", "--stats"]
+    if prev is not None:
+        args.append(f"--link-dest=../../{prev}/{name}")
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, most + 1):
+        out: list[str] = []
+        t = time.perf_counter()
+        rsync(
+            opts,
+            [*args, source, write_to + "/"],
+            target=target,
+            what=f"pre-copy round {number} to {opts.dest.raw}",
+            on_out=out.append,
+            ok_codes=OK_CODES,
+            hint=(lambda: common.full_hint(opts.dest.path(me))) if opts.dest.local else None,
+        )
+        stats = _stats("".join(out))
+        moved = stats.get("bytes", 0)
+        rounds.append({"round": number, **stats, "ms": round((time.perf_counter() - t) * 1000, 3)})
+        if number > 1 and moved <= until_bytes(options.get("precopy_until") or "1%", stats.get("total_bytes", 0)):
+            break  # the first round moves everything: it says nothing about the rate of change
+    return rounds
+
+
+def _open_tree(opts: RsyncOptions, target: Target, name: str) -> tuple[str, bool]:
+    """Where this checkpoint's tree is written (``.<slug>.part`` locally, renamed when
+    complete; the tree itself remotely), its directory made; and whether it was made."""
+    me = target.checkpoint_id
+    if not opts.dest.local:
+        return opts.dest.join(me, name), False
+    export_dir = opts.dest.path(me)
+    made_dir = not export_dir.exists()
+    try:
+        export_dir.mkdir(mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
+    if (export_dir / name).exists() or (export_dir / f"{name}.export.json").exists():
+        raise fail(f"{export_dir / name} already exists: checkpoint ids must be unique per dest", target)
+    with contextlib.suppress(OSError):
+        if os.stat(export_dir).st_dev == os.stat(target.mount.mount_point).st_dev:
+            raise fail(f"{export_dir} is on the filesystem it would copy", target)
+    return opts.dest.join(me, f".{name}.part"), made_dir
+
+
 # -- export -----------------------------------------------------------------------------
 
 
@@ -92,17 +193,13 @@ def export(target: Target, image: Image) -> Export:
     prev = _previous(opts, target, name, scratch)
     dest = opts.dest
     tree = dest.join(me, name)
-    write_to = dest.join(me, f".{name}.part") if dest.local else tree
-    made_dir = False
-    if dest.local:
-        export_dir = dest.path(me)
-        made_dir = not export_dir.exists()
-        try:
-            export_dir.mkdir(mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise fail(f"cannot create {export_dir}: {exc.strerror}", target) from exc
-        if (export_dir / name).exists() or (export_dir / f"{name}.export.json").exists():
-            raise fail(f"{export_dir / name} already exists: checkpoint ids must be unique per dest", target)
+    state = target.state_of(NAME)
+    precopied = bool(state.get("precopied"))
+    if precopied:  # the tree is there, filled before the freeze: complete it
+        write_to = dest.join(me, f".{name}.part") if dest.local else tree
+        made_dir = bool(state.get("made_dir"))
+    else:
+        write_to, made_dir = _open_tree(opts, target, name)
     # the file list: a remote tree is listed by rsync as it copies; a local one is
     # walked after the thaw (finish), which keeps the copy itself as fast as rsync alone
     listed = not dest.local or bar_wanted(sys.stderr)
@@ -112,6 +209,8 @@ def export(target: Target, image: Image) -> Export:
     if prev is not None:
         # relative to the tree being written: DEST/ID/<slug> → DEST/PREV/<slug>
         args.append(f"--link-dest=../../{prev}/{name}")
+    if precopied:  # what went since the pre-copy goes from the tree too
+        args += ["--delete", "--stats"]
     args += [image.path.rstrip("/") + "/", write_to + "/"]
     total_bytes = total_files = None
     with contextlib.suppress(OSError):
@@ -120,6 +219,13 @@ def export(target: Target, image: Image) -> Export:
         total_files = st.f_files - st.f_ffree
     progress = Progress(f"rsync {target.mount.mount_point} → {tree}", total_bytes=total_bytes, total_files=total_files)
     counter = ItemCounter(progress)
+    said: list[str] = []
+
+    def on_out(chunk: str) -> None:
+        said.append(chunk)
+        if listed:
+            counter(chunk)
+
     ok = False
     try:
         code = rsync(
@@ -127,7 +233,7 @@ def export(target: Target, image: Image) -> Export:
             args,
             target=target,
             what=f"rsync to {dest.raw}",
-            on_out=counter if listed else None,
+            on_out=on_out if listed or precopied else None,
             ok_codes=OK_CODES,
             hint=(lambda: common.full_hint(dest.path(me))) if dest.local else None,
         )
@@ -145,6 +251,8 @@ def export(target: Target, image: Image) -> Export:
             "file_list": f"{name}.files",
             "warnings": warnings,
         }
+        if precopied:  # the final pass, after the pre-copy: what it still moved
+            details["final_pass"] = _stats("".join(said))
         info = {
             "format": EXPORT_FORMAT,
             "backend": NAME,

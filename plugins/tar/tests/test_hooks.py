@@ -30,7 +30,14 @@ def test_the_entry_points_load_two_instances_of_one_class() -> None:
     assert plugins.info("tar").name == "tar" and plugins.info("rsync").name == "rsync"
     assert plugins.backends["tar"].distribution == plugins.backends["rsync"].distribution == "snapcore-tar"
     assert [o.name for o in plugins.option_schema("tar")] == ["dest", "compress", "incremental", "full_every"]
-    assert [o.name for o in plugins.option_schema("rsync")] == ["dest", "rsh", "password_file", "timeout"]
+    assert [o.name for o in plugins.option_schema("rsync")] == [
+        "dest",
+        "rsh",
+        "password_file",
+        "timeout",
+        "precopy",
+        "precopy_until",
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="snapcore checks a plugin's file only when run as root")
