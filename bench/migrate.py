@@ -17,8 +17,13 @@ to another one, three ways, in one run:
 
 Prints the freeze windows (the manifest's ``freeze_window_ms``) and the ratios
 against the raw delta (issue 18's target: <= 1.2x) and against each other (>= 10x).
-Not measured yet: btrfs send (no pre-copy there yet) and a whole migration's
-downtime (the move to another node is not built yet).
+
+Then the same tree on a btrfs subvolume, exported by btrfs-send after a btrfs
+snapshot, without and with ``precopy: true`` (the same change made between the
+pre-copy and the snapshot): the export's time after the snapshot (the manifest's
+``timings.export``), against a raw ``btrfs send -p A B > FILE`` of the same delta.
+Not measured yet: a whole migration's downtime (the move to another node is not
+built yet).
 """
 
 from __future__ import annotations
@@ -42,18 +47,31 @@ def sh(*argv: str) -> None:
 
 
 class Loop:
-    """An ext4 filesystem on a loop device, mounted under ``base``; removed by close."""
+    """A filesystem on a loop device, mounted under ``base``; removed by close. For
+    btrfs, ``mount`` is the subvolume ``data``, mounted on its own."""
 
-    def __init__(self, base: Path, name: str, mib: int) -> None:
+    def __init__(self, base: Path, name: str, mib: int, fstype: str = "ext4") -> None:
         self.image, self.mount = base / f"{name}.img", base / name
+        self.mounts: list[Path] = []
         with open(self.image, "wb") as f:
             f.truncate(mib << 20)
-        sh("mkfs.ext4", "-q", "-F", str(self.image))
+        sh(f"mkfs.{fstype}", "-q", "-f" if fstype == "btrfs" else "-F", str(self.image))
         self.mount.mkdir()
         sh("mount", "-o", "loop", str(self.image), str(self.mount))
+        self.mounts.append(self.mount)
+        if fstype == "btrfs":
+            top, self.mount = self.mount, base / f"{name}-data"
+            sh("btrfs", "-q", "subvolume", "create", str(top / "data"))
+            self.mount.mkdir()
+            device = subprocess.run(
+                ["findmnt", "-n", "-o", "SOURCE", str(top)], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            sh("mount", "-o", "subvol=data", device, str(self.mount))
+            self.mounts.append(self.mount)
 
     def close(self) -> None:
-        subprocess.run(["umount", str(self.mount)], check=False, capture_output=True)
+        for where in reversed(self.mounts):
+            subprocess.run(["umount", str(where)], check=False, capture_output=True)
 
 
 def rewrite(root: Path, files: int, share: float, seed: int) -> None:
@@ -115,6 +133,7 @@ def main() -> int:
 
         windows: dict[str, float] = {}
         finals: dict[str, object] = {}
+        sends: dict[str, float] = {}
         for how, extra in (("without", ""), ("with", "        precopy: 3\n        precopy_until: 1%\n")):
             dest = out.mount / f"dest-{how}"
             dest.mkdir()
@@ -133,6 +152,42 @@ def main() -> int:
             if record.precopy:
                 finals["rounds"] = [(r["round"], r.get("bytes"), r["ms"]) for r in record.precopy]
             shutil.rmtree(dest)
+
+        # btrfs: the same tree on a subvolume, btrfs-send after a snapshot
+        src.close()
+        loops.remove(src)
+        bsrc = Loop(base, "bsrc", args.mib * 3 + 512, fstype="btrfs")
+        loops.append(bsrc)
+        src = bsrc  # the hook rewrites files there now
+        (bsrc.mount / "tree").mkdir()
+        for i in range(args.mib):
+            (bsrc.mount / "tree" / f"f{i}").write_bytes(os.urandom(1 << 20))
+        snaps = bsrc.mounts[0] / "raw"
+        snaps.mkdir()
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(bsrc.mount), str(snaps / "a"))
+        rewrite(bsrc.mount, args.mib, args.change, seed=3)
+        sh("btrfs", "-q", "subvolume", "snapshot", "-r", str(bsrc.mount), str(snaps / "b"))
+        t = time.perf_counter()
+        with open(out.mount / "raw.btrfs", "wb") as stream:
+            subprocess.run(["btrfs", "send", "-q", "-p", str(snaps / "a"), str(snaps / "b")], stdout=stream, check=True)
+            os.fsync(stream.fileno())
+        sends["raw"] = (time.perf_counter() - t) * 1000
+        (out.mount / "raw.btrfs").unlink()
+        for how, extra in (("without", ""), ("with", ", precopy: true")):
+            dest = out.mount / f"streams-{how}"
+            policy = base / f"policy-btrfs-{how}.yaml"
+            policy.write_text(
+                f"version: 1\nmounts:\n  {bsrc.mount}:\n    imager: btrfs\n    exporter: btrfs-send\n"
+                f"    options:\n      btrfs-send: {{dest: {dest}{extra}}}\n"
+            )
+            plugins = snapcore.make_plugins()
+            plugins.pm.register(Change(), "change")
+            manifest = snapcore.checkpoint(policy=policy, state_dir=base / "state", plugins=plugins)
+            record = manifest.targets[0]
+            sends[how] = record.timings["export"]
+            if record.precopy:
+                finals["btrfs_precopy"] = record.precopy[0]
+            shutil.rmtree(dest)
     finally:
         for loop in reversed(loops):
             loop.close()
@@ -147,6 +202,13 @@ def main() -> int:
     print(f"  window with pre-copy / raw delta:        {ratio(windows['with'], raw_delta)} (target <= 1.2x)")
     print(f"  window with pre-copy / raw freeze+delta: {ratio(windows['with'], raw_frozen_delta)}")
     print(f"  window without / with pre-copy:          {windows['without'] / windows['with']:.1f}x (target >= 10x)")
+    print("btrfs-send after a btrfs snapshot, the same change (ms):")
+    print(f"  raw btrfs send -p A B > FILE (the delta)           {sends['raw']:10.1f}")
+    print(f"  export, no pre-copy (a full stream)                {sends['without']:10.1f}")
+    print(f"  export, pre-copy (incremental against it)          {sends['with']:10.1f}")
+    print(f"  pre-copy: {finals.get('btrfs_precopy')}")
+    print(f"  export with pre-copy / raw delta:        {ratio(sends['with'], sends['raw'])} (target <= 1.2x)")
+    print(f"  export without / with pre-copy:          {sends['without'] / sends['with']:.1f}x (target >= 10x)")
     return 0
 
 

@@ -15,6 +15,7 @@ with the last export that needs it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -269,6 +270,75 @@ def export(
     return record, notes
 
 
+#: The pre-copy's export of a checkpoint ``ID`` is a record of its own, ``ID.precopy``,
+#: whose snapshot (``SNAPDIR/ID.precopy``) is sent before the freeze; the checkpoint's
+#: own stream is then incremental against it and its chain holds both.
+PRECOPY_SUFFIX = ".precopy"
+
+
+def precopy_id(checkpoint_id: str) -> str:
+    return f"{checkpoint_id}{PRECOPY_SUFFIX}"
+
+
+def precopy(
+    *,
+    checkpoint_id: str,
+    mount: str,
+    snapshot_dir: Path,
+    dest: Path,
+    compress: str,
+    incremental: bool,
+    cancel: Cancel | None = None,
+) -> list[dict[str, Any]]:
+    """Before the freeze: a read-only snapshot of the live subvolume, sent (against the
+    previous export's snapshot when there is one) as the record ``ID.precopy``; the
+    checkpoint's export then sends only what changed since. One round."""
+    started = time.perf_counter()
+    snap = snapshot_dir / precopy_id(checkpoint_id)
+    try:
+        btrfsutil.create_snapshot(mount, os.fspath(snap), read_only=True)
+    except btrfsutil.BtrfsUtilError as exc:
+        raise fail(f"cannot snapshot {mount} for the pre-copy: {exc}", mount) from exc
+    snapped = time.perf_counter()
+    try:
+        record, _ = export(
+            checkpoint_id=precopy_id(checkpoint_id),
+            mount=mount,
+            snapshot=snap,
+            dest=dest,
+            compress=compress,
+            incremental=incremental,
+            cancel=cancel,
+        )
+    except BaseException:
+        drop_precopy_snapshot(snapshot_dir, checkpoint_id)
+        raise
+    done = time.perf_counter()
+    return [
+        {
+            "round": 1,
+            "bytes": record.size,
+            "stream": record.stream,
+            "parent": record.parent,
+            "snapshot_ms": round((snapped - started) * 1000, 3),
+            "ms": round((done - started) * 1000, 3),
+        }
+    ]
+
+
+def drop_precopy_snapshot(snapshot_dir: Path, checkpoint_id: str) -> bool:
+    """Delete the pre-copy's snapshot (its stream stays in the chain); True if it was there."""
+    snap = snapshot_dir / precopy_id(checkpoint_id)
+    try:
+        btrfsutil.set_subvolume_read_only(os.fspath(snap), False)  # a read-only one cannot go on older kernels
+        btrfsutil.delete_subvolume(os.fspath(snap))
+    except btrfsutil.BtrfsUtilError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise fail(f"cannot delete the pre-copy snapshot {snap}: {exc}") from exc
+    return True
+
+
 def stream_name(checkpoint_id: str, compress: str) -> str:
     return f"{checkpoint_id}.btrfs" + (".zst" if compress == "zstd" else "")
 
@@ -285,6 +355,8 @@ def discard_partial(dest: Path, checkpoint_id: str) -> list[str]:
         discard(dest, checkpoint_id)
         return [f"discarded the export {record_path(dest, checkpoint_id)}"]
     done = []
+    if not checkpoint_id.endswith(PRECOPY_SUFFIX):  # and what its pre-copy wrote, if any
+        done += discard_partial(dest, precopy_id(checkpoint_id))
     for compress in ("none", "zstd"):
         stream = stream_name(checkpoint_id, compress)
         for path in (partial_path(dest, stream), dest / stream):
@@ -401,6 +473,10 @@ def discard(dest: Path, checkpoint_id: str) -> None:
         return
     if not record.discarded:
         _write_json(path, {**record.to_json(), "discarded": True})
+    own = record_path(dest, precopy_id(checkpoint_id))  # the pre-copy goes with its checkpoint
+    pre = read_record(own) if not checkpoint_id.endswith(PRECOPY_SUFFIX) else None
+    if pre is not None and not pre.discarded:
+        _write_json(own, {**pre.to_json(), "discarded": True})
     all_records = list(records(dest))
     needed = {s for r in all_records if not r.discarded for s in r.chain}
     for r in all_records:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snapcore import (
     BackendError,
@@ -60,6 +60,13 @@ def snapcore_option_schema() -> Sequence[Option]:
             default=True,
             help="send against the previous export of the same mount (-p) when its snapshot still exists",
         ),
+        Option(
+            name="precopy",
+            kind=OptionKind.BOOL,
+            default=False,
+            help="before the freeze, snapshot the live subvolume and send it; the checkpoint's stream is then "
+            "incremental against it (live migration's pre-copy)",
+        ),
     )
 
 
@@ -81,6 +88,22 @@ def _dest(target: Target, export: Export | None = None) -> Path:
 
 
 @hookimpl
+def snapcore_precopy(target: Target, dest: Path) -> Sequence[Mapping[str, Any]]:
+    opts = target.options_for(NAME)
+    if not opts.get("precopy"):
+        return []
+    return send.precopy(
+        checkpoint_id=target.checkpoint_id,
+        mount=target.mount.mount_point,
+        snapshot_dir=snapshot.snapshot_dir_of(target),
+        dest=dest,
+        compress=str(opts.get("compress") or "none"),
+        incremental=bool(opts.get("incremental", True)),
+        cancel=target.cancel,
+    )
+
+
+@hookimpl
 def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
     if image.path is None:
         raise fail("the image has no path to send", target.mount.mount_point)
@@ -94,6 +117,9 @@ def snapcore_export(target: Target, image: Image, dest: Path) -> Export:
         incremental=bool(opts.get("incremental", True)),
         cancel=target.cancel,
     )
+    if opts.get("precopy"):
+        # sent, and the checkpoint's stream is against it: the pre-copy's snapshot can go
+        send.drop_precopy_snapshot(snapshot.snapshot_dir_of(target), target.checkpoint_id)
     return Export(
         backend=NAME,
         ref=os.fspath(dest / record.stream),
@@ -118,7 +144,10 @@ def snapcore_discard(target: Target, image: Image | None, export: Export | None)
 
 @hookimpl
 def snapcore_discard_partial(target: Target, dest: Path) -> Sequence[str]:
-    return send.discard_partial(dest, target.checkpoint_id)
+    done = send.discard_partial(dest, target.checkpoint_id)
+    if send.drop_precopy_snapshot(snapshot.snapshot_dir_of(target), target.checkpoint_id):
+        done.append(f"removed the pre-copy snapshot {send.precopy_id(target.checkpoint_id)}")
+    return done
 
 
 @hookimpl

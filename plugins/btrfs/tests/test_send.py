@@ -208,3 +208,79 @@ def test_recover_removes_a_planted_partial_stream_of_a_controller_killed_at_expo
 
     assert sorted(p.name for p in dest.iterdir()) == ["k0.btrfs-send.json", "k0.btrfs.zst"]
     assert not (sv.path / ".snapshots" / "k1").exists()  # the image went with it
+
+
+class _ChangeBeforeTheFreeze:
+    """An application hook: changes the tree after the pre-copy, before the freeze."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state: object = None
+
+    @snapcore.hookimpl
+    def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
+        (self.root / "docs" / "f3.txt").write_text("changed after the pre-copy")
+        (self.root / "docs" / "f4.txt").unlink()
+        (self.root / "added").mkdir()
+        (self.root / "added" / "new.bin").write_bytes(b"\x00\x01" * 5000)
+        self.state = describe_tree(self.root, skip=SNAPSHOTS)
+
+
+def test_precopy_sends_the_live_tree_first_and_the_checkpoint_against_it(
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """``precopy: true``: a snapshot of the live subvolume, sent before the freeze; the
+    checkpoint's stream is incremental against it (only what changed in between),
+    the restore replays both, the pre-copy's snapshot is gone, and deleting the
+    checkpoint deletes both streams."""
+    sv = btrfs_subvol()
+    other = btrfs_subvol()
+    populate(sv.path, n=50)
+    (sv.path / "bulk.bin").write_bytes(os.urandom(4 << 20))
+    dest = tmp_path / "streams"
+    policy = write_policy(_policy(sv.path, dest, "none").replace("compress: none}", "compress: none, precopy: true}"))
+    plugins = snapcore.make_plugins()
+    change = _ChangeBeforeTheFreeze(sv.path)
+    plugins.pm.register(change)
+    manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="c1", plugins=plugins)
+    [record] = manifest.targets
+    assert record.outcome == "ok", record.error
+    assert record.precopy is not None and record.precopy[0]["stream"] == "c1.precopy.btrfs", record.precopy
+    export = export_of(record)
+    assert export is not None and export.details["parent"] == "c1.precopy"
+    assert export.details["chain"] == ["c1.precopy.btrfs", "c1.btrfs"]
+    assert record.precopy[0]["bytes"] > 4 << 20 and Path(export.ref).stat().st_size < 64 * 1024  # the change only
+    assert not (sv.path / ".snapshots" / "c1.precopy").exists() and (sv.path / ".snapshots" / "c1").is_dir()
+    assert main(["--state-dir", str(state_dir), "restore", "c1", "--to", str(other.path / "r1")]) == 0
+    assert describe_tree(other.path / "r1", skip=SNAPSHOTS) == change.state
+    assert main(["--state-dir", str(state_dir), "verify", "c1"]) == 0
+    assert main(["--state-dir", str(state_dir), "delete", "c1"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == []
+
+
+def test_a_failure_after_the_precopy_leaves_no_stream_and_no_snapshot(
+    btrfs_subvol: SubvolFactory, state_dir: Path, write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A fault at the snapshot (a fake of a failure there) after the pre-copy was sent:
+    its stream, its record and its snapshot go; then a SIGKILL at the same point and
+    ``snapcore recover`` do the same."""
+    sv = btrfs_subvol()
+    populate(sv.path, n=10)
+    dest = tmp_path / "streams"
+    policy = write_policy(_policy(sv.path, dest, "none").replace("compress: none}", "compress: none, precopy: true}"))
+    for cid, fault, code in (("f1", "snapshot=raise", 1), ("k1", "snapshot=kill", -signal.SIGKILL)):
+        argv = [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "checkpoint", "--policy", str(policy)]
+        done = subprocess.run(
+            [*argv, "--id", cid], env=dict(os.environ, SNAPCORE_FAULT=fault), capture_output=True, text=True
+        )
+        assert done.returncode == code, done.stderr
+        if code < 0:
+            assert (dest / f"{cid}.precopy.btrfs").exists()  # what recover must remove
+            recovered = subprocess.run(
+                [sys.executable, "-m", "snapcore", "--state-dir", str(state_dir), "recover"],
+                capture_output=True,
+                text=True,
+            )
+            assert recovered.returncode == 0 and "Traceback" not in recovered.stderr, recovered.stderr
+        assert sorted(p.name for p in dest.iterdir()) == [], sorted(p.name for p in dest.iterdir())
+        assert not (sv.path / ".snapshots" / f"{cid}.precopy").exists()
