@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from snapcore.cli import files_check
 from snapcore.cli.common import (
     RESTORED_ENV,
     plugins_of,
@@ -81,6 +82,11 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --to: leave out device nodes, FIFOs and sockets, clear setuid/setgid bits and file "
         "capabilities (for an export you do not trust)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="with '-- CMD': run CMD without first checking that the files the tasks need are theirs",
     )
 
 
@@ -449,7 +455,13 @@ def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
     code = cmd_restore(args, then=command)
-    return _run_after_restore(command, args.checkpoint_id) if command else code
+    if not command:
+        return code
+    if not args.no_check:
+        from snapcore.cli.files_check import check_before
+
+        check_before(args, command)
+    return _run_after_restore(command, args.checkpoint_id)
 
 
 #: Every command, in the order ``--help`` lists them: the one registry.
@@ -468,6 +480,11 @@ COMMANDS: dict[str, Command] = {
     "show": Command("one manifest", _add_show, _plain(cmd_show)),
     "restore": Command("bring a checkpoint's images back", _add_restore, _restore_then, takes_command=True),
     "verify": Command("images and exports still there and intact", _add_verify, _plain(cmd_verify)),
+    "check-files": Command(
+        "the files the checkpointed tasks need are there as they had them (size, mtime, sha256, ghosts)",
+        files_check.add_arguments,
+        _plain(files_check.cmd_check_files),
+    ),
     "prune": Command(
         "apply each mount's keep: remove old images through their backends", _add_prune, _plain(cmd_prune)
     ),

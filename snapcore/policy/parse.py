@@ -21,7 +21,9 @@ from snapcore.errors import PolicyError, PolicyProblems
 from snapcore.policy.model import (
     AUTO,
     CONTROL_CHARS,
+    DEFAULT_DIGEST_LIMIT,
     DEFAULT_GHOST_LIMIT,
+    DIGEST_ALL,
     FALLBACK,
     KEEP_KEYS,
     MAX_FREEZE_TIMEOUT,
@@ -263,6 +265,15 @@ def parse_policy(doc: object, file: str) -> Policy:
             ghost_limit = parse_size(doc["ghost_limit"])
         except ValueError as exc:
             p.add(f"expected {exc}", line=doc.lines["ghost_limit"], key="ghost_limit")
+    digest_limit = DEFAULT_DIGEST_LIMIT
+    if "digest_limit" in doc:
+        if doc["digest_limit"] == "all":
+            digest_limit = DIGEST_ALL
+        else:
+            try:
+                digest_limit = parse_size(doc["digest_limit"])
+            except ValueError as exc:
+                p.add(f"expected 'all' or {exc}", line=doc.lines["digest_limit"], key="digest_limit")
     state_dir = doc.get("state_dir")
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
         p.add(f"expected an absolute path, got {type_name(state_dir)}", line=doc.lines["state_dir"], key="state_dir")
@@ -329,6 +340,7 @@ def parse_policy(doc: object, file: str) -> Policy:
         rules=MappingProxyType(rules),
         fallback=fallback,
         ghost_limit=ghost_limit,
+        digest_limit=digest_limit,
         uncovered=uncovered,
     )
 

@@ -122,6 +122,13 @@ class OpenFile:
     #: Where the host sees the file when the task is in another mount namespace (a
     #: container) and ``path`` is the task's own view; None when they are the same.
     host_path: str | None = None
+    #: Its content's sha256, as the tasks had it (:mod:`snapcore.tasks.digests`), and
+    #: why there is none when there is none.
+    sha256: str | None = None
+    digest_note: str | None = None
+    #: Changed by someone else while the tasks were stopped (``on_change: warn``):
+    #: the image holds that change, not what the tasks had.
+    changed: bool = False
 
     @property
     def key(self) -> tuple[int, int]:
@@ -155,6 +162,9 @@ class OpenFile:
             "uses": [u.to_json() for u in self.uses],
             "ghost": self.ghost.to_json() if self.ghost is not None else None,
             **({"host_path": self.host_path} if self.host_path is not None else {}),
+            "sha256": self.sha256,
+            **({"digest_note": self.digest_note} if self.digest_note else {}),
+            **({"changed": True} if self.changed else {}),
         }
 
 

@@ -71,6 +71,12 @@ class HeldTasks:
 
         self.watch = ChangeWatch(self.inventory)
         self.watch.start()
+        # what the tasks' files hold, hashed now that a change would be seen
+        from snapcore.tasks.digests import digest_files
+
+        t = time.perf_counter()
+        self.inventory = digest_files(self.inventory, txn.policy.digest_limit, [r.mount_point for r in txn.active])
+        txn.manifest.timings["digests"] = round((time.perf_counter() - t) * 1000, 3)
         return self.rescues
 
     def rehearse(self) -> None:
@@ -109,6 +115,9 @@ class HeldTasks:
                 self.watch.drain()
             self.stopped_at = time.monotonic()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
+        from snapcore.tasks.digests import at_freeze
+
+        self.inventory = at_freeze(self.inventory)  # as they are now that the tasks stand still
         if self.inventory.ghosts_needed:
             from snapcore.tasks.inventory import copy_ghosts
 
@@ -167,6 +176,11 @@ class HeldTasks:
         )
         txn.manifest.changes = [c.to_json() for c in changes]
         self.inventory = apply_changes(self.inventory, changes)
+        from snapcore.tasks.digests import forget_changed
+
+        self.inventory = forget_changed(
+            self.inventory, [(c.dev, c.ino) for c in changes if c.dev is not None and c.ino is not None]
+        )
         late = [f for f in self.inventory.ghosts_needed if f.ghost is None]
         if late:
             # renamed over or deleted while the tasks were stopped: their old content
