@@ -121,15 +121,13 @@ def main() -> int:
         raw_frozen_delta = (time.perf_counter() - t) * 1000
         shutil.rmtree(out.mount / "raw")
 
-        class Change:
+        from snapcore.testing import BeforeFreeze
+
+        seeds = iter(range(2, 1000))
+
+        def change() -> None:
             """The application writing between the pre-copy and the freeze."""
-
-            seed = 2
-
-            @snapcore.hookimpl
-            def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
-                rewrite(src.mount, args.mib, args.change, seed=Change.seed)
-                Change.seed += 1
+            rewrite(src.mount, args.mib, args.change, seed=next(seeds))
 
         windows: dict[str, float] = {}
         finals: dict[str, object] = {}
@@ -143,7 +141,7 @@ def main() -> int:
                 f"    freeze_timeout: 10m\n    options:\n      rsync:\n        dest: {dest}\n{extra}"
             )
             plugins = snapcore.make_plugins()
-            plugins.pm.register(Change(), "change")
+            plugins.pm.register(BeforeFreeze(change), "change")
             manifest = snapcore.checkpoint(policy=policy, state_dir=base / "state", plugins=plugins)
             assert manifest.freeze_window_ms is not None
             windows[how] = manifest.freeze_window_ms
@@ -181,7 +179,7 @@ def main() -> int:
                 f"    options:\n      btrfs-send: {{dest: {dest}{extra}}}\n"
             )
             plugins = snapcore.make_plugins()
-            plugins.pm.register(Change(), "change")
+            plugins.pm.register(BeforeFreeze(change), "change")
             manifest = snapcore.checkpoint(policy=policy, state_dir=base / "state", plugins=plugins)
             record = manifest.targets[0]
             sends[how] = record.timings["export"]

@@ -288,6 +288,20 @@ class HookCall:
     kwargs: dict[str, Any]
 
 
+class BeforeFreeze:
+    """A plugin that runs ``action`` at ``snapcore_before_freeze``, keeping what it
+    returns in ``result``: an application writing to its files between an exporter's
+    pre-copy and the freeze. ``plugins.pm.register(BeforeFreeze(...))``."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self.action = action
+        self.result: Any = None
+
+    @snapcore.hookimpl
+    def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
+        self.result = self.action()
+
+
 class HookRecorder:
     """Records every hook call of a plugin manager (like pytester's HookRecorder)."""
 

@@ -21,7 +21,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 
 import snapcore
 from snapcore import Cancel, Cancelled, CheckpointFailed, main
-from snapcore.testing import describe_tree, export_of, target_of
+from snapcore.testing import BeforeFreeze, describe_tree, export_of, target_of
 from snapcore_btrfs import images, send, send_hooks
 
 # the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
@@ -210,20 +210,13 @@ def test_recover_removes_a_planted_partial_stream_of_a_controller_killed_at_expo
     assert not (sv.path / ".snapshots" / "k1").exists()  # the image went with it
 
 
-class _ChangeBeforeTheFreeze:
-    """An application hook: changes the tree after the pre-copy, before the freeze."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state: object = None
-
-    @snapcore.hookimpl
-    def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
-        (self.root / "docs" / "f3.txt").write_text("changed after the pre-copy")
-        (self.root / "docs" / "f4.txt").unlink()
-        (self.root / "added").mkdir()
-        (self.root / "added" / "new.bin").write_bytes(b"\x00\x01" * 5000)
-        self.state = describe_tree(self.root, skip=SNAPSHOTS)
+def _change_after_the_precopy(root: Path) -> object:
+    """What the application does between the pre-copy and the snapshot; the tree then."""
+    (root / "docs" / "f3.txt").write_text("changed after the pre-copy")
+    (root / "docs" / "f4.txt").unlink()
+    (root / "added").mkdir()
+    (root / "added" / "new.bin").write_bytes(b"\x00\x01" * 5000)
+    return describe_tree(root, skip=SNAPSHOTS)
 
 
 def test_precopy_sends_the_live_tree_first_and_the_checkpoint_against_it(
@@ -240,7 +233,7 @@ def test_precopy_sends_the_live_tree_first_and_the_checkpoint_against_it(
     dest = tmp_path / "streams"
     policy = write_policy(_policy(sv.path, dest, "none").replace("compress: none}", "compress: none, precopy: true}"))
     plugins = snapcore.make_plugins()
-    change = _ChangeBeforeTheFreeze(sv.path)
+    change = BeforeFreeze(lambda: _change_after_the_precopy(sv.path))
     plugins.pm.register(change)
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="c1", plugins=plugins)
     [record] = manifest.targets
@@ -252,7 +245,7 @@ def test_precopy_sends_the_live_tree_first_and_the_checkpoint_against_it(
     assert record.precopy[0]["bytes"] > 4 << 20 and Path(export.ref).stat().st_size < 64 * 1024  # the change only
     assert not (sv.path / ".snapshots" / "c1.precopy").exists() and (sv.path / ".snapshots" / "c1").is_dir()
     assert main(["--state-dir", str(state_dir), "restore", "c1", "--to", str(other.path / "r1")]) == 0
-    assert describe_tree(other.path / "r1", skip=SNAPSHOTS) == change.state
+    assert describe_tree(other.path / "r1", skip=SNAPSHOTS) == change.result
     assert main(["--state-dir", str(state_dir), "verify", "c1"]) == 0
     assert main(["--state-dir", str(state_dir), "delete", "c1"]) == 0
     assert sorted(p.name for p in dest.iterdir()) == []

@@ -23,25 +23,25 @@ from tar_helpers import MiB, exporter_policy, make_every_kind
 
 import snapcore
 from snapcore import main, make_plugins
-from snapcore.testing import LoopFactory, assert_not_frozen, assert_same_tree, describe_tree, machine_pace
+from snapcore.testing import (
+    BeforeFreeze,
+    LoopFactory,
+    assert_not_frozen,
+    assert_same_tree,
+    describe_tree,
+    machine_pace,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop filesystems and device nodes need root")
 
 
-class ChangeBeforeTheFreeze:
-    """An application hook: changes the tree after the pre-copy, before the freeze."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state: Any = None
-
-    @snapcore.hookimpl
-    def snapcore_before_freeze(self, checkpoint: snapcore.Checkpoint) -> None:
-        (self.root / "small.txt").write_text("changed after the pre-copy\n")
-        (self.root / "bulk" / "f3").unlink()
-        (self.root / "new-file").write_bytes(os.urandom(3000))
-        (self.root / "dir" / "sub").rename(self.root / "dir" / "moved")
-        self.state = describe_tree(self.root, metadata=True)
+def change_after_the_precopy(root: Path) -> Any:
+    """What the application does between the pre-copy and the freeze; the tree then."""
+    (root / "small.txt").write_text("changed after the pre-copy\n")
+    (root / "bulk" / "f3").unlink()
+    (root / "new-file").write_bytes(os.urandom(3000))
+    (root / "dir" / "sub").rename(root / "dir" / "moved")
+    return describe_tree(root, metadata=True)
 
 
 def _source(loop_fs: LoopFactory) -> Path:
@@ -64,7 +64,7 @@ def test_precopy_then_a_final_pass_that_moves_only_the_changes(
         tmp_path, src, "rsync", {"dest": str(dest), "precopy": 3, "precopy_until": "1%"}, name="precopy"
     )
     plugins = make_plugins()
-    change = ChangeBeforeTheFreeze(src)
+    change = BeforeFreeze(lambda: change_after_the_precopy(src))
     plugins.pm.register(change, "change-before-the-freeze")
     manifest = snapcore.checkpoint(policy=policy, state_dir=state_dir, checkpoint_id="p1", plugins=plugins)
     assert_not_frozen(src)
@@ -85,7 +85,7 @@ def test_precopy_then_a_final_pass_that_moves_only_the_changes(
     assert main(["--state-dir", str(state_dir), "verify", "p1"]) == 0
     restored = out.mount_point / "restored"
     assert main(["restore", "--from", str(dest / "p1"), "--to", str(restored)]) == 0
-    assert_same_tree(restored, change.state)
+    assert_same_tree(restored, change.result)
 
     # the next checkpoint pre-copies against this one (--link-dest): round 1 links
     # what did not change instead of copying it
