@@ -70,3 +70,4 @@ def check_before(args: argparse.Namespace, command: list[str]) -> None:
             f"checkpoint {checkpoint_id}: {len(problems)} file(s) the tasks need differ from what they had: "
             f"not running {command[0]} (restore again, or --no-check to run it anyway)"
         )
+    print(f"checkpoint {checkpoint_id}: the files the tasks need are as they had them", flush=True)
