@@ -21,7 +21,8 @@ def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = Fal
     from snapcore.store.restore import records_of
     from snapcore.tasks.digests import check_files
 
-    manifest, records = records_of(state_dir_arg(args), args.checkpoint_id, args.from_dir, args.mount)
+    from_dir = Path(args.from_dir) if args.from_dir else None
+    manifest, records = records_of(state_dir_arg(args), args.checkpoint_id, from_dir, args.mount)
     trees = None
     if root != Path("/"):
         trees = {r.mount: (beneath(root, r.mount) if len(records) > 1 else root) for r in records}

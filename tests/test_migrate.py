@@ -1,0 +1,100 @@
+"""A checkpointed program moved to another node and restarted there, on one machine:
+two nodes (network + mount namespaces, each its own ext4 at /srv/app, joined by a
+veth pair; :mod:`snapcore.testing.nodes`), an rsync daemon on B's address as the
+transport, CRIU to dump and restore.
+
+On A: ``snapcore checkpoint --pid P`` (fsfreeze + rsync to B's daemon, the export
+in B's module) with ``criu dump`` as its payload; the CRIU images follow by rsync to
+B's daemon too. On B: ``snapcore restore --from EXPORT --to /srv/app -- criu
+restore``: the files land at the same path on B's own filesystem, are checked
+against the checkpoint's inventory, and CRIU starts the program there. It goes on
+with the bytes it had: the counter continues on B, the file it held open after
+deleting it is intact, and A's filesystem is untouched by B.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from snapcore.testing import Pace
+from snapcore.testing.nodes import APP, Nodes, rsync_daemon
+
+pytest_plugins = ["snapcore.testing.nodes"]
+
+# stdio opened inside the node: a descriptor of the host's /dev/null is on a mount
+# the node's namespace does not have, which CRIU cannot dump
+PROGRAM = (
+    "exec </dev/null >/dev/null 2>&1; "
+    f"echo 'held while deleted' > {APP}/deleted; exec 3<{APP}/deleted; rm {APP}/deleted; "
+    f"i=0; while :; do i=$((i+1)); echo $i > {APP}/count; sleep 0.05; done"
+)
+
+
+def test_a_program_moves_to_another_node_and_goes_on(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapcore.errors import CriuUnavailable
+    from snapcore.tasks.criu import check_criu
+
+    try:
+        criu = check_criu().path
+    except CriuUnavailable as exc:
+        pytest.skip(f"CRIU unusable here: {exc}")
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    a, b = two_nodes.a, two_nodes.b
+    exports, images_b = tmp_path / "exports-on-B", tmp_path / "images-on-B"
+    exports.mkdir()
+    images_b.mkdir()
+    daemon = rsync_daemon(b, {"exports": exports, "images": images_b}, tmp_path)
+    try:
+        program = a.start("sh", "-c", PROGRAM)
+        deadline = time.monotonic() + pace.seconds(30)
+        while a.run("cat", f"{APP}/count", check=False).stdout.strip() in ("", "0", "1", "2"):
+            assert time.monotonic() < deadline, "the program did not start counting on A"
+            time.sleep(0.05)
+        pid = int(a.run("pgrep", "-f", "-o", "exec 3<").stdout.split()[0])
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            f"version: 1\nmounts:\n  {APP}:\n    imager: fsfreeze\n    exporter: rsync\n"
+            f"    options:\n      rsync:\n        dest: rsync://{b.address}:8730/exports\n"
+        )
+        images_a = tmp_path / "images-on-A"
+        images_a.mkdir()
+        snapcore = [sys.executable, "-m", "snapcore"]
+        dumped = a.run(
+            *snapcore, "--state-dir", str(tmp_path / "state-A"), "checkpoint", "--policy", str(policy),
+            "--pid", str(pid), "--id", "move1", "--",
+            criu, "dump", "-t", str(pid), "-D", str(images_a), "-o", "dump.log",
+            check=False,
+        )  # fmt: skip
+        assert dumped.returncode == 0, dumped.stdout + dumped.stderr
+        program.wait(timeout=pace.seconds(30))
+        at_checkpoint = int(a.run("cat", f"{APP}/count").stdout)
+        a.run("rsync", "-a", f"{images_a}/", f"rsync://{b.address}:8730/images/")
+
+        restored = b.run(
+            *snapcore, "--state-dir", str(tmp_path / "state-B"), "restore", "--from", str(exports / "move1"),
+            "--to", APP, "--", criu, "restore", "-D", str(images_b), "-d", "-o", "restore.log",
+            check=False,
+        )  # fmt: skip
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert "the files the tasks need are as they had them" in restored.stdout
+        deadline = time.monotonic() + pace.seconds(30)
+        while True:
+            now = b.run("cat", f"{APP}/count", check=False).stdout.strip()
+            if now.isdigit() and int(now) > at_checkpoint:
+                break
+            assert time.monotonic() < deadline, f"the program did not go on on B ({now!r} after {at_checkpoint})"
+            time.sleep(0.05)
+        assert int(now) < at_checkpoint + 200  # it went on from there, not from 0
+        held = b.run("cat", f"/proc/{pid}/fd/3").stdout
+        assert held == "held while deleted\n"
+        # A's filesystem stays as the checkpoint left it: B writes to its own
+        assert int(a.run("cat", f"{APP}/count").stdout) == at_checkpoint
+    finally:
+        daemon.kill()
+        daemon.wait()
