@@ -198,8 +198,10 @@ def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise PolicyError(f"not UTF-8 text (byte {exc.start})", file=name, line=line) from None
+    loader: _Loader | None = None  # as yaml.compose, but its line is there for an error without a mark
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        loader = _Loader(text)  # which reads the text for control characters already
+        node = loader.get_single_node()
     except _TooBig as exc:
         raise PolicyError(exc.message, file=name, line=exc.line) from None
     except yaml.MarkedYAMLError as exc:
@@ -213,6 +215,17 @@ def load_yaml(path: str | os.PathLike[str]) -> tuple[Any, str]:
         raise PolicyError(f"character {char} is not allowed in YAML: {exc.reason}", file=name, line=line) from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"YAML error: {' '.join(str(exc).split())}", file=name) from None
+    except (ValueError, OverflowError) as exc:
+        # PyYAML's scanner lets some bad escapes through as bare errors: "\U00110000"
+        # (past the last code point) raises chr()'s ValueError (found by the fuzz test)
+        raise PolicyError(
+            f"YAML error: {' '.join(str(exc).split())} (a bad escape in a quoted string?)",
+            file=name,
+            line=loader.line + 1 if loader is not None else 1,
+        ) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return None, text
     walker = _Walker(file=name, constructor=yaml.SafeLoader(""))

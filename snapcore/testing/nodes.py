@@ -143,6 +143,17 @@ class Nodes:
                 raise AssertionError(f"node {node.name}: its namespace holder did not start")
             time.sleep(0.01)
 
+    def add_fs(self, node: Node, where: str, size_mb: int) -> str:
+        """Another ext4 on ``node`` at ``where`` (under ``/srv``), gone with the nodes."""
+        image = self.base / f"node-{node.name}-{len(self._loops)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mb << 20)
+        _run(["mkfs.ext4", "-q", "-F", str(image)])
+        loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
+        self._loops.append(loop)
+        node.run("sh", "-c", f"mkdir -p {where} && mount {loop} {where}")
+        return loop
+
     @property
     def a(self) -> Node:
         return self.nodes[0]
