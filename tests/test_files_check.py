@@ -6,6 +6,7 @@ untrusted input (paths out of the tree are problems, never followed)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -170,3 +171,25 @@ def test_paths_from_a_manifest_stay_in_the_tree(tmp_path: Path) -> None:
     assert "leads out of" in problems[2] and problems[3].endswith("srv/nothing: missing")
     assert "not an object" in problems[4] and "unknown state" in problems[5]
     assert "not on its mount /srv" in problems[6]
+
+
+def test_a_ghost_copy_named_by_a_manifest_is_read_only_if_it_is_a_regular_file(tmp_path: Path) -> None:
+    """A ghost path from a (tampered) manifest naming a device or a symlink is a
+    problem, never read: /dev/zero would never end."""
+    real = tmp_path / "ghost"
+    real.write_bytes(b"old content\n")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    sha = hashlib.sha256(b"old content\n").hexdigest()
+    entry = {"kind": "file", "state": "deleted", "path": "/srv/f", "mount": "/srv"}
+    problems = check_files(
+        [
+            {**entry, "ghost": {"path": "/dev/zero", "size": 12, "sha256": sha}},
+            {**entry, "ghost": {"path": str(link), "size": 12, "sha256": sha}},
+            {**entry, "ghost": {"path": str(real), "size": 12, "sha256": sha}},
+            {**entry, "ghost": {"path": str(real), "size": 5, "sha256": sha}},  # longer than recorded
+        ]
+    )
+    assert len(problems) == 3, problems
+    assert "not a regular file" in problems[0] and str(link) in problems[1]
+    assert "is not the content copied" in problems[2]

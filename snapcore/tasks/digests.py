@@ -41,11 +41,18 @@ CHUNK = 1 << 20
 NAMED = (FileState.PRESENT, FileState.RENAMED)
 
 
-def _sha256(path: str, limit: int) -> str | None:
-    """The sha256 of the file at ``path``, None if it is longer than ``limit``."""
+def _sha256(path: str, limit: int, *, nofollow: bool = False) -> str | None:
+    """The sha256 of the file at ``path``, None if it is longer than ``limit``.
+    ``nofollow``: a path from a manifest, whose last part must be no symlink and a
+    regular file (``/proc/PID/fd/N``, which the inventory reads, is a link)."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW | os.O_NONBLOCK if nofollow else 0)
+    fd = os.open(path, flags)
+    if nofollow and not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, "not a regular file")
+    with open(fd, "rb", buffering=0) as f:
         while chunk := f.read(CHUNK):
             size += len(chunk)
             if size > limit:
@@ -160,7 +167,7 @@ def _check_named(root: Path, mount: object, entry: Mapping[str, Any], all_digest
     sha = entry.get("sha256")
     if not problems and (isinstance(sha, str) or all_digests):
         try:
-            now = _sha256(os.fspath(where), 1 << 62)
+            now = _sha256(os.fspath(where), st.st_size, nofollow=True)
         except OSError as exc:
             return [f"{where}: {exc.strerror or exc}"]
         if isinstance(sha, str) and now != sha:
@@ -175,8 +182,11 @@ def _check_ghost(entry: Mapping[str, Any]) -> list[str]:
         note = ghost.get("note") if isinstance(ghost, Mapping) else None
         return [f"{name} ({entry.get('state')}): no copy of its content ({note or 'none recorded'})"]
     path = str(ghost["path"])
+    size = ghost.get("size")
     try:
-        now = _sha256(path, 1 << 62)
+        # the manifest names the copy: a regular file of the recorded size, never
+        # through a symlink, never a device (/dev/zero would never end)
+        now = _sha256(path, size if isinstance(size, int) and size >= 0 else 0, nofollow=True)
     except OSError as exc:
         return [f"{name} ({entry.get('state')}): its ghost copy {path}: {exc.strerror or exc}"]
     if isinstance(ghost.get("sha256"), str) and now != ghost["sha256"]:
