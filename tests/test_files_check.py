@@ -86,6 +86,16 @@ def test_digests_are_recorded_and_a_restored_copy_checks(
     assert any("config: other content than the checkpoint's" in p for p in found["problems"])
     assert any("data.bin: missing" in p for p in found["problems"])
 
+    # the live tree, one mount's files: as the program had them, until one is altered
+    live = _snapcore(state_dir, "check-files", "c1", "--mount", str(mp))
+    assert live.returncode == 0, live.stdout + live.stderr
+    st = (mp / "config").stat()
+    (mp / "config").write_text("setting = 3\n")
+    os.utime(mp / "config", ns=(st.st_atime_ns, st.st_mtime_ns))
+    live = _snapcore(state_dir, "check-files", "c1", "--mount", str(mp), "--json")
+    assert live.returncode == 1 and "Traceback" not in live.stderr, live.stderr
+    assert json.loads(live.stdout)["problems"] == [f"{mp}/config: other content than the checkpoint's (sha256 differs)"]
+
 
 def test_restore_refuses_to_start_the_program_on_files_that_differ(
     checkpointed: tuple[Path, Path, dict[str, object]], state_dir: Path, tmp_path: Path

@@ -14,9 +14,10 @@ from snapcore.errors import ExitCode, SnapcoreError, UsageError
 
 
 def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = False) -> tuple[str, list[str]]:
-    """The checkpoint's id and what differs at ``root``: ``/``, every file where it was;
-    else a copy laid out as ``restore --to`` lays it out (one mount: its tree at
-    ``root``; several: each at ``root/<mount point>``), the files of those mounts."""
+    """The checkpoint's id and what differs at ``root``: ``/``, every file where it was
+    (with ``--mount``, that mount's); else a copy laid out as ``restore --to`` lays it
+    out (one mount: its tree at ``root``; several: each at ``root/<mount point>``),
+    the files of those mounts."""
     from snapcore.store.confine import beneath
     from snapcore.store.restore import records_of
     from snapcore.tasks.digests import check_files
@@ -26,6 +27,8 @@ def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = Fal
     trees = None
     if root != Path("/"):
         trees = {r.mount: (beneath(root, r.mount) if len(records) > 1 else root) for r in records}
+    elif args.mount:  # where they were, but only that mount's
+        trees = {r.mount: Path(r.mount) for r in records}
     # ghost copies live in this host's state directory, not in an export directory
     ghosts = args.from_dir is None
     return manifest.id, check_files(manifest.files or [], trees, ghosts=ghosts, all_digests=all_digests)
