@@ -182,16 +182,17 @@ class Relay:
             while True:
                 events = dict(poller.poll())
                 if self._req in events:
-                    for request in self._requests():
-                        self.answer(handle(request) if request is not None else "error a request snapcore cannot read")
+                    self._answer_all(handle)
                 if pidfd in events:
                     break
         finally:
             os.close(pidfd)
-        # what the script wrote just before the runtime ended is answered too
+        self._answer_all(handle)  # what the script wrote just before the runtime ended, too
+        return runtime.wait()
+
+    def _answer_all(self, handle: Callable[[Request], str]) -> None:
         for request in self._requests():
             self.answer(handle(request) if request is not None else "error a request snapcore cannot read")
-        return runtime.wait()
 
     def _requests(self) -> list[Request | None]:
         while True:
