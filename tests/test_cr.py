@@ -289,17 +289,13 @@ def test_bad_pid_and_cgroup(state_dir: Path, capsys: pytest.CaptureFixture[str],
 
 
 @pytest.fixture
-def criu_and_btrfs(monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path) -> tuple[Criu, Path]:
+def criu_and_btrfs(
+    monkeypatch: pytest.MonkeyPatch, loop_fs: LoopFactory, tmp_path: Path, criu: Criu
+) -> tuple[Criu, Path]:
     """A working CRIU, the btrfs backend, and a btrfs subvolume mounted on its own
     (so that it can be rolled back in place)."""
-    from snapcore.errors import CriuUnavailable
     from snapcore.plugins import make_plugins
-    from snapcore.tasks.criu import check_criu
 
-    try:
-        criu = check_criu()
-    except CriuUnavailable as exc:
-        pytest.skip(f"CRIU unusable here: {exc}")
     monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
     if "btrfs" not in make_plugins().backends:
         pytest.skip("the btrfs backend is not installed")

@@ -101,16 +101,6 @@ def test_action_environment() -> None:
 # -- a real CRIU ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def criu() -> Criu:
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        return check_criu()
-    except CriuUnavailable as exc:
-        pytest.skip(f"no working CRIU (run scripts/setup-criu.sh): {exc}")
-
-
 # Holds data.txt open (read) and a deleted file (ghost); appends what both hold to
 # report.txt every 20 ms (open-append-close, so report.txt is never held open).
 PROGRAM = r"""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from snapcore.tasks.criu import Criu
 from snapcore.testing import Pace
 from snapcore.testing.nodes import APP, Node, Nodes, rsync_daemon
 
@@ -36,15 +37,8 @@ PROGRAM = (
 
 
 def test_a_program_moves_to_another_node_and_goes_on(
-    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu
 ) -> None:
-    from snapcore.errors import CriuUnavailable
-    from snapcore.tasks.criu import check_criu
-
-    try:
-        criu = check_criu().path
-    except CriuUnavailable as exc:
-        pytest.skip(f"CRIU unusable here: {exc}")
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
     a, b = two_nodes.a, two_nodes.b
     exports, images_b = tmp_path / "exports-on-B", tmp_path / "images-on-B"
@@ -65,7 +59,7 @@ def test_a_program_moves_to_another_node_and_goes_on(
         dumped = a.run(
             *snapcore, "--state-dir", str(tmp_path / "state-A"), "checkpoint", "--policy", str(policy),
             "--pid", str(pid), "--id", "move1", "--",
-            criu, "dump", "-t", str(pid), "-D", str(images_a), "-o", "dump.log",
+            criu.path, "dump", "-t", str(pid), "-D", str(images_a), "-o", "dump.log",
             check=False,
         )  # fmt: skip
         assert dumped.returncode == 0, dumped.stdout + dumped.stderr
@@ -75,7 +69,7 @@ def test_a_program_moves_to_another_node_and_goes_on(
 
         restored = b.run(
             *snapcore, "--state-dir", str(tmp_path / "state-B"), "restore", "--from", str(exports / "move1"),
-            "--to", APP, "--", criu, "restore", "-D", str(images_b), "-d", "-o", "restore.log",
+            "--to", APP, "--", criu.path, "restore", "-D", str(images_b), "-d", "-o", "restore.log",
             check=False,
         )  # fmt: skip
         assert restored.returncode == 0, restored.stdout + restored.stderr
@@ -119,19 +113,12 @@ def _still_running_and_writable(node: Node, pace: Pace) -> None:
 
 @pytest.mark.parametrize("failure", ["daemon-killed", "destination-full"])
 def test_a_move_that_fails_on_the_way_leaves_the_program_on_A(
-    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, failure: str
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu, failure: str
 ) -> None:
     """The transport breaks while the export is copied inside the freeze window (B's
     rsync daemon killed), or B's filesystem is full: the checkpoint fails (exit 1, its
     manifest says why), A is thawed and the program runs on there, CRIU never dumped
     it, and nothing on B is presented as a checkpoint (``restore --from`` refuses)."""
-    from snapcore.errors import CriuUnavailable
-    from snapcore.tasks.criu import check_criu
-
-    try:
-        criu = check_criu().path
-    except CriuUnavailable as exc:
-        pytest.skip(f"CRIU unusable here: {exc}")
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
     a, b = two_nodes.a, two_nodes.b
     exports = "/srv/exports"
@@ -151,7 +138,7 @@ def test_a_move_that_fails_on_the_way_leaves_the_program_on_A(
         images.mkdir()
         argv = [sys.executable, "-m", "snapcore", "--state-dir", str(tmp_path / "state-A"), "checkpoint"]
         argv += ["--policy", str(policy), "--pid", str(pid), "--id", "move2", "--"]
-        argv += [criu, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log"]
+        argv += [criu.path, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log"]
         checkpoint = subprocess.Popen(a.argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if failure == "daemon-killed":
             deadline = time.monotonic() + pace.seconds(60)

@@ -86,17 +86,16 @@ class Podman:
 
 @pytest.fixture
 def podman(
-    loop_fs: LoopFactory, tmp_path: Path, state_dir: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch, pace: Pace
+    loop_fs: LoopFactory,
+    tmp_path: Path,
+    state_dir: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pace: Pace,
+    criu: Any,
 ) -> Iterator[Podman]:
-    from snapcore.errors import CriuUnavailable
-    from snapcore.tasks.criu import check_criu
-
     if shutil.which("podman") is None or shutil.which("runc") is None:
         pytest.skip("podman is missing: apt-get install --no-install-recommends podman runc (make setup does)")
-    try:
-        criu = check_criu()
-    except CriuUnavailable as exc:
-        pytest.skip(f"CRIU unusable here: {exc}")
     monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,fsfreeze")
     volume = loop_fs("btrfs").mount_subvolume("data", tmp_path / "data")
     (tmp_path / "containers.conf").write_text(CONTAINERS_CONF)

@@ -114,20 +114,15 @@ def write_bundle(bundle: Path, rootfs: Path, criu_conf: Path, volumes: dict[str,
 
 
 @pytest.fixture
-def runc_container(tmp_path: Path, state_dir: Path, run_dir: Path, pace: Pace) -> Iterator[Callable[..., Container]]:
+def runc_container(
+    tmp_path: Path, state_dir: Path, run_dir: Path, pace: Pace, criu: Any
+) -> Iterator[Callable[..., Container]]:
     """``runc_container(rootfs, volumes={"/data": DIR}, policy=F)``: a running
     container with snapcore's hook, deleted (and runc's binds undone) at teardown."""
-    from snapcore.errors import CriuUnavailable
-    from snapcore.tasks.criu import check_criu
-
     if shutil.which("runc") is None:
         pytest.skip("runc is missing: apt-get install --no-install-recommends runc (make setup does)")
     if not os.path.exists("/usr/bin/busybox"):
         pytest.skip("busybox is missing: apt-get install busybox-static")
-    try:
-        criu = check_criu()
-    except CriuUnavailable as exc:
-        pytest.skip(f"CRIU unusable here: {exc}")
     made: list[Container] = []
 
     def make(rootfs: Path, volumes: dict[str, Path] | None = None, policy: Path | None = None) -> Container:

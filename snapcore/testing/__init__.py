@@ -264,6 +264,21 @@ def plugins() -> snapcore.Plugins:
 WritePolicy = Callable[..., Path]
 
 
+@pytest.fixture(scope="session")
+def criu() -> Any:
+    """A CRIU that passes ``criu check`` (:class:`snapcore.tasks.criu.Criu`: ``.path``),
+    else the test is skipped, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    from snapcore.errors import CriuUnavailable
+    from snapcore.tasks.criu import check_criu
+
+    try:
+        return check_criu()
+    except CriuUnavailable as exc:
+        pytest.skip(f"no working CRIU (run scripts/setup-criu.sh): {exc}")
+
+
 @pytest.fixture
 def write_policy(tmp_path: Path) -> WritePolicy:
     """Write a policy file under the test's directory and return its path:
