@@ -23,7 +23,7 @@ import pytest
 
 from snapcore.tasks.criu import Criu
 from snapcore.testing import Pace
-from snapcore.testing.nodes import APP, Node, Nodes, rsync_daemon
+from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes, rsync_daemon
 
 pytest_plugins = ["snapcore.testing.nodes"]
 
@@ -47,7 +47,7 @@ def test_a_program_moves_to_another_node_and_goes_on(
     daemon = rsync_daemon(b, {"exports": exports, "images": images_b}, tmp_path)
     try:
         program = _start_counter(a, pace)
-        pid = program.pid
+        pid = program.node_pid
         policy = tmp_path / "policy.yaml"
         policy.write_text(
             f"version: 1\nmounts:\n  {APP}:\n    imager: fsfreeze\n    exporter: rsync\n"
@@ -91,8 +91,8 @@ def test_a_program_moves_to_another_node_and_goes_on(
         daemon.wait()
 
 
-def _start_counter(node: Node, pace: Pace) -> subprocess.Popen[bytes]:
-    """The counter program on ``node`` (its pid is the Popen's: nsenter and setsid exec)."""
+def _start_counter(node: Node, pace: Pace) -> NodeProcess:
+    """The counter program on ``node`` (its PID there: ``node_pid``)."""
     program = node.start("sh", "-c", PROGRAM)
     deadline = time.monotonic() + pace.seconds(30)
     while node.run("cat", f"{APP}/count", check=False).stdout.strip() in ("", "0", "1", "2"):
@@ -127,7 +127,7 @@ def test_a_move_that_fails_on_the_way_leaves_the_program_on_A(
     program: subprocess.Popen[bytes] | None = None
     try:
         program = _start_counter(a, pace)
-        pid = program.pid
+        pid = program.node_pid
         a.run("sh", "-c", f"mkdir {APP}/bulk && for i in $(seq 48); do head -c 2M /dev/urandom > {APP}/bulk/f$i; done")
         policy = tmp_path / "policy.yaml"
         policy.write_text(

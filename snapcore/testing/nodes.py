@@ -1,9 +1,13 @@
 """Nodes on one machine, for tests that move a checkpoint from one to another.
 
-A node is a network namespace and a private mount namespace, held by a ``sleep
-infinity`` process, with an ext4 loop filesystem of its own at ``/srv/app`` (a tmpfs
-on ``/srv`` keeps it off the host): the same path on every node, a different
-filesystem behind it. Two nodes are joined by a veth pair, with addresses in a
+A node is a network namespace, a private mount namespace and a PID namespace of its
+own (with its own ``/proc``), whose init is a small reaper (:data:`REAPER`), with an
+ext4 loop filesystem of its own at ``/srv/app`` (a tmpfs on ``/srv`` keeps it off the
+host): the same path on every node, a different filesystem behind it. Separate PID
+spaces are what separate machines have: ``criu restore`` gives the tasks back their
+PIDs on B while the originals may still exist, frozen, on A. Each node's PIDs start
+at a different number (A near 10000, B near 20000), so that what runs on B does not
+take the PIDs a program from A needs there. Two nodes are joined by a veth pair, with addresses in a
 ``10.213.N.0/24`` of their own; traffic goes only between those addresses. Commands
 run on a node through ``nsenter`` (:meth:`Node.run`). Everything is torn down by
 :meth:`Nodes.close`, also when the test failed: the processes in the namespaces, the
@@ -18,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +34,20 @@ import pytest
 #: Where each node's own filesystem is, on every node.
 APP = "/srv/app"
 
+#: PID 1 of a node: reaps every orphan (a task CRIU ended, a daemon's children)
+#: at once, so that their PIDs are free again for a ``criu restore``.
+REAPER = """
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD, signal.SIGTERM, signal.SIGINT])
+while True:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    signal.sigtimedwait([signal.SIGCHLD], 1.0)
+"""
+
 
 def _in_netns(netns: str, *command: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}", "--", *command]
@@ -38,17 +57,55 @@ def _run(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=True, timeout=60, **kw)
 
 
+class NodeProcess(subprocess.Popen[bytes]):
+    """A process started on a node: ``nsenter`` forks to enter the PID namespace, so
+    the process itself is nsenter's child; signals go to it, and :attr:`node_pid` is
+    its PID as the node sees it (what ``--pid`` and ``criu dump -t`` take there)."""
+
+    def inner(self) -> int | None:
+        """The process's PID on the host, once nsenter has forked it (None: gone)."""
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+                if children:
+                    return int(children[0])
+            if self.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+
+    @property
+    def node_pid(self) -> int:
+        inner = self.inner()
+        assert inner is not None, "the process on the node is gone"
+        for line in Path(f"/proc/{inner}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        raise AssertionError(f"no NSpid for {inner}")
+
+    def send_signal(self, sig: int) -> None:
+        inner = self.inner() if self.returncode is None else None
+        if inner is None:
+            super().send_signal(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(inner, sig)
+
+
 @dataclass
 class Node:
     name: str
     netns: str
     address: str
+    #: ``unshare``, waiting for the node's init (:data:`REAPER`); killing it ends the node
     holder: subprocess.Popen[bytes]
     loop: str
+    #: the node's init (PID 1 inside), as the host sees it
+    init: int = 0
 
     def argv(self, *command: str) -> list[str]:
-        """``command`` run in this node's mount and network namespaces."""
-        return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--", *command]
+        """``command`` run in this node's mount, network and PID namespaces."""
+        return ["nsenter", "-t", str(self.init), "-m", "-n", "-p", "--", *command]
 
     def run(
         self, *command: str, check: bool = True, timeout: float = 120, **kw: Any
@@ -66,9 +123,9 @@ class Node:
             raise AssertionError(f"{self.name}: {' '.join(command)}: exit {done.returncode}: {done.stderr[-3000:]}")
         return done
 
-    def start(self, *command: str, **kw: Any) -> subprocess.Popen[bytes]:
+    def start(self, *command: str, **kw: Any) -> NodeProcess:
         """A long-running ``command`` on this node, in a session of its own, stdio to /dev/null."""
-        return subprocess.Popen(
+        return NodeProcess(
             self.argv("setsid", *command),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -110,10 +167,11 @@ class Nodes:
                 _run(["mkfs.ext4", "-q", "-F", str(image)])
                 loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
                 self._loops.append(loop)
+                unshare = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc")
                 holder = subprocess.Popen(
                     # not 'ip netns exec': it mounts a sysfs of its own over /sys, and the
                     # node would lose the cgroup hierarchies a --pid checkpoint freezes with
-                    [*("unshare", "--mount", "--propagation", "private", "--"), *_in_netns(netns, "sleep", "infinity")],
+                    [*unshare, "--", *_in_netns(netns, sys.executable, "-c", REAPER)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -121,6 +179,7 @@ class Nodes:
                 node = Node(name=name, netns=netns, address=address, holder=holder, loop=loop)
                 self.nodes.append(node)
                 self._wait_in_own_namespace(node)
+                node.run("sh", "-c", f"echo {10000 * (i + 1)} > /proc/sys/kernel/ns_last_pid")
                 node.run("sh", "-c", f"mount -t tmpfs snapcore-node-{name} /srv && mkdir {APP} && mount {loop} {APP}")
                 node.run("rmdir", f"{APP}/lost+found")  # empty: a restore --to goes there
         except BaseException:
@@ -129,15 +188,17 @@ class Nodes:
 
     @staticmethod
     def _wait_in_own_namespace(node: Node) -> None:
-        """The holder has exec'd ``sleep`` inside its own mount namespace."""
+        """The holder's child, the node's init, runs the reaper in its own namespaces."""
         deadline = time.monotonic() + 30
-        mine = os.readlink("/proc/self/ns/mnt")
+        mine = os.readlink("/proc/self/ns/pid")
         while True:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                init = int(Path(f"/proc/{node.holder.pid}/task/{node.holder.pid}/children").read_text().split()[0])
                 if (
-                    Path(f"/proc/{node.holder.pid}/comm").read_text().strip() == "sleep"
-                    and os.readlink(f"/proc/{node.holder.pid}/ns/mnt") != mine
+                    Path(f"/proc/{init}/cmdline").read_bytes().startswith(sys.executable.encode() + b"\0")
+                    and os.readlink(f"/proc/{init}/ns/pid") != mine
                 ):
+                    node.init = init
                     return
             if node.holder.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"node {node.name}: its namespace holder did not start")
@@ -201,14 +262,14 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
         assert not problems, problems
 
 
-def rsync_daemon(node: Node, modules: dict[str, Path], base: Path, port: int = 8730) -> subprocess.Popen[bytes]:
+def rsync_daemon(node: Node, modules: dict[str, Path], base: Path, port: int = 8730) -> NodeProcess:
     """An rsync daemon on ``node``'s address, ``modules`` name → directory, writable."""
     conf = base / f"rsyncd-{node.name}.conf"
     conf.write_text(
         "uid = root\ngid = root\nuse chroot = no\n"
         + "".join(f"[{name}]\npath = {path}\nread only = no\n" for name, path in modules.items())
     )
-    daemon = subprocess.Popen(
+    daemon = NodeProcess(
         node.argv(
             "rsync", "--daemon", "--no-detach", f"--config={conf}", f"--address={node.address}", f"--port={port}"
         ),
