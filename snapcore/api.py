@@ -27,6 +27,7 @@ from snapcore.safety.deadline import Watchdog
 from snapcore.store.manifest import Manifest
 from snapcore.transaction import Payload, Selection, TaskSpec, Transaction, check_payload
 from snapcore.transaction import plan as _plan
+from snapcore.transaction.handoff import HandOff, check_request
 
 if TYPE_CHECKING:  # loaded by the calls that need them (the command line starts faster)
     from snapcore.store.restore import MountRestored, Verification
@@ -101,6 +102,8 @@ def checkpoint(
     pid: int | None = None,
     cgroup: PathLike | None = None,
     tasks: TaskSpec | None = None,
+    send_images: bool = False,
+    hand_off: float | None = None,
 ) -> Manifest:
     """Checkpoint the mounts holding ``paths`` (and/or the policy's mounts).
 
@@ -121,10 +124,21 @@ def checkpoint(
     ``cancel``: a :class:`~snapcore.safety.cancel.Cancel` another thread (or a signal
     handler) may set; the checkpoint then fails at its next step, its exporters'
     commands stopped at once.
+
+    ``send_images``: the payload is a ``criu dump``; its image directory is copied
+    into each export directory as ``criu/``, so that the export alone restarts the
+    program elsewhere. ``hand_off`` (seconds; implies ``send_images``): the dump
+    leaves the tasks frozen here, and once the checkpoint is complete they are held
+    until the destination's ``restore --from`` answers: restored → they are ended
+    here; failed, or no answer in time → thawed, the program goes on here. The
+    manifest's ``handoff`` says which.
     """
     check_payload(payload)
     spec = _tasks(pid, cgroup, tasks)
+    check_request(send_images, hand_off, payload, spec)
     txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel, spec)
+    txn.send_images = send_images or hand_off is not None
+    txn.hand_off = HandOff(txn, hand_off) if hand_off is not None else None
     return txn.run(payload)
 
 

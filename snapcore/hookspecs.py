@@ -287,6 +287,44 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 
 
 @hookspec(firstresult=True)
+def snapcore_export_put(target: Target, export: Export, source: Path, name: str) -> Mapping[str, Any] | None:
+    """Copy the directory ``source`` into this checkpoint's export directory as
+    ``name`` (a ``criu dump``'s images, so that they travel with the files).
+
+    **When**: on the selected exporter, after ``export`` and the payload, before
+    ``finish``; once per export directory (targets sharing one get it once). Not
+    implemented: the core copies into ``export.path`` itself when that is a local
+    directory, else the checkpoint fails (``--send-images`` cannot be honoured).
+
+    **Returns**: what was copied (e.g. ``files``, ``bytes``, ``ms``), for the manifest.
+
+    **Must**: leave ``name`` complete or absent (a copy under a temporary name,
+    renamed; for a remote destination, the manifest copy written after it is what
+    says complete); the exporter's ``discard`` of this export removes it too (the core
+    lists the names put in ``export.details["put"]``).
+
+    **Raises**: the checkpoint fails; its exports are discarded.
+    """
+
+
+@hookspec(firstresult=True)
+def snapcore_export_get(target: Target, export: Export, name: str, limit: int) -> bytes | None:
+    """Read the small file ``name`` from this checkpoint's export directory, where
+    another host wrote it (the destination's answer in a hand-off).
+
+    **When**: on the selected exporter, polled while the checkpoint's tasks are held
+    for a hand-off (``checkpoint --hand-off``). Not implemented: the core reads
+    ``export.path / name`` itself when that is a local directory.
+
+    **Returns**: at most ``limit`` bytes, or ``None`` when the file is not there (yet).
+    What it returns is untrusted: the core parses it as such.
+
+    **Raises**: :class:`~snapcore.errors.BackendError` when the destination cannot be
+    reached; the core asks again until its deadline.
+    """
+
+
+@hookspec(firstresult=True)
 def snapcore_discard(target: Target, image: Image | None, export: Export | None) -> None:
     """Delete an image (imager) or an export (exporter; ``export`` is set).
 

@@ -280,6 +280,36 @@ class Plugins:
         inject("discard", name)
         self._one(name, "snapcore_discard")(target=target, image=image, export=export)
 
+    def export_put(self, name: str, target: Target, export: Export, source: Path, put_as: str) -> dict[str, Any]:
+        """Copy ``source`` into the export as ``put_as``: the exporter, or the core
+        when the export directory is local and the exporter does not."""
+        inject("export_put", name)
+        if self.implements(name, "snapcore_export_put"):
+            done = self._one(name, "snapcore_export_put")(target=target, export=export, source=source, name=put_as)
+            if done is not None:
+                return dict(done)
+        local = _local_export_dir(export)
+        if local is None:
+            raise PluginError(f"backend {name!r} cannot copy {source} into its export {export.path}")
+        from snapcore.store.export_files import put_local
+
+        return put_local(local, source, put_as)
+
+    def export_get(self, name: str, target: Target, export: Export, file_name: str, limit: int) -> bytes | None:
+        """The file ``file_name`` of the export directory (None: not there yet)."""
+        if self.implements(name, "snapcore_export_get"):
+            data = self._one(name, "snapcore_export_get")(target=target, export=export, name=file_name, limit=limit)
+            if data is not None:
+                return bytes(data)[:limit]
+            if _local_export_dir(export) is None:
+                return None  # not there (yet)
+        local = _local_export_dir(export)
+        if local is None:
+            raise PluginError(f"backend {name!r} cannot read {file_name} from its export {export.path}")
+        from snapcore.store.export_files import get_local
+
+        return get_local(local, file_name, limit)
+
     def discard_partial(self, name: str, target: Target, dest: Path) -> list[str]:
         if not self.implements(name, "snapcore_discard_partial"):
             return []
@@ -450,3 +480,9 @@ def default_plugins() -> Plugins:
         if _default is None or _default[0] != state:
             _default = (state, make_plugins())
         return _default[1]
+
+
+def _local_export_dir(export: Export) -> Path | None:
+    """The export's directory when it is a local one (not a URL, not remote)."""
+    path = str(export.path or "")
+    return Path(path) if os.path.isabs(path) and os.path.isdir(path) else None

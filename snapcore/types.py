@@ -67,6 +67,7 @@ class Phase(StrEnum):
     AFTER_THAW = "after_thaw"
     PAYLOAD = "payload"
     EXPORT = "export"
+    SEND_IMAGES = "send_images"
     FINISH = "finish"
     DISCARD = "discard"
     MANIFEST = "manifest"

@@ -14,10 +14,12 @@ deleting it is intact, and A's filesystem is untouched by B.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +72,7 @@ def test_a_program_moves_to_another_node_and_goes_on(
         restored = b.run(
             *snapcore, "--state-dir", str(tmp_path / "state-B"), "restore", "--from", str(exports / "move1"),
             "--to", APP, "--", criu.path, "restore", "-D", str(images_b), "-d", "-o", "restore.log",
+            "--manage-cgroups=ignore",  # not into A's temporary cgroup (see Move.restore_on_b)
             check=False,
         )  # fmt: skip
         assert restored.returncode == 0, restored.stdout + restored.stderr
@@ -164,3 +167,162 @@ def test_a_move_that_fails_on_the_way_leaves_the_program_on_A(
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+# -- one command on each side: the images travel with the export, A holds the program
+# until B says it runs there ---------------------------------------------------------------
+
+#: The seed's scenarios, in one program: a file held open after it was deleted, one
+#: renamed while open, one renamed over (the old inode held), one mapped and deleted;
+#: and a counter. stdio is reopened inside the node (see PROGRAM).
+SCENARIOS = f"""
+import mmap, os, time
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.close(null)
+A = "{APP}"
+def write(name, text):
+    with open(f"{{A}}/{{name}}", "w") as f:
+        f.write(text)
+write("deleted", "held while deleted\\n")
+deleted = open(f"{{A}}/deleted")                 # fd 3
+os.unlink(f"{{A}}/deleted")
+write("old", "renamed while open\\n")
+renamed = open(f"{{A}}/old")                     # fd 4
+os.rename(f"{{A}}/old", f"{{A}}/new")
+write("keep", "the old content\\n")
+kept = open(f"{{A}}/keep")                       # fd 5
+write("keep.new", "the new content\\n")
+os.rename(f"{{A}}/keep.new", f"{{A}}/keep")
+write("mapped", "mapped while deleted\\n" * 100)
+with open(f"{{A}}/mapped", "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+os.unlink(f"{{A}}/mapped")
+i = 0
+while True:
+    i += 1
+    write("count.new", f"{{i}}\\n")
+    os.rename(f"{{A}}/count.new", f"{{A}}/count")
+    time.sleep(0.05)
+"""
+
+
+def _start_scenarios(node: Node, pace: Pace) -> NodeProcess:
+    program = node.start(sys.executable, "-c", SCENARIOS)
+    deadline = time.monotonic() + pace.seconds(30)
+    while node.run("cat", f"{APP}/count", check=False).stdout.strip() in ("", "1", "2"):
+        assert time.monotonic() < deadline and program.poll() is None, f"the program did not start on {node.name}"
+        time.sleep(0.05)
+    return program
+
+
+def _mapped_content(node: Node, pid: int) -> str:
+    """What the task maps of the deleted file ``mapped``, read through map_files."""
+    maps = node.run("cat", f"/proc/{pid}/maps").stdout
+    line = next(m for m in maps.splitlines() if m.endswith(f"{APP}/mapped (deleted)"))
+    return node.run("cat", f"/proc/{pid}/map_files/{line.split()[0]}").stdout
+
+
+def _count(node: Node) -> int:
+    text = node.run("cat", f"{APP}/count", check=False).stdout.strip()
+    return int(text) if text.isdigit() else -1
+
+
+class Move:
+    """``snapcore checkpoint --hand-off`` on A (in the background) and ``restore --from
+    --wait`` on B, through B's rsync daemon: one command on each side."""
+
+    def __init__(self, nodes: Nodes, tmp_path: Path, pace: Pace, criu: Criu, checkpoint_id: str) -> None:
+        self.a, self.b, self.tmp, self.pace, self.criu, self.id = nodes.a, nodes.b, tmp_path, pace, criu, checkpoint_id
+        self.exports = tmp_path / "exports-on-B"
+        self.exports.mkdir()
+        self.daemon = rsync_daemon(self.b, {"exports": self.exports}, tmp_path)
+        self.policy = tmp_path / "policy.yaml"
+        self.policy.write_text(
+            f"version: 1\nmounts:\n  {APP}:\n    imager: fsfreeze\n    exporter: rsync\n"
+            f"    options:\n      rsync:\n        dest: rsync://{self.b.address}:8730/exports\n"
+        )
+        self.snapcore = [sys.executable, "-m", "snapcore"]
+
+    def start_on_a(self, pid: int, hand_off: float) -> subprocess.Popen[str]:
+        images = self.tmp / "images-on-A"
+        images.mkdir()
+        argv = [*self.snapcore, "--state-dir", str(self.tmp / "state-A"), "checkpoint", "--policy", str(self.policy)]
+        argv += ["--pid", str(pid), "--id", self.id, "--hand-off", f"{hand_off:.1f}s", "--"]
+        argv += [self.criu.path, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log"]
+        return subprocess.Popen(self.a.argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def restore_on_b(self, *criu_options: str, wait: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [*self.snapcore, "--state-dir", str(self.tmp / "state-B"), "restore", "--from", str(self.export_dir)]
+        argv += ["--wait", f"{self.pace.seconds(wait):.1f}s", "--to", APP, "--"]
+        # the nodes share the host's cgroup hierarchy: CRIU would put the restored tasks
+        # back into the cgroup they were dumped from, snapcore's temporary one on A,
+        # frozen while A holds them (separate machines have hierarchies of their own)
+        argv += [self.criu.path, "restore", "-d", "--manage-cgroups=ignore", "-o", str(self.tmp / "restore.log")]
+        argv += criu_options
+        return self.b.run(*argv, check=False, timeout=self.pace.seconds(300))
+
+    @property
+    def export_dir(self) -> Path:
+        return self.exports / self.id
+
+    def manifest_on_a(self) -> dict[str, Any]:
+        path = self.tmp / "state-A" / "checkpoints" / self.id / "manifest.json"
+        return json.loads(self.a.run("cat", str(path)).stdout)
+
+    def close(self) -> None:
+        self.daemon.kill()
+        self.daemon.wait()
+
+
+def test_a_program_moves_with_one_command_on_each_side(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu
+) -> None:
+    """A: ``checkpoint --pid P --hand-off T -- criu dump`` sends the files and CRIU's
+    images (with ``--leave-running``: the tasks stay, frozen) and holds them; B:
+    ``restore --from EXPORT --wait T --to /srv/app -- criu restore`` (no ``-D``: the
+    images the export carries) restores, checks, starts the program and answers; A
+    then ends its copy. On B the program goes on with the bytes it had, for each of
+    the seed's scenarios; on A it is gone, and A's files are as it left them."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    move = Move(two_nodes, tmp_path, pace, criu, "move3")
+    try:
+        program = _start_scenarios(move.a, pace)
+        pid = program.node_pid
+        on_a = move.start_on_a(pid, pace.seconds(120))
+        restored = move.restore_on_b()
+        out, err = on_a.communicate(timeout=pace.seconds(120))
+        assert restored.returncode == 0, restored.stdout + restored.stderr + err
+        assert "the files the tasks need are as they had them" in restored.stdout
+        assert f"restore -D {move.export_dir}/criu" in restored.stdout
+        assert "told the source" in restored.stdout
+        assert on_a.returncode == 0, out + err
+        assert "the destination restored the program" in out, out
+        manifest = move.manifest_on_a()
+        assert manifest["handoff"]["state"] == "moved" and manifest["handoff"]["answer"]["outcome"] == "restored"
+        assert "--leave-running" in manifest["criu"]["argv"]
+        assert {s["name"] for s in manifest["criu"]["sent"]} == {"criu", "ghosts"}
+        states = {f["path"]: f["state"] for f in manifest["files"]}
+        # renamed before the checkpoint: the tasks hold it under its new name
+        assert states[f"{APP}/deleted"] == "deleted" and states[f"{APP}/new"] == "present"
+        assert states[f"{APP}/keep"] == "renamed-over" and states[f"{APP}/mapped"] == "deleted"
+        program.wait(timeout=pace.seconds(30))  # ended on A once B had it
+        at_checkpoint = _count(move.a)
+
+        deadline = time.monotonic() + pace.seconds(30)
+        while _count(move.b) <= at_checkpoint:
+            assert time.monotonic() < deadline, f"the program did not go on on B ({_count(move.b)})"
+            time.sleep(0.05)
+        assert _count(move.b) < at_checkpoint + 200  # it went on from there, not from 0
+        b = move.b
+        assert b.run("cat", f"/proc/{pid}/fd/3").stdout == "held while deleted\n"
+        assert b.run("cat", f"/proc/{pid}/fd/4").stdout == "renamed while open\n"
+        assert b.run("cat", f"{APP}/new").stdout == "renamed while open\n"
+        assert b.run("ls", f"{APP}/old", check=False).returncode != 0
+        assert b.run("cat", f"/proc/{pid}/fd/5").stdout == "the old content\n"
+        assert b.run("cat", f"{APP}/keep").stdout == "the new content\n"
+        assert _mapped_content(b, pid) == "mapped while deleted\n" * 100
+        assert _count(move.a) == at_checkpoint  # A's filesystem stays as the checkpoint left it
+    finally:
+        move.close()

@@ -13,6 +13,7 @@ from typing import Any
 from snapcore.cli import files_check
 from snapcore.cli.common import (
     RESTORED_ENV,
+    duration_arg,
     plugins_of,
     policy_of,
     print_json,
@@ -57,6 +58,20 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
         "runtime's own checkpoint command (default: RUNTIME checkpoint ID); its files are made consistent at "
         "CRIU's post-dump",
     )
+    p.add_argument(
+        "--send-images",
+        action="store_true",
+        help="with '-- criu dump ... -D DIR': copy CRIU's images into each export directory (as criu/), so "
+        "that the export alone restarts the program on another host",
+    )
+    p.add_argument(
+        "--hand-off",
+        type=duration_arg,
+        metavar="TIME",
+        help="move the program (--pid/--cgroup, '-- criu dump ...'; implies --send-images): keep the tasks "
+        "frozen here until the destination's 'restore --from' answers, at most TIME (30s, 2m): restored → "
+        "they are ended here; else thawed, the program goes on here (exit 1)",
+    )
 
 
 def _add_list(p: argparse.ArgumentParser) -> None:
@@ -87,6 +102,12 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
         "--no-check",
         action="store_true",
         help="with '-- CMD': run CMD without first checking that the files the tasks need are theirs",
+    )
+    p.add_argument(
+        "--wait",
+        type=duration_arg,
+        metavar="TIME",
+        help="with --from: wait up to TIME (30s, 2m) for the export to be complete (its manifest copy arrives last)",
     )
 
 
@@ -272,6 +293,8 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
                 cancel=cancel,
                 pid=args.pid,
                 cgroup=args.cgroup or None,
+                send_images=args.send_images,
+                hand_off=args.hand_off,
             )
     except CheckpointFailed as exc:
         if exc.manifest is not None:
@@ -281,6 +304,12 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     show_manifest(manifest, args.json, sys.stdout)
     if cancel.is_set():
         print(f"snapcore: {cancel.reason} too late to cancel: checkpoint {manifest.id} is complete", file=sys.stderr)
+    if manifest.handoff and manifest.handoff.get("state") != "moved":
+        answer = manifest.handoff.get("answer") or {}
+        raise SnapcoreError(
+            f"checkpoint {manifest.id} is complete, but the program was not moved: "
+            f"{answer.get('reason') or 'no answer'}; it runs on here"
+        )
     return ExitCode.OK
 
 
@@ -454,14 +483,33 @@ def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
-    code = cmd_restore(args, then=command)
-    if not command:
-        return code
-    if not args.no_check:
-        from snapcore.cli.files_check import check_before
+    from pathlib import Path
 
-        check_before(args, command)
-    return _run_after_restore(command, args.checkpoint_id)
+    from snapcore.cli import arrival
+
+    from_dir = Path(args.from_dir) if args.from_dir else None
+    if args.wait is not None:
+        if from_dir is None:
+            raise UsageError("--wait waits for an export: use it with --from EXPORT_DIR")
+        arrival.wait_for_export(from_dir, args.wait)
+    # the source holds the program frozen until told: told in every case, once
+    answer = arrival.answerer(from_dir) if command else None
+    try:
+        code = cmd_restore(args, then=command)
+        if not command:
+            return code
+        if not args.no_check:
+            from snapcore.cli.files_check import check_before
+
+            check_before(args, command)
+        code = _run_after_restore(arrival.with_images(command, from_dir), args.checkpoint_id)
+    except BaseException as exc:
+        if answer is not None:
+            answer(False, f"the restore here failed: {exc}" if str(exc) else "the restore here failed")
+        raise
+    if answer is not None:
+        answer(True, f"{command[0]} ran on {os.uname().nodename}")
+    return code
 
 
 #: Every command, in the order ``--help`` lists them: the one registry.

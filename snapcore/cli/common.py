@@ -73,3 +73,16 @@ def said(done: Any) -> None:
     print(f"{done.mount}: {done.message}", flush=True)
     if done.set_aside_id:
         print(f"{done.mount}: the state it replaced is checkpoint {done.set_aside_id}", flush=True)
+
+
+def duration_arg(text: str) -> float:
+    """An argparse ``type``: ``30s``, ``2m``, ``500ms`` → seconds (argparse says what
+    is wrong with another value, exit 2)."""
+    import argparse
+
+    from snapcore.policy.model import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

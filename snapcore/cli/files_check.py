@@ -29,9 +29,16 @@ def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = Fal
         trees = {r.mount: (beneath(root, r.mount) if len(records) > 1 else root) for r in records}
     elif args.mount:  # where they were, but only that mount's
         trees = {r.mount: Path(r.mount) for r in records}
-    # ghost copies live in this host's state directory, not in an export directory
-    ghosts = args.from_dir is None
-    return manifest.id, check_files(manifest.files or [], trees, ghosts=ghosts, all_digests=all_digests)
+    # ghost copies live in this host's state directory, or travelled with the export
+    # (checkpoint --send-images): then they are checked there
+    from snapcore.store.export_files import GHOSTS_NAME
+
+    ghost_dir = from_dir / GHOSTS_NAME if from_dir is not None else None
+    if ghost_dir is not None and (ghost_dir.is_symlink() or not ghost_dir.is_dir()):
+        ghost_dir = None
+    ghosts = from_dir is None or ghost_dir is not None
+    problems = check_files(manifest.files or [], trees, ghosts=ghosts, all_digests=all_digests, ghost_dir=ghost_dir)
+    return manifest.id, problems
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -164,6 +164,10 @@ class Manifest:
     changes: list[dict[str, Any]] | None = None
     #: CRIU's image directory and command, when the payload was a CRIU dump.
     criu: dict[str, Any] | None = None
+    #: A hand-off to another host (``checkpoint --hand-off``): ``state`` waiting,
+    #: moved (the destination restored the program, the tasks here were ended) or
+    #: kept (they were thawed here), with the destination's ``answer``.
+    handoff: dict[str, Any] | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,6 +188,7 @@ class Manifest:
         "files": (list, type(None)),
         "changes": (list, type(None)),
         "criu": (dict, type(None)),
+        "handoff": (dict, type(None)),
     }
     #: The known fields, in the order the manifest writes them.
     _FIELDS = tuple(_TYPES)
@@ -244,6 +249,16 @@ class Manifest:
             lines.append(line)
             lines.extend(f"    warning: {w}" for w in t.warnings)
         lines.extend(f"  warning: {w}" for w in self.warnings)
+        if self.handoff:
+            state = self.handoff.get("state")
+            answer = self.handoff.get("answer") if isinstance(self.handoff.get("answer"), dict) else {}
+            said = f": {answer.get('reason')}" if answer and answer.get("reason") else ""
+            what = {
+                "waiting": "hand-off: waiting for the destination to restore",
+                "moved": "hand-off: the destination restored the program; its tasks here were ended",
+                "kept": "hand-off: not moved, the program runs on here",
+            }.get(str(state), f"hand-off: {state}")
+            lines.append(f"  {what}{said}")
         return "\n".join(lines)
 
 

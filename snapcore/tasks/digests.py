@@ -175,13 +175,20 @@ def _check_named(root: Path, mount: object, entry: Mapping[str, Any], all_digest
     return problems
 
 
-def _check_ghost(entry: Mapping[str, Any]) -> list[str]:
+def _check_ghost(entry: Mapping[str, Any], ghost_dir: Path | None = None) -> list[str]:
     name = entry.get("path")
     ghost = entry.get("ghost")
     if not isinstance(ghost, Mapping) or not isinstance(ghost.get("path"), str):
         note = ghost.get("note") if isinstance(ghost, Mapping) else None
         return [f"{name} ({entry.get('state')}): no copy of its content ({note or 'none recorded'})"]
     path = str(ghost["path"])
+    if ghost_dir is not None:
+        # the copy travelled with an export: in its ghosts directory, by its own name
+        # only (the manifest is untrusted: no other path is ever read)
+        base = os.path.basename(path)
+        if base in ("", ".", "..") or "\0" in base:
+            return [f"{name} ({entry.get('state')}): its ghost copy has no usable name ({path!r})"]
+        path = str(ghost_dir / base)
     size = ghost.get("size")
     try:
         # the manifest names the copy: a regular file of the recorded size, never
@@ -200,13 +207,15 @@ def check_files(
     *,
     ghosts: bool = True,
     all_digests: bool = False,
+    ghost_dir: Path | None = None,
 ) -> list[str]:
     """What differs between the trees and a manifest's ``files``, one line each (none:
     they hold what the tasks had). ``trees``: where each mount's tree is (a restore
     ``--to``); files on other mounts are not checked; None: every file where it was.
     ``ghosts``: check deleted files' copies too (they are in the checkpoint's state
     directory); ``all_digests``: hash every file, also those recorded without a
-    digest (a digest, when recorded, is always checked)."""
+    digest (a digest, when recorded, is always checked); ``ghost_dir``: the copies are
+    there (an export's ``ghosts``), found by their file names."""
     problems: list[str] = []
     for entry in files:
         if not isinstance(entry, Mapping):
@@ -225,7 +234,7 @@ def check_files(
                 problems += _check_named(trees[mount], mount, entry, all_digests)
         elif state in (FileState.DELETED.value, FileState.RENAMED_OVER.value) and kind == "file":
             if ghosts:
-                problems += _check_ghost(entry)
+                problems += _check_ghost(entry, ghost_dir)
         else:
             problems.append(f"{entry.get('path')!r}: unknown state {state!r}")
     return problems

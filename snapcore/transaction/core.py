@@ -44,6 +44,7 @@ from snapcore.store.manifest import (
     utc_now,
 )
 from snapcore.transaction import images
+from snapcore.transaction.handoff import HandOff, send_images
 from snapcore.transaction.payload import Payload, run_payload
 from snapcore.transaction.pool import shared_pool
 from snapcore.transaction.select import resolve_mounts, select, task_mounts
@@ -76,9 +77,15 @@ class Transaction:
         table: MountTable | None = None,
         tasks: TaskSpec | None = None,
         cancel: Cancel | None = None,
+        send_images: bool = False,
+        hand_off: float | None = None,
     ) -> None:
         #: Set it (from any thread, or a signal handler) to cancel the checkpoint.
         self.cancel = cancel or Cancel()
+        #: ``--send-images``: CRIU's images go into the export directories.
+        self.send_images = send_images or hand_off is not None
+        #: ``--hand-off S``: the tasks stay frozen until the destination answers.
+        self.hand_off = HandOff(self, hand_off) if hand_off is not None else None
         self.task_spec = tasks
         #: The checkpoint's tasks, once resolved (None: a checkpoint of mounts alone).
         self.tasks: HeldTasks | None = None
@@ -163,13 +170,21 @@ class Transaction:
         its first entry (so its last act) writing the manifest."""
         tasks = self.tasks
         with ExitStack() as held, ExitStack() as undo:
-            held.callback(self._end)  # checkpoint_end, last of all
-            held.callback(self.watchdog.stop)
+            if tasks and self.hand_off is not None:
+                # the tasks stay frozen past the end: the guard and the journal last
+                # until the destination answered and they were ended or thawed
+                held.callback(self.watchdog.stop)
+                held.callback(self._close_journal)
+                held.callback(tasks.hand_over)
+                held.callback(self._end)  # the export's manifest copy: what the destination waits for
+            else:
+                held.callback(self._end)  # checkpoint_end, last of all
+                held.callback(self.watchdog.stop)
             undo.push(self._write_manifest)  # what was made, or what failed: after every undo below
             self._make_manifest_dir()
             self._recover_crashed()
             self._lock_mounts(held)
-            self._open_journal(held)
+            self._open_journal(None if tasks and self.hand_off is not None else held)
             self._prepare(undo)
             with tasks.frozen() if tasks else nullcontext():  # freeze the tasks: the last to thaw
                 undo.push(self._discard_if_failed)
@@ -184,12 +199,16 @@ class Transaction:
                 self._timed(Phase.EXPORT, images.export_all, self, [r for r in self.active if r.target.exporter])
                 if tasks:
                     tasks.check_changes()
+                if self.send_images:  # with the ghost copies made late, by check_changes
+                    self._timed(Phase.SEND_IMAGES, send_images, self)
             if tasks:
                 tasks.wait_for_dumped()
             self._timed(Phase.FINISH, self._finish)
             self.cancel.check()  # the last moment a cancellation undoes the checkpoint
             for run in self.active:
                 images.record(run, tasks_stopped=tasks is not None and tasks.stopped_at is not None)
+            if self.hand_off is not None:
+                self.manifest.handoff = self.hand_off.waiting()
             self.manifest.outcome = Outcome.OK.value
 
     def _resolve(self) -> None:
@@ -319,11 +338,13 @@ class Transaction:
             lock.acquire()
             undo.callback(lock.release)
 
-    def _open_journal(self, undo: ExitStack) -> None:
+    def _open_journal(self, undo: ExitStack | None) -> None:
         """Intents are written before acting: a controller that dies leaves what
-        ``recover`` (or the next checkpoint) needs to undo it."""
+        ``recover`` (or the next checkpoint) needs to undo it. ``undo`` closes it
+        (None: the caller already arranged the close)."""
         self.journal.open(state_dir=str(self.state_dir), started=self.manifest.started)
-        undo.callback(self._close_journal)
+        if undo is not None:
+            undo.callback(self._close_journal)
         self.journal.record_many(
             [{"op": "target", "key": r.mount_point, "record": r.record.to_json()} for r in self.runs]
         )

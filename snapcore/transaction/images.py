@@ -3,12 +3,13 @@ export, their completion by the backends, and their removal when it fails."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapcore.transaction.targets import TargetRun, describe
-from snapcore.types import Consistency, Outcome, Phase
+from snapcore.types import Consistency, Export, Outcome, Phase
 
 if TYPE_CHECKING:
     from snapcore.transaction.core import Transaction
@@ -154,6 +155,7 @@ def discard(txn: Transaction, run: TargetRun) -> None:
     checkpoint keeps nothing half-made); a failure to is a warning in its record."""
     discard_precopy(txn, run)
     if run.export is not None and run.target.exporter:
+        _remove_put(run.export)
         try:
             txn.plugins.discard(run.target.exporter, run.target, run.image, run.export)
         except Exception as exc:
@@ -169,3 +171,15 @@ def discard(txn: Transaction, run: TargetRun) -> None:
         else:
             txn.journal.record("discarded", key=run.mount_point)
         run.image = None
+
+
+def _remove_put(export: Export) -> None:
+    """What the core itself copied into a local export directory (``--send-images``
+    where the exporter has no ``snapcore_export_put``): the exporter's own discard
+    does not know it."""
+    from snapcore.store.export_files import remove_local
+
+    path = str(export.path or "")
+    for name in export.details.get("put") or ():
+        if isinstance(name, str) and os.path.isabs(path) and name and "/" not in name and name not in (".", ".."):
+            remove_local(Path(path), name)

@@ -90,5 +90,8 @@ def _criu_payload(txn: Transaction, cmd: list[str], env: dict[str, str]) -> list
             images = arg.split("=", 1)[1]
     if group and not any(a == "--freeze-cgroup" or a.startswith("--freeze-cgroup=") for a in cmd):
         cmd = [*cmd, "--freeze-cgroup", str(group)]
+    if txn.hand_off is not None and not any(a in ("-R", "--leave-running") for a in cmd):
+        # the tasks stay (frozen by us) until the destination says it restored them
+        cmd = [*cmd, "--leave-running"]
     txn.manifest.criu = {"images_dir": os.path.abspath(images) if images else None, "argv": cmd}
     return cmd

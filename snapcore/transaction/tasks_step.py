@@ -40,6 +40,8 @@ class HeldTasks:
         #: when they stopped (``time.monotonic()``), None while they run
         self.stopped_at: float | None = None
         self.rescues: dict[str, Rescue] = {}
+        #: Frozen past the checkpoint's end, for a hand-off (:meth:`hand_over`).
+        self.kept: TaskFreezer | None = None
 
     @property
     def criu_freeze_cgroup(self) -> str | None:
@@ -94,8 +96,10 @@ class HeldTasks:
         try:
             self._freeze()
             yield
-        finally:
+        except BaseException:
             self.release()
+            raise
+        self.release(keep_frozen=self.txn.hand_off is not None)
 
     def _freeze(self) -> None:
         txn = self.txn
@@ -124,11 +128,17 @@ class HeldTasks:
             self.inventory = copy_ghosts(self.inventory, self._ghosts_dir(), limit=txn.policy.ghost_limit)
         txn.manifest.files = self.inventory.to_json()
 
-    def release(self) -> None:
-        """Stop watching and thaw the tasks (idempotent): the one place they thaw."""
+    def release(self, *, keep_frozen: bool = False) -> None:
+        """Stop watching and thaw the tasks (idempotent): the one place they thaw.
+        ``keep_frozen`` (a hand-off): stop watching, and keep them frozen in
+        :attr:`kept` for :meth:`hand_over`, the guard still armed."""
         txn = self.txn
         freezer, self.freezer = self.freezer, None
         watch, self.watch = self.watch, None
+        if keep_frozen and freezer is not None:
+            self.kept = freezer
+            freezer = None
+            txn.manifest.tasks = self.kept.to_json()
         try:
             if watch is not None:
                 watch.stop()
@@ -146,6 +156,29 @@ class HeldTasks:
                 if self.stopped_at is not None:
                     # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
                     txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
+                txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
+                if self.rescues:
+                    with contextlib.suppress(SnapcoreError):
+                        txn.watchdog.thawed(*self.rescues)
+
+    def hand_over(self) -> None:
+        """After the checkpoint (its manifest written and published): the tasks kept
+        frozen for a hand-off are ended if the destination restored them, else
+        thawed; never left frozen. Nothing kept (the checkpoint failed, they were
+        thawed with it): nothing to do."""
+        kept, self.kept = self.kept, None
+        if kept is None:
+            return
+        txn = self.txn
+        try:
+            if txn.manifest.outcome == "ok" and txn.hand_off is not None:
+                txn.hand_off.run(kept)
+        finally:
+            try:
+                kept.close()  # idempotent: whatever the hand-off left undone
+            except SnapcoreError as exc:
+                txn.manifest.warnings.append(f"after the hand-off: {exc}")
+            finally:
                 txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
                 if self.rescues:
                     with contextlib.suppress(SnapcoreError):
@@ -211,7 +244,11 @@ class HeldTasks:
         restore right after it works."""
         txn = self.txn
         argv = (txn.manifest.criu or {}).get("argv")
-        if not argv or any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv):
+        if (
+            self.kept is not None
+            or not argv
+            or any(a in ("-R", "--leave-running", "-s", "--leave-stopped") for a in argv)
+        ):
             return
         from snapcore.tasks.resolve import wait_pids_free
 

@@ -318,6 +318,20 @@ class RsyncExporter:
         return rsync_restore.restore(target, export, dest)
 
 
+class RsyncHooks(ExporterHooks):
+    """rsync's hooks: those of both exporters, and what travels beside a remote tree
+    (CRIU's images, the destination's answer to a hand-off); the core does it for a
+    local one, as for a tar export."""
+
+    @hookimpl
+    def snapcore_export_put(self, target: Target, export: Export, source: Path, name: str) -> Mapping[str, Any] | None:
+        return rsync_export.put(target, export, source, name)
+
+    @hookimpl
+    def snapcore_export_get(self, target: Target, export: Export, name: str, limit: int) -> bytes | None:
+        return rsync_export.get(target, export, name, limit)
+
+
 #: The plugins the entry points name (``tar = "snapcore_tar.hooks:tar"``).
 tar = ExporterHooks(TarExporter())
-rsync = ExporterHooks(RsyncExporter())
+rsync = RsyncHooks(RsyncExporter())

@@ -17,10 +17,12 @@ import logging
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from snapcore import BackendError, Export, Image, Target, syncfs, write_atomic
+from snapcore import BackendError, Export, Image, SnapcoreError, Target, plain_name, read_regular, syncfs, write_atomic
 from snapcore_tar import common
 from snapcore_tar.common import (
     EXPORT_FORMAT,
@@ -296,7 +298,15 @@ def export(target: Target, image: Image) -> Export:
     return Export(backend=NAME, ref=tree, path=dest.join(me), details=details)
 
 
-def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | None, *, proven: bool = True) -> None:
+def _remove(
+    opts: RsyncOptions,
+    checkpoint_id: str,
+    name: str,
+    scratch: Path | None,
+    *,
+    proven: bool = True,
+    put: Sequence[str] = (),
+) -> None:
     """Delete this export's tree and sidecars (export.json first). Locally, only what
     its ``export.json`` proves is this checkpoint's rsync export (a manifest is
     untrusted input), else the ``.part`` tree alone, unless ``proven`` by our own
@@ -329,6 +339,7 @@ def _remove(opts: RsyncOptions, checkpoint_id: str, name: str, scratch: Path | N
             f"--include=/{name}.export.json",
             f"--include=/{name}.files",
             f"--include=/{name}/***",
+            *(f"--include=/{extra}/***" for extra in put),
             "--exclude=*",
         ]
         rsync(
@@ -397,7 +408,7 @@ def discard(target: Target, export: Export, *, unfinished: bool = False) -> None
     if me != target.checkpoint_id:  # what snapcore deletes, it proves it made
         raise fail(f"refusing to delete the export {me}: it is not checkpoint {target.checkpoint_id}'s", target)
     scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
-    _remove(opts, me, name, scratch, proven=unfinished)
+    _remove(opts, me, name, scratch, proven=unfinished, put=put_names(export))
     if opts.dest.local:
         if common.read_latest(opts.dest.path(), name) == me:
             with contextlib.suppress(FileNotFoundError):
@@ -434,3 +445,65 @@ def discard_partial(target: Target) -> list[str]:
         return [f"removed the unfinished export {opts.dest.join(me, name)}"]
     gone = before - common.names_in(opts.dest.path(me))
     return [f"removed the unfinished export file {opts.dest.path(me, n)}" for n in sorted(gone)]
+
+
+# -- what travels beside the tree (CRIU's images, the destination's answer) ------------------
+
+
+def put_names(export: Export) -> list[str]:
+    """The directories the core put into this export (``details.put``): plain names only."""
+    names = export.details.get("put") or ()
+    return [n for n in names if _plain(n)] if isinstance(names, list) else []
+
+
+def _plain(name: object) -> bool:
+    try:
+        plain_name(name)
+    except SnapcoreError:
+        return False
+    return True
+
+
+def put(target: Target, export: Export, source: Path, name: str) -> dict[str, Any] | None:
+    """``source`` into a remote export directory as ``name`` (None for a local one:
+    the core copies it there itself). Complete once the manifest copy follows it."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    if opts.dest.local:
+        return None
+    t = time.perf_counter()
+    out: list[str] = []
+    rsync(
+        opts,
+        [*COPY_FLAGS, "--delete", "--stats", f"{source}/", opts.dest.join(target.checkpoint_id, name) + "/"],
+        target=target,
+        what=f"sending {source}",
+        on_out=out.append,
+    )
+    stats = _stats("".join(out))
+    return {
+        "files": stats.get("files", 0),
+        "bytes": stats.get("bytes", 0),
+        "ms": round((time.perf_counter() - t) * 1000, 3),
+    }
+
+
+def get(target: Target, export: Export, name: str, limit: int) -> bytes | None:
+    """The small file ``name`` from a remote export directory (None: not there;
+    ``None`` for a local one too: the core reads it there itself)."""
+    opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
+    if opts.dest.local or not _plain(name):
+        return None
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as tmp:
+        # 23: "No such file" (not written yet); --max-size: more than an answer is none
+        rsync(
+            opts,
+            [f"--max-size={limit}", opts.dest.join(target.checkpoint_id, name), tmp + "/"],
+            target=None,
+            what=f"reading {name}",
+            ok_codes=(0, 23),
+        )
+        try:
+            return read_regular(Path(tmp, name), limit)
+        except FileNotFoundError:
+            return None

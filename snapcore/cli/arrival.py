@@ -1,0 +1,70 @@
+"""The destination's side of a move (``restore --from EXPORT_DIR ... -- criu restore``):
+wait for the export to be complete (``--wait``), run ``criu restore`` on the images
+the export carries (``EXPORT_DIR/criu``, when the command names no ``-D``), and
+answer the source when its manifest says it waits (``checkpoint --hand-off``):
+``handoff.json`` in the export directory, *restored* only once the command succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from snapcore.errors import SnapcoreError
+from snapcore.store.export_files import IMAGES_NAME, write_answer
+from snapcore.store.manifest import MANIFEST_NAME, read_manifest
+
+#: How often ``--wait`` looks for the export's manifest copy.
+POLL_S = 0.05
+
+Answerer = Callable[[bool, str], None]
+
+
+def wait_for_export(from_dir: Path, wait_s: float) -> None:
+    """Until the export directory holds its manifest copy (the exporter writes it
+    last: the export is complete), at most ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.lexists(from_dir / MANIFEST_NAME):
+        if time.monotonic() >= deadline:
+            raise SnapcoreError(f"{from_dir}: no complete export (no {MANIFEST_NAME}) after {wait_s:g} s of waiting")
+        time.sleep(POLL_S)
+
+
+def answerer(from_dir: Path | None) -> Answerer | None:
+    """How to answer the source, when the export's manifest says it waits for an answer."""
+    if from_dir is None:
+        return None
+    try:
+        manifest = read_manifest(from_dir / MANIFEST_NAME)
+    except (OSError, SnapcoreError):
+        return None  # the restore itself says what is wrong with it
+    handoff = manifest.handoff or {}
+    if handoff.get("state") != "waiting":
+        return None
+
+    def answer(restored: bool, reason: str) -> None:
+        try:
+            write_answer(from_dir, manifest.id, restored, reason)
+        except OSError as exc:
+            print(f"snapcore: cannot answer the source in {from_dir}: {exc.strerror or exc}", file=sys.stderr)
+            return
+        said = "it may end the program there" if restored else "the program goes on there"
+        print(f"checkpoint {manifest.id}: told the source ({said})", flush=True)
+
+    return answer
+
+
+def with_images(command: list[str], from_dir: Path | None) -> list[str]:
+    """``criu restore`` without ``-D``/``--images-dir``: the images the export carries."""
+    if from_dir is None or not command or os.path.basename(command[0]) != "criu" or "restore" not in command[1:]:
+        return command
+    if any(a in ("-D", "--images-dir") or a.startswith("--images-dir=") for a in command):
+        return command
+    images = from_dir / IMAGES_NAME
+    if not images.is_dir() or images.is_symlink():
+        return command
+    print(f"snapcore: {command[0]} restore -D {images} (the images the export carries)", flush=True)
+    return [*command, "-D", str(images)]

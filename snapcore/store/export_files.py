@@ -1,0 +1,135 @@
+"""Files that travel in an export directory beside the exporter's own: CRIU's images
+(``checkpoint --send-images``), and the destination's answer to a hand-off
+(``handoff.json``, written by ``restore --from`` on the other host).
+
+An exporter may move them itself (``snapcore_export_put``/``snapcore_export_get``:
+the rsync exporter does, to a remote destination); when it does not, and its export
+directory is local, the core copies and reads there itself (:func:`put_local`,
+:func:`get_local`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapcore.errors import SnapcoreError
+from snapcore.host.fsutil import read_regular, syncfs
+from snapcore.host.tools import write_atomic
+
+#: The directory of CRIU's images in an export directory (``restore --from DIR --
+#: criu restore`` adds ``-D DIR/criu`` when the command names no image directory).
+IMAGES_NAME = "criu"
+#: The ghost copies of the tasks' deleted and renamed-over files, sent with the images.
+GHOSTS_NAME = "ghosts"
+#: The destination's answer to a hand-off, in the export directory.
+HANDOFF_NAME = "handoff.json"
+#: An answer is a few hundred bytes; more is not one.
+HANDOFF_LIMIT = 64 << 10
+
+
+def put_local(export_dir: Path, source: Path, name: str) -> dict[str, Any]:
+    """Copy the directory ``source`` to ``export_dir/name`` (under a hidden temporary
+    name, renamed when whole, synced). Returns ``files``, ``bytes`` and ``ms``."""
+    t = time.perf_counter()
+    if not export_dir.is_dir():
+        raise SnapcoreError(f"{export_dir}: no such export directory to copy {source} into")
+    final, part = export_dir / name, export_dir / f".{name}.part"
+    for stale in (part, final):
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink()
+        elif stale.exists():
+            shutil.rmtree(stale)
+    try:
+        shutil.copytree(source, part, symlinks=True)
+        os.rename(part, final)
+    except OSError as exc:
+        shutil.rmtree(part, ignore_errors=True)
+        raise SnapcoreError(f"cannot copy {source} into {export_dir}: {exc.strerror or exc}") from exc
+    syncfs(export_dir)
+    files, nbytes = tree_size(final)
+    return {"files": files, "bytes": nbytes, "ms": round((time.perf_counter() - t) * 1000, 3)}
+
+
+def remove_local(export_dir: Path, name: str) -> None:
+    """Undo :func:`put_local` (idempotent)."""
+    for path in (export_dir / f".{name}.part", export_dir / name):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def get_local(export_dir: Path, name: str, limit: int) -> bytes | None:
+    """``export_dir/name``'s bytes (a regular file, at most ``limit``), None if absent."""
+    try:
+        return read_regular(export_dir / name, limit)
+    except FileNotFoundError:
+        return None
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    """Regular files under ``root`` and their bytes (symlinks not followed)."""
+    files = nbytes = 0
+    for path, _dirs, names in os.walk(root):
+        for n in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(path, n))
+                if not os.path.islink(os.path.join(path, n)):
+                    files += 1
+                    nbytes += st.st_size
+    return files, nbytes
+
+
+# -- the hand-off answer ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the destination said about a hand-off."""
+
+    #: True: it restored the checkpoint and the program runs there.
+    restored: bool
+    reason: str
+    #: the destination's wall clock when it answered (``time.time()``), if it said
+    at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outcome": "restored" if self.restored else "failed", "reason": self.reason, "at": self.at}
+
+
+def write_answer(export_dir: Path, checkpoint_id: str, restored: bool, reason: str) -> None:
+    """The destination's answer, written atomically into the export directory."""
+    data = {"checkpoint": checkpoint_id, "outcome": "restored" if restored else "failed", "reason": reason}
+    write_atomic(export_dir / HANDOFF_NAME, (json.dumps({**data, "at": time.time()}) + "\n").encode())
+
+
+def parse_answer(raw: bytes, checkpoint_id: str) -> Answer:
+    """An answer read from another host: untrusted. Only a well-formed one for this
+    checkpoint that says ``restored`` counts as restored; anything else is a failure
+    whose reason says what was wrong with it."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return Answer(False, "the destination's answer is not JSON")
+    if not isinstance(data, Mapping):
+        return Answer(False, "the destination's answer is not a JSON object")
+    if data.get("checkpoint") != checkpoint_id:
+        return Answer(False, "the destination's answer is for another checkpoint")
+    reason = data.get("reason")
+    reason = "".join(c if c.isprintable() else "?" for c in reason[:500]) if isinstance(reason, str) else ""
+    at = data.get("at")
+    when = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) and at == at else None
+    outcome = data.get("outcome")
+    if outcome == "restored":
+        return Answer(True, reason or "restored", when)
+    if outcome == "failed":
+        return Answer(False, reason or "the destination failed to restore", when)
+    return Answer(False, "the destination's answer has no outcome 'restored' or 'failed'")
