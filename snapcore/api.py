@@ -331,6 +331,9 @@ class Recovered:
 
     checkpoint_id: str
     done: list[str]
+    #: It was complete when its controller died (e.g. during a hand-off): kept as it
+    #: is, not marked failed.
+    complete: bool = False
 
 
 def recover(*, run_dir: PathLike | None = None, plugins: Plugins | None = None) -> list[Recovered]:
@@ -338,7 +341,9 @@ def recover(*, run_dir: PathLike | None = None, plugins: Plugins | None = None) 
     whose controller is alive is left alone)."""
     from snapcore.safety.journal import recover as _recover
 
-    return [Recovered(cid, done) for cid, done in _recover(_run(run_dir), plugins or default_plugins())]
+    return [
+        Recovered(cid, done, complete) for cid, done, complete in _recover(_run(run_dir), plugins or default_plugins())
+    ]
 
 
 def check_policy(path: PathLike, *, plugins: Plugins | None = None) -> list[PolicyError]:

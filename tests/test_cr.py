@@ -520,6 +520,9 @@ def test_a_tcp_server_with_an_established_connection_is_checkpointed_and_restore
         restore = [criu.path, "restore", "-D", str(images), "-d", *tcp, "--log-file", "restore.log"]
         code = main(["--state-dir", str(state_dir), "restore", "tcp", "--in-place", "--", *restore])
         assert code == 0, (images / "restore.log").read_text()[-3000:]
+        # back in the cgroups it lived in, not in the temporary one CRIU re-made
+        assert "snapcore-" not in Path(f"/proc/{pid}/cgroup").read_text()
+        assert not list(Path("/sys/fs/cgroup").glob("**/snapcore-tcp"))
         with socket.create_connection(("127.0.0.1", port), timeout=pace.seconds(5)) as s:
             assert s.recv(64).startswith(b"hello ")
         deadline = time.monotonic() + pace.seconds(10)

@@ -15,6 +15,8 @@ deleting it is intact, and A's filesystem is untouched by B.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -244,11 +246,13 @@ class Move:
             f"    options:\n      rsync:\n        dest: rsync://{self.b.address}:8730/exports\n"
         )
         self.snapcore = [sys.executable, "-m", "snapcore"]
+        #: A's state and run directories (the journal: not the host's /run/snapcore)
+        self.on_a = ["--state-dir", str(tmp_path / "state-A"), "--run-dir", str(tmp_path / "run-A")]
 
     def start_on_a(self, pid: int, hand_off: float) -> subprocess.Popen[str]:
         images = self.tmp / "images-on-A"
         images.mkdir()
-        argv = [*self.snapcore, "--state-dir", str(self.tmp / "state-A"), "checkpoint", "--policy", str(self.policy)]
+        argv = [*self.snapcore, *self.on_a, "checkpoint", "--policy", str(self.policy)]
         argv += ["--pid", str(pid), "--id", self.id, "--hand-off", f"{hand_off:.1f}s", "--"]
         argv += [self.criu.path, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log"]
         return subprocess.Popen(self.a.argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,7 +273,8 @@ class Move:
 
     def manifest_on_a(self) -> dict[str, Any]:
         path = self.tmp / "state-A" / "checkpoints" / self.id / "manifest.json"
-        return json.loads(self.a.run("cat", str(path)).stdout)
+        manifest: dict[str, Any] = json.loads(self.a.run("cat", str(path)).stdout)
+        return manifest
 
     def close(self) -> None:
         self.daemon.kill()
@@ -325,4 +330,71 @@ def test_a_program_moves_with_one_command_on_each_side(
         assert _mapped_content(b, pid) == "mapped while deleted\n" * 100
         assert _count(move.a) == at_checkpoint  # A's filesystem stays as the checkpoint left it
     finally:
+        move.close()
+
+
+@pytest.mark.parametrize("failure", ["check-fails", "criu-restore-fails", "no-answer", "source-killed"])
+def test_a_move_that_fails_leaves_the_program_running_on_A(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu, failure: str
+) -> None:
+    """The move fails after A dumped the program and sent everything, while A holds it
+    frozen: B's check finds a file altered on B before the restore (its copy in the
+    export, same size, other bytes); B's ``criu restore`` fails (a real CRIU failure:
+    its action script refuses pre-restore); B never answers (A's deadline); A's
+    snapcore is SIGKILLed while it waits (the guard). In every case the program runs
+    on on A, counting, its filesystem writable; B answers what failed (or nothing)."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    move = Move(two_nodes, tmp_path, pace, criu, "move4")
+    program: NodeProcess | None = None
+    try:
+        program = _start_scenarios(move.a, pace)
+        pid = program.node_pid
+        hand_off = pace.seconds(3) if failure == "no-answer" else pace.seconds(120)
+        on_a = move.start_on_a(pid, hand_off)
+        deadline = time.monotonic() + pace.seconds(120)
+        while not (move.export_dir / "manifest.json").exists():  # complete: A now waits
+            assert time.monotonic() < deadline and on_a.poll() is None, "the export never completed"
+            time.sleep(0.02)
+        held = _count(move.a)
+        time.sleep(0.3)
+        assert _count(move.a) == held  # A holds the program frozen while it waits
+        restored = None
+        if failure == "check-fails":
+            altered = move.export_dir / "srv-app" / "new"
+            altered.write_text("renamed while OPEN\n")  # same size, other bytes
+            restored = move.restore_on_b()
+            assert "new" in restored.stderr and "differ" in restored.stderr, restored.stderr
+        elif failure == "criu-restore-fails":
+            restored = move.restore_on_b("--action-script", "/bin/false")
+        elif failure == "source-killed":
+            # the snapcore inside the node, then the nsenter that started it
+            controllers = move.a.run("pgrep", "-f", "snapcore.*--hand-off").stdout.split()
+            assert controllers
+            move.a.run("kill", "-KILL", *controllers)
+            os.kill(on_a.pid, signal.SIGKILL)
+        out, err = on_a.communicate(timeout=pace.seconds(300))
+        if restored is not None:
+            assert restored.returncode == 1 and "Traceback" not in restored.stderr, restored.stdout + restored.stderr
+            assert "told the source (the program goes on there)" in restored.stdout, restored.stdout
+            answer = json.loads((move.export_dir / "handoff.json").read_text())
+            assert answer["outcome"] == "failed" and answer["reason"], answer
+        if failure != "source-killed":
+            assert on_a.returncode == 1 and "Traceback" not in err, out + err
+            assert "the program was not moved" in err and "it runs on here" in err, err
+            handoff = move.manifest_on_a()["handoff"]
+            assert handoff["state"] == "kept", handoff
+        _still_running_and_writable(move.a, pace)
+        assert program.poll() is None
+        if failure == "source-killed":  # what an admin runs: the checkpoint stays, its hand-off says kept
+            recovered = move.a.run(*move.snapcore, *move.on_a, "recover").stdout
+            assert "the controller died during the hand-off" in recovered, recovered
+            assert "checkpoint move4: complete, kept" in recovered, recovered
+            manifest = move.manifest_on_a()
+            assert manifest["outcome"] == "ok" and manifest["handoff"]["state"] == "kept", manifest["handoff"]
+            assert (move.export_dir / "criu").is_dir()  # the export is complete and kept
+            assert not list(Path("/sys/fs/cgroup").glob("*/snapcore-move4")), "the temporary cgroup stayed"
+    finally:
+        if program is not None:
+            program.kill()
+            program.wait()
         move.close()

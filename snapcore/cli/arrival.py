@@ -68,3 +68,21 @@ def with_images(command: list[str], from_dir: Path | None) -> list[str]:
         return command
     print(f"snapcore: {command[0]} restore -D {images} (the images the export carries)", flush=True)
     return [*command, "-D", str(images)]
+
+
+def resettle_tasks(command: list[str], checkpoint_id: str | None, from_dir: Path | None) -> None:
+    """After a ``criu restore`` that succeeded: the tasks leave the temporary cgroup
+    CRIU re-made for them (:func:`snapcore.tasks.freezer.resettle`)."""
+    if not command or os.path.basename(command[0]) != "criu" or "restore" not in command[1:]:
+        return
+    if checkpoint_id is None and from_dir is not None:
+        try:
+            checkpoint_id = read_manifest(from_dir / MANIFEST_NAME).id
+        except (OSError, SnapcoreError):
+            return
+    if not checkpoint_id:
+        return
+    from snapcore.tasks.freezer import resettle
+
+    for group in resettle(checkpoint_id):
+        print(f"snapcore: the restored tasks left {group}, which CRIU re-made, for its parent", flush=True)

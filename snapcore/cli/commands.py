@@ -177,7 +177,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not report:
         print("nothing to recover")
     for recovered in report:
-        print(f"checkpoint {recovered.checkpoint_id}: marked failed")
+        said = "complete, kept" if recovered.complete else "marked failed"
+        print(f"checkpoint {recovered.checkpoint_id}: {said}")
         for line in recovered.done:
             print(f"  {line}")
     return ExitCode.OK
@@ -503,6 +504,7 @@ def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
 
             check_before(args, command)
         code = _run_after_restore(arrival.with_images(command, from_dir), args.checkpoint_id)
+        arrival.resettle_tasks(command, args.checkpoint_id, from_dir)
     except BaseException as exc:
         if answer is not None:
             answer(False, f"the restore here failed: {exc}" if str(exc) else "the restore here failed")

@@ -104,6 +104,8 @@ class Pending:
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)
     guard: list[dict[str, Any]] = field(default_factory=list)
     ended: str | None = None
+    #: The checkpoint was complete and its tasks held for a hand-off when it died.
+    handoff: bool = False
     #: The name of the temporary freezer cgroups the tasks were moved into.
     tasks: str | None = None
 
@@ -168,6 +170,9 @@ def read_journal(path: Path) -> tuple[Pending, bool]:
             pending.exports.pop(key, None)
         elif op == "end":
             pending.ended = rec.get("outcome")
+        elif op == "handoff":  # complete, its manifest written: the tasks are held for a hand-off
+            pending.ended = "ok"
+            pending.handoff = True
         elif op == "tasks":
             pending.tasks = rec.get("name")
     guard = path.with_name(path.name[: -len(".jsonl")] + ".guard.jsonl")
@@ -218,7 +223,10 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
         except Exception as exc:
             done.append(f"thawing the tasks failed: {exc}")
     if pending.ended == "ok":
+        if pending.handoff:
+            done.append(_handoff_abandoned(pending))
         pending.path.unlink(missing_ok=True)
+        pending.path.with_name(pending.checkpoint_id + ".guard.jsonl").unlink(missing_ok=True)
         return done
     table = None
     with contextlib.suppress(OSError):
@@ -256,6 +264,24 @@ def recover_one(pending: Pending, plugins: Plugins | None) -> list[str]:
     pending.path.unlink(missing_ok=True)
     pending.path.with_name(pending.checkpoint_id + ".guard.jsonl").unlink(missing_ok=True)
     return done
+
+
+def _handoff_abandoned(pending: Pending) -> str:
+    """A controller that died while it held the tasks for a hand-off: the checkpoint
+    is complete and stays; its manifest says the hand-off ended with the tasks thawed
+    here (the guard's, or the lines above)."""
+    said = "the controller died during the hand-off: the tasks were thawed here"
+    if pending.state_dir is None:
+        return said
+    with contextlib.suppress(OSError, SnapcoreError):
+        manifest = load(pending.state_dir, pending.checkpoint_id)
+        if manifest.handoff and manifest.handoff.get("state") == "waiting":
+            manifest.handoff = {**manifest.handoff, "state": "kept", "answer": {"outcome": None, "reason": said}}
+            manifest.warnings.append(
+                f"the controller (pid {pending.pid}) died during the hand-off; recovered at {utc_now()}"
+            )
+            manifest.write(pending.state_dir)
+    return said
 
 
 def _discard_export(pending: Pending, key: str, plugins: Plugins | None, target: Target) -> list[str]:
@@ -309,8 +335,9 @@ def _mark_failed(pending: Pending, done: list[str]) -> None:
     manifest.write(pending.state_dir)
 
 
-def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]]]:
-    """Recover every journal under ``run_dir`` whose owner is dead."""
+def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str], bool]]:
+    """Recover every journal under ``run_dir`` whose owner is dead: per checkpoint, its
+    id, what was done, and whether it was complete (kept, not marked failed)."""
     journal_dir = run_dir / "journal"
     if not journal_dir.is_dir():
         return []
@@ -325,9 +352,9 @@ def recover(run_dir: Path, plugins: Plugins | None) -> list[tuple[str, list[str]
         except OSError:
             continue
         except SnapcoreError as exc:  # someone else's file: nothing in it is acted on
-            report.append((path.name[: -len(".jsonl")], [f"journal left alone: {exc}"]))
+            report.append((path.name[: -len(".jsonl")], [f"journal left alone: {exc}"], False))
             continue
         if alive:
             continue
-        report.append((pending.checkpoint_id, recover_one(pending, plugins)))
+        report.append((pending.checkpoint_id, recover_one(pending, plugins), pending.ended == "ok"))
     return report

@@ -542,3 +542,29 @@ def recover_temporary_cgroups(mountinfo: str = MOUNTINFO, *, name: str | None = 
                     done.append(directory)
                 dirnames.remove(d)
     return done
+
+
+def resettle(name: str, mountinfo: str = MOUNTINFO) -> list[str]:
+    """After ``criu restore`` of a checkpoint whose tasks snapcore froze in temporary
+    cgroups: CRIU puts the tasks back into the cgroups it dumped them from, which it
+    re-makes: ``HOME/snapcore-NAME``. Move them to ``HOME``, where they lived before
+    the checkpoint, and remove the re-made cgroup. A frozen one (a checkpoint of that
+    name running now) is left alone. Returns the cgroups handled."""
+    wanted = TEMP_PREFIX + name
+    done: list[str] = []
+    for hierarchy in cgroup_hierarchies(mountinfo):
+        if hierarchy is None:
+            continue
+        for dirpath, dirnames, _files in os.walk(hierarchy.mount_point):
+            if wanted not in dirnames:
+                continue
+            dirnames.remove(wanted)
+            directory = os.path.join(dirpath, wanted)
+            control = "cgroup.freeze" if hierarchy.version == 2 else "freezer.state"
+            with contextlib.suppress(OSError):
+                if Path(directory, control).read_text().strip() in ("1", "FROZEN", "FREEZING"):
+                    continue
+            with contextlib.suppress(OSError):
+                _empty_and_remove(directory, dirpath)
+                done.append(directory)
+    return done

@@ -328,7 +328,7 @@ class Transaction:
 
     def _recover_crashed(self) -> None:
         """Thaw and clean up after checkpoints whose controllers died (their journals)."""
-        for checkpoint_id, done in recover(self.run_dir, self.plugins):
+        for checkpoint_id, done, _complete in recover(self.run_dir, self.plugins):
             what = "; ".join(done) or "nothing left"
             self.manifest.warnings.append(f"recovered crashed checkpoint {checkpoint_id}: {what}")
 

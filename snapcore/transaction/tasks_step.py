@@ -172,6 +172,9 @@ class HeldTasks:
         txn = self.txn
         try:
             if txn.manifest.outcome == "ok" and txn.hand_off is not None:
+                # complete: a controller that dies from now on leaves it as it is
+                # ('recover' thaws the tasks, never discards what the destination uses)
+                txn.journal.record("handoff")
                 txn.hand_off.run(kept)
         finally:
             try:
