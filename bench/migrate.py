@@ -22,8 +22,20 @@ Then the same tree on a btrfs subvolume, exported by btrfs-send after a btrfs
 snapshot, without and with ``precopy: true`` (the same change made between the
 pre-copy and the snapshot): the export's time after the snapshot (the manifest's
 ``timings.export``), against a raw ``btrfs send -p A B > FILE`` of the same delta.
-Not measured yet: a whole migration's downtime (the move to another node is not
-built yet).
+Last, a program's **downtime** in a whole move to another node (two nodes on this
+machine, :mod:`snapcore.testing.nodes`; B's rsync daemon as the transport): a
+counter holding ``--move-mib`` MiB of files on A's ext4 ``/srv/app``, moved
+
+* by snapcore, one command on each side: ``checkpoint --pid P --hand-off 60s --
+  criu dump`` on A (fsfreeze + rsync with ``precopy: 3``, CRIU's images sent with
+  the export, the tasks frozen until B answers) and ``restore --from EXPORT --wait
+  60s --to /srv/app -- criu restore`` on B (the files checked first): from the
+  tasks' freeze on A to B's answer once ``criu restore`` returned (the manifest's
+  ``handoff.downtime_ms``);
+* by hand, the steps a script would run, with a pre-copy too: ``rsync`` of the tree
+  to B while the program runs, then ``criu dump``, ``rsync`` of the delta and of the
+  images, ``criu restore`` on B: from the dump's start to the restore's end (the
+  floor: no check, no hand-off, the program gone from A before B has it).
 """
 
 from __future__ import annotations
@@ -86,6 +98,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="size of the tree (1 MiB files)")
     parser.add_argument("--change", type=float, default=1.0, help="% of the files rewritten before the freeze")
+    parser.add_argument("--move-mib", type=int, default=128, help="size of the moved program's tree (1 MiB files)")
+    parser.add_argument("--rounds", type=int, default=3, help="moves of each kind (median)")
     args = parser.parse_args()
     if os.geteuid() != 0 or shutil.which("rsync") is None:
         raise SystemExit("run as root, with rsync installed (make setup)")
@@ -207,7 +221,112 @@ def main() -> int:
     print(f"  pre-copy: {finals.get('btrfs_precopy')}")
     print(f"  export with pre-copy / raw delta:        {ratio(sends['with'], sends['raw'])} (target <= 1.2x)")
     print(f"  export without / with pre-copy:          {sends['without'] / sends['with']:.1f}x (target >= 10x)")
+    moves = move_downtimes(args.move_mib, args.rounds)
+    print(f"a program holding {args.move_mib} x 1 MiB files moved A -> B, downtime (ms, median of {args.rounds}):")
+    print(f"  by hand: rsync, criu dump, rsync delta + images, criu restore  {moves['raw']:10.1f}")
+    print(f"  snapcore checkpoint --hand-off / restore --from --wait          {moves['snapcore']:10.1f}")
+    print(
+        f"    on A: freeze window {moves['window']:.1f}, criu dump {moves['dumped']:.1f}, images sent {moves['sent']:.1f}"
+    )
+    print(f"  snapcore / by hand:                      {ratio(moves['snapcore'], moves['raw'])}")
     return 0
+
+
+COUNTER = """
+import os, time
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.close(null)
+os.chdir("/srv/app")  # what it uses: the mount it is checkpointed with
+i = 0
+while True:
+    i += 1
+    with open("/srv/app/count.new", "w") as f:
+        f.write(f"{i}\\n")
+    os.rename("/srv/app/count.new", "/srv/app/count")
+    time.sleep(0.05)
+"""
+
+
+def move_downtimes(mib: int, rounds: int) -> dict[str, float]:
+    """Medians, ms: the ``raw`` (by hand) and ``snapcore`` downtimes, and parts of
+    snapcore's on A (``window``: the filesystem frozen, the final rsync pass in it;
+    ``dumped``: the ``criu dump``; ``sent``: the images copied)."""
+    import json
+    import statistics
+
+    from snapcore.tasks.criu import check_criu
+    from snapcore.testing.nodes import APP, Nodes, rsync_daemon
+
+    criu = check_criu().path
+    found: dict[str, list[float]] = {"raw": [], "snapcore": [], "window": [], "dumped": [], "sent": []}
+    for n in range(rounds):
+        for how in ("raw", "snapcore"):
+            base = Path(tempfile.mkdtemp(prefix=f"snapcore-bench-move-{how}-"))
+            nodes = Nodes(base, size_mb=mib * 3 + 256)
+            daemon = program = None
+            try:
+                a, b = nodes.a, nodes.b
+                exports, images_a = base / "exports", base / "images-A"
+                exports.mkdir()
+                images_a.mkdir()
+                daemon = rsync_daemon(b, {"exports": exports, "app": Path(APP)}, base)
+                fill = f"mkdir {APP}/tree && for i in $(seq {mib}); do head -c 1M /dev/urandom > {APP}/tree/f$i; done"
+                a.run("sh", "-c", fill)
+                program = a.start(sys.executable, "-c", COUNTER)
+                while a.run("cat", f"{APP}/count", check=False).returncode != 0:
+                    time.sleep(0.02)
+                pid = str(program.node_pid)
+                remote = f"rsync://{b.address}:8730"
+                if how == "raw":
+                    a.run(*RSYNC, f"{APP}/", f"{remote}/app/")  # the pre-copy, while it runs
+                    t = time.time()
+                    a.run(criu, "dump", "-t", pid, "-D", str(images_a), "-o", "dump.log")
+                    a.run(*RSYNC, f"{APP}/", f"{remote}/app/")
+                    a.run(*RSYNC, f"{images_a}/", f"{remote}/exports/images/")
+                    restore = [criu, "restore", "-D", str(exports / "images"), "-d", "--manage-cgroups=ignore"]
+                    b.run(*restore, "-o", "restore.log")
+                    found["raw"].append((time.time() - t) * 1000)
+                    continue
+                policy = base / "policy.yaml"
+                policy.write_text(
+                    f"version: 1\nmounts:\n  {APP}:\n    imager: fsfreeze\n    exporter: rsync\n"
+                    f"    options:\n      rsync:\n        dest: {remote}/exports\n        precopy: 3\n"
+                )
+                snap = [sys.executable, "-m", "snapcore", "--run-dir", str(base / "run")]
+                on_a = subprocess.Popen(
+                    a.argv(
+                        *snap, "--state-dir", str(base / "state-A"), "checkpoint", "--policy", str(policy),
+                        "--pid", pid, "--id", f"move{n}", "--hand-off", "60s", "--",
+                        criu, "dump", "-t", pid, "-D", str(images_a), "-o", "dump.log",
+                    ),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                on_b = b.run(
+                    *snap, "--state-dir", str(base / "state-B"), "restore", "--from", str(exports / f"move{n}"),
+                    "--wait", "60s", "--to", APP, "--", criu, "restore", "-d", "--manage-cgroups=ignore",
+                    "-o", str(base / "restore.log"), check=False,
+                )  # fmt: skip
+                out, err = on_a.communicate(timeout=120)
+                if on_a.returncode != 0 or on_b.returncode != 0:
+                    raise SystemExit(f"the move failed: A: {out}{err}\nB: {on_b.stdout}{on_b.stderr}")
+                path = base / "state-A" / "checkpoints" / f"move{n}" / "manifest.json"
+                manifest = json.loads(a.run("cat", str(path)).stdout)
+                found["snapcore"].append(manifest["handoff"]["downtime_ms"])
+                found["dumped"].append(manifest["timings"].get("payload", 0.0))
+                found["sent"].append(manifest["timings"].get("send_images", 0.0))
+                found["window"].append(manifest["freeze_window_ms"])
+            finally:
+                for process in (program, daemon):
+                    if process is not None:
+                        process.kill()
+                        process.wait()
+                problems = nodes.close()
+                shutil.rmtree(base, ignore_errors=True)
+                if problems:
+                    raise SystemExit(f"teardown: {problems}")
+    return {k: statistics.median(v) for k, v in found.items()}
 
 
 if __name__ == "__main__":

@@ -287,21 +287,22 @@ def snapcore_finish(target: Target, image: Image | None, export: Export | None) 
 
 
 @hookspec(firstresult=True)
-def snapcore_export_put(target: Target, export: Export, source: Path, name: str) -> Mapping[str, Any] | None:
-    """Copy the directory ``source`` into this checkpoint's export directory as
-    ``name`` (a ``criu dump``'s images, so that they travel with the files).
+def snapcore_export_put(target: Target, export: Export, parts: Mapping[str, Path]) -> Mapping[str, Any] | None:
+    """Copy each directory of ``parts`` into this checkpoint's export directory under
+    its name (``criu``: a ``criu dump``'s images; ``ghosts``: the copies of the tasks'
+    deleted files), so that they travel with the files.
 
     **When**: on the selected exporter, after ``export`` and the payload, before
     ``finish``; once per export directory (targets sharing one get it once). Not
-    implemented: the core copies into ``export.path`` itself when that is a local
-    directory, else the checkpoint fails (``--send-images`` cannot be honoured).
+    implemented (or ``None``): the core copies into ``export.path`` itself when that is
+    a local directory, else the checkpoint fails (``--send-images`` cannot be honoured).
 
     **Returns**: what was copied (e.g. ``files``, ``bytes``, ``ms``), for the manifest.
 
-    **Must**: leave ``name`` complete or absent (a copy under a temporary name,
+    **Must**: leave each part complete or absent (a copy under a temporary name,
     renamed; for a remote destination, the manifest copy written after it is what
-    says complete); the exporter's ``discard`` of this export removes it too (the core
-    lists the names put in ``export.details["put"]``).
+    says complete); the exporter's ``discard`` of this export removes them too (the
+    core lists the names put in ``export.details["put"]``).
 
     **Raises**: the checkpoint fails; its exports are discarded.
     """

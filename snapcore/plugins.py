@@ -280,20 +280,20 @@ class Plugins:
         inject("discard", name)
         self._one(name, "snapcore_discard")(target=target, image=image, export=export)
 
-    def export_put(self, name: str, target: Target, export: Export, source: Path, put_as: str) -> dict[str, Any]:
-        """Copy ``source`` into the export as ``put_as``: the exporter, or the core
-        when the export directory is local and the exporter does not."""
+    def export_put(self, name: str, target: Target, export: Export, parts: Mapping[str, Path]) -> dict[str, Any]:
+        """Copy ``parts`` (name → directory) into the export: the exporter, or the
+        core when the export directory is local and the exporter does not."""
         inject("export_put", name)
         if self.implements(name, "snapcore_export_put"):
-            done = self._one(name, "snapcore_export_put")(target=target, export=export, source=source, name=put_as)
+            done = self._one(name, "snapcore_export_put")(target=target, export=export, parts=dict(parts))
             if done is not None:
                 return dict(done)
         local = _local_export_dir(export)
         if local is None:
-            raise PluginError(f"backend {name!r} cannot copy {source} into its export {export.path}")
+            raise PluginError(f"backend {name!r} cannot copy {', '.join(parts)} into its export {export.path}")
         from snapcore.store.export_files import put_local
 
-        return put_local(local, source, put_as)
+        return put_local(local, parts)
 
     def export_get(self, name: str, target: Target, export: Export, file_name: str, limit: int) -> bytes | None:
         """The file ``file_name`` of the export directory (None: not there yet)."""

@@ -35,26 +35,26 @@ HANDOFF_NAME = "handoff.json"
 HANDOFF_LIMIT = 64 << 10
 
 
-def put_local(export_dir: Path, source: Path, name: str) -> dict[str, Any]:
-    """Copy the directory ``source`` to ``export_dir/name`` (under a hidden temporary
-    name, renamed when whole, synced). Returns ``files``, ``bytes`` and ``ms``."""
+def put_local(export_dir: Path, parts: Mapping[str, Path]) -> dict[str, Any]:
+    """Copy each directory of ``parts`` to ``export_dir/NAME`` (under a hidden
+    temporary name, renamed when whole), then one sync. Returns ``files``, ``bytes``
+    and ``ms``."""
     t = time.perf_counter()
     if not export_dir.is_dir():
-        raise SnapcoreError(f"{export_dir}: no such export directory to copy {source} into")
-    final, part = export_dir / name, export_dir / f".{name}.part"
-    for stale in (part, final):
-        if stale.is_symlink() or stale.is_file():
-            stale.unlink()
-        elif stale.exists():
-            shutil.rmtree(stale)
-    try:
-        shutil.copytree(source, part, symlinks=True)
-        os.rename(part, final)
-    except OSError as exc:
-        shutil.rmtree(part, ignore_errors=True)
-        raise SnapcoreError(f"cannot copy {source} into {export_dir}: {exc.strerror or exc}") from exc
+        raise SnapcoreError(f"{export_dir}: no such export directory to copy {', '.join(parts)} into")
+    files = nbytes = 0
+    for name, source in parts.items():
+        final, part = export_dir / name, export_dir / f".{name}.part"
+        remove_local(export_dir, name)
+        try:
+            shutil.copytree(source, part, symlinks=True)
+            os.rename(part, final)
+        except OSError as exc:
+            shutil.rmtree(part, ignore_errors=True)
+            raise SnapcoreError(f"cannot copy {source} into {export_dir}: {exc.strerror or exc}") from exc
+        n, size = tree_size(final)
+        files, nbytes = files + n, nbytes + size
     syncfs(export_dir)
-    files, nbytes = tree_size(final)
     return {"files": files, "bytes": nbytes, "ms": round((time.perf_counter() - t) * 1000, 3)}
 
 

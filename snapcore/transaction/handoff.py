@@ -79,14 +79,13 @@ def send_images(txn: Transaction) -> None:
         seen.add(str(run.export.path))
         parts = {IMAGES_NAME: Path(images)}
         ghosts = manifest_path(txn.state_dir, txn.id).parent / GHOSTS_NAME
-        if ghosts.is_dir() and not ghosts.is_symlink():
+        if ghosts.is_dir() and not ghosts.is_symlink() and any(ghosts.iterdir()):
             parts[GHOSTS_NAME] = ghosts  # the check at the destination reads them there
         # named before the copy: a discard after a failure removes what it began
         put = [*run.export.details.get("put", ()), *parts]
         run.export = dataclasses.replace(run.export, details={**run.export.details, "put": put})
-        for name, source in parts.items():
-            done = txn.plugins.export_put(exporter, run.target, run.export, source, name)
-            sent.append({"mount": run.mount_point, "export": run.export.path, "name": name, **done})
+        done = txn.plugins.export_put(exporter, run.target, run.export, parts)
+        sent.append({"mount": run.mount_point, "export": run.export.path, "parts": list(parts), **done})
     if not sent:
         raise SnapcoreError("--send-images: no target has an export to carry CRIU's images")
     txn.manifest.criu = {**criu, "sent": sent}
@@ -131,8 +130,13 @@ class HandOff:
                 }
                 if answer is not None:
                     record["answer"] = answer.to_json()
-                if txn.tasks is not None and txn.tasks.stopped_at is not None:
-                    record["stopped_ms"] = round((time.monotonic() - txn.tasks.stopped_at) * 1000, 3)
+                tasks = txn.tasks
+                if tasks is not None and tasks.stopped_at is not None:
+                    record["stopped_ms"] = round((time.monotonic() - tasks.stopped_at) * 1000, 3)
+                if ended and answer is not None and answer.at is not None and tasks and tasks.stopped_wall:
+                    # frozen here until running there, by the two hosts' clocks (as
+                    # close as their time sync): the program's downtime
+                    record["downtime_ms"] = round((answer.at - tasks.stopped_wall) * 1000, 3)
                 txn.manifest.handoff = record
                 txn.manifest.write(txn.state_dir)
 

@@ -40,6 +40,8 @@ class HeldTasks:
         #: when they stopped (``time.monotonic()``), None while they run
         self.stopped_at: float | None = None
         self.rescues: dict[str, Rescue] = {}
+        #: The wall clock at that moment (a hand-off's downtime ends on another host's).
+        self.stopped_wall: float | None = None
         #: Frozen past the checkpoint's end, for a hand-off (:meth:`hand_over`).
         self.kept: TaskFreezer | None = None
 
@@ -118,6 +120,7 @@ class HeldTasks:
                 # (a busy machine's reader thread ran late: a false "changed" was seen)
                 self.watch.drain()
             self.stopped_at = time.monotonic()
+            self.stopped_wall = time.time()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
         from snapcore.tasks.digests import at_freeze
 

@@ -324,8 +324,10 @@ class RsyncHooks(ExporterHooks):
     local one, as for a tar export."""
 
     @hookimpl
-    def snapcore_export_put(self, target: Target, export: Export, source: Path, name: str) -> Mapping[str, Any] | None:
-        return rsync_export.put(target, export, source, name)
+    def snapcore_export_put(
+        self, target: Target, export: Export, parts: Mapping[str, Path]
+    ) -> Mapping[str, Any] | None:
+        return rsync_export.put(target, export, parts)
 
     @hookimpl
     def snapcore_export_get(self, target: Target, export: Export, name: str, limit: int) -> bytes | None:

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,10 @@ def prepare(target: Target) -> None:
         return
     # reach the daemon or host now, before anything is frozen
     rsync(opts, ["--list-only", "--dirs", opts.dest.join("")], target=target, what=f"reaching {opts.dest.raw}")
+    # and find the export to link against now: each look costs a connection, which
+    # inside the freeze window would be paid with the filesystem frozen
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    _previous(opts, target, slug(target.mount.mount_point), scratch)
 
 
 # -- pre-copy ---------------------------------------------------------------------------
@@ -161,7 +165,16 @@ def _open_tree(opts: RsyncOptions, target: Target, name: str) -> tuple[str, bool
 
 
 def _previous(opts: RsyncOptions, target: Target, name: str, scratch: Path | None) -> str | None:
-    """The newest complete rsync export of this mount in dest, to hard-link against."""
+    """The newest complete rsync export of this mount in dest, to hard-link against
+    (looked up once per checkpoint: the mount's lock keeps it from changing)."""
+    state = target.state_of(NAME)
+    if "previous" not in state:
+        state["previous"] = _look_up_previous(opts, target, name, scratch)
+    found: str | None = state["previous"]
+    return found
+
+
+def _look_up_previous(opts: RsyncOptions, target: Target, name: str, scratch: Path | None) -> str | None:
     prev = read_latest(opts, name, scratch)
     if prev is None or prev == target.checkpoint_id:
         return None
@@ -263,27 +276,22 @@ def export(target: Target, image: Image) -> Export:
             "created": common.utc_now(),
             **details,
         }
-        listing = ("\n".join(counter.entries) + "\n").encode("latin-1")
         if dest.local:
             export_dir = dest.path(me)
             os.rename(export_dir / f".{name}.part", export_dir / name)
             write_json(export_dir / f"{name}.export.json", info, sync=False)
         else:
+            # still inside the window: a failure here fails the checkpoint before the
+            # payload (a CRIU dump ends the tasks); one connection for both files
             with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as tmp:
+                listing = ("\n".join(counter.entries) + "\n").encode("latin-1")
                 Path(tmp, f"{name}.files").write_bytes(listing)
                 write_json(Path(tmp, f"{name}.export.json"), info)
-                # the list first, export.json last: it is what makes the tree complete
                 rsync(
                     opts,
-                    [str(Path(tmp, f"{name}.files")), dest.join(me) + "/"],
+                    [str(Path(tmp, f"{name}.files")), str(Path(tmp, f"{name}.export.json")), dest.join(me) + "/"],
                     target=target,
-                    what="uploading the file list",
-                )
-                rsync(
-                    opts,
-                    [str(Path(tmp, f"{name}.export.json")), dest.join(me) + "/"],
-                    target=target,
-                    what="uploading export.json",
+                    what="uploading the file list and export.json",
                 )
         ok = True
     except OSError as exc:
@@ -464,21 +472,28 @@ def _plain(name: object) -> bool:
     return True
 
 
-def put(target: Target, export: Export, source: Path, name: str) -> dict[str, Any] | None:
-    """``source`` into a remote export directory as ``name`` (None for a local one:
-    the core copies it there itself). Complete once the manifest copy follows it."""
+def put(target: Target, export: Export, parts: Mapping[str, Path]) -> dict[str, Any] | None:
+    """``parts`` (name → directory) into a remote export directory, in one rsync: a
+    scratch directory of symlinks named as the parts, followed (``--copy-dirlinks``).
+    None for a local one: the core copies it there itself. Complete once the
+    manifest copy follows it."""
     opts = RsyncOptions.from_mapping({**target.options_for(NAME), "dest": export.details.get("dest")}, target)
     if opts.dest.local:
         return None
     t = time.perf_counter()
     out: list[str] = []
-    rsync(
-        opts,
-        [*COPY_FLAGS, "--delete", "--stats", f"{source}/", opts.dest.join(target.checkpoint_id, name) + "/"],
-        target=target,
-        what=f"sending {source}",
-        on_out=out.append,
-    )
+    scratch = target.checkpoint_dir if target.checkpoint_dir.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="snapcore-rsync-", dir=scratch) as tmp:
+        os.chmod(tmp, 0o755)  # rsync gives the export directory the mode of this one
+        for name, source in parts.items():
+            os.symlink(os.path.abspath(source), os.path.join(tmp, plain_name(name)))
+        rsync(
+            opts,
+            [*COPY_FLAGS, "--copy-dirlinks", "--stats", tmp + "/", opts.dest.join(target.checkpoint_id) + "/"],
+            target=target,
+            what=f"sending {', '.join(parts)}",
+            on_out=out.append,
+        )
     stats = _stats("".join(out))
     return {
         "files": stats.get("files", 0),

@@ -21,12 +21,15 @@ def _target(exporter: str, options: dict[str, object]) -> snapcore.Target:
     )
 
 
-def test_the_entry_points_load_two_instances_of_one_class() -> None:
+def test_the_entry_points_load_the_two_exporters() -> None:
+    """rsync's class adds what travels beside a remote tree (put/get) to the shared hooks."""
     plugins = make_plugins()
     assert not [b for b in plugins.broken if b.name in ("tar", "rsync")]
     tar, rsync = plugins.pm.get_plugin("tar"), plugins.pm.get_plugin("rsync")
     assert (tar, rsync) == (hooks.tar, hooks.rsync)
-    assert type(tar) is type(rsync) is hooks.ExporterHooks
+    assert type(tar) is hooks.ExporterHooks and type(rsync) is hooks.RsyncHooks
+    assert isinstance(rsync, hooks.ExporterHooks)
+    assert plugins.implements("rsync", "snapcore_export_put") and not plugins.implements("tar", "snapcore_export_put")
     assert plugins.info("tar").name == "tar" and plugins.info("rsync").name == "rsync"
     assert plugins.backends["tar"].distribution == plugins.backends["rsync"].distribution == "snapcore-tar"
     assert [o.name for o in plugins.option_schema("tar")] == ["dest", "compress", "incremental", "full_every"]
