@@ -226,7 +226,8 @@ def main() -> int:
     print(f"  by hand: rsync, criu dump, rsync delta + images, criu restore  {moves['raw']:10.1f}")
     print(f"  snapcore checkpoint --hand-off / restore --from --wait          {moves['snapcore']:10.1f}")
     print(
-        f"    on A: freeze window {moves['window']:.1f}, criu dump {moves['dumped']:.1f}, images sent {moves['sent']:.1f}"
+        f"    on A: freeze window {moves['window']:.1f}, criu dump {moves['dumped']:.1f}, "
+        f"images sent {moves['sent']:.1f}"
     )
     print(f"  snapcore / by hand:                      {ratio(moves['snapcore'], moves['raw'])}")
     return 0
