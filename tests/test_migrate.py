@@ -386,7 +386,12 @@ def test_a_move_that_fails_leaves_the_program_running_on_A(
         _still_running_and_writable(move.a, pace)
         assert program.poll() is None
         if failure == "source-killed":  # what an admin runs: the checkpoint stays, its hand-off says kept
-            recovered = move.a.run(*move.snapcore, *move.on_a, "recover").stdout
+            # the killed controller is gone once reaped (by the node's init): until then
+            # its journal counts as alive and recover leaves it alone
+            deadline = time.monotonic() + pace.seconds(30)
+            while "nothing to recover" in (recovered := move.a.run(*move.snapcore, *move.on_a, "recover").stdout):
+                assert time.monotonic() < deadline, "recover never found the dead controller's journal"
+                time.sleep(0.1)
             assert "the controller died during the hand-off" in recovered, recovered
             assert "checkpoint move4: complete, kept" in recovered, recovered
             manifest = move.manifest_on_a()
