@@ -82,7 +82,7 @@ def resettle_tasks(command: list[str], checkpoint_id: str | None, from_dir: Path
             return
     if not checkpoint_id:
         return
-    from snapcore.tasks.freezer import resettle
+    from snapcore.tasks.freezer import recover_temporary_cgroups
 
-    for group in resettle(checkpoint_id):
+    for group in recover_temporary_cgroups(name=checkpoint_id, leave_frozen=True):
         print(f"snapcore: the restored tasks left {group}, which CRIU re-made, for its parent", flush=True)

@@ -515,56 +515,43 @@ def frozen(tasks: TaskSet, *, timeout: float = 5.0, name: str | None = None) -> 
         yield freezer
 
 
-def recover_temporary_cgroups(mountinfo: str = MOUNTINFO, *, name: str | None = None) -> list[str]:
+def recover_temporary_cgroups(
+    mountinfo: str = MOUNTINFO, *, name: str | None = None, leave_frozen: bool = False
+) -> list[str]:
     """Thaw and remove temporary cgroups a crashed snapcore left behind (``snapcore
     recover``); their tasks go back to the parent cgroup. Returns the paths handled.
 
+    Also what follows a ``criu restore`` of a checkpoint whose tasks snapcore froze in
+    temporary cgroups: CRIU puts the tasks back into the cgroups it dumped them from,
+    which it re-makes (``HOME/snapcore-NAME``); they go back to ``HOME``, where they
+    lived before the checkpoint.
+
     Args:
         name: only the cgroups of this checkpoint (``TaskFreezer(name=...)``).
+        leave_frozen: leave a frozen one alone (a checkpoint of that name running now)
+            instead of thawing it.
     """
     wanted = TEMP_PREFIX + name if name else None
     done: list[str] = []
     for hierarchy in cgroup_hierarchies(mountinfo):
         if hierarchy is None:
             continue
+        control = "cgroup.freeze" if hierarchy.version == 2 else "freezer.state"
+        thawed = "0" if hierarchy.version == 2 else "THAWED"
         for dirpath, dirnames, _files in os.walk(hierarchy.mount_point):
             for d in list(dirnames):
                 if not d.startswith(TEMP_PREFIX) or (wanted is not None and d != wanted):
                     continue
+                dirnames.remove(d)
                 directory = os.path.join(dirpath, d)
-                with contextlib.suppress(OSError):
-                    if hierarchy.version == 2:
-                        _write(os.path.join(directory, "cgroup.freeze"), "0")
-                    else:
-                        _write(os.path.join(directory, "freezer.state"), "THAWED")
+                if leave_frozen:
+                    with contextlib.suppress(OSError):
+                        if Path(directory, control).read_text().strip() in ("1", "FROZEN", "FREEZING"):
+                            continue
+                else:
+                    with contextlib.suppress(OSError):
+                        _write(os.path.join(directory, control), thawed)
                 with contextlib.suppress(OSError):
                     _empty_and_remove(directory, dirpath)
                     done.append(directory)
-                dirnames.remove(d)
-    return done
-
-
-def resettle(name: str, mountinfo: str = MOUNTINFO) -> list[str]:
-    """After ``criu restore`` of a checkpoint whose tasks snapcore froze in temporary
-    cgroups: CRIU puts the tasks back into the cgroups it dumped them from, which it
-    re-makes: ``HOME/snapcore-NAME``. Move them to ``HOME``, where they lived before
-    the checkpoint, and remove the re-made cgroup. A frozen one (a checkpoint of that
-    name running now) is left alone. Returns the cgroups handled."""
-    wanted = TEMP_PREFIX + name
-    done: list[str] = []
-    for hierarchy in cgroup_hierarchies(mountinfo):
-        if hierarchy is None:
-            continue
-        for dirpath, dirnames, _files in os.walk(hierarchy.mount_point):
-            if wanted not in dirnames:
-                continue
-            dirnames.remove(wanted)
-            directory = os.path.join(dirpath, wanted)
-            control = "cgroup.freeze" if hierarchy.version == 2 else "freezer.state"
-            with contextlib.suppress(OSError):
-                if Path(directory, control).read_text().strip() in ("1", "FROZEN", "FREEZING"):
-                    continue
-            with contextlib.suppress(OSError):
-                _empty_and_remove(directory, dirpath)
-                done.append(directory)
     return done
