@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from snapcore.errors import SnapcoreError
 from snapcore.store.export_files import IMAGES_NAME, write_answer
-from snapcore.store.manifest import MANIFEST_NAME, read_manifest
+from snapcore.store.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 #: How often ``--wait`` looks for the export's manifest copy.
 POLL_S = 0.05
@@ -33,33 +33,51 @@ def wait_for_export(from_dir: Path, wait_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def answerer(from_dir: Path | None) -> Answerer | None:
-    """How to answer the source, when the export's manifest says it waits for an answer."""
+def export_manifest(from_dir: Path | None) -> Manifest | None:
+    """The manifest copy an export directory carries, read once for what follows; None
+    when there is none to read (the restore itself then says what is wrong)."""
     if from_dir is None:
         return None
     try:
-        manifest = read_manifest(from_dir / MANIFEST_NAME)
+        return read_manifest(from_dir / MANIFEST_NAME)
     except (OSError, SnapcoreError):
-        return None  # the restore itself says what is wrong with it
+        return None
+
+
+def is_criu_restore(command: Sequence[str] | None) -> bool:
+    """``command`` runs ``criu restore``."""
+    return (
+        command is not None
+        and len(command) > 1
+        and os.path.basename(command[0]) == "criu"
+        and ("restore" in command[1:])
+    )
+
+
+def answerer(from_dir: Path | None, manifest: Manifest | None) -> Answerer | None:
+    """How to answer the source, when the export's manifest says it waits for an answer."""
+    if from_dir is None or manifest is None:
+        return None
     handoff = manifest.handoff or {}
     if handoff.get("state") != "waiting":
         return None
+    checkpoint_id = manifest.id
 
     def answer(restored: bool, reason: str) -> None:
         try:
-            write_answer(from_dir, manifest.id, restored, reason)
+            write_answer(from_dir, checkpoint_id, restored, reason)
         except OSError as exc:
             print(f"snapcore: cannot answer the source in {from_dir}: {exc.strerror or exc}", file=sys.stderr)
             return
         said = "it may end the program there" if restored else "the program goes on there"
-        print(f"checkpoint {manifest.id}: told the source ({said})", flush=True)
+        print(f"checkpoint {checkpoint_id}: told the source ({said})", flush=True)
 
     return answer
 
 
 def with_images(command: list[str], from_dir: Path | None) -> list[str]:
     """``criu restore`` without ``-D``/``--images-dir``: the images the export carries."""
-    if from_dir is None or not command or os.path.basename(command[0]) != "criu" or "restore" not in command[1:]:
+    if from_dir is None or not is_criu_restore(command):
         return command
     if any(a in ("-D", "--images-dir") or a.startswith("--images-dir=") for a in command):
         return command
@@ -70,17 +88,10 @@ def with_images(command: list[str], from_dir: Path | None) -> list[str]:
     return [*command, "-D", str(images)]
 
 
-def resettle_tasks(command: list[str], checkpoint_id: str | None, from_dir: Path | None) -> None:
+def resettle_tasks(command: list[str], checkpoint_id: str | None) -> None:
     """After a ``criu restore`` that succeeded: the tasks leave the temporary cgroup
-    CRIU re-made for them (:func:`snapcore.tasks.freezer.resettle`)."""
-    if not command or os.path.basename(command[0]) != "criu" or "restore" not in command[1:]:
-        return
-    if checkpoint_id is None and from_dir is not None:
-        try:
-            checkpoint_id = read_manifest(from_dir / MANIFEST_NAME).id
-        except (OSError, SnapcoreError):
-            return
-    if not checkpoint_id:
+    CRIU re-made for them (:func:`snapcore.tasks.freezer.recover_temporary_cgroups`)."""
+    if not checkpoint_id or not is_criu_restore(command):
         return
     from snapcore.tasks.freezer import recover_temporary_cgroups
 

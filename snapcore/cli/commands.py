@@ -369,6 +369,7 @@ def _which(args: argparse.Namespace) -> None:
 def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> int:
     """``snapcore restore``; ``then`` is the command to run after it (``-- CMD``)."""
     from snapcore import api
+    from snapcore.cli.arrival import is_criu_restore
 
     require_root("snapcore restore")
     _which(args)
@@ -381,7 +382,7 @@ def cmd_restore(args: argparse.Namespace, then: Sequence[str] | None = None) -> 
         in_place=args.in_place,
         mount=args.mount,
         safe=args.safe,
-        before_criu_restore=bool(then and os.path.basename(then[0]) == "criu" and "restore" in then[1:]),
+        before_criu_restore=is_criu_restore(then),
         state_dir=state_dir_arg(args),
         plugins=plugins_of(args),
         on_restored=said,
@@ -493,8 +494,9 @@ def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
         if from_dir is None:
             raise UsageError("--wait waits for an export: use it with --from EXPORT_DIR")
         arrival.wait_for_export(from_dir, args.wait)
+    manifest = arrival.export_manifest(from_dir)
     # the source holds the program frozen until told: told in every case, once
-    answer = arrival.answerer(from_dir) if command else None
+    answer = arrival.answerer(from_dir, manifest) if command else None
     try:
         code = cmd_restore(args, then=command)
         if not command:
@@ -504,7 +506,7 @@ def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
 
             check_before(args, command)
         code = _run_after_restore(arrival.with_images(command, from_dir), args.checkpoint_id)
-        arrival.resettle_tasks(command, args.checkpoint_id, from_dir)
+        arrival.resettle_tasks(command, args.checkpoint_id or (manifest.id if manifest else None))
     except BaseException as exc:
         if answer is not None:
             answer(False, f"the restore here failed: {exc}" if str(exc) else "the restore here failed")
