@@ -102,43 +102,39 @@ class HandOff:
         """What the manifest (and its copy at the destination) says before the answer."""
         return {"state": "waiting", "timeout_s": self.timeout_s}
 
-    def run(self, freezer: TaskFreezer) -> None:
-        """Wait for the answer, then end or thaw the tasks; the manifest says which."""
-        txn = self.txn
-        t0 = time.monotonic()
-        ended = False
-        answer: Answer | None = None
+    def decide(self, freezer: TaskFreezer) -> tuple[bool, Answer]:
+        """Wait for the answer, the tasks frozen; restored → end them (they die when
+        thawed). Returns whether they were ended, and the answer (a failure to wait is
+        one that says why). Arms the local deadline: the caller thaws, then disarms."""
         try:
-            txn.watchdog.arm(self.timeout_s + GRACE_S, freezer.thaw)
+            self.txn.watchdog.arm(self.timeout_s + GRACE_S, freezer.thaw)
             answer = self._wait()
             if answer.restored:
                 _end_tasks(freezer)
-                ended = True
+                return True, answer
+            return False, answer
         except Exception as exc:
-            answer = Answer(False, f"waiting for the destination's answer failed: {describe(exc)}")
-        finally:
-            try:
-                freezer.close()  # thawed: ended tasks die, the others run on
-            except SnapcoreError as exc:  # the checkpoint is complete: said, not raised
-                txn.manifest.warnings.append(f"after the hand-off: {describe(exc)}")
-            finally:
-                txn.watchdog.disarm()
-                record: dict[str, Any] = {
-                    "state": "moved" if ended else "kept",
-                    "timeout_s": self.timeout_s,
-                    "waited_ms": round((time.monotonic() - t0) * 1000, 3),
-                }
-                if answer is not None:
-                    record["answer"] = answer.to_json()
-                tasks = txn.tasks
-                if tasks is not None and tasks.stopped_at is not None:
-                    record["stopped_ms"] = round((time.monotonic() - tasks.stopped_at) * 1000, 3)
-                if ended and answer is not None and answer.at is not None and tasks and tasks.stopped_wall:
-                    # frozen here until running there, by the two hosts' clocks (as
-                    # close as their time sync): the program's downtime
-                    record["downtime_ms"] = round((answer.at - tasks.stopped_wall) * 1000, 3)
-                txn.manifest.handoff = record
-                txn.manifest.write(txn.state_dir)
+            return False, Answer(False, f"waiting for the destination's answer failed: {describe(exc)}")
+
+    def record(self, ended: bool, answer: Answer | None, since: float) -> None:
+        """Once the tasks are thawed: the manifest's ``handoff``, written."""
+        txn = self.txn
+        record: dict[str, Any] = {
+            "state": "moved" if ended else "kept",
+            "timeout_s": self.timeout_s,
+            "waited_ms": round((time.monotonic() - since) * 1000, 3),
+        }
+        if answer is not None:
+            record["answer"] = answer.to_json()
+        tasks = txn.tasks
+        if tasks is not None and tasks.stopped_at is not None:
+            record["stopped_ms"] = round((time.monotonic() - tasks.stopped_at) * 1000, 3)
+        if ended and answer is not None and answer.at is not None and tasks and tasks.stopped_wall:
+            # frozen here until running there, by the two hosts' clocks (as close as
+            # their time sync): the program's downtime
+            record["downtime_ms"] = round((answer.at - tasks.stopped_wall) * 1000, 3)
+        txn.manifest.handoff = record
+        txn.manifest.write(txn.state_dir)
 
     def _wait(self) -> Answer:
         txn = self.txn

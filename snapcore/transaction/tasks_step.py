@@ -159,10 +159,14 @@ class HeldTasks:
                 if self.stopped_at is not None:
                     # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
                     txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
-                txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
-                if self.rescues:
-                    with contextlib.suppress(SnapcoreError):
-                        txn.watchdog.thawed(*self.rescues)
+                self._said_thawed()
+
+    def _said_thawed(self) -> None:
+        """The journal and the guard learn that the tasks are thawed."""
+        self.txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
+        if self.rescues:
+            with contextlib.suppress(SnapcoreError):
+                self.txn.watchdog.thawed(*self.rescues)
 
     def hand_over(self) -> None:
         """After the checkpoint (its manifest written and published): the tasks kept
@@ -173,22 +177,26 @@ class HeldTasks:
         if kept is None:
             return
         txn = self.txn
+        hand_off = txn.hand_off if txn.manifest.outcome == "ok" else None
+        since = time.monotonic()
+        ended, answer = False, None
         try:
-            if txn.manifest.outcome == "ok" and txn.hand_off is not None:
+            if hand_off is not None:
                 # complete: a controller that dies from now on leaves it as it is
                 # ('recover' thaws the tasks, never discards what the destination uses)
                 txn.journal.record("handoff")
-                txn.hand_off.run(kept)
+                ended, answer = hand_off.decide(kept)
         finally:
             try:
-                kept.close()  # idempotent: whatever the hand-off left undone
-            except SnapcoreError as exc:
+                kept.close()  # thawed: ended tasks die, the others run on
+            except SnapcoreError as exc:  # the checkpoint is complete: said, not raised
                 txn.manifest.warnings.append(f"after the hand-off: {exc}")
             finally:
-                txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
-                if self.rescues:
-                    with contextlib.suppress(SnapcoreError):
-                        txn.watchdog.thawed(*self.rescues)
+                if hand_off is not None:
+                    txn.watchdog.disarm()
+                self._said_thawed()
+                if hand_off is not None:
+                    hand_off.record(ended, answer, since)
 
     def _ghosts_dir(self) -> Any:
         return manifest_path(self.txn.state_dir, self.txn.id).parent / "ghosts"
