@@ -27,7 +27,7 @@ from snapcore.safety.deadline import Watchdog
 from snapcore.store.manifest import Manifest
 from snapcore.transaction import Payload, Selection, TaskSpec, Transaction, check_payload
 from snapcore.transaction import plan as _plan
-from snapcore.transaction.handoff import HandOff, check_request
+from snapcore.transaction.handoff import check_request
 
 if TYPE_CHECKING:  # loaded by the calls that need them (the command line starts faster)
     from snapcore.store.restore import MountRestored, Verification
@@ -62,6 +62,8 @@ def _transaction(
     run_dir: PathLike | None = None,
     cancel: Cancel | None = None,
     tasks: TaskSpec | None = None,
+    send_images: bool = False,
+    hand_off: float | None = None,
 ) -> Transaction:
     pol = _policy(policy)
     return Transaction(
@@ -74,6 +76,8 @@ def _transaction(
         watchdog=watchdog,
         cancel=cancel,
         tasks=tasks,
+        send_images=send_images,
+        hand_off=hand_off,
     )
 
 
@@ -136,9 +140,9 @@ def checkpoint(
     check_payload(payload)
     spec = _tasks(pid, cgroup, tasks)
     check_request(send_images, hand_off, payload, spec)
-    txn = _transaction(paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel, spec)
-    txn.send_images = send_images or hand_off is not None
-    txn.hand_off = HandOff(txn, hand_off) if hand_off is not None else None
+    txn = _transaction(
+        paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel, spec, send_images, hand_off
+    )
     return txn.run(payload)
 
 

@@ -3,6 +3,7 @@ export, their completion by the backends, and their removal when it fails."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -177,9 +178,13 @@ def _remove_put(export: Export) -> None:
     """What the core itself copied into a local export directory (``--send-images``
     where the exporter has no ``snapcore_export_put``): the exporter's own discard
     does not know it."""
+    from snapcore.errors import Untrusted
+    from snapcore.store.confine import plain_name
     from snapcore.store.export_files import remove_local
 
     path = str(export.path or "")
+    if not os.path.isabs(path):
+        return
     for name in export.details.get("put") or ():
-        if isinstance(name, str) and os.path.isabs(path) and name and "/" not in name and name not in (".", ".."):
-            remove_local(Path(path), name)
+        with contextlib.suppress(Untrusted):
+            remove_local(Path(path), plain_name(name))
