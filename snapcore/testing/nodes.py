@@ -57,6 +57,13 @@ def _run(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=True, timeout=60, **kw)
 
 
+def _first_child(pid: int) -> int | None:
+    """The first child of ``pid`` (None: none yet, or ``pid`` is gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    return None
+
+
 class NodeProcess(subprocess.Popen[bytes]):
     """A process started on a node: ``nsenter`` forks to enter the PID namespace, so
     the process itself is nsenter's child; signals go to it, and :attr:`node_pid` is
@@ -66,10 +73,9 @@ class NodeProcess(subprocess.Popen[bytes]):
         """The process's PID on the host, once nsenter has forked it (None: gone)."""
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError, ValueError):
-                children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-                if children:
-                    return int(children[0])
+            child = _first_child(self.pid)
+            if child is not None:
+                return child
             if self.poll() is not None or time.monotonic() > deadline:
                 return None
             time.sleep(0.005)
@@ -192,9 +198,9 @@ class Nodes:
         deadline = time.monotonic() + 30
         mine = os.readlink("/proc/self/ns/pid")
         while True:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                init = int(Path(f"/proc/{node.holder.pid}/task/{node.holder.pid}/children").read_text().split()[0])
-                if (
+            init = _first_child(node.holder.pid)
+            with contextlib.suppress(OSError):
+                if init is not None and (
                     Path(f"/proc/{init}/cmdline").read_bytes().startswith(sys.executable.encode() + b"\0")
                     and os.readlink(f"/proc/{init}/ns/pid") != mine
                 ):
