@@ -297,13 +297,13 @@ class Plugins:
 
     def export_get(self, name: str, target: Target, export: Export, file_name: str, limit: int) -> bytes | None:
         """The file ``file_name`` of the export directory (None: not there yet)."""
+        local = _local_export_dir(export)
         if self.implements(name, "snapcore_export_get"):
             data = self._one(name, "snapcore_export_get")(target=target, export=export, name=file_name, limit=limit)
             if data is not None:
                 return bytes(data)[:limit]
-            if _local_export_dir(export) is None:
+            if local is None:
                 return None  # not there (yet)
-        local = _local_export_dir(export)
         if local is None:
             raise PluginError(f"backend {name!r} cannot read {file_name} from its export {export.path}")
         from snapcore.store.export_files import get_local

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def tree_size(root: Path) -> tuple[int, int]:
         for n in names:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(path, n))
-                if not os.path.islink(os.path.join(path, n)):
+                if stat.S_ISREG(st.st_mode):
                     files += 1
                     nbytes += st.st_size
     return files, nbytes
