@@ -43,7 +43,14 @@ def drop_loop(loop: Loop) -> None:
     loop.image.unlink(missing_ok=True)
 
 
-MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
+# ext4 zeroes its inode tables and journal lazily, from a kernel thread, after the
+# first mount: on a 64 MiB volume that is ~4 MiB written at a moment nobody chose,
+# enough to overflow a test's small COW (it did, in CI, on a slower run). Zeroed
+# by mkfs instead, the only writes under a snapshot are the test's own.
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
+    "xfs": ["mkfs.xfs", "-q", "-f"],
+}
 
 
 @dataclass(slots=True)
