@@ -293,7 +293,7 @@ class Plugins:
             raise PluginError(f"backend {name!r} cannot copy {', '.join(parts)} into its export {export.path}")
         from snapcore.store.export_files import put_local
 
-        return put_local(local, parts)
+        return put_local(local, target.checkpoint_id, parts)
 
     def export_get(self, name: str, target: Target, export: Export, file_name: str, limit: int) -> bytes | None:
         """The file ``file_name`` of the export directory (None: not there yet)."""
@@ -308,7 +308,7 @@ class Plugins:
             raise PluginError(f"backend {name!r} cannot read {file_name} from its export {export.path}")
         from snapcore.store.export_files import get_local
 
-        return get_local(local, file_name, limit)
+        return get_local(local, target.checkpoint_id, file_name, limit)
 
     def discard_partial(self, name: str, target: Target, dest: Path) -> list[str]:
         if not self.implements(name, "snapcore_discard_partial"):

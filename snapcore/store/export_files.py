@@ -24,6 +24,7 @@ from typing import Any
 from snapcore.errors import SnapcoreError
 from snapcore.host.fsutil import read_regular, syncfs
 from snapcore.host.tools import write_atomic
+from snapcore.store.manifest import MANIFEST_NAME
 
 #: The directory of CRIU's images in an export directory (``restore --from DIR --
 #: criu restore`` adds ``-D DIR/criu`` when the command names no image directory).
@@ -36,31 +37,53 @@ HANDOFF_NAME = "handoff.json"
 HANDOFF_LIMIT = 64 << 10
 
 
-def put_local(export_dir: Path, parts: Mapping[str, Path]) -> dict[str, Any]:
-    """Copy each directory of ``parts`` to ``export_dir/NAME`` (under a hidden
-    temporary name, renamed when whole), then one sync. Returns ``files``, ``bytes``
-    and ``ms``."""
+#: In the directory the core puts files into: the id of the checkpoint they are of
+#: (what a delete, reading an untrusted manifest, checks before removing them).
+SENT_MARKER = ".snapcore-sent"
+#: What the core ever puts into an export directory: a manifest naming anything else
+#: removes nothing.
+PUT_NAMES = (IMAGES_NAME, GHOSTS_NAME)
+
+
+def own_dir(export_dir: Path, checkpoint_id: str) -> Path:
+    """Where the core puts a checkpoint's files in a local export directory: that
+    directory when it is the checkpoint's own (tar and rsync export into ``DEST/ID``),
+    else a directory named after the checkpoint in it (btrfs send's streams of every
+    checkpoint share ``DEST``: one checkpoint's images never replace another's)."""
+    return export_dir if export_dir.name == checkpoint_id else export_dir / checkpoint_id
+
+
+def put_local(export_dir: Path, checkpoint_id: str, parts: Mapping[str, Path]) -> dict[str, Any]:
+    """Copy each directory of ``parts`` to ``NAME`` in the checkpoint's own directory
+    of ``export_dir`` (:func:`own_dir`; under a hidden temporary name, renamed when
+    whole), then one sync. Returns ``files``, ``bytes``, ``ms`` and ``dir``."""
     t = time.perf_counter()
     if not export_dir.is_dir():
         raise SnapcoreError(f"{export_dir}: no such export directory to copy {', '.join(parts)} into")
+    own = own_dir(export_dir, checkpoint_id)
     files = nbytes = 0
+    try:
+        own.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(own / SENT_MARKER, (checkpoint_id + "\n").encode(), mode=0o600)
+    except OSError as exc:
+        raise SnapcoreError(f"cannot copy {', '.join(parts)} into {own}: {exc.strerror or exc}") from exc
     for name, source in parts.items():
-        final, part = export_dir / name, export_dir / f".{name}.part"
-        remove_local(export_dir, name)
+        final, part = own / name, own / f".{name}.part"
+        remove_local(own, name)
         try:
             shutil.copytree(source, part, symlinks=True)
             os.rename(part, final)
         except OSError as exc:
             shutil.rmtree(part, ignore_errors=True)
-            raise SnapcoreError(f"cannot copy {source} into {export_dir}: {exc.strerror or exc}") from exc
+            raise SnapcoreError(f"cannot copy {source} into {own}: {exc.strerror or exc}") from exc
         n, size = tree_size(final)
         files, nbytes = files + n, nbytes + size
     syncfs(export_dir)
-    return {"files": files, "bytes": nbytes, "ms": round((time.perf_counter() - t) * 1000, 3)}
+    return {"files": files, "bytes": nbytes, "ms": round((time.perf_counter() - t) * 1000, 3), "dir": str(own)}
 
 
 def remove_local(export_dir: Path, name: str) -> None:
-    """Undo :func:`put_local` (idempotent)."""
+    """Remove ``name`` and its temporary copy from ``export_dir`` (idempotent)."""
     for path in (export_dir / f".{name}.part", export_dir / name):
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -68,10 +91,48 @@ def remove_local(export_dir: Path, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def get_local(export_dir: Path, name: str, limit: int) -> bytes | None:
-    """``export_dir/name``'s bytes (a regular file, at most ``limit``), None if absent."""
+def remove_put(export_path: str, checkpoint_id: str, names: object) -> list[str]:
+    """Undo :func:`put_local` for a checkpoint whose export is discarded or deleted,
+    from what its (untrusted) manifest says: only :data:`PUT_NAMES`, only in a local
+    directory whose marker names this checkpoint; the directory goes when that leaves
+    it empty. Returns what was removed (nothing: nothing there was ours)."""
+    if not os.path.isabs(export_path) or not isinstance(names, list | tuple):
+        return []
+    own = own_dir(Path(export_path), checkpoint_id)
+    if own.is_symlink():
+        return []
     try:
-        return read_regular(export_dir / name, limit)
+        if read_regular(own / SENT_MARKER, 4096).decode("utf-8", "replace").strip() != checkpoint_id:
+            return []
+    except (OSError, SnapcoreError):  # none, or not a regular file: nothing here is ours
+        return []
+    removed = []
+    for name in dict.fromkeys(n for n in names if n in PUT_NAMES):
+        remove_local(own, name)
+        removed.append(str(own / name))
+    if any(os.path.lexists(own / n) or os.path.lexists(own / f".{n}.part") for n in PUT_NAMES):
+        return removed
+    with contextlib.suppress(FileNotFoundError):
+        (own / SENT_MARKER).unlink()
+    try:
+        left = os.listdir(own)
+    except OSError:
+        return removed
+    # the exporter's files gone (it discarded first), a manifest copy alone describes
+    # nothing: the exporters leave it for last for the same reason
+    if all(n == MANIFEST_NAME or n.startswith(".") for n in left):
+        with contextlib.suppress(FileNotFoundError):
+            (own / MANIFEST_NAME).unlink()
+        with contextlib.suppress(OSError):  # an exporter's hidden file left: not ours to remove
+            own.rmdir()
+    return removed
+
+
+def get_local(export_dir: Path, checkpoint_id: str, name: str, limit: int) -> bytes | None:
+    """``name``'s bytes in the checkpoint's own directory of ``export_dir`` (a regular
+    file, at most ``limit``), None if absent."""
+    try:
+        return read_regular(own_dir(export_dir, checkpoint_id) / name, limit)
     except FileNotFoundError:
         return None
 

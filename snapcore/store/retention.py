@@ -38,6 +38,7 @@ from snapcore.errors import LockBusy, StillNeeded, UsageError
 from snapcore.host.locks import MountLock, default_run_dir
 from snapcore.host.mounts import MountTable
 from snapcore.plugins import Plugins
+from snapcore.store.export_files import remove_put
 from snapcore.store.manifest import Manifest, TargetRecord, iter_manifests, load, utc_now
 from snapcore.store.records import export_of, image_of, mount_of, target_of
 from snapcore.types import Consistency, Export, Image, ImageEntry, Keep, Outcome, Target
@@ -309,6 +310,8 @@ def _remove(entry: Entry, state_dir: Path, table: MountTable, plugins: Plugins, 
         export = export_of(record)
         if export is not None and record.exporter:
             plugins.discard(record.exporter, target, image_of(record), export)
+            # what the core put beside the exporter's files (--send-images): its discard does not know it
+            remove_put(str(export.path or ""), target.checkpoint_id, export.details.get("put") or [])
             # gone, whatever happens to the image next: the manifest must not offer it
             record.export, record.export_record = None, None
             record.extra[EXPORT_REMOVED] = utc_now()

@@ -3,8 +3,6 @@ export, their completion by the backends, and their removal when it fails."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,7 +154,7 @@ def discard(txn: Transaction, run: TargetRun) -> None:
     checkpoint keeps nothing half-made); a failure to is a warning in its record."""
     discard_precopy(txn, run)
     if run.export is not None and run.target.exporter:
-        _remove_put(run.export)
+        _remove_put(run.export, txn.id)
         try:
             txn.plugins.discard(run.target.exporter, run.target, run.image, run.export)
         except Exception as exc:
@@ -174,17 +172,10 @@ def discard(txn: Transaction, run: TargetRun) -> None:
         run.image = None
 
 
-def _remove_put(export: Export) -> None:
+def _remove_put(export: Export, checkpoint_id: str) -> None:
     """What the core itself copied into a local export directory (``--send-images``
     where the exporter has no ``snapcore_export_put``): the exporter's own discard
     does not know it."""
-    from snapcore.errors import Untrusted
-    from snapcore.store.confine import plain_name
-    from snapcore.store.export_files import remove_local
+    from snapcore.store.export_files import remove_put
 
-    path = str(export.path or "")
-    if not os.path.isabs(path):
-        return
-    for name in export.details.get("put") or ():
-        with contextlib.suppress(Untrusted):
-            remove_local(Path(path), plain_name(name))
+    remove_put(str(export.path or ""), checkpoint_id, export.details.get("put") or [])
