@@ -46,6 +46,25 @@ def one_clean_line(err: str) -> str:
         (["frobnicate"], 2, "invalid choice"),
         (["list", "--", "x"], 2, "only for 'snapcore checkpoint'"),
         (["restore", "x"], 2, "one of the arguments --to --in-place is required"),
+        (["checkpoint", "/tmp", "--send-images", "--", "sleep", "0"], 2, "need '-- criu dump ... -D DIR'"),
+        (["checkpoint", "/tmp", "--hand-off", "5s", "--", "criu", "dump", "-t", "1"], 2, "give --pid, --cgroup or"),
+        (["checkpoint", "--pid", "1", "--hand-off", "0s", "--", "criu", "dump", "-t", "1"], 2, "greater than 0"),
+        (
+            [
+                "checkpoint",
+                "--hand-off",
+                "5s",
+                "--container",
+                "runc:c1",
+                "--",
+                "runc",
+                "checkpoint",
+                "--leave-running",
+                "c1",
+            ],
+            2,
+            "must not say --leave-running",
+        ),
     ],
 )
 def test_bad_input(args: list[str], code: int, fragment: str, tmp_path: Path) -> None:

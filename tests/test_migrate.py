@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 
 from snapcore.tasks.criu import Criu
 from snapcore.testing import Pace
+from snapcore.testing.containers import BUSYBOX, busybox_rootfs, read_count, runc_bundle, wait_for_count
 from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes, rsync_daemon
 
 pytest_plugins = ["snapcore.testing.nodes"]
@@ -402,4 +404,142 @@ def test_a_move_that_fails_leaves_the_program_running_on_A(
         if program is not None:
             program.kill()
             program.wait()
+        move.close()
+
+
+# -- a runc container -------------------------------------------------------------------
+
+#: The container's program (busybox sh): a file held open after it is deleted (fd 3),
+#: a file renamed over while held (fd 4: the old inode), the counter in /data/count.
+CONTAINER_PROGRAM = (
+    "exec </dev/null >/dev/null 2>&1; "
+    "echo 'held while deleted' > /data/deleted; exec 3</data/deleted; rm /data/deleted; "
+    "echo 'the old content' > /data/keep; exec 4</data/keep; "
+    "echo 'the new content' > /data/keep.new; mv /data/keep.new /data/keep; "
+    "i=0; while :; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+)
+ROOTFS = f"{APP}/rootfs"
+
+
+class ContainerMove(Move):
+    """A runc container on A's ``/srv/app/rootfs``; each node its own runc state
+    directory, bundle and container id (the nodes share the host's cgroup hierarchy:
+    B's container needs a cgroup of its own while A's still holds its tasks)."""
+
+    def __init__(self, nodes: Nodes, tmp_path: Path, pace: Pace, criu: Criu, checkpoint_id: str) -> None:
+        if shutil.which("runc") is None:
+            pytest.skip("runc is missing: apt-get install --no-install-recommends runc (make setup does)")
+        if not os.path.exists(BUSYBOX):
+            pytest.skip("busybox is missing: apt-get install busybox-static")
+        super().__init__(nodes, tmp_path, pace, criu, checkpoint_id)
+        self.ids = {"A": f"{checkpoint_id}-{os.getpid()}-a", "B": f"{checkpoint_id}-{os.getpid()}-b"}
+        for name in ("A", "B"):
+            runc_bundle(tmp_path / f"bundle-{name}", ROOTFS, CONTAINER_PROGRAM)
+        busybox_rootfs(self.on(self.a, ROOTFS), applets=("sh", "sleep", "cat", "echo", "rm", "mv"))
+
+    @staticmethod
+    def on(node: Node, path: str) -> Path:
+        """``path`` of ``node``'s mount namespace, as the host reaches it."""
+        return Path(f"/proc/{node.init}/root{path}")
+
+    def runc(self, node: Node, *args: str) -> list[str]:
+        return ["runc", "--root", str(self.tmp / f"runc-{node.name}"), "--criu", self.criu.path, *args]
+
+    def state(self, node: Node) -> dict[str, Any]:
+        done = node.run(*self.runc(node, "state", self.ids[node.name]), check=False)
+        return json.loads(done.stdout) if done.returncode == 0 else {"status": "gone"}
+
+    def start(self) -> int:
+        """The container running on A; its counter's value."""
+        self.a.run(*self.runc(self.a, "run", "-d", "--bundle", str(self.tmp / "bundle-A"), self.ids["A"]))
+        return wait_for_count(self.on(self.a, f"{ROOTFS}/data/count"), 2, self.pace.seconds(30))
+
+    def start_on_a(self, pid: int, hand_off: float) -> subprocess.Popen[str]:
+        del pid  # the runtime names the container's tasks
+        argv = [*self.snapcore, *self.on_a, "checkpoint", "--policy", str(self.policy), "--id", self.id]
+        argv += ["--hand-off", f"{hand_off:.1f}s", "--container", f"runc:{self.ids['A']}", "--"]
+        argv += self.runc(self.a, "checkpoint", "--image-path", str(self.tmp / "images-on-A"))
+        argv += ["--work-path", str(self.tmp / "work-A"), self.ids["A"]]
+        return subprocess.Popen(self.a.argv(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def restore_on_b(self, *options: str, wait: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [*self.snapcore, "--state-dir", str(self.tmp / "state-B"), "restore", "--from", str(self.export_dir)]
+        argv += ["--wait", f"{self.pace.seconds(wait):.1f}s", "--to", APP, "--"]
+        argv += self.runc(self.b, "restore", "-d", "--bundle", str(self.tmp / "bundle-B"), *options)
+        argv += ["--work-path", str(self.tmp / "work-B"), self.ids["B"]]
+        return self.b.run(*argv, check=False, timeout=self.pace.seconds(300))
+
+    def close(self) -> None:
+        for node in (self.a, self.b):
+            node.run(*self.runc(node, "delete", "-f", self.ids[node.name]), check=False)
+        super().close()
+
+
+def test_a_runc_container_moves_with_one_command_on_each_side(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu
+) -> None:
+    """A: ``snapcore checkpoint --container runc:ID --hand-off T -- runc checkpoint``:
+    runc's CRIU holds the container stopped at post-dump while snapcore images and
+    sends its files and CRIU's images and waits; B: ``snapcore restore --from EXPORT
+    --wait T --to /srv/app -- runc restore`` (no ``--image-path``: the export's)
+    restores, checks and starts it, and answers; A's CRIU then ends its copy. The
+    container goes on on B with the bytes it had."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    move = ContainerMove(two_nodes, tmp_path, pace, criu, "ctr1")
+    try:
+        move.start()
+        on_a = move.start_on_a(0, pace.seconds(120))
+        restored = move.restore_on_b()
+        out, err = on_a.communicate(timeout=pace.seconds(120))
+        assert restored.returncode == 0, restored.stdout + restored.stderr + err
+        assert f"restore --image-path {move.export_dir}/criu" in restored.stdout
+        assert "the files the tasks need are as they had them" in restored.stdout
+        assert "told the source" in restored.stdout
+        assert on_a.returncode == 0, out + err
+        manifest = move.manifest_on_a()
+        assert manifest["handoff"]["state"] == "moved", manifest["handoff"]
+        assert manifest["tasks"]["container"] == f"runc:{move.ids['A']}"
+        # runc hands CRIU the directory as a descriptor: the manifest names the directory
+        assert manifest["criu"]["images_dir"] == str(tmp_path / "images-on-A")
+        states = {f["path"]: f["state"] for f in manifest["files"]}
+        assert states["/data/deleted"] == "deleted" and states["/data/keep"] == "renamed-over", states
+        assert move.state(move.a)["status"] == "gone"  # ended by its CRIU, removed by runc
+
+        at_checkpoint = read_count(move.on(move.a, f"{ROOTFS}/data/count"))
+        assert at_checkpoint is not None
+        on_b = wait_for_count(move.on(move.b, f"{ROOTFS}/data/count"), at_checkpoint, pace.seconds(30))
+        assert on_b < at_checkpoint + 200  # it went on from there, not from 0
+        state = move.state(move.b)
+        assert state["status"] == "running", state
+        pid = state["pid"]
+        assert move.b.run("cat", f"/proc/{pid}/fd/3").stdout == "held while deleted\n"
+        assert move.b.run("cat", f"/proc/{pid}/fd/4").stdout == "the old content\n"
+        assert move.b.run("cat", f"{ROOTFS}/data/keep").stdout == "the new content\n"
+        assert read_count(move.on(move.a, f"{ROOTFS}/data/count")) == at_checkpoint  # A's files as they were
+    finally:
+        move.close()
+
+
+def test_a_container_move_without_an_answer_leaves_it_running_on_A(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu
+) -> None:
+    """B never restores: at A's deadline its CRIU resumes the container, which goes on
+    counting there; exit 1; the checkpoint is complete and kept (``handoff: kept``)."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    move = ContainerMove(two_nodes, tmp_path, pace, criu, "ctr2")
+    try:
+        move.start()
+        on_a = move.start_on_a(0, pace.seconds(3))
+        out, err = on_a.communicate(timeout=pace.seconds(120))
+        assert on_a.returncode == 1 and "Traceback" not in err, out + err
+        assert "the container was not moved" in err and "it runs on here" in err, err
+        manifest = move.manifest_on_a()
+        assert manifest["outcome"] == "ok" and manifest["handoff"]["state"] == "kept", manifest["handoff"]
+        assert (move.export_dir / "criu").is_dir() and (move.export_dir / "manifest.json").is_file()
+        assert move.state(move.a)["status"] == "running"
+        count = move.on(move.a, f"{ROOTFS}/data/count")
+        now = read_count(count)
+        assert now is not None
+        wait_for_count(count, now, pace.seconds(30))
+    finally:
         move.close()

@@ -38,6 +38,7 @@ from snapcore.testing.containers import (
     HELD_WHILE_DELETED,
     busybox_rootfs,
     read_count,
+    runc_bundle,
     wait_for_count,
 )
 
@@ -95,25 +96,6 @@ class Container:
         return self.run(*args, self.id, check=False)
 
 
-def write_bundle(bundle: Path, rootfs: Path, criu_conf: Path, volumes: dict[str, Path]) -> None:
-    """An OCI bundle for the busybox rootfs: the counter program, bind-mounted volumes
-    (container path → host directory), CRIU's config file named by the annotation."""
-    bundle.mkdir(exist_ok=True)
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
-    config = json.loads((bundle / "config.json").read_text())
-    config["root"] = {"path": str(rootfs), "readonly": False}
-    config["process"]["terminal"] = False
-    config["process"]["args"] = ["sh", "-c", PROGRAM]
-    # no network namespace: CRIU would need iptables-restore to lock it
-    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
-    config["mounts"] += [
-        {"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
-        for inside, host in volumes.items()
-    ]
-    config["annotations"] = {"org.criu.config": str(criu_conf)}
-    (bundle / "config.json").write_text(json.dumps(config))
-
-
 @pytest.fixture
 def runc_container(
     tmp_path: Path, state_dir: Path, run_dir: Path, pace: Pace, criu: Any
@@ -132,7 +114,7 @@ def runc_container(
         argv = ["--state-dir", str(state_dir), "--run-dir", str(run_dir), "criu-hook", "--write-script", str(hook)]
         assert main(argv + (["--policy", str(policy)] if policy else [])) == 0
         criu_conf.write_text(f"action-script {hook}\n")
-        write_bundle(bundle, rootfs, criu_conf, volumes or {})
+        runc_bundle(bundle, rootfs, PROGRAM, criu_conf=criu_conf, volumes=volumes)
         data = (volumes or {}).get("/data", rootfs / "data")
         (data / "keep").write_text("needed by the container\n")
         ctr = Container(
@@ -290,7 +272,7 @@ def _restore_copy_then_runc(ctr: Container, checkpoint_id: str, images: Path, ro
     copy = ctr.tmp / "copy"
     new_rootfs, new_data = copy / str(rootfs).lstrip("/"), copy / str(data).lstrip("/")
     bundle2 = ctr.tmp / "bundle2"
-    write_bundle(bundle2, new_rootfs, ctr.tmp / "criu.conf", {"/data": new_data})
+    runc_bundle(bundle2, new_rootfs, PROGRAM, criu_conf=ctr.tmp / "criu.conf", volumes={"/data": new_data})
     restore = [*ctr.runc, "restore", "-d", "--bundle", str(bundle2), "--image-path", str(images)]
     restore += ["--work-path", str(ctr.tmp / "work2"), ctr.id]
     back = _snapcore("--state-dir", str(ctr.state_dir), "restore", checkpoint_id, "--to", str(copy), "--", *restore)

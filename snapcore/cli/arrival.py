@@ -76,16 +76,26 @@ def answerer(from_dir: Path | None, manifest: Manifest | None) -> Answerer | Non
 
 
 def with_images(command: list[str], from_dir: Path | None) -> list[str]:
-    """``criu restore`` without ``-D``/``--images-dir``: the images the export carries."""
-    if from_dir is None or not is_criu_restore(command):
-        return command
-    if any(a in ("-D", "--images-dir") or a.startswith("--images-dir=") for a in command):
+    """``criu restore`` without ``-D``/``--images-dir``, or ``runc ... restore``
+    without ``--image-path``: the images the export carries."""
+    if from_dir is None or len(command) < 2 or "restore" not in command[1:]:
         return command
     images = from_dir / IMAGES_NAME
     if not images.is_dir() or images.is_symlink():
         return command
-    print(f"snapcore: {command[0]} restore -D {images} (the images the export carries)", flush=True)
-    return [*command, "-D", str(images)]
+    if is_criu_restore(command):
+        if any(a in ("-D", "--images-dir") or a.startswith("--images-dir=") for a in command):
+            return command
+        print(f"snapcore: {command[0]} restore -D {images} (the images the export carries)", flush=True)
+        return [*command, "-D", str(images)]
+    if os.path.basename(command[0]) == "runc":
+        named = ("--image-path", "-image-path")
+        if any(a in named or a.startswith(tuple(f"{n}=" for n in named)) for a in command):
+            return command
+        at = command.index("restore") + 1  # runc takes a command's options before the container id
+        print(f"snapcore: {command[0]} restore --image-path {images} (the images the export carries)", flush=True)
+        return [*command[:at], "--image-path", str(images), *command[at:]]
+    return command
 
 
 def resettle_tasks(command: list[str], checkpoint_id: str | None) -> None:

@@ -61,16 +61,16 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--send-images",
         action="store_true",
-        help="with '-- criu dump ... -D DIR': copy CRIU's images into each export directory (as criu/), so "
-        "that the export alone restarts the program on another host",
+        help="with '-- criu dump ... -D DIR' or --container: copy CRIU's images into each export directory (as "
+        "criu/), so that the export alone restarts the program on another host",
     )
     p.add_argument(
         "--hand-off",
         type=duration_arg,
         metavar="TIME",
-        help="move the program (--pid/--cgroup, '-- criu dump ...'; implies --send-images): keep the tasks "
-        "frozen here until the destination's 'restore --from' answers, at most TIME (30s, 2m): restored → "
-        "they are ended here; else thawed, the program goes on here (exit 1)",
+        help="move the program (--pid/--cgroup with '-- criu dump ...', or --container; implies --send-images): "
+        "keep the tasks stopped here until the destination's 'restore --from' answers, at most TIME (30s, 2m): "
+        "restored → they are ended here; else they go on here (exit 1)",
     )
 
 
@@ -524,8 +524,10 @@ COMMANDS: dict[str, Command] = {
         "freeze, image, (run CMD), thaw, export; write the manifest",
         _add_checkpoint,
         cmd_checkpoint,
-        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [--pid P | --cgroup C] [-- CMD ARGS...]\n"
-        "       snapcore checkpoint --container RUNTIME:ID [--policy F] [PATH...] [-- RUNTIME ... checkpoint ... ID]",
+        usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [--pid P | --cgroup C] "
+        "[--send-images] [--hand-off T] [-- CMD ARGS...]\n"
+        "       snapcore checkpoint --container RUNTIME:ID [--policy F] [PATH...] [--send-images] [--hand-off T] "
+        "[-- RUNTIME ... checkpoint ... ID]",
         takes_command=True,
     ),
     "list": Command("checkpoints, newest first", _add_list, _plain(cmd_list)),

@@ -16,6 +16,12 @@ What can happen, and what it leaves:
   answers an error, CRIU fails the dump and resumes the container; exit 1;
 * the runtime fails after the checkpoint was made, or its id cannot be written beside
   the dump: the checkpoint goes with no dump, so it is deleted (said on stderr); exit 1;
+* with ``--hand-off T`` (a move to another host): the images go into the export
+  (``--send-images``) and the post-dump action waits, CRIU holding the container
+  stopped, until the destination's ``restore --from`` answers: *restored* → the
+  action answers ok, CRIU ends the container here (the runtime's command must not
+  say ``--leave-running``); a failure or no answer within T → an error: CRIU
+  resumes the container, it goes on here; the checkpoint is complete and kept; exit 1;
 * the runtime ends without ever reaching the relay (its CRIU got neither our
   environment nor our ``criu``: podman with ``--runtime-flag criu=PATH``): the
   checkpoint the container's own ``criu-hook`` made, if it made one, is shown, with
@@ -61,6 +67,12 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
         raise UsageError("--container names the tasks: it goes with neither --pid nor --cgroup")
     ref = ContainerRef.parse(args.container)
     argv = checkpoint_command(ref, command)
+    hand_off = args.hand_off
+    if hand_off is not None and any(a in ("--leave-running", "-leave-running") for a in argv):
+        raise UsageError(
+            "--hand-off ends the container here once the destination restored it: the runtime's checkpoint "
+            "command must not say --leave-running"
+        )
     plugins = plugins_of(args)
     policy = policy_of(args)
     state_dir, run_dir = state_dir_arg(args, policy), run_dir_arg(args)
@@ -73,18 +85,21 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
     made: list[Manifest] = []
     before = set(_checkpoints(state_dir))
     failed: list[str] = []
+    not_moved: list[str] = []  # a hand-off the destination did not take
     cancel = Cancel()
 
     def post_dump(request: Request) -> str:
         if made:  # CRIU 4.1 runs each action twice when driven over RPC
             return f"ok {made[0].id}"
-        if failed:
-            return f"error {failed[0]}"
+        if failed or not_moved:
+            return f"error {(failed or not_moved)[0]}"
         if request.init_pid != pid:  # another dump that inherited our environment
             return f"error this dump is of pid {request.init_pid}, not of container {ref} (pid {pid})"
         if cancel.is_set():
             failed.append(f"{cancel.reason}: checkpoint cancelled")
             return f"error {failed[0]}"
+        # runc hands CRIU its image directory as a descriptor (/proc/PID/fd/N): its path
+        images = os.path.realpath(request.images_dir)
         try:
             manifest = api.checkpoint(
                 args.paths,
@@ -94,10 +109,12 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
                 run_dir=run_dir,
                 plugins=plugins,
                 cancel=cancel,
+                send_images=args.send_images,
+                hand_off=hand_off,
                 tasks=TaskSpec(
                     pid=request.init_pid,
                     stopped_by="CRIU",
-                    criu_images=request.images_dir,
+                    criu_images=images,
                     criu_via=f"snapcore checkpoint --container {ref}",
                     container=str(ref),
                 ),
@@ -112,18 +129,25 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
             failed.append(describe(exc))
             return f"error {failed[0]}"
         try:
-            write_atomic(Path(request.images_dir) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
+            write_atomic(Path(images) / CRIU_ID_FILE, (manifest.id + "\n").encode(), mode=0o600)
         except OSError as exc:
             # without its id beside the dump, the checkpoint would never be found again
             gone = _delete(manifest.id, state_dir, run_dir, plugins)
-            failed.append(f"{request.images_dir}: cannot write the checkpoint id ({exc.strerror or exc}); {gone}")
+            failed.append(f"{images}: cannot write the checkpoint id ({exc.strerror or exc}); {gone}")
             return f"error {failed[0]}"
+        handoff = manifest.handoff or {}
+        if hand_off is not None and handoff.get("state") != "moved":
+            # CRIU resumes the container; the checkpoint is complete and stays
+            reason = (handoff.get("answer") or {}).get("reason") or "no answer"
+            show_manifest(manifest, args.json, sys.stdout, with_error=False)
+            not_moved.append(f"checkpoint {manifest.id} is complete, but the container was not moved: {reason}")
+            return f"error {not_moved[0]}"
         made.append(manifest)
         return f"ok {manifest.id}"
 
     with Relay(
         run_dir / "relay",
-        timeout_s=_longest_freeze(policy) + ANSWER_MARGIN_S,
+        timeout_s=_longest_freeze(policy) + ANSWER_MARGIN_S + (hand_off or 0.0),
         user_config=env.get("CRIU_CONFIG_FILE"),
         criu=criu,
     ) as relay:
@@ -133,6 +157,8 @@ def cmd_checkpoint_container(args: argparse.Namespace, command: list[str] | None
             raise SnapcoreError(f"{argv[0]}: {exc.strerror or exc}") from None
         with on_signals(cancel):  # SIGTERM, Ctrl-C: the dump fails at post-dump, the container runs on
             status = relay.serve(runtime, post_dump)
+    if not_moved:
+        raise SnapcoreError(f"container {ref}: {not_moved[0]}; it runs on here")
     return _outcome(args, ref, argv, status, made, failed, pid, before)
 
 

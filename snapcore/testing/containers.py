@@ -3,8 +3,10 @@ counter program the container tests run (runc, podman)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +33,34 @@ def busybox_rootfs(
         (base / "bin" / applet).symlink_to("busybox")
     (base / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
     return base
+
+
+def runc_bundle(
+    bundle: Path,
+    rootfs: str | os.PathLike[str],
+    program: str,
+    *,
+    criu_conf: Path | None = None,
+    volumes: dict[str, Path] | None = None,
+) -> None:
+    """An OCI bundle for a busybox rootfs that runs ``program`` (``sh -c``):
+    bind-mounted volumes (container path → host directory), CRIU's config file named
+    by the ``org.criu.config`` annotation. No network namespace: CRIU would need
+    iptables-restore to lock it."""
+    bundle.mkdir(exist_ok=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": os.fspath(rootfs), "readonly": False}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["sh", "-c", program]
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+    config["mounts"] += [
+        {"destination": inside, "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
+        for inside, host in (volumes or {}).items()
+    ]
+    if criu_conf is not None:
+        config["annotations"] = {"org.criu.config": str(criu_conf)}
+    (bundle / "config.json").write_text(json.dumps(config))
 
 
 def read_count(path: Path) -> int | None:

@@ -15,16 +15,13 @@ leaves the tasks thawed, never frozen.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapcore.errors import SnapcoreError, UsageError
-from snapcore.log import get_logger
 from snapcore.store.export_files import (
     GHOSTS_NAME,
     HANDOFF_LIMIT,
@@ -37,10 +34,9 @@ from snapcore.store.manifest import manifest_path
 from snapcore.transaction.targets import describe
 
 if TYPE_CHECKING:
-    from snapcore.tasks.freezer import TaskFreezer
     from snapcore.transaction.core import Transaction
+    from snapcore.transaction.tasks_step import Held
 
-log = get_logger("snapcore.handoff")
 
 #: How often the destination's answer is read while the tasks are held.
 POLL_S = 0.05
@@ -53,12 +49,17 @@ def check_request(send_images: bool, hand_off: float | None, payload: Any, tasks
     """Refuse, before anything is frozen, what ``--send-images``/``--hand-off`` cannot do."""
     if not send_images and hand_off is None:
         return
-    argv = list(payload) if payload is not None and not callable(payload) else []
-    if not argv or os.path.basename(argv[0]) != "criu" or "dump" not in argv[1:]:
-        raise UsageError("--send-images and --hand-off need '-- criu dump ... -D DIR' as the command")
+    if tasks is not None and tasks.stopped_by == "CRIU":
+        # a runtime's dump, reached at its post-dump action: CRIU wrote its images there
+        if not tasks.criu_images:
+            raise UsageError("--send-images and --hand-off need CRIU's image directory, which CRIU did not name")
+    else:
+        argv = list(payload) if payload is not None and not callable(payload) else []
+        if not argv or os.path.basename(argv[0]) != "criu" or "dump" not in argv[1:]:
+            raise UsageError("--send-images and --hand-off need '-- criu dump ... -D DIR' as the command")
     if hand_off is not None:
-        if tasks is None or tasks.stopped_by is not None:
-            raise UsageError("--hand-off holds the tasks snapcore froze: give --pid or --cgroup")
+        if tasks is None or tasks.stopped_by not in (None, "CRIU"):
+            raise UsageError("--hand-off holds the checkpoint's tasks: give --pid, --cgroup or --container")
         if hand_off <= 0:
             raise UsageError("--hand-off needs a time greater than 0")
 
@@ -102,7 +103,7 @@ class HandOff:
         """What the manifest (and its copy at the destination) says before the answer."""
         return {"state": "waiting", "timeout_s": self.timeout_s}
 
-    def decide(self, freezer: TaskFreezer) -> tuple[bool, Answer]:
+    def decide(self, freezer: Held) -> tuple[bool, Answer]:
         """Wait for the answer, the tasks frozen; restored → end them (they die when
         thawed). Returns whether they were ended, and the answer (a failure to wait is
         one that says why). Arms the local deadline: the caller thaws, then disarms."""
@@ -110,7 +111,7 @@ class HandOff:
             self.txn.watchdog.arm(self.timeout_s + GRACE_S, freezer.thaw)
             answer = self._wait()
             if answer.restored:
-                _end_tasks(freezer)
+                freezer.end()
                 return True, answer
             return False, answer
         except Exception as exc:
@@ -156,12 +157,3 @@ class HandOff:
                 return Answer(False, f"no answer from the destination within {self.timeout_s:g} s{why}")
             txn.cancel.check()
             time.sleep(POLL_S)
-
-
-def _end_tasks(freezer: TaskFreezer) -> None:
-    """SIGKILL every held task while it is still frozen: thawed, each dies before it
-    runs one more instruction (a fatal signal is taken on the way back to user space)."""
-    for pid in freezer.pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    log.info("the destination restored the program: %d task(s) ended here", len(freezer.pids))

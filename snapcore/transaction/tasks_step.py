@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from snapcore.errors import ChangeDetected, SnapcoreError
 from snapcore.store.manifest import manifest_path
@@ -24,6 +24,41 @@ if TYPE_CHECKING:
 #: How long a checkpoint whose payload was ``criu dump`` waits for the dumped tasks'
 #: PIDs to be free (PID 1 reaps them; 1-2 s were seen on a loaded machine).
 DUMPED_TASKS_GONE_S = 10.0
+
+
+class Held(Protocol):
+    """Tasks kept stopped past a checkpoint's end for a hand-off."""
+
+    def thaw(self) -> None: ...
+
+    def end(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class HeldByCriu:
+    """Tasks a runtime's CRIU holds stopped while its post-dump action waits for
+    snapcore (``checkpoint --container ... --hand-off``): what the action answers
+    decides. *ok*: the dump has no ``--leave-running``, so CRIU ends them; an error:
+    CRIU fails the dump and resumes them. There is nothing to thaw or kill here: if
+    snapcore dies, the relay's pipe closes, the action fails, and CRIU resumes them."""
+
+    def __init__(self, tasks: dict[str, Any] | None) -> None:
+        self.tasks = dict(tasks or {})
+
+    def thaw(self) -> None:
+        """CRIU resumes them once the action answers an error."""
+
+    def end(self) -> None:
+        """CRIU ends them once the action answers *ok*."""
+
+    def close(self) -> None:
+        """Nothing of snapcore's holds them."""
+
+    def to_json(self) -> dict[str, Any]:
+        return self.tasks
 
 
 class HeldTasks:
@@ -43,7 +78,7 @@ class HeldTasks:
         #: The wall clock at that moment (a hand-off's downtime ends on another host's).
         self.stopped_wall: float | None = None
         #: Frozen past the checkpoint's end, for a hand-off (:meth:`hand_over`).
-        self.kept: TaskFreezer | None = None
+        self.kept: Held | None = None
 
     @property
     def criu_freeze_cgroup(self) -> str | None:
@@ -67,6 +102,7 @@ class HeldTasks:
         else:
             txn.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
             self.stopped_at = time.monotonic()
+            self.stopped_wall = time.time()
         if spec.container and txn.manifest.tasks is not None:
             txn.manifest.tasks["container"] = spec.container
         if spec.criu_images:
@@ -142,6 +178,8 @@ class HeldTasks:
             self.kept = freezer
             freezer = None
             txn.manifest.tasks = self.kept.to_json()
+        elif keep_frozen and self.spec.stopped_by == "CRIU":
+            self.kept = HeldByCriu(txn.manifest.tasks)
         try:
             if watch is not None:
                 watch.stop()
