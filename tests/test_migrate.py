@@ -520,26 +520,51 @@ def test_a_runc_container_moves_with_one_command_on_each_side(
         move.close()
 
 
-def test_a_container_move_without_an_answer_leaves_it_running_on_A(
-    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu
+@pytest.mark.parametrize("failure", ["no-answer", "restore-fails", "source-killed"])
+def test_a_container_move_that_fails_leaves_it_running_on_A(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu, failure: str
 ) -> None:
-    """B never restores: at A's deadline its CRIU resumes the container, which goes on
-    counting there; exit 1; the checkpoint is complete and kept (``handoff: kept``)."""
+    """B never answers (A's deadline); B's ``runc restore`` fails for real (a bundle
+    that is not there) and B answers so; A's snapcore is SIGKILLed while it waits (the
+    relay's pipe closes, the action fails). In every case A's CRIU resumes the
+    container, which goes on counting there; the checkpoint is complete and kept."""
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
     move = ContainerMove(two_nodes, tmp_path, pace, criu, "ctr2")
     try:
         move.start()
-        on_a = move.start_on_a(0, pace.seconds(3))
+        on_a = move.start_on_a(0, pace.seconds(3) if failure == "no-answer" else pace.seconds(120))
+        deadline = time.monotonic() + pace.seconds(120)
+        while not (move.export_dir / "manifest.json").exists():  # complete: A now waits
+            assert time.monotonic() < deadline and on_a.poll() is None, "the export never completed"
+            time.sleep(0.02)
+        if failure == "restore-fails":
+            restored = move.restore_on_b("--bundle", str(tmp_path / "no-such-bundle"))
+            assert restored.returncode != 0 and "Traceback" not in restored.stderr, restored.stdout + restored.stderr
+            assert "told the source (the program goes on there)" in restored.stdout, restored.stdout
+        elif failure == "source-killed":
+            controllers = move.a.run("pgrep", "-f", "snapcore.*--hand-off").stdout.split()
+            assert controllers
+            move.a.run("kill", "-KILL", *controllers)
         out, err = on_a.communicate(timeout=pace.seconds(120))
-        assert on_a.returncode == 1 and "Traceback" not in err, out + err
-        assert "the container was not moved" in err and "it runs on here" in err, err
-        manifest = move.manifest_on_a()
-        assert manifest["outcome"] == "ok" and manifest["handoff"]["state"] == "kept", manifest["handoff"]
+        assert on_a.returncode != 0 and "Traceback" not in err, out + err
+        if failure != "source-killed":
+            assert on_a.returncode == 1, out + err
+            assert "the container was not moved" in err and "it runs on here" in err, err
+            manifest = move.manifest_on_a()
+            assert manifest["outcome"] == "ok" and manifest["handoff"]["state"] == "kept", manifest["handoff"]
         assert (move.export_dir / "criu").is_dir() and (move.export_dir / "manifest.json").is_file()
         assert move.state(move.a)["status"] == "running"
         count = move.on(move.a, f"{ROOTFS}/data/count")
         now = read_count(count)
         assert now is not None
         wait_for_count(count, now, pace.seconds(30))
+        move.a.run("sh", "-c", f"echo probe > {ROOTFS}/probe", timeout=pace.seconds(10))  # not frozen
+        if failure == "source-killed":  # what an admin runs: the checkpoint stays, its hand-off says kept
+            deadline = time.monotonic() + pace.seconds(30)
+            while "nothing to recover" in (recovered := move.a.run(*move.snapcore, *move.on_a, "recover").stdout):
+                assert time.monotonic() < deadline, "recover never found the dead controller's journal"
+                time.sleep(0.1)
+            assert "checkpoint ctr2: complete, kept" in recovered, recovered
+            assert move.manifest_on_a()["handoff"]["state"] == "kept"
     finally:
         move.close()

@@ -177,6 +177,7 @@ class Transaction:
                 held.callback(self._close_journal)
                 held.callback(tasks.hand_over)
                 held.callback(self._end)  # the export's manifest copy: what the destination waits for
+                held.callback(tasks.announce_hand_off)  # journalled before that copy is published
             else:
                 held.callback(self._end)  # checkpoint_end, last of all
                 held.callback(self.watchdog.stop)

@@ -206,6 +206,14 @@ class HeldTasks:
             with contextlib.suppress(SnapcoreError):
                 self.txn.watchdog.thawed(*self.rescues)
 
+    def announce_hand_off(self) -> None:
+        """Before the export's manifest copy is published (the destination starts
+        from it): a complete checkpoint whose tasks are kept for a hand-off is one a
+        controller that dies from now on leaves as it is ('recover' thaws the tasks,
+        never discards what the destination may be restoring from)."""
+        if self.kept is not None and self.txn.hand_off is not None and self.txn.manifest.outcome == "ok":
+            self.txn.journal.record("handoff")
+
     def hand_over(self) -> None:
         """After the checkpoint (its manifest written and published): the tasks kept
         frozen for a hand-off are ended if the destination restored them, else
@@ -220,9 +228,6 @@ class HeldTasks:
         ended, answer = False, None
         try:
             if hand_off is not None:
-                # complete: a controller that dies from now on leaves it as it is
-                # ('recover' thaws the tasks, never discards what the destination uses)
-                txn.journal.record("handoff")
                 ended, answer = hand_off.decide(kept)
         finally:
             try:
