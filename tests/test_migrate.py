@@ -407,6 +407,50 @@ def test_a_move_that_fails_leaves_the_program_running_on_A(
         move.close()
 
 
+@pytest.mark.parametrize("on_b", ["same-content", "other-content"])
+def test_the_destination_s_own_files_are_checked_by_content(
+    two_nodes: Nodes, tmp_path: Path, pace: Pace, monkeypatch: pytest.MonkeyPatch, criu: Criu, on_b: str
+) -> None:
+    """The program holds a file on a mount the checkpoint does not image (each node's
+    own ``/srv/lib``: a "similar" node's library, say). B has its own copy: with the
+    same bytes (another mtime: B's own) the move goes on; with the same size but other
+    bytes, B's check refuses, names the file, and the program runs on on A."""
+    monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,rsync")
+    move = Move(two_nodes, tmp_path, pace, criu, "lib1")
+    library = "/srv/lib/shared.so"
+    move.a.run("sh", "-c", f"mkdir /srv/lib && echo 'the library A has' > {library}")
+    time.sleep(0.01)  # B's copy is written later: another mtime
+    content = "the library A has" if on_b == "same-content" else "the library B has"
+    move.b.run("sh", "-c", f"mkdir /srv/lib && echo '{content}' > {library}")
+    program: NodeProcess | None = None
+    try:
+        program = move.a.start("sh", "-c", f"exec 5<{library}; {PROGRAM}")
+        deadline = time.monotonic() + pace.seconds(30)
+        while _count(move.a) < 3:
+            assert time.monotonic() < deadline and program.poll() is None, "the program did not start on A"
+            time.sleep(0.05)
+        on_a = move.start_on_a(program.node_pid, pace.seconds(120))
+        restored = move.restore_on_b()
+        out, err = on_a.communicate(timeout=pace.seconds(120))
+        manifest = move.manifest_on_a()
+        [held] = [f for f in manifest["files"] if f["path"] == library]
+        assert held["sha256"], held  # digested although its mount is not imaged: a move
+        if on_b == "same-content":
+            assert restored.returncode == 0, restored.stdout + restored.stderr
+            assert on_a.returncode == 0 and manifest["handoff"]["state"] == "moved", out + err
+            program.wait(timeout=pace.seconds(30))
+        else:
+            assert restored.returncode == 1, restored.stdout + restored.stderr
+            assert f"{library}: other content than the checkpoint's" in restored.stderr, restored.stderr
+            assert on_a.returncode == 1 and manifest["handoff"]["state"] == "kept", out + err
+            _still_running_and_writable(move.a, pace)
+    finally:
+        if program is not None and program.poll() is None:
+            program.kill()
+            program.wait()
+        move.close()
+
+
 # -- a runc container -------------------------------------------------------------------
 
 #: The container's program (busybox sh): a file held open after it is deleted (fd 3),

@@ -13,11 +13,14 @@ from snapcore.cli.common import print_json, state_dir_arg
 from snapcore.errors import ExitCode, SnapcoreError, UsageError
 
 
-def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = False) -> tuple[str, list[str]]:
+def problems_of(
+    args: argparse.Namespace, root: Path, *, all_digests: bool = False, similar_host: bool = False
+) -> tuple[str, list[str]]:
     """The checkpoint's id and what differs at ``root``: ``/``, every file where it was
     (with ``--mount``, that mount's); else a copy laid out as ``restore --to`` lays it
     out (one mount: its tree at ``root``; several: each at ``root/<mount point>``),
-    the files of those mounts."""
+    the files of those mounts, and with ``similar_host`` (the program is to run on
+    this host, another than the checkpoint's) the other files where they were."""
     from snapcore.store.confine import beneath
     from snapcore.store.restore import records_of
     from snapcore.tasks.digests import check_files
@@ -37,7 +40,14 @@ def problems_of(args: argparse.Namespace, root: Path, *, all_digests: bool = Fal
     if ghost_dir is not None and (ghost_dir.is_symlink() or not ghost_dir.is_dir()):
         ghost_dir = None
     ghosts = from_dir is None or ghost_dir is not None
-    problems = check_files(manifest.files or [], trees, ghosts=ghosts, all_digests=all_digests, ghost_dir=ghost_dir)
+    problems = check_files(
+        manifest.files or [],
+        trees,
+        ghosts=ghosts,
+        all_digests=all_digests,
+        ghost_dir=ghost_dir,
+        similar_host=similar_host,
+    )
     return manifest.id, problems
 
 
@@ -73,7 +83,9 @@ def check_before(args: argparse.Namespace, command: list[str]) -> None:
     """Before ``restore ... -- CMD`` runs CMD: the restored files are the checkpoint's,
     or CMD does not run (``--no-check`` skips this)."""
     root = Path(os.path.abspath(args.to)) if args.to else Path("/")
-    checkpoint_id, problems = problems_of(args, root)
+    # from an export: this may be another host, whose files on the mounts the export
+    # does not bring (libraries, binaries) must be the ones the program had
+    checkpoint_id, problems = problems_of(args, root, similar_host=bool(args.from_dir))
     if problems:
         for problem in problems:
             print(f"snapcore: {problem}", file=sys.stderr)

@@ -6,7 +6,8 @@ At checkpoint time:
 
 * :func:`digest_files`, once the change watch runs and before anything is frozen:
   the sha256 of each regular file the tasks reach by a name on the checkpoint's
-  mounts, up to the policy's
+  mounts (on every mount for a move to another host: the destination's own system
+  files are checked by content too), up to the policy's
   ``digest_limit`` (default 16 MiB: sha256 runs at 0.5-1.5 GB/s here, so one file costs
   at most ~30 ms, and none of it inside a freeze; ``all``: every file), read through
   the task's own descriptor or mapping (``/proc/PID/fd/N``: the very inode);
@@ -19,7 +20,10 @@ At checkpoint time:
 :func:`check_files` compares a tree (``/`` after ``restore --in-place``, the copy
 after ``--to DIR``) with a manifest's ``files``: each named file is there, of the
 same kind, size and mtime, with the recorded sha256; a deleted or renamed-over one
-has its ghost copy, intact. The manifest is untrusted input: a path that is not
+has its ghost copy, intact. On another host (``restore --from EXPORT -- CMD``) the
+files on mounts the checkpoint did not image (a "similar" node's libraries and
+binaries, the seed's words) are checked where they were, by size and sha256: their
+mtimes are that host's own. The manifest is untrusted input: a path that is not
 absolute, holds ``..`` or leads out of the tree through a symlink is a problem, never
 followed.
 """
@@ -61,14 +65,15 @@ def _sha256(path: str, limit: int, *, nofollow: bool = False) -> str | None:
     return digest.hexdigest()
 
 
-def digest_files(inventory: Inventory, limit: int, mounts: Iterable[str]) -> Inventory:
+def digest_files(inventory: Inventory, limit: int, mounts: Iterable[str] | None) -> Inventory:
     """The inventory with ``sha256`` for each named regular file up to ``limit`` bytes
     on ``mounts`` (the checkpoint's: the others, the system's libraries on ``/`` say,
-    are checked by size and mtime alone)."""
-    ours = set(mounts)
+    are checked by size and mtime alone), or on every mount (None: a move, whose
+    destination has libraries of its own)."""
+    ours = set(mounts) if mounts is not None else None
     files = []
     for f in inventory.files:
-        if f.kind != "file" or f.state not in NAMED or limit <= 0 or f.mount_point not in ours:
+        if f.kind != "file" or f.state not in NAMED or limit <= 0 or (ours is not None and f.mount_point not in ours):
             files.append(f)
             continue
         if f.size > limit:
@@ -140,7 +145,9 @@ def _inside(root: Path, recorded: object, mount: object = "/") -> tuple[Path | N
     return where, None
 
 
-def _check_named(root: Path, mount: object, entry: Mapping[str, Any], all_digests: bool) -> list[str]:
+def _check_named(
+    root: Path, mount: object, entry: Mapping[str, Any], all_digests: bool, *, mtime_too: bool = True
+) -> list[str]:
     shown = entry.get("host_path") or entry.get("path")
     where, problem = _inside(root, shown, mount)
     if where is None:
@@ -162,7 +169,7 @@ def _check_named(root: Path, mount: object, entry: Mapping[str, Any], all_digest
     size, mtime = entry.get("size"), entry.get("mtime_ns")
     if isinstance(size, int) and st.st_size != size:
         problems.append(f"{where}: {st.st_size} bytes, the checkpoint's had {size}")
-    if isinstance(mtime, int) and st.st_mtime_ns != mtime:
+    if mtime_too and isinstance(mtime, int) and st.st_mtime_ns != mtime:
         problems.append(f"{where}: modified at another time than the checkpoint's")
     sha = entry.get("sha256")
     if not problems and (isinstance(sha, str) or all_digests):
@@ -208,10 +215,13 @@ def check_files(
     ghosts: bool = True,
     all_digests: bool = False,
     ghost_dir: Path | None = None,
+    similar_host: bool = False,
 ) -> list[str]:
     """What differs between the trees and a manifest's ``files``, one line each (none:
     they hold what the tasks had). ``trees``: where each mount's tree is (a restore
-    ``--to``); files on other mounts are not checked; None: every file where it was.
+    ``--to``); files on other mounts are not checked, unless ``similar_host`` (another
+    host, where the program is to run: they are checked where they were, by size and
+    sha256, not mtime); None: every file where it was.
     ``ghosts``: check deleted files' copies too (they are in the checkpoint's state
     directory); ``all_digests``: hash every file, also those recorded without a
     digest (a digest, when recorded, is always checked); ``ghost_dir``: the copies are
@@ -224,16 +234,19 @@ def check_files(
         kind, state = entry.get("kind"), entry.get("state")
         if kind not in ("file", "dir"):
             continue  # devices, FIFOs, sockets: CRIU's, not a tree's
-        if trees is not None and entry.get("mount") not in trees:
+        elsewhere = trees is not None and entry.get("mount") not in trees
+        if elsewhere and not similar_host:
             continue
         if state in (FileState.PRESENT.value, FileState.RENAMED.value):
-            if trees is None:
+            if elsewhere:
+                problems += _check_named(Path("/"), "/", entry, all_digests, mtime_too=False)
+            elif trees is None:
                 problems += _check_named(Path("/"), "/", entry, all_digests)
             else:
                 mount = str(entry.get("mount"))
                 problems += _check_named(trees[mount], mount, entry, all_digests)
         elif state in (FileState.DELETED.value, FileState.RENAMED_OVER.value) and kind == "file":
-            if ghosts:
+            if ghosts and not elsewhere:
                 problems += _check_ghost(entry, ghost_dir)
         else:
             problems.append(f"{entry.get('path')!r}: unknown state {state!r}")

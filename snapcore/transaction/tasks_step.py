@@ -115,7 +115,9 @@ class HeldTasks:
         from snapcore.tasks.digests import digest_files
 
         t = time.perf_counter()
-        self.inventory = digest_files(self.inventory, txn.policy.digest_limit, [r.mount_point for r in txn.active])
+        # a move: the destination's own files on the other mounts are checked by content too
+        mounts = None if txn.send_images else [r.mount_point for r in txn.active]
+        self.inventory = digest_files(self.inventory, txn.policy.digest_limit, mounts)
         txn.manifest.timings["digests"] = round((time.perf_counter() - t) * 1000, 3)
         return self.rescues
 
