@@ -278,6 +278,15 @@ class Move:
         manifest: dict[str, Any] = json.loads(self.a.run("cat", str(path)).stdout)
         return manifest
 
+    def recover_on_a(self) -> str:
+        """``snapcore recover`` on A once its killed controller is gone (reaped by the
+        node's init: until then its journal counts as alive and is left alone)."""
+        deadline = time.monotonic() + self.pace.seconds(30)
+        while "nothing to recover" in (recovered := self.a.run(*self.snapcore, *self.on_a, "recover").stdout):
+            assert time.monotonic() < deadline, "recover never found the dead controller's journal"
+            time.sleep(0.1)
+        return recovered
+
     def close(self) -> None:
         self.daemon.kill()
         self.daemon.wait()
@@ -388,12 +397,7 @@ def test_a_move_that_fails_leaves_the_program_running_on_A(
         _still_running_and_writable(move.a, pace)
         assert program.poll() is None
         if failure == "source-killed":  # what an admin runs: the checkpoint stays, its hand-off says kept
-            # the killed controller is gone once reaped (by the node's init): until then
-            # its journal counts as alive and recover leaves it alone
-            deadline = time.monotonic() + pace.seconds(30)
-            while "nothing to recover" in (recovered := move.a.run(*move.snapcore, *move.on_a, "recover").stdout):
-                assert time.monotonic() < deadline, "recover never found the dead controller's journal"
-                time.sleep(0.1)
+            recovered = move.recover_on_a()
             assert "the controller died during the hand-off" in recovered, recovered
             assert "checkpoint move4: complete, kept" in recovered, recovered
             manifest = move.manifest_on_a()
@@ -604,10 +608,7 @@ def test_a_container_move_that_fails_leaves_it_running_on_A(
         wait_for_count(count, now, pace.seconds(30))
         move.a.run("sh", "-c", f"echo probe > {ROOTFS}/probe", timeout=pace.seconds(10))  # not frozen
         if failure == "source-killed":  # what an admin runs: the checkpoint stays, its hand-off says kept
-            deadline = time.monotonic() + pace.seconds(30)
-            while "nothing to recover" in (recovered := move.a.run(*move.snapcore, *move.on_a, "recover").stdout):
-                assert time.monotonic() < deadline, "recover never found the dead controller's journal"
-                time.sleep(0.1)
+            recovered = move.recover_on_a()
             assert "checkpoint ctr2: complete, kept" in recovered, recovered
             assert move.manifest_on_a()["handoff"]["state"] == "kept"
     finally:
