@@ -17,6 +17,7 @@ from snapcore.cli import main
 from snapcore.store.export_files import SENT_MARKER, put_local, remove_put
 from snapcore.tasks.criu import Criu
 from snapcore.testing import LoopFactory, Pace, wait_for_path
+from snapcore.types import Export
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
@@ -139,6 +140,11 @@ def test_images_sent_into_a_shared_btrfs_send_directory_stay_apart(
     assert (dest / "bs2" / "criu" / "pstree.img").is_file() and (dest / "bs2" / "ghosts").is_dir()
 
 
+def _put(path: str, names: list[str]) -> Export:
+    """An export record as a manifest may carry it: the directory and what was put there."""
+    return Export(backend="tar", ref="ref", path=path, details={"put": names})
+
+
 def test_a_tampered_manifest_removes_only_what_snapcore_put_for_that_checkpoint(tmp_path: Path) -> None:
     """The names and the directory come from a manifest (untrusted): only ``criu`` and
     ``ghosts``, only where snapcore's marker names this checkpoint."""
@@ -151,20 +157,20 @@ def test_a_tampered_manifest_removes_only_what_snapcore_put_for_that_checkpoint(
     put_local(exports / "c1", "c1", {"criu": source})
     assert (exports / "c1" / SENT_MARKER).read_text() == "c1\n"
 
-    assert remove_put(str(exports / "c1"), "c1", ["../archive.tar", "archive.tar", "/etc"]) == []
-    assert remove_put(str(exports / "c1"), "c2", ["criu"]) == []  # another checkpoint's marker
-    assert remove_put("exports/c1", "c1", ["criu"]) == []  # not absolute
+    assert remove_put(_put(str(exports / "c1"), ["../archive.tar", "archive.tar", "/etc"]), "c1") == []
+    assert remove_put(_put(str(exports / "c1"), ["criu"]), "c2") == []  # another checkpoint's marker
+    assert remove_put(_put("exports/c1", ["criu"]), "c1") == []  # not absolute
     assert (exports / "c1" / "criu" / "pstree.img").is_file()
 
     # no marker: a directory snapcore did not fill
     theirs = tmp_path / "theirs" / "c9"
     (theirs / "criu").mkdir(parents=True)
-    assert remove_put(str(theirs), "c9", ["criu"]) == [] and (theirs / "criu").is_dir()
+    assert remove_put(_put(str(theirs), ["criu"]), "c9") == [] and (theirs / "criu").is_dir()
     # the checkpoint's directory a symlink to one with its marker: not followed
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "c1").symlink_to(exports / "c1")
-    assert remove_put(str(tmp_path / "links" / "c1"), "c1", ["criu"]) == []
+    assert remove_put(_put(str(tmp_path / "links" / "c1"), ["criu"]), "c1") == []
     assert (exports / "c1" / "criu").is_dir()
 
-    assert remove_put(str(exports / "c1"), "c1", ["criu", "criu"]) == [str(exports / "c1" / "criu")]
+    assert remove_put(_put(str(exports / "c1"), ["criu", "criu"]), "c1") == [str(exports / "c1" / "criu")]
     assert sorted(p.name for p in (exports / "c1").iterdir()) == ["archive.tar"]

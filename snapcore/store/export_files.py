@@ -25,6 +25,7 @@ from snapcore.errors import SnapcoreError
 from snapcore.host.fsutil import read_regular, syncfs
 from snapcore.host.tools import write_atomic
 from snapcore.store.manifest import MANIFEST_NAME
+from snapcore.types import Export
 
 #: The directory of CRIU's images in an export directory (``restore --from DIR --
 #: criu restore`` adds ``-D DIR/criu`` when the command names no image directory).
@@ -91,11 +92,13 @@ def remove_local(export_dir: Path, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_put(export_path: str, checkpoint_id: str, names: object) -> list[str]:
-    """Undo :func:`put_local` for a checkpoint whose export is discarded or deleted,
-    from what its (untrusted) manifest says: only :data:`PUT_NAMES`, only in a local
-    directory whose marker names this checkpoint; the directory goes when that leaves
-    it empty. Returns what was removed (nothing: nothing there was ours)."""
+def remove_put(export: Export, checkpoint_id: str) -> list[str]:
+    """Undo :func:`put_local` for a checkpoint whose export is discarded or deleted
+    (the exporter's own discard does not know these files), from what its (untrusted)
+    manifest says: only :data:`PUT_NAMES`, only in a local directory whose marker names
+    this checkpoint; the directory goes when that leaves it empty. Returns what was
+    removed (nothing: nothing there was ours)."""
+    export_path, names = export.path or "", export.details.get("put") or []
     if not os.path.isabs(export_path) or not isinstance(names, list | tuple):
         return []
     own = own_dir(Path(export_path), checkpoint_id)

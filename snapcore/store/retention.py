@@ -311,7 +311,7 @@ def _remove(entry: Entry, state_dir: Path, table: MountTable, plugins: Plugins, 
         if export is not None and record.exporter:
             plugins.discard(record.exporter, target, image_of(record), export)
             # what the core put beside the exporter's files (--send-images): its discard does not know it
-            remove_put(str(export.path or ""), target.checkpoint_id, export.details.get("put") or [])
+            remove_put(export, target.checkpoint_id)
             # gone, whatever happens to the image next: the manifest must not offer it
             record.export, record.export_record = None, None
             record.extra[EXPORT_REMOVED] = utc_now()

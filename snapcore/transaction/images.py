@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from snapcore.store.export_files import remove_put
 from snapcore.transaction.targets import TargetRun, describe
-from snapcore.types import Consistency, Export, Outcome, Phase
+from snapcore.types import Consistency, Outcome, Phase
 
 if TYPE_CHECKING:
     from snapcore.transaction.core import Transaction
@@ -154,7 +155,7 @@ def discard(txn: Transaction, run: TargetRun) -> None:
     checkpoint keeps nothing half-made); a failure to is a warning in its record."""
     discard_precopy(txn, run)
     if run.export is not None and run.target.exporter:
-        _remove_put(run.export, txn.id)
+        remove_put(run.export, txn.id)
         try:
             txn.plugins.discard(run.target.exporter, run.target, run.image, run.export)
         except Exception as exc:
@@ -170,12 +171,3 @@ def discard(txn: Transaction, run: TargetRun) -> None:
         else:
             txn.journal.record("discarded", key=run.mount_point)
         run.image = None
-
-
-def _remove_put(export: Export, checkpoint_id: str) -> None:
-    """What the core itself copied into a local export directory (``--send-images``
-    where the exporter has no ``snapcore_export_put``): the exporter's own discard
-    does not know it."""
-    from snapcore.store.export_files import remove_put
-
-    remove_put(str(export.path or ""), checkpoint_id, export.details.get("put") or [])
