@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -56,6 +57,21 @@ def holder(tmp_path: Path, pace: Pace) -> Iterator[object]:
         proc.wait()
 
 
+class Bed(NamedTuple):
+    """What a test of sent images runs with."""
+
+    state_dir: Path
+    holder: Any
+    criu: Criu
+    write_policy: Any
+    monkeypatch: pytest.MonkeyPatch
+
+
+@pytest.fixture
+def bed(state_dir: Path, holder: object, criu: Criu, write_policy: object, monkeypatch: pytest.MonkeyPatch) -> Bed:
+    return Bed(state_dir, holder, criu, write_policy, monkeypatch)
+
+
 def _checkpoint(state_dir: Path, policy: Path, pid: int, checkpoint_id: str, images: Path, criu: Criu) -> int:
     """``snapcore checkpoint --send-images -- criu dump --leave-running``, in a process
     of its own (a fault the test sets is read once per process); its exit code."""
@@ -72,22 +88,17 @@ def _manifest(state_dir: Path, checkpoint_id: str) -> dict[str, object]:
 
 
 def test_images_sent_into_a_tar_export_go_when_the_checkpoint_is_deleted(
-    loop_fs: LoopFactory,
-    state_dir: Path,
-    tmp_path: Path,
-    holder: object,
-    criu: Criu,
-    write_policy: object,
-    monkeypatch: pytest.MonkeyPatch,
+    loop_fs: LoopFactory, tmp_path: Path, bed: Bed
 ) -> None:
+    state_dir, holder, criu, write_policy, monkeypatch = bed
     monkeypatch.setenv("SNAPCORE_PLUGINS", "fsfreeze,tar")
     fs, exports = loop_fs("ext4"), tmp_path / "exports"
     exports.mkdir()
-    policy = write_policy(  # type: ignore[operator]
+    policy = write_policy(
         f"version: 1\nmounts:\n  {fs.mount_point}:\n    imager: fsfreeze\n    exporter: tar\n"
         f"    options:\n      tar: {{dest: {exports}}}\n"
     )
-    proc = holder(fs.mount_point / "held")  # type: ignore[operator]
+    proc = holder(fs.mount_point / "held")
     images = tmp_path / "images"
     assert _checkpoint(state_dir, policy, proc.pid, "si1", images, criu) == 0, (images / "dump.log").read_text()
     export = exports / "si1"
@@ -101,27 +112,22 @@ def test_images_sent_into_a_tar_export_go_when_the_checkpoint_is_deleted(
 
 
 def test_images_sent_into_a_shared_btrfs_send_directory_stay_apart(
-    loop_fs: LoopFactory,
-    state_dir: Path,
-    tmp_path: Path,
-    holder: object,
-    criu: Criu,
-    write_policy: object,
-    monkeypatch: pytest.MonkeyPatch,
+    loop_fs: LoopFactory, tmp_path: Path, bed: Bed
 ) -> None:
     """btrfs send writes every checkpoint's stream into one directory: each
     checkpoint's images go into a directory of its own id there, so a second
     checkpoint never replaces the first's, a failed one discards only its own, and a
     delete removes only the deleted one's."""
+    state_dir, holder, criu, write_policy, monkeypatch = bed
     monkeypatch.setenv("SNAPCORE_PLUGINS", "btrfs,btrfs-send")
     sv = loop_fs("btrfs").mount_subvolume("data", tmp_path / "data")
     dest = tmp_path / "streams"
     dest.mkdir()
-    policy = write_policy(  # type: ignore[operator]
+    policy = write_policy(
         f"version: 1\nmounts:\n  {sv}:\n    imager: btrfs\n    exporter: btrfs-send\n"
         f"    options:\n      btrfs-send: {{dest: {dest}}}\n"
     )
-    proc = holder(sv / "held")  # type: ignore[operator]
+    proc = holder(sv / "held")
     for n in (1, 2):
         images = tmp_path / f"images{n}"
         assert _checkpoint(state_dir, policy, proc.pid, f"bs{n}", images, criu) == 0, (images / "dump.log").read_text()
