@@ -32,6 +32,7 @@ from snapcore.transaction.handoff import check_request
 if TYPE_CHECKING:  # loaded by the calls that need them (the command line starts faster)
     from snapcore.store.restore import MountRestored, Verification
     from snapcore.store.retention import Deletion, PruneReport
+    from snapcore.transaction.core import Barrier
 
 PathLike = str | os.PathLike[str]
 
@@ -64,6 +65,7 @@ def _transaction(
     tasks: TaskSpec | None = None,
     send_images: bool = False,
     hand_off: float | None = None,
+    barrier: Barrier | None = None,
 ) -> Transaction:
     pol = _policy(policy)
     return Transaction(
@@ -78,6 +80,7 @@ def _transaction(
         tasks=tasks,
         send_images=send_images,
         hand_off=hand_off,
+        barrier=barrier,
     )
 
 
@@ -108,6 +111,7 @@ def checkpoint(
     tasks: TaskSpec | None = None,
     send_images: bool = False,
     hand_off: float | None = None,
+    barrier: Barrier | None = None,
 ) -> Manifest:
     """Checkpoint the mounts holding ``paths`` (and/or the policy's mounts).
 
@@ -136,12 +140,27 @@ def checkpoint(
     until the destination's ``restore --from`` answers: restored → they are ended
     here; failed, or no answer in time → thawed, the program goes on here. The
     manifest's ``handoff`` says which.
+
+    ``barrier``: called at the sequence's meeting points with their name and the
+    transaction (``ready``, ``imaged``, ``dumped``: :attr:`Transaction.barrier`); a
+    cluster checkpoint's agent waits there for the other nodes.
     """
     check_payload(payload)
     spec = _tasks(pid, cgroup, tasks)
     check_request(send_images, hand_off, payload, spec)
     txn = _transaction(
-        paths, policy, checkpoint_id, state_dir, plugins, watchdog, run_dir, cancel, spec, send_images, hand_off
+        paths,
+        policy,
+        checkpoint_id,
+        state_dir,
+        plugins,
+        watchdog,
+        run_dir,
+        cancel,
+        spec,
+        send_images,
+        hand_off,
+        barrier,
     )
     return txn.run(payload)
 

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(args.verbose, args.quiet)
         if os.geteuid() == 0 and (
-            args.command == "checkpoint"
+            (args.command == "checkpoint" and not args.cluster)
             or (args.command == "criu-hook" and os.environ.get("CRTOOLS_SCRIPT_ACTION") == "post-dump")
         ):
             # the guard boots on the other CPU while this process loads the rest; if

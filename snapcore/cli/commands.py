@@ -59,6 +59,12 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
         "CRIU's post-dump",
     )
     p.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="coordinate a checkpoint of several nodes on etcd: FILE names etcd and, per node, its policy, "
+        "tasks and payload; each node's 'snapcore agent' does its part; one id for all",
+    )
+    p.add_argument(
         "--send-images",
         action="store_true",
         help="with '-- criu dump ... -D DIR' or --container: copy CRIU's images into each export directory (as "
@@ -271,6 +277,10 @@ def cmd_checkpoint(args: argparse.Namespace, command: list[str] | None) -> int:
     from snapcore import api
     from snapcore.safety.cancel import Cancel, on_signals
 
+    if args.cluster:  # the coordinator freezes nothing itself: the agents do, as root
+        from snapcore.cli.cluster import cmd_checkpoint_cluster
+
+        return cmd_checkpoint_cluster(args, command)
     require_root("snapcore checkpoint")
     if args.container:
         from snapcore.cli.container import cmd_checkpoint_container
@@ -468,6 +478,18 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _add_agent(p: argparse.ArgumentParser) -> None:
+    from snapcore.cli.cluster import add_agent_arguments
+
+    add_agent_arguments(p)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from snapcore.cli.cluster import cmd_agent
+
+    return cmd_agent(args)
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """One ``snapcore`` command: its help, its arguments, and what it does."""
@@ -527,7 +549,8 @@ COMMANDS: dict[str, Command] = {
         usage="snapcore checkpoint [--policy F] [PATH...] [--id ID] [--json] [--pid P | --cgroup C] "
         "[--send-images] [--hand-off T] [-- CMD ARGS...]\n"
         "       snapcore checkpoint --container RUNTIME:ID [--policy F] [PATH...] [--send-images] [--hand-off T] "
-        "[-- RUNTIME ... checkpoint ... ID]",
+        "[-- RUNTIME ... checkpoint ... ID]\n"
+        "       snapcore checkpoint --cluster FILE [--id ID] [--json]",
         takes_command=True,
     ),
     "list": Command("checkpoints, newest first", _add_list, _plain(cmd_list)),
@@ -554,4 +577,11 @@ COMMANDS: dict[str, Command] = {
         "CRIU runs it: criu dump --action-script FILE ...",
     ),
     "policy": Command("policy tools", _add_policy, _plain(cmd_policy_check)),
+    "agent": Command(
+        "take this node's part in cluster checkpoints (checkpoint --cluster), coordinated on etcd",
+        _add_agent,
+        _plain(_agent),
+        usage="snapcore [--state-dir S] [--run-dir R] agent --etcd URL --node NAME [--prefix KEY] [--lease TIME] "
+        "[--policy F]",
+    ),
 }

@@ -168,6 +168,10 @@ class Manifest:
     #: moved (the destination restored the program, the tasks here were ended) or
     #: kept (they were thawed here), with the destination's ``answer``.
     handoff: dict[str, Any] | None = None
+    #: This node's part of a cluster checkpoint (``checkpoint --cluster``): the node's
+    #: name, the coordinator, the instant it froze (``frozen_at``, Unix seconds) and
+    #: how long it waited for the others at each meeting point.
+    cluster: dict[str, Any] | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +193,7 @@ class Manifest:
         "changes": (list, type(None)),
         "criu": (dict, type(None)),
         "handoff": (dict, type(None)),
+        "cluster": (dict, type(None)),
     }
     #: The known fields, in the order the manifest writes them.
     _FIELDS = tuple(_TYPES)

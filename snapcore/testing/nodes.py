@@ -142,55 +142,96 @@ class Node:
 
 
 class Nodes:
-    """Two nodes, A and B, joined by a veth pair; ``close`` undoes everything."""
+    """Nodes A, B (, C, ...); two are joined by a veth pair, more by a bridge in a hub
+    namespace of their own (:attr:`hub`, address ``.254``: where a test runs a
+    server every node reaches); ``close`` undoes everything."""
 
-    def __init__(self, base: Path, size_mb: int = 256) -> None:
+    def __init__(self, base: Path, size_mb: int = 256, count: int = 2) -> None:
         for tool in ("ip", "nsenter", "unshare", "losetup", "mkfs.ext4"):
             if shutil.which(tool) is None:
                 pytest.skip(f"{tool} is missing (iproute2, util-linux, e2fsprogs)")
         self.base = base
-        tag = f"{os.getpid() % 100000}"
+        self.tag = tag = f"{os.getpid() % 100000}"
         self.subnet = f"10.213.{os.getpid() % 250 + 1}"
         self.nodes: list[Node] = []
+        #: the namespace of the bridge, with more than two nodes (None: a veth pair)
+        self.hub: str | None = None
         self._netns: list[str] = []
         self._loops: list[str] = []
+        names = [chr(ord("A") + i) for i in range(count)]
         try:
-            veth = (f"sv{tag}a", f"sv{tag}b")
-            for name in ("A", "B"):
+            for name in names:
                 netns = f"snapcore-{tag}-{name}"
                 _run(["ip", "netns", "add", netns])
                 self._netns.append(netns)
-            _run(["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]])
-            for i, name in enumerate(("A", "B")):
-                netns, dev, address = self._netns[i], veth[i], f"{self.subnet}.{i + 1}"
-                _run(["ip", "link", "set", dev, "netns", netns])
-                _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", dev])
-                _run(["ip", "-n", netns, "link", "set", dev, "up"])
-                _run(["ip", "-n", netns, "link", "set", "lo", "up"])
-                image = base / f"node-{name}.img"
-                with open(image, "wb") as f:
-                    f.truncate(size_mb << 20)
-                _run(["mkfs.ext4", "-q", "-F", str(image)])
-                loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
-                self._loops.append(loop)
-                unshare = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc")
-                holder = subprocess.Popen(
-                    # not 'ip netns exec': it mounts a sysfs of its own over /sys, and the
-                    # node would lose the cgroup hierarchies a --pid checkpoint freezes with
-                    [*unshare, "--", *_in_netns(netns, sys.executable, "-c", REAPER)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                node = Node(name=name, netns=netns, address=address, holder=holder, loop=loop)
-                self.nodes.append(node)
-                self._wait_in_own_namespace(node)
-                node.run("sh", "-c", f"echo {10000 * (i + 1)} > /proc/sys/kernel/ns_last_pid")
-                node.run("sh", "-c", f"mount -t tmpfs snapcore-node-{name} /srv && mkdir {APP} && mount {loop} {APP}")
-                node.run("rmdir", f"{APP}/lost+found")  # empty: a restore --to goes there
+            if count == 2:
+                devs = [f"sv{tag}a", f"sv{tag}b"]
+                _run(["ip", "link", "add", devs[0], "type", "veth", "peer", "name", devs[1]])
+            else:
+                devs = self._hub(count)
+            for i, name in enumerate(names):
+                self._node(i, name, devs[i], size_mb)
         except BaseException:
             self.close()
             raise
+
+    def _hub(self, count: int) -> list[str]:
+        """A bridge in a namespace of its own, a veth from each node to it; the
+        nodes' ends (the hub's are ``...h<i>``)."""
+        hub = self.hub = f"snapcore-{self.tag}-hub"
+        _run(["ip", "netns", "add", hub])
+        self._netns.append(hub)
+        _run(["ip", "-n", hub, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", hub, "addr", "add", f"{self.subnet}.254/24", "dev", "br0"])
+        for dev in ("br0", "lo"):
+            _run(["ip", "-n", hub, "link", "set", dev, "up"])
+        devs = []
+        for i in range(count):
+            dev, peer = f"sv{self.tag}n{i}", f"sv{self.tag}h{i}"
+            _run(["ip", "link", "add", dev, "type", "veth", "peer", "name", peer])
+            _run(["ip", "link", "set", peer, "netns", hub])
+            _run(["ip", "-n", hub, "link", "set", peer, "master", "br0"])
+            _run(["ip", "-n", hub, "link", "set", peer, "up"])
+            devs.append(dev)
+        return devs
+
+    @property
+    def hub_address(self) -> str:
+        return f"{self.subnet}.254"
+
+    def cut(self, node: Node, *, up: bool = False) -> None:
+        """Cut ``node`` off the hub (its link goes down), or (``up``) join it again."""
+        assert self.hub is not None, "only nodes on a hub can be cut off"
+        i = self.nodes.index(node)
+        _run(["ip", "-n", self.hub, "link", "set", f"sv{self.tag}h{i}", "up" if up else "down"])
+
+    def _node(self, i: int, name: str, dev: str, size_mb: int) -> None:
+        netns, address = self._netns[i], f"{self.subnet}.{i + 1}"
+        _run(["ip", "link", "set", dev, "netns", netns])
+        _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", dev])
+        _run(["ip", "-n", netns, "link", "set", dev, "up"])
+        _run(["ip", "-n", netns, "link", "set", "lo", "up"])
+        image = self.base / f"node-{name}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mb << 20)
+        _run(["mkfs.ext4", "-q", "-F", str(image)])
+        loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
+        self._loops.append(loop)
+        unshare = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc")
+        holder = subprocess.Popen(
+            # not 'ip netns exec': it mounts a sysfs of its own over /sys, and the
+            # node would lose the cgroup hierarchies a --pid checkpoint freezes with
+            [*unshare, "--", *_in_netns(netns, sys.executable, "-c", REAPER)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        node = Node(name=name, netns=netns, address=address, holder=holder, loop=loop)
+        self.nodes.append(node)
+        self._wait_in_own_namespace(node)
+        node.run("sh", "-c", f"echo {10000 * (i + 1)} > /proc/sys/kernel/ns_last_pid")
+        node.run("sh", "-c", f"mount -t tmpfs snapcore-node-{name} /srv && mkdir {APP} && mount {loop} {APP}")
+        node.run("rmdir", f"{APP}/lost+found")  # empty: a restore --to goes there
 
     @staticmethod
     def _wait_in_own_namespace(node: Node) -> None:
@@ -232,6 +273,7 @@ class Nodes:
     def close(self) -> list[str]:
         """Tear everything down; what could not be, in words."""
         problems: list[str] = []
+        self.hub = None
         for netns in self._netns:
             pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
             for pid in pids:

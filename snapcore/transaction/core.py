@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 
 log = get_logger("snapcore.transaction")
 
+#: A meeting point's callback (:attr:`Transaction.barrier`): the point's name and the
+#: transaction; it returns to go on, raises to fail the checkpoint.
+Barrier = Callable[[str, "Transaction"], None]
+
 
 class Transaction:
     """One checkpoint over many targets. Use :meth:`run` or :meth:`hold`."""
@@ -79,7 +83,13 @@ class Transaction:
         cancel: Cancel | None = None,
         send_images: bool = False,
         hand_off: float | None = None,
+        barrier: Barrier | None = None,
     ) -> None:
+        #: Called at the sequence's meeting points (a cluster checkpoint's agent waits
+        #: there for the other nodes; raising fails the checkpoint): ``ready`` (all
+        #: prepared, nothing frozen), ``imaged`` (every filesystem imaged and still
+        #: frozen), ``dumped`` (the payload done, the tasks still frozen).
+        self.barrier = barrier
         #: Set it (from any thread, or a signal handler) to cancel the checkpoint.
         self.cancel = cancel or Cancel()
         #: ``--send-images``: CRIU's images go into the export directories.
@@ -187,6 +197,7 @@ class Transaction:
             self._lock_mounts(held)
             self._open_journal(None if tasks and self.hand_off is not None else held)
             self._prepare(undo)
+            self._meet("ready")
             with tasks.frozen() if tasks else nullcontext():  # freeze the tasks: the last to thaw
                 undo.push(self._discard_if_failed)
                 with self.window.frozen():  # freeze the filesystems: thawed at the end of this block
@@ -194,9 +205,11 @@ class Transaction:
                     images.export_all(self, [r for r in self.active if r.live and r.target.exporter])
                     self.window.check_deadline()
                     self.cancel.check()
+                    self._meet("imaged")
                     yield  # the body of hold()
                 if payload is not None:
                     self._timed(Phase.PAYLOAD, run_payload, self, payload)
+                self._meet("dumped")
                 self._timed(Phase.EXPORT, images.export_all, self, [r for r in self.active if r.target.exporter])
                 if tasks:
                     tasks.check_changes()
@@ -474,6 +487,13 @@ class Transaction:
                 log.warning("%s", warning)
 
     # -- helpers -----------------------------------------------------------------
+
+    def _meet(self, point: str) -> None:
+        if self.barrier is not None:
+            t = time.perf_counter()
+            self.barrier(point, self)
+            self.manifest.timings[f"barrier_{point}"] = round((time.perf_counter() - t) * 1000, 3)
+            self.cancel.check()
 
     def phase(self, phase: Phase, start: float) -> None:
         """Record how long ``phase`` took, since ``start`` (``time.perf_counter()``)."""

@@ -29,6 +29,8 @@ class FreezeWindow:
         self.txn = txn
         #: the deadline passed: the watchdog thawed everything, the images are not trusted
         self.expired = False
+        #: when the first target was frozen (Unix seconds; None: not yet)
+        self.frozen_wall: float | None = None
         self._thawed_keys: list[str] = []
         self._thawed_lock = threading.Lock()
 
@@ -46,6 +48,7 @@ class FreezeWindow:
             txn.phase(Phase.BEFORE_FREEZE, t)
             txn.watchdog.arm(txn.deadline_s, self._expire)
             start = time.perf_counter()
+            self.frozen_wall = time.time()
             try:
                 for level in txn.levels:
                     self._announce(level)

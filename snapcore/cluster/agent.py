@@ -1,0 +1,306 @@
+"""``snapcore agent``: one node's part in cluster checkpoints.
+
+The agent registers its node in etcd on a lease and watches for requests naming it.
+For each, it runs an ordinary checkpoint of this node (the request's policy, paths,
+tasks and payload) whose meeting points (:attr:`Transaction.barrier`) report to etcd
+and wait for the coordinator's word:
+
+* ``ready`` (prepared, nothing frozen) → wait for ``freeze``;
+* ``imaged`` (every filesystem frozen and imaged, still frozen) → wait for ``payload``;
+* ``dumped`` (the payload done, the tasks still frozen) → wait for ``resume``.
+
+Every wait ends by itself: at the request's deadline (and, frozen, before the freeze
+window's own), when the coordinator's lease is gone, when the agent's own lease is
+lost (etcd unreachable: the node is cut off) or when the coordinator says ``abort``.
+Then the checkpoint fails as any other does: everything is thawed and what it made is
+discarded. If the agent itself dies, its guard process thaws the node (as for any
+checkpoint) and its lease expires, which aborts the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snapcore.cluster.etcd import Etcd, EtcdUnavailable, Lease
+from snapcore.cluster.protocol import (
+    ABORT,
+    DISCARD,
+    FAILED,
+    RELEASES,
+    Keys,
+    Request,
+    dumps,
+    loads,
+    request_from_json,
+)
+from snapcore.errors import CheckpointFailed, SnapcoreError, UsageError
+from snapcore.log import get_logger
+from snapcore.safety.cancel import Cancel
+
+if TYPE_CHECKING:
+    from snapcore.plugins import Plugins
+    from snapcore.transaction.core import Transaction
+
+log = get_logger("snapcore.cluster")
+
+
+#: How many completed cluster checkpoints an agent remembers (to discard on word).
+KEEP_COMPLETED = 64
+#: How long a new agent waits for a dead one's registration to expire (its lease).
+REGISTER_WAIT = 15.0
+
+
+class ClusterAborted(SnapcoreError):
+    """The cluster checkpoint cannot go on here (another node, the coordinator, etcd
+    or the deadline)."""
+
+
+class Session:
+    """What this node knows of one cluster checkpoint, updated from the watch."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.phases: list[str] = []
+        self.stop: str | None = None
+        #: the coordinator said ``discard`` (why): this node's completed part goes
+        self.discard: str | None = None
+        self._cond = threading.Condition()
+
+    def said(self, phase: str, reason: str = "") -> None:
+        with self._cond:
+            if phase == ABORT:
+                self.stop = self.stop or f"the coordinator aborted the checkpoint: {reason or 'no reason given'}"
+            elif phase == DISCARD:
+                self.discard = reason or "no reason given"
+                self.stop = self.stop or f"the coordinator discarded the checkpoint: {self.discard}"
+            elif phase not in self.phases:
+                self.phases.append(phase)
+            self._cond.notify_all()
+
+    def give_up(self, reason: str) -> None:
+        with self._cond:
+            self.stop = self.stop or reason
+            self._cond.notify_all()
+
+    def wait(self, phase: str, seconds: float, lost: threading.Event, cancel: Cancel) -> float:
+        """Until the coordinator says ``phase``; how long that took (s). Raises
+        :class:`ClusterAborted` on an abort, a lost lease, a cancellation (the agent
+        is stopping) or the deadline."""
+        t = time.monotonic()
+        deadline = t + max(0.0, seconds)
+        with self._cond:
+            while True:
+                if phase in self.phases:
+                    return time.monotonic() - t
+                if self.stop is not None:
+                    raise ClusterAborted(self.stop)
+                if lost.is_set():
+                    raise ClusterAborted("this node lost its etcd lease (cut off from etcd?)")
+                if cancel.is_set():
+                    raise ClusterAborted(f"the agent is stopping ({cancel.reason})")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClusterAborted(f"no {phase!r} from the coordinator within {seconds:.3g}s")
+                # woken by the watch; the lease is polled
+                self._cond.wait(min(left, 0.05))
+
+
+@dataclass
+class Agent:
+    etcd: Etcd
+    keys: Keys
+    node: str
+    lease_ttl: float = 2.0
+    policy: str | None = None
+    state_dir: Path | None = None
+    run_dir: Path | None = None
+    plugins: Plugins | None = None
+    cancel: Cancel = field(default_factory=Cancel)
+    sessions: dict[str, Session] = field(default_factory=dict)
+    #: the cluster checkpoints this node completed its part of, newest last (a few)
+    completed: dict[str, Session] = field(default_factory=dict)
+    _queue: queue.Queue[Session | str] = field(default_factory=queue.Queue)
+    _lease: Lease | None = None
+
+    def serve(self, stop: threading.Event) -> None:
+        """Register, then take requests until ``stop`` is set or etcd is lost."""
+        lease = self._lease = self.etcd.lease(self.lease_ttl)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        where = self.keys.agent(self.node)
+        # a previous agent of this node that died (restarted by systemd) holds the key
+        # until its lease expires: wait that long, not forever
+        end = time.monotonic() + REGISTER_WAIT
+        while not self.etcd.create(where, dumps(info), lease):
+            if time.monotonic() > end or stop.is_set():
+                lease.revoke()
+                raise UsageError(f"node {self.node!r} already has an agent registered in etcd ({where})")
+            time.sleep(0.1)
+        _, revision = self.etcd.get_prefix(where)
+        self.etcd.watch_prefix(self.keys.checkpoints, revision + 1, self._event)
+        log.info("agent for node %s registered at %s (lease %x)", self.node, self.etcd.endpoint, lease.id)
+        try:
+            while not stop.is_set():
+                if lease.lost.is_set():
+                    raise EtcdUnavailable(f"node {self.node}: the agent's etcd lease was lost")
+                try:
+                    item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if isinstance(item, str):
+                    raise EtcdUnavailable(f"node {self.node}: {item}")
+                if item.discard is not None and item.request.id in self.completed:
+                    self._discard(item)
+                else:
+                    self._checkpoint(item)
+        finally:
+            lease.revoke()
+
+    # -- from the watch (the client's loop thread) -------------------------------------
+
+    def _event(self, kind: str, key: str, value: bytes) -> None:
+        if kind == "error":
+            reason = f"the etcd watch broke: {value.decode('utf-8', 'replace')}"
+            for each in self.sessions.values():
+                each.give_up(reason)
+            self._queue.put(reason)
+            return
+        where = self.keys.split(key)
+        if where is None:
+            return
+        checkpoint_id, rest = where
+        session = self.sessions.get(checkpoint_id)
+        if session is None and rest == "phase" and checkpoint_id in self.completed:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                said = loads(value)
+                if said.get("phase") == DISCARD:  # this node's part is complete: it goes now
+                    done = self.completed[checkpoint_id]
+                    done.said(DISCARD, str(said.get("reason") or ""))
+                    self._queue.put(done)
+            return
+        if rest == "request" and kind == "put" and session is None:
+            try:
+                request = request_from_json(loads(value))
+            except (ValueError, UnicodeDecodeError) as exc:
+                log.warning("ignoring a malformed cluster request at %s: %s", key, exc)
+                return
+            if self.node in request.nodes and request.id == checkpoint_id:
+                self.sessions[checkpoint_id] = Session(request)
+                self._queue.put(self.sessions[checkpoint_id])
+        elif session is None:
+            return
+        elif rest == "phase" and kind == "put":
+            try:
+                said = loads(value)
+                session.said(str(said.get("phase")), str(said.get("reason") or ""))
+            except (ValueError, UnicodeDecodeError):
+                session.give_up("the coordinator's phase key holds no phase")
+        elif rest == "coordinator" and kind == "delete":
+            session.give_up("the coordinator is gone (its etcd lease expired)")
+
+    # -- the checkpoint (the agent's main thread) --------------------------------------
+
+    def _report(self, request: Request, state: str, **extra: Any) -> None:
+        value = dumps({"state": state, "at": time.time(), **extra})
+        self.etcd.put(self.keys.node(request.id, self.node), value, self._lease)
+
+    def _checkpoint(self, session: Session) -> None:
+        from snapcore import api
+
+        request = session.request
+        spec = request.nodes[self.node]
+        lost = self._lease.lost if self._lease else threading.Event()
+        waited: dict[str, float] = {}
+
+        def meet(point: str, txn: Transaction) -> None:
+            extra: dict[str, Any] = {}
+            seconds = request.deadline
+            if point == "ready":
+                txn.manifest.cluster = {"node": self.node, "coordinator": request.coordinator, "waited_ms": waited}
+            if point == "imaged":
+                frozen = [t for t in (txn.window.frozen_wall, txn.tasks and txn.tasks.stopped_wall) if t]
+                extra["frozen_at"] = min(frozen) if frozen else time.time()
+                assert txn.manifest.cluster is not None
+                txn.manifest.cluster["frozen_at"] = extra["frozen_at"]
+                if txn.window.frozen_wall is not None:  # the window's own deadline comes first
+                    left = txn.deadline_s - (time.time() - txn.window.frozen_wall)
+                    seconds = min(seconds, max(0.0, left * 0.9))
+            try:
+                self._report(request, point, **extra)
+            except EtcdUnavailable as exc:
+                raise ClusterAborted(f"cannot report {point!r}: {exc}") from None
+            waited[point] = round(session.wait(RELEASES[point], seconds, lost, self.cancel) * 1000, 3)
+
+        try:
+            self._report(request, "accepted")
+            manifest = api.checkpoint(
+                list(spec.paths),
+                policy=spec.policy or self.policy,
+                checkpoint_id=request.id,
+                state_dir=self.state_dir,
+                run_dir=self.run_dir,
+                payload=list(spec.payload) or None,
+                plugins=self.plugins,
+                cancel=self.cancel,
+                pid=spec.pid,
+                cgroup=spec.cgroup,
+                barrier=meet,
+            )
+        except CheckpointFailed as exc:
+            self._finish(request, FAILED, str(exc), exc.manifest)
+        except SnapcoreError as exc:  # refused before it started: a bad policy, no such task
+            self._finish(request, FAILED, str(exc), None)
+        else:
+            self._finish(request, "done", None, manifest)
+            self.completed[request.id] = session
+            while len(self.completed) > KEEP_COMPLETED:
+                self.completed.pop(next(iter(self.completed)))
+            if session.discard is not None:  # said while this node was finishing
+                self._discard(session)
+        finally:
+            self.sessions.pop(request.id, None)
+
+    def _discard(self, session: Session) -> None:
+        """The cluster checkpoint failed after this node completed its part: delete it
+        (exports, images, manifest), as ``snapcore delete ID`` would."""
+        from snapcore import api
+
+        request = session.request
+        self.completed.pop(request.id, None)
+        log.warning("cluster checkpoint %s: discarding this node's part: %s", request.id, session.discard)
+        problems = []
+        try:
+            for deletion in api.delete(
+                [request.id], state_dir=self.state_dir, run_dir=self.run_dir, plugins=self.plugins
+            ):
+                problems.extend(deletion.errors)
+        except SnapcoreError as exc:
+            problems.append(str(exc))
+        try:
+            self._report(request, "discarded", error="; ".join(problems) or None)
+        except EtcdUnavailable as exc:
+            log.warning("cluster checkpoint %s: cannot report the discard: %s", request.id, exc)
+
+    def _finish(self, request: Request, state: str, error: str | None, manifest: Any) -> None:
+        extra: dict[str, Any] = {"error": error, "host": socket.gethostname()}
+        if manifest is not None:
+            extra.update(
+                outcome=manifest.outcome,
+                freeze_window_ms=manifest.freeze_window_ms,
+                frozen_at=(manifest.cluster or {}).get("frozen_at"),
+                waited_ms=(manifest.cluster or {}).get("waited_ms"),
+                targets=[{"mount": t.mount, "outcome": t.outcome, "image": t.image} for t in manifest.targets],
+            )
+        if error:
+            log.warning("cluster checkpoint %s failed on node %s: %s", request.id, self.node, error)
+        try:
+            self._report(request, state, **extra)
+        except EtcdUnavailable as exc:
+            log.warning("cluster checkpoint %s: cannot report %r: %s", request.id, state, exc)

@@ -1,0 +1,287 @@
+"""``snapcore checkpoint --cluster FILE``: the coordinator of a cluster checkpoint.
+
+It holds a lease for as long as it runs (its key under the checkpoint: when it dies,
+the key expires and every node gives up by itself), writes the request, and moves
+the nodes from one meeting point to the next only when all of them are there:
+``freeze`` once all are ready, ``payload`` once all are imaged (each still frozen),
+``resume`` once every payload is done. A node that fails, whose agent's lease expires,
+or that is not there by the deadline makes it say ``abort``. At the end it writes the
+cluster manifest (:func:`cluster_manifest_path`): every node's outcome, the waits at
+each meeting point, and the skew between the nodes' freeze instants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapcore.cluster.etcd import Etcd, EtcdUnavailable
+from snapcore.cluster.protocol import ABORT, DISCARD, FAILED, STATES, ClusterFile, Keys, Request, dumps, loads
+from snapcore.errors import SnapcoreError, UsageError
+from snapcore.log import get_logger
+from snapcore.safety.cancel import Cancel
+from snapcore.store.manifest import utc_now
+
+log = get_logger("snapcore.cluster")
+
+#: The cluster manifest's name, beside a node's own manifest of the same id.
+CLUSTER_MANIFEST = "cluster.json"
+#: A node whose agent's lease expired (its report key vanished).
+LOST = "lost"
+
+
+def cluster_manifest_path(state_dir: Path, checkpoint_id: str) -> Path:
+    from snapcore.store.manifest import manifest_path
+
+    return manifest_path(state_dir, checkpoint_id).parent / CLUSTER_MANIFEST
+
+
+class ClusterFailed(SnapcoreError):
+    """The cluster checkpoint failed; :attr:`manifest` says where and why."""
+
+    def __init__(self, message: str, manifest: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+class _Stop(Exception):
+    """A wait ended without every node there (the reason is the message)."""
+
+
+@dataclass
+class Coordinator:
+    etcd: Etcd
+    keys: Keys
+    file: ClusterFile
+    checkpoint_id: str
+    state_dir: Path
+    cancel: Cancel = field(default_factory=Cancel)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _broken: str | None = None
+
+    def run(self) -> dict[str, Any]:
+        """The whole cluster checkpoint; its manifest, written. Raises
+        :class:`ClusterFailed` (with the manifest) when it failed, :class:`UsageError`
+        before anything was asked of a node (a node without an agent)."""
+        nodes = list(self.file.nodes)
+        agents, _ = self.etcd.get_prefix(self.keys.agents)
+        missing = [n for n in nodes if self.keys.agent(n) not in agents]
+        if missing:
+            raise UsageError(
+                f"no agent registered for node {', '.join(missing)} at {self.etcd.endpoint} "
+                f"(is 'snapcore agent --node NAME' running there?)"
+            )
+        request = Request(
+            self.checkpoint_id,
+            self.file.nodes,
+            self.file.deadline,
+            self.file.finish,
+            coordinator=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        lease = self.etcd.lease(self.file.lease)
+        manifest: dict[str, Any] = {
+            "id": self.checkpoint_id,
+            "kind": "cluster",
+            "outcome": "failed",
+            "started": utc_now(),
+            "etcd": str(self.etcd.endpoint),
+            "prefix": self.keys.prefix,
+            "nodes": {},
+            "barrier_ms": {},
+            "error": None,
+        }
+        try:
+            coordinator = dumps({"pid": os.getpid(), "host": socket.gethostname()})
+            if not self.etcd.create(self.keys.coordinator(self.checkpoint_id), coordinator, lease):
+                raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already exists in etcd")
+            _, revision = self.etcd.get_prefix(self.keys.checkpoint(self.checkpoint_id))
+            self.etcd.watch_prefix(self.keys.nodes(self.checkpoint_id), revision + 1, self._event)
+            if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json())):
+                raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already has a request in etcd")
+            self._sequence(manifest, lease.lost)
+            manifest["outcome"] = "ok"
+        except _Stop as stop:
+            manifest["error"] = str(stop)
+            self._abort(str(stop), lease.lost)
+        except EtcdUnavailable as exc:
+            manifest["error"] = f"lost etcd: {exc}"
+        finally:
+            manifest["finished"] = utc_now()
+            self._record_nodes(manifest)
+            self._write(manifest)
+            lease.revoke()
+        if manifest["outcome"] != "ok":
+            raise ClusterFailed(f"cluster checkpoint {self.checkpoint_id} failed: {manifest['error']}", manifest)
+        return manifest
+
+    # -- the sequence --------------------------------------------------------------
+
+    def _sequence(self, manifest: dict[str, Any], lost: threading.Event) -> None:
+        deadline = self.file.deadline
+        for point, phase in (("ready", "freeze"), ("imaged", "payload"), ("dumped", "resume")):
+            t = time.monotonic()
+            self._wait_all(point, deadline, lost)
+            self._say(phase)
+            manifest["barrier_ms"][point] = round((time.monotonic() - t) * 1000, 3)
+        self._wait_all("done", self.file.finish, lost)
+        failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
+        if failed:
+            reason = f"after the freeze, {self._describe(failed)}"
+            self._discard(reason, lost)
+            raise _Stop(reason)
+        self._say("commit")
+
+    def _discard(self, reason: str, lost: threading.Event) -> None:
+        """Some nodes completed their part, another did not (it failed, or was lost
+        after its last report): the complete parts are deleted, so that no half of
+        the checkpoint stays; wait, a deadline at most, for each to say so."""
+        log.warning("cluster checkpoint %s: discarding the nodes' parts: %s", self.checkpoint_id, reason)
+        self._say(DISCARD, reason)
+        done = [n for n, r in self.reports.items() if r.get("state") == "done"]
+        end = time.monotonic() + self.file.deadline
+        with self._cond:
+            while time.monotonic() < end and self._broken is None and not lost.is_set():
+                if all(self.reports.get(n, {}).get("state") in ("discarded", LOST) for n in done):
+                    return
+                self._cond.wait(0.05)
+
+    def _wait_all(self, state: str, seconds: float, lost: threading.Event) -> None:
+        """Until every node has reported ``state`` (or later); :class:`_Stop` when one
+        failed or was lost, etcd broke, the coordinator was cancelled, or the deadline."""
+        want = STATES.index(state)
+        end = time.monotonic() + seconds
+        with self._cond:
+            while True:
+                behind = [n for n in self.file.nodes if self._rank(n) < want]
+                bad = {n: r for n, r in self.reports.items() if r.get("state") in (FAILED, LOST)}
+                if bad and state != "done":
+                    raise _Stop(self._describe(bad))
+                if not behind:
+                    return
+                if self._broken is not None:
+                    raise _Stop(self._broken)
+                if lost.is_set():
+                    raise _Stop("the coordinator lost its etcd lease")
+                if self.cancel.is_set():
+                    raise _Stop(f"the coordinator was cancelled ({self.cancel.reason})")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise _Stop(f"node {', '.join(behind)} did not report {state!r} within {seconds:.3g}s")
+                self._cond.wait(min(left, 0.05))
+
+    def _rank(self, node: str) -> int:
+        state = self.reports.get(node, {}).get("state")
+        if state in (FAILED, LOST):
+            return len(STATES)  # final: nothing more will come
+        return STATES.index(state) if state in STATES else -1
+
+    def _say(self, phase: str, reason: str | None = None) -> None:
+        self.etcd.put(self.keys.phase(self.checkpoint_id), dumps({"phase": phase, "reason": reason, "at": time.time()}))
+
+    def _abort(self, reason: str, lost: threading.Event) -> None:
+        """Every node gives up (each would by itself, at its deadline): wait, a
+        deadline at most, for their last word."""
+        log.warning("cluster checkpoint %s: aborting: %s", self.checkpoint_id, reason)
+        try:
+            self._say(ABORT, reason)
+        except EtcdUnavailable as exc:
+            log.warning("cannot tell the nodes to abort (they give up by themselves): %s", exc)
+            return
+        end = time.monotonic() + self.file.deadline
+        with self._cond:
+            while time.monotonic() < end and self._broken is None and not lost.is_set():
+                if all(self.reports.get(n, {}).get("state") in (FAILED, LOST, "done") for n in self.file.nodes):
+                    return
+                self._cond.wait(0.05)
+
+    @staticmethod
+    def _describe(bad: Mapping[str, Mapping[str, Any]]) -> str:
+        parts = []
+        for node, report in bad.items():
+            if report.get("state") == LOST:
+                parts.append(f"node {node} was lost (its agent's etcd lease expired)")
+            else:
+                parts.append(f"node {node} failed: {report.get('error') or 'no reason given'}")
+        return "; ".join(parts)
+
+    # -- from the watch ------------------------------------------------------------
+
+    def _event(self, kind: str, key: str, value: bytes) -> None:
+        with self._cond:
+            if kind == "error":
+                self._broken = f"the etcd watch broke: {value.decode('utf-8', 'replace')}"
+            else:
+                node = key.rpartition("/")[2]
+                if node in self.file.nodes:
+                    if kind == "delete":
+                        if self.reports.get(node, {}).get("state") not in (FAILED, "done", "discarded"):
+                            self.reports[node] = {**self.reports.get(node, {}), "state": LOST}
+                    else:
+                        try:
+                            report = loads(value)
+                        except (ValueError, UnicodeDecodeError):
+                            report = {"state": FAILED, "error": "its report is not JSON"}
+                        if report.get("state") not in (*STATES, FAILED):
+                            report = {"state": FAILED, "error": f"unknown state {str(report.get('state'))[:40]!r}"}
+                        self.reports[node] = report
+            self._cond.notify_all()
+
+    # -- the cluster manifest ------------------------------------------------------
+
+    def _record_nodes(self, manifest: dict[str, Any]) -> None:
+        with self._cond:
+            reports = {n: dict(self.reports.get(n) or {"state": "silent"}) for n in self.file.nodes}
+        manifest["nodes"] = reports
+        instants = [r["frozen_at"] for r in reports.values() if isinstance(r.get("frozen_at"), int | float)]
+        manifest["skew_ms"] = round((max(instants) - min(instants)) * 1000, 3) if len(instants) > 1 else None
+
+    def _write(self, manifest: dict[str, Any]) -> None:
+        from snapcore.host.fsutil import secure_dir
+        from snapcore.host.tools import write_atomic
+
+        text = json.dumps(manifest, indent=2) + "\n"
+        try:
+            path = cluster_manifest_path(self.state_dir, self.checkpoint_id)
+            secure_dir(self.state_dir)
+            secure_dir(path.parent.parent)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(path, text.encode(), mode=0o600)
+        except (OSError, SnapcoreError) as exc:
+            log.error("cannot write the cluster manifest under %s: %s", self.state_dir, exc)
+        try:
+            self.etcd.put(self.keys.result(self.checkpoint_id), text.encode())
+        except EtcdUnavailable as exc:
+            log.warning("cannot put the cluster manifest into etcd: %s", exc)
+
+
+def summary(manifest: Mapping[str, Any]) -> str:
+    """The cluster manifest, for a person."""
+    skew = manifest.get("skew_ms")
+    head = f"cluster checkpoint {manifest.get('id')}: {manifest.get('outcome')}"
+    if manifest.get("error"):
+        head += f" — {manifest['error']}"
+    if isinstance(skew, int | float):
+        head += f" (freeze skew {skew:.1f} ms)"
+    lines = [head]
+    nodes = manifest.get("nodes")
+    for name, report in nodes.items() if isinstance(nodes, Mapping) else ():
+        report = report if isinstance(report, Mapping) else {}
+        window = report.get("freeze_window_ms")
+        line = f"  {name:<16} {report.get('state')!s:<8}"
+        if isinstance(window, int | float):
+            line += f" freeze window {window:.1f} ms"
+        if report.get("error"):
+            line += f" error: {report['error']}"
+        lines.append(line)
+    barriers = manifest.get("barrier_ms")
+    if isinstance(barriers, Mapping) and barriers:
+        lines.append("  waits for every node: " + ", ".join(f"{k} {v} ms" for k, v in barriers.items()))
+    return "\n".join(lines)

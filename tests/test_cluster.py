@@ -1,0 +1,320 @@
+"""A checkpoint across three nodes, coordinated on a real etcd (issue 19).
+
+Three nodes on one machine (:mod:`snapcore.testing.nodes`: network, mount and PID
+namespaces, each its own ext4 at /srv/app, joined by a bridge in a hub namespace),
+an etcd server in the hub (:mod:`snapcore.testing.etcd`), a ``snapcore agent`` on
+each node and the coordinator (``snapcore checkpoint --cluster FILE``) on node A,
+all started as a user starts them. Each node runs a counter on its /srv/app and
+checkpoints it (``pid``) with fsfreeze + tar.
+
+After every failure: nothing is left frozen anywhere (each node's counter goes on and
+its /srv/app takes a write within a timeout), the cluster manifest and each node's
+own say what failed, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapcore.testing import Pace
+from snapcore.testing.etcd import EtcdServer
+from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes
+
+pytestmark = pytest.mark.usefixtures("root_only")
+
+SNAPCORE = (sys.executable, "-m", "snapcore", "--state-dir", "/srv/state", "--run-dir", "/srv/run")
+#: The agents' lease: a dead or cut-off agent aborts the others this long after.
+LEASE = 1.0
+
+POLICY = f"""version: 1
+mounts:
+  {APP}:
+    imager: fsfreeze
+    exporter: tar
+    freeze_timeout: 30s
+    options:
+      tar: {{dest: /srv/exports}}
+"""
+
+COUNTER = (
+    f"exec </dev/null >/dev/null 2>&1; cd {APP}; i=0; while :; do i=$((i+1)); echo $i > {APP}/count; sleep 0.05; done"
+)
+
+
+@dataclass
+class Cluster:
+    nodes: Nodes
+    etcd: EtcdServer
+    pace: Pace
+    agents: dict[str, NodeProcess] = field(default_factory=dict)
+    counters: dict[str, NodeProcess] = field(default_factory=dict)
+
+    @property
+    def all(self) -> list[Node]:
+        return self.nodes.nodes
+
+    def start_agent(self, node: Node, *env: str) -> NodeProcess:
+        argv = ["env", "SNAPCORE_PLUGINS=fsfreeze,tar", *env, *SNAPCORE, "-v", "agent", "--etcd", self.etcd.url]
+        argv += ["--node", node.name, "--lease", f"{LEASE:g}s", "--policy", "/srv/policy.yaml"]
+        proc = node.start("sh", "-c", 'exec "$@" 2>>/srv/agent.log', "agent", *argv)
+        self.agents[node.name] = proc
+        return proc
+
+    def wait_registered(self, names: list[str]) -> None:
+        deadline = time.monotonic() + self.pace.seconds(30)
+        while True:
+            keys = self.etcdctl("get", "--prefix", "--keys-only", "/snapcore/agents/").split()
+            if all(f"/snapcore/agents/{n}" in keys for n in names):
+                return
+            for name, proc in self.agents.items():
+                assert proc.poll() is None, f"the agent of {name} exited: {self.log(name)}"
+            assert time.monotonic() < deadline, f"agents not registered: {keys}"
+            time.sleep(0.05)
+
+    def etcdctl(self, *args: str) -> str:
+        assert self.nodes.hub is not None
+        argv = ["nsenter", f"--net=/run/netns/{self.nodes.hub}", "--", "etcdctl", f"--endpoints={self.etcd.url}"]
+        done = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
+        )
+        return done.stdout
+
+    def log(self, name: str) -> str:
+        node = self.all[ord(name) - ord("A")]
+        return node.run("cat", "/srv/agent.log", check=False).stdout[-3000:]
+
+    def request(self, nodes: dict[str, dict[str, Any]], *, deadline: str = "20s") -> None:
+        """The request file, on node A (where the coordinator runs)."""
+        text = f"etcd: {self.etcd.url}\nlease: {LEASE:g}s\ndeadline: {deadline}\nnodes:\n"
+        for name, spec in nodes.items():
+            text += f"  {name}: {json.dumps(spec)}\n"
+        self.all[0].run("sh", "-c", f"cat > /srv/cluster.yaml <<'EOF'\n{text}EOF")
+
+    def coordinate(self, checkpoint_id: str) -> NodeProcess:
+        argv = [*SNAPCORE, "checkpoint", "--cluster", "/srv/cluster.yaml", "--id", checkpoint_id, "--json"]
+        return self.all[0].start("sh", "-c", 'exec "$@" >/srv/coordinator.out 2>/srv/coordinator.err', "c", *argv)
+
+    def result(self, proc: NodeProcess) -> tuple[int, dict[str, Any], str]:
+        code = proc.wait(timeout=self.pace.seconds(120))
+        a = self.all[0]
+        out, err = a.run("cat", "/srv/coordinator.out").stdout, a.run("cat", "/srv/coordinator.err").stdout
+        try:
+            manifest = json.loads(out)
+        except ValueError:
+            raise AssertionError(f"exit {code}; stdout {out!r}; stderr {err}; agent A: {self.log('A')}") from None
+        return code, manifest, err
+
+    def node_manifest(self, node: Node, checkpoint_id: str) -> dict[str, Any]:
+        text = node.run("cat", f"/srv/state/checkpoints/{checkpoint_id}/manifest.json").stdout
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    def all_thawed(self) -> None:
+        """Every node: its counter goes on, its /srv/app takes a write in time."""
+        for node in self.all:
+            before = _count(node)
+            deadline = time.monotonic() + self.pace.seconds(20)
+            while _count(node) <= before:
+                assert time.monotonic() < deadline, f"the counter on {node.name} is stopped"
+                time.sleep(0.05)
+            probe = node.run("timeout", "10", "sh", "-c", f"echo probe > {APP}/probe && sync", check=False)
+            assert probe.returncode == 0, f"{APP} on {node.name} does not take a write: {probe.returncode}"
+
+
+def _cgroup2() -> Path:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup2":
+            return Path(fields[4])
+    pytest.skip("no cgroup2 hierarchy")
+
+
+def _count(node: Node) -> int:
+    return int(node.run("cat", f"{APP}/count").stdout.strip() or 0)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nodes, EtcdServer]]:
+    nodes = Nodes(tmp_path_factory.mktemp("cluster"), size_mb=64, count=3)
+    etcd = EtcdServer(tmp_path_factory.mktemp("etcd"), nodes.hub_address, netns=nodes.hub)
+    try:
+        etcd.start()
+        for node in nodes.nodes:
+            setup = f"mkdir -p /srv/state /srv/run /srv/exports && cat > /srv/policy.yaml <<'EOF'\n{POLICY}EOF"
+            node.run("sh", "-c", setup)
+        yield nodes, etcd
+    finally:
+        etcd.close()
+        problems = nodes.close()
+        assert not problems, problems
+
+
+@pytest.fixture
+def cluster(bed: tuple[Nodes, EtcdServer], pace: Pace) -> Iterator[Cluster]:
+    nodes, etcd = bed
+    if etcd.proc is None:  # a test stopped it
+        etcd.start()
+    c = Cluster(nodes, etcd, pace)
+    # each node's program in a cgroup of its own, as on machines of their own: the
+    # checkpoint's temporary cgroup (named by the one id) is made beside it
+    groups = [_cgroup2() / f"cluster-{nodes.tag}-{node.name}" for node in nodes.nodes]
+    try:
+        for node, group in zip(nodes.nodes, groups, strict=True):
+            group.mkdir(exist_ok=True)
+            join = f"echo $$ > {group}/cgroup.procs && exec sh -c '{COUNTER}'"
+            c.counters[node.name] = node.start("sh", "-c", join)
+        for node in nodes.nodes:
+            c.start_agent(node)
+        c.wait_registered([n.name for n in nodes.nodes])
+        yield c
+    finally:
+        for node in nodes.nodes:
+            nodes.cut(node, up=True)
+        for proc in [*c.agents.values(), *c.counters.values()]:
+            proc.send_signal(signal.SIGTERM)
+        for proc in [*c.agents.values(), *c.counters.values()]:
+            try:
+                proc.wait(timeout=pace.seconds(20))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for group in groups:
+            for _ in range(100):  # empty once its processes are reaped
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _tasks(cluster: Cluster, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each node checkpoints its counter; ``extra`` adds to a node's part."""
+    return {n.name: {"pid": cluster.counters[n.name].node_pid, **extra.get(n.name, {})} for n in cluster.all}
+
+
+def test_three_nodes_checkpoint_in_one_window(cluster: Cluster) -> None:
+    """Each node's payload runs only once every node is frozen and imaged; one id,
+    every node's manifest, the cluster manifest with the skew."""
+    payload = ["sh", "-c", "date +%s.%N > /srv/payload-ran"]
+    cluster.request(_tasks(cluster, **{n.name: {"payload": payload} for n in cluster.all}))
+    code, manifest, err = cluster.result(cluster.coordinate("c1"))
+    assert code == 0, (manifest["error"], err, [cluster.log(n.name) for n in cluster.all])
+    assert manifest["outcome"] == "ok" and manifest["id"] == "c1"
+    assert sorted(manifest["nodes"]) == ["A", "B", "C"]
+    assert all(r["state"] == "done" and r["outcome"] == "ok" for r in manifest["nodes"].values()), manifest
+    assert set(manifest["barrier_ms"]) == {"ready", "imaged", "dumped"}
+    assert isinstance(manifest["skew_ms"], float) and manifest["skew_ms"] >= 0
+    frozen = []
+    for node in cluster.all:
+        own = cluster.node_manifest(node, "c1")
+        assert own["outcome"] == "ok" and own["cluster"]["node"] == node.name
+        assert own["tasks"] is not None and own["targets"][0]["mount"] == APP
+        frozen.append(own["cluster"]["frozen_at"])
+    last_frozen = max(frozen)
+    for node in cluster.all:  # the payloads ran with every node frozen
+        ran = float(node.run("cat", "/srv/payload-ran").stdout)
+        assert ran > last_frozen, (node.name, ran, frozen)
+    # the cluster manifest is kept beside A's own, and in etcd
+    kept = json.loads(cluster.all[0].run("cat", "/srv/state/checkpoints/c1/cluster.json").stdout)
+    assert kept["outcome"] == "ok"
+    assert json.loads(cluster.etcdctl("get", "--print-value-only", "/snapcore/checkpoints/c1/result"))["id"] == "c1"
+    cluster.all_thawed()
+
+
+def _abandoned(cluster: Cluster, checkpoint_id: str) -> None:
+    """No node keeps a part of the checkpoint: its own manifest says it failed, or
+    (a part completed before another node failed) it was deleted; no export of it;
+    nothing frozen."""
+    for node in cluster.all:
+        path = f"/srv/state/checkpoints/{checkpoint_id}/manifest.json"
+        if node.run("test", "-e", path, check=False).returncode == 0:
+            own = cluster.node_manifest(node, checkpoint_id)
+            assert own["outcome"] == "failed", (node.name, own)
+        assert checkpoint_id not in node.run("ls", "/srv/exports").stdout.split(), node.name
+    cluster.all_thawed()
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_node_that_fails_or_dies_while_frozen_fails_the_whole_checkpoint(cluster: Cluster, fault: str) -> None:
+    """B's snapshot fails (``raise``), or its agent dies in its freeze window
+    (``kill``: SIGKILL, its guard thaws B and its lease expires): every node thaws."""
+    b = cluster.all[1]
+    cluster.agents["B"].send_signal(signal.SIGTERM)
+    cluster.agents["B"].wait(timeout=cluster.pace.seconds(20))
+    cluster.start_agent(b, f"SNAPCORE_FAULT=snapshot={fault}")
+    cluster.wait_registered(["B"])
+    cluster.request(_tasks(cluster))
+    code, manifest, err = cluster.result(cluster.coordinate(f"fail-{fault}"))
+    assert code == 1, (manifest, err)
+    assert manifest["outcome"] == "failed"
+    if fault == "raise":
+        assert "node B failed" in manifest["error"] and "snapshot" in manifest["nodes"]["B"]["error"], manifest
+    else:
+        assert "node B was lost" in manifest["error"], manifest
+        assert cluster.agents["B"].wait(timeout=cluster.pace.seconds(20)) != 0
+    for name in ("A", "C"):
+        assert manifest["nodes"][name]["state"] == "failed", manifest
+        assert "aborted" in manifest["nodes"][name]["error"], manifest
+    if fault == "kill":  # B has no manifest of it: its guard thawed it, 'recover' would write one
+        cluster.all[1].run("sh", "-c", f"{' '.join(SNAPCORE)} recover")
+    _abandoned(cluster, f"fail-{fault}")
+
+
+GATE = "touch /srv/in-payload; while [ ! -e /srv/go ]; do sleep 0.02; done"
+
+
+def _states(cluster: Cluster, checkpoint_id: str) -> dict[str, str]:
+    prefix = f"/snapcore/checkpoints/{checkpoint_id}/nodes/"
+    lines = cluster.etcdctl("get", "--prefix", prefix).splitlines()
+    return {k.rpartition("/")[2]: json.loads(v)["state"] for k, v in zip(lines[::2], lines[1::2], strict=True)}
+
+
+@pytest.mark.parametrize("failure", ["coordinator-killed", "node-cut-off", "etcd-stopped"])
+def test_everything_frozen_and_the_word_never_comes(cluster: Cluster, failure: str) -> None:
+    """Every node frozen (A in its payload, B and C done with theirs and waiting), then
+    the coordinator is SIGKILLed, B is cut off from etcd, or etcd itself is killed:
+    every node thaws by itself (its deadline is 20 s: it is not what ends the wait)."""
+    a, b = cluster.all[0], cluster.all[1]
+    a.run("rm", "-f", "/srv/go", "/srv/in-payload")
+    checkpoint_id = f"word-{failure}"
+    cluster.request(_tasks(cluster, A={"payload": ["sh", "-c", GATE]}))
+    coordinator = cluster.coordinate(checkpoint_id)
+    deadline = time.monotonic() + cluster.pace.seconds(30)
+    while _states(cluster, checkpoint_id) != {"A": "imaged", "B": "dumped", "C": "dumped"}:
+        assert time.monotonic() < deadline, _states(cluster, checkpoint_id)
+        assert coordinator.poll() is None, cluster.result(coordinator)
+        time.sleep(0.02)
+    assert a.run("test", "-e", "/srv/in-payload", check=False).returncode == 0
+    t = time.monotonic()
+    if failure == "coordinator-killed":
+        coordinator.send_signal(signal.SIGKILL)
+    elif failure == "node-cut-off":
+        cluster.nodes.cut(b)
+    else:
+        cluster.etcd.stop(signal.SIGKILL)
+    a.run("touch", "/srv/go")
+    cluster.all_thawed()
+    took = time.monotonic() - t
+    assert took < 15, f"the nodes thawed {took:.1f}s after the failure: their deadline did it, not the failure"
+    for name in cluster.agents:  # each said so in its log
+        if failure != "node-cut-off" or name == "B":
+            assert "cluster checkpoint" in cluster.log(name) and "failed on node" in cluster.log(name), name
+    if failure == "coordinator-killed":
+        coordinator.wait(timeout=cluster.pace.seconds(20))
+    else:
+        code, manifest, _ = cluster.result(coordinator)
+        assert code == 1 and manifest["outcome"] == "failed", manifest
+        reason = "node B was lost" if failure == "node-cut-off" else "etcd"
+        assert reason in manifest["error"], manifest
+    _abandoned(cluster, checkpoint_id)
