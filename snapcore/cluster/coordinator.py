@@ -66,6 +66,7 @@ class Coordinator:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _broken: str | None = None
+    _resumed: bool = False
 
     def run(self) -> dict[str, Any]:
         """The whole cluster checkpoint; its manifest, written. Raises
@@ -110,7 +111,8 @@ class Coordinator:
             manifest["outcome"] = "ok"
         except _Stop as stop:
             manifest["error"] = str(stop)
-            self._abort(str(stop), lease.lost)
+            if not self._resumed:  # after 'resume', 'discard' was said instead
+                self._abort(str(stop), lease.lost)
         except EtcdUnavailable as exc:
             manifest["error"] = f"lost etcd: {exc}"
         finally:
@@ -130,6 +132,7 @@ class Coordinator:
             t = time.monotonic()
             self._wait_all(point, deadline, lost)
             self._say(phase)
+            self._resumed = phase == "resume"
             manifest["barrier_ms"][point] = round((time.monotonic() - t) * 1000, 3)
         self._wait_all("done", self.file.finish, lost)
         failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
@@ -231,7 +234,8 @@ class Coordinator:
                             report = {"state": FAILED, "error": "its report is not JSON"}
                         if report.get("state") not in (*STATES, FAILED):
                             report = {"state": FAILED, "error": f"unknown state {str(report.get('state'))[:40]!r}"}
-                        self.reports[node] = report
+                        # what an earlier report said (its freeze instant) stays
+                        self.reports[node] = {**self.reports.get(node, {}), **report}
             self._cond.notify_all()
 
     # -- the cluster manifest ------------------------------------------------------

@@ -88,7 +88,8 @@ class Transaction:
         #: Called at the sequence's meeting points (a cluster checkpoint's agent waits
         #: there for the other nodes; raising fails the checkpoint): ``ready`` (all
         #: prepared, nothing frozen), ``imaged`` (every filesystem imaged and still
-        #: frozen), ``dumped`` (the payload done, the tasks still frozen).
+        #: frozen), ``dumped`` (the payload done, the tasks still frozen); and
+        #: ``end`` once the manifest is written, however it ended (not raising).
         self.barrier = barrier
         #: Set it (from any thread, or a signal handler) to cancel the checkpoint.
         self.cancel = cancel or Cancel()
@@ -191,6 +192,7 @@ class Transaction:
             else:
                 held.callback(self._end)  # checkpoint_end, last of all
                 held.callback(self.watchdog.stop)
+            held.callback(self._meet_end)  # the manifest is written, the guard still there
             undo.push(self._write_manifest)  # what was made, or what failed: after every undo below
             self._make_manifest_dir()
             self._recover_crashed()
@@ -487,6 +489,14 @@ class Transaction:
                 log.warning("%s", warning)
 
     # -- helpers -----------------------------------------------------------------
+
+    def _meet_end(self) -> None:
+        """The barrier's last call, ``end``, however the checkpoint ended: said, never raised."""
+        if self.barrier is not None:
+            try:
+                self.barrier("end", self)
+            except Exception as exc:
+                log.warning("the barrier's end failed: %s", describe(exc))
 
     def _meet(self, point: str) -> None:
         if self.barrier is not None:
