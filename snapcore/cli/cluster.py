@@ -40,7 +40,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         from snapcore.policy import load_policy
 
         load_policy(args.policy)
-    etcd = Etcd(Endpoint.parse(args.etcd), timeout=min(2.0, args.lease / 2))
+    etcd = Etcd(Endpoint.parse(args.etcd))
     cancel = Cancel()
     stop = threading.Event()
     agent = Agent(
@@ -102,7 +102,7 @@ def cmd_checkpoint_cluster(args: argparse.Namespace, command: list[str] | None) 
     check_cluster_args(args, command)
     file = load_cluster_file(args.cluster)
     checkpoint_id = check_checkpoint_id(args.checkpoint_id) if args.checkpoint_id else new_checkpoint_id()
-    etcd = Etcd(Endpoint.parse(file.endpoint), timeout=min(2.0, file.lease / 2))
+    etcd = Etcd(Endpoint.parse(file.endpoint))
     cancel = Cancel()
     coordinator = Coordinator(etcd, keys(file.prefix), file, checkpoint_id, state_dir_arg(args), cancel=cancel)
     try:

@@ -136,24 +136,14 @@ class Agent:
 
     def serve(self, stop: threading.Event) -> None:
         """Register, then take requests until ``stop`` is set or etcd is lost."""
-        lease = self._lease = self.etcd.lease(self.lease_ttl)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        where = self.keys.agent(self.node)
-        # a previous agent of this node that died (restarted by systemd) holds the key
-        # until its lease expires: wait that long, not forever
-        end = time.monotonic() + REGISTER_WAIT
-        while not self.etcd.create(where, dumps(info), lease):
-            if time.monotonic() > end or stop.is_set():
-                lease.revoke()
-                raise UsageError(f"node {self.node!r} already has an agent registered in etcd ({where})")
-            time.sleep(0.1)
+        lease = self._lease = self._register(stop)
         # a request put while this agent was starting (or restarting) is taken too, if
         # its coordinator is still there and this node has not answered it yet
         existing, revision = self.etcd.get_prefix(self.keys.checkpoints)
         for key, value in existing.items():
-            where_ = self.keys.split(key)
-            if where_ is not None and where_[1] == "request":
-                checkpoint_id = where_[0]
+            found = self.keys.split(key)
+            if found is not None and found[1] == "request":
+                checkpoint_id = found[0]
                 if (
                     self.keys.coordinator(checkpoint_id) in existing
                     and self.keys.node(checkpoint_id, self.node) not in existing
@@ -177,6 +167,30 @@ class Agent:
                     self._checkpoint(item)
         finally:
             lease.revoke()
+
+    def _register(self, stop: threading.Event) -> Lease:
+        """This node's key on a lease of its own. A previous agent of this node that
+        died (restarted by systemd) holds the key until its lease expires, and etcd
+        may not answer yet (starting, or the network coming up): both are waited
+        for, :data:`REGISTER_WAIT` at most."""
+        info = dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        where = self.keys.agent(self.node)
+        end = time.monotonic() + REGISTER_WAIT
+        lease: Lease | None = None
+        while True:
+            try:
+                if lease is None or lease.lost.is_set():
+                    lease = self.etcd.lease(self.lease_ttl)
+                if self.etcd.create(where, info, lease):
+                    return lease
+                problem: SnapcoreError = UsageError(f"node {self.node!r} already has an agent registered ({where})")
+            except EtcdUnavailable as exc:
+                problem = exc
+            if time.monotonic() > end or stop.is_set():
+                if lease is not None:
+                    lease.revoke()
+                raise problem
+            time.sleep(0.2)
 
     # -- from the watch (the client's loop thread) -------------------------------------
 

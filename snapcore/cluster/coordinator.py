@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapcore.cluster.etcd import Etcd, EtcdUnavailable
+from snapcore.cluster.etcd import Etcd, EtcdUnavailable, Lease
 from snapcore.cluster.protocol import ABORT, DISCARD, FAILED, STATES, ClusterFile, Keys, Request, dumps, loads
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.log import get_logger
@@ -67,6 +67,7 @@ class Coordinator:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _broken: str | None = None
     _resumed: bool = False
+    _lease: Lease | None = None
 
     def run(self) -> dict[str, Any]:
         """The whole cluster checkpoint; its manifest, written. Raises
@@ -105,7 +106,8 @@ class Coordinator:
                 raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already exists in etcd")
             _, revision = self.etcd.get_prefix(self.keys.checkpoint(self.checkpoint_id))
             self.etcd.watch_prefix(self.keys.nodes(self.checkpoint_id), revision + 1, self._event)
-            if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json())):
+            self._lease = lease  # the request and the phases go with it: only the result stays
+            if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json()), lease):
                 raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already has a request in etcd")
             self._sequence(manifest, lease.lost)
             manifest["outcome"] = "ok"
@@ -187,7 +189,8 @@ class Coordinator:
         return STATES.index(state) if state in STATES else -1
 
     def _say(self, phase: str, reason: str | None = None) -> None:
-        self.etcd.put(self.keys.phase(self.checkpoint_id), dumps({"phase": phase, "reason": reason, "at": time.time()}))
+        said = dumps({"phase": phase, "reason": reason, "at": time.time()})
+        self.etcd.put(self.keys.phase(self.checkpoint_id), said, self._lease)
 
     def _abort(self, reason: str, lost: threading.Event) -> None:
         """Every node gives up (each would by itself, at its deadline): wait, a

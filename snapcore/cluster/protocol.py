@@ -8,8 +8,7 @@ Under a prefix (``/snapcore`` by default):
 ``checkpoints/ID/request``
     what the coordinator asks of every node (:class:`Request`), written once.
 ``checkpoints/ID/coordinator``
-    on the coordinator's lease: its absence means the coordinator is gone, and every
-    node gives up by itself.
+    its absence means the coordinator is gone, and every node gives up by itself.
 ``checkpoints/ID/phase``
     the coordinator's word (:data:`PHASES`): ``freeze`` once every node is ready,
     ``payload`` once every node is imaged, ``resume`` once every node's payload is
@@ -21,7 +20,8 @@ Under a prefix (``/snapcore`` by default):
 ``checkpoints/ID/nodes/NODE``
     a node's report (:data:`STATES`), on its agent's lease.
 ``checkpoints/ID/result``
-    the cluster manifest, once the coordinator has it.
+    the cluster manifest, once the coordinator has it: the only key that stays (the
+    request, the coordinator's key and the phase are on the coordinator's lease).
 
 Every value is JSON, read as untrusted input: a value that is not what it should be
 is a failed node or an aborted checkpoint, never a crash of the agent.
