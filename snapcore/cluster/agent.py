@@ -7,7 +7,12 @@ and wait for the coordinator's word:
 
 * ``ready`` (prepared, nothing frozen) → wait for ``freeze``;
 * ``imaged`` (every filesystem frozen and imaged, still frozen) → wait for ``payload``;
-* ``dumped`` (the payload done, the tasks still frozen) → wait for ``resume``.
+* ``dumped`` (the payload done, the tasks still frozen) → wait for ``resume`` (not
+  when no node has a payload).
+
+The coordinator says its word once every node has reported the point; a node that
+sees every report itself goes on without waiting for the word (one hop less in the
+window), and gives up as soon as it sees a node fail.
 
 Every wait ends by itself: at the request's deadline (and, frozen, before the freeze
 window's own), when the coordinator's lease is gone, when the agent's own lease is
@@ -19,7 +24,6 @@ checkpoint) and its lease expires, which aborts the others.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import shutil
@@ -35,7 +39,9 @@ from snapcore.cluster.protocol import (
     ABORT,
     DISCARD,
     FAILED,
+    LOST,
     RELEASES,
+    STATES,
     Keys,
     Request,
     dumps,
@@ -49,6 +55,7 @@ from snapcore.types import Rescue, RescueKind
 
 if TYPE_CHECKING:
     from snapcore.plugins import Plugins
+    from snapcore.store.manifest import Manifest
     from snapcore.transaction.core import Transaction
 
 log = get_logger("snapcore.cluster")
@@ -56,8 +63,6 @@ log = get_logger("snapcore.cluster")
 
 #: The guard's key for reporting this node failed (:meth:`Agent._arm_guard`).
 RESCUE_KEY = "cluster:report"
-#: How many completed cluster checkpoints an agent remembers (to discard on word).
-KEEP_COMPLETED = 64
 #: How long a new agent waits for a dead one's registration to expire (its lease).
 REGISTER_WAIT = 15.0
 
@@ -76,7 +81,33 @@ class Session:
         self.stop: str | None = None
         #: the coordinator said ``discard`` (why): this node's completed part goes
         self.discard: str | None = None
+        #: every node's last report, as the watch saw it
+        self.states: dict[str, str] = {}
+        self.gone = False
+        self.broken = False
         self._cond = threading.Condition()
+
+    def reported(self, node: str, report: dict[str, Any] | None) -> None:
+        """A node's report (None: its key is gone, its agent's lease expired)."""
+        with self._cond:
+            before = self.states.get(node)
+            if report is None:
+                if before not in ("done", "discarded", FAILED):
+                    self.states[node] = LOST
+                    self.stop = self.stop or f"node {node} was lost (its agent's etcd lease expired)"
+            else:
+                state = str(report.get("state"))
+                self.states[node] = state
+                if state == FAILED:
+                    self.stop = self.stop or f"node {node} failed: {report.get('error') or 'no reason given'}"
+            self._cond.notify_all()
+
+    def _everyone_at(self, point: str) -> bool:
+        """Every node has reported ``point`` (or later): what the coordinator waits for
+        before its word; seen here, the node need not wait for that word."""
+        want = STATES.index(point)
+        states = [self.states.get(n) for n in self.request.nodes]
+        return all(s in STATES and STATES.index(s) >= want for s in states)
 
     def said(self, phase: str, reason: str = "") -> None:
         with self._cond:
@@ -89,20 +120,44 @@ class Session:
                 self.phases.append(phase)
             self._cond.notify_all()
 
-    def give_up(self, reason: str) -> None:
+    def give_up(self, reason: str, *, gone: bool = False, broken: bool = False) -> None:
+        """Stop waiting: ``gone`` the coordinator's key expired, ``broken`` the watch
+        broke (etcd unreachable: no word will be heard)."""
         with self._cond:
             self.stop = self.stop or reason
+            self.gone = self.gone or gone
+            self.broken = self.broken or broken
             self._cond.notify_all()
 
-    def wait(self, phase: str, seconds: float, lost: threading.Event, cancel: Cancel) -> float:
-        """Until the coordinator says ``phase``; how long that took (s). Raises
-        :class:`ClusterAborted` on an abort, a lost lease, a cancellation (the agent
-        is stopping) or the deadline."""
+    def verdict(self, seconds: float, lost: threading.Event, cancel: Cancel) -> str:
+        """After this node's part is done: ``commit`` or ``discard`` (the coordinator's
+        word), ``gone`` (the coordinator died without one: its result decides), or
+        ``unknown`` (etcd unreachable, the agent stopping, or no word in ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while True:
+                if "commit" in self.phases:
+                    return "commit"
+                if self.discard is not None:
+                    return DISCARD
+                if self.gone:
+                    return "gone"
+                if self.broken or lost.is_set() or cancel.is_set() or time.monotonic() > deadline:
+                    return "unknown"
+                self._cond.wait(0.05)
+
+    def wait(self, point: str, seconds: float, lost: threading.Event, cancel: Cancel) -> float:
+        """Until every node has reached ``point``: the coordinator's word for it
+        (:data:`RELEASES`), or every node's report of it seen here first (one hop
+        less); how long that took (s). Raises :class:`ClusterAborted` when a node
+        failed or was lost, on an abort, a lost lease, a cancellation (the agent is
+        stopping) or the deadline."""
+        phase = RELEASES[point]
         t = time.monotonic()
         deadline = t + max(0.0, seconds)
         with self._cond:
             while True:
-                if phase in self.phases:
+                if phase in self.phases or (self.stop is None and self._everyone_at(point)):
                     return time.monotonic() - t
                 if self.stop is not None:
                     raise ClusterAborted(self.stop)
@@ -129,8 +184,6 @@ class Agent:
     plugins: Plugins | None = None
     cancel: Cancel = field(default_factory=Cancel)
     sessions: dict[str, Session] = field(default_factory=dict)
-    #: the cluster checkpoints this node completed its part of, newest last (a few)
-    completed: dict[str, Session] = field(default_factory=dict)
     _queue: queue.Queue[Session | str] = field(default_factory=queue.Queue)
     _lease: Lease | None = None
 
@@ -161,10 +214,7 @@ class Agent:
                     continue
                 if isinstance(item, str):
                     raise EtcdUnavailable(f"node {self.node}: {item}")
-                if item.discard is not None and item.request.id in self.completed:
-                    self._discard(item)
-                else:
-                    self._checkpoint(item)
+                self._checkpoint(item)
         finally:
             lease.revoke()
 
@@ -198,7 +248,7 @@ class Agent:
         if kind == "error":
             reason = f"the etcd watch broke: {value.decode('utf-8', 'replace')}"
             for each in self.sessions.values():
-                each.give_up(reason)
+                each.give_up(reason, broken=True)
             self._queue.put(reason)
             return
         where = self.keys.split(key)
@@ -206,14 +256,6 @@ class Agent:
             return
         checkpoint_id, rest = where
         session = self.sessions.get(checkpoint_id)
-        if session is None and rest == "phase" and checkpoint_id in self.completed:
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
-                said = loads(value)
-                if said.get("phase") == DISCARD:  # this node's part is complete: it goes now
-                    done = self.completed[checkpoint_id]
-                    done.said(DISCARD, str(said.get("reason") or ""))
-                    self._queue.put(done)
-            return
         if rest == "request" and kind == "put" and session is None:
             try:
                 request = request_from_json(loads(value))
@@ -232,7 +274,18 @@ class Agent:
             except (ValueError, UnicodeDecodeError):
                 session.give_up("the coordinator's phase key holds no phase")
         elif rest == "coordinator" and kind == "delete":
-            session.give_up("the coordinator is gone (its etcd lease expired)")
+            session.give_up("the coordinator is gone (its etcd lease expired)", gone=True)
+        elif rest.startswith("nodes/"):
+            node = rest[len("nodes/") :]
+            if node not in session.request.nodes:
+                return
+            if kind == "delete":
+                session.reported(node, None)
+                return
+            try:
+                session.reported(node, loads(value))
+            except (ValueError, UnicodeDecodeError):
+                session.reported(node, {"state": FAILED, "error": "its report is not JSON"})
 
     # -- the checkpoint (the agent's main thread) --------------------------------------
 
@@ -247,15 +300,24 @@ class Agent:
         spec = request.nodes[self.node]
         lost = self._lease.lost if self._lease else threading.Event()
         waited: dict[str, float] = {}
+        state_dirs: list[Path] = []
 
         def meet(point: str, txn: Transaction) -> None:
             if point == "end":
                 txn.watchdog.thawed(RESCUE_KEY)
                 return
+            if point == "dumped" and not request.payloads:  # no payload anywhere: nothing to wait for
+                return
             extra: dict[str, Any] = {}
             seconds = request.deadline
             if point == "ready":
-                txn.manifest.cluster = {"node": self.node, "coordinator": request.coordinator, "waited_ms": waited}
+                txn.manifest.cluster = {
+                    "node": self.node,
+                    "coordinator": request.coordinator,
+                    "state": "pending",
+                    "waited_ms": waited,
+                }
+                state_dirs.append(txn.state_dir)
                 self._arm_guard(request, txn)
             if point == "imaged":
                 frozen = [t for t in (txn.window.frozen_wall, txn.tasks and txn.tasks.stopped_wall) if t]
@@ -269,10 +331,9 @@ class Agent:
                 self._report(request, point, **extra)
             except EtcdUnavailable as exc:
                 raise ClusterAborted(f"cannot report {point!r}: {exc}") from None
-            waited[point] = round(session.wait(RELEASES[point], seconds, lost, self.cancel) * 1000, 3)
+            waited[point] = round(session.wait(point, seconds, lost, self.cancel) * 1000, 3)
 
         try:
-            self._report(request, "accepted")
             manifest = api.checkpoint(
                 list(spec.paths),
                 policy=spec.policy or self.policy,
@@ -292,27 +353,53 @@ class Agent:
             self._finish(request, FAILED, str(exc), None)
         else:
             self._finish(request, "done", None, manifest)
-            self.completed[request.id] = session
-            while len(self.completed) > KEEP_COMPLETED:
-                self.completed.pop(next(iter(self.completed)))
-            if session.discard is not None:  # said while this node was finishing
-                self._discard(session)
+            self._settle(session, manifest, state_dirs[0], lost)
         finally:
             self.sessions.pop(request.id, None)
 
-    def _discard(self, session: Session) -> None:
+    def _settle(self, session: Session, manifest: Manifest, state_dir: Path, lost: threading.Event) -> None:
+        """This node's part is complete; the coordinator decides whether it stays (all
+        nodes completed theirs) or goes. A coordinator that died first leaves its
+        result in etcd, or none (it goes). Without etcd, the part stays, marked
+        ``pending`` in its manifest (``cluster.state``), for the result to decide."""
+        request = session.request
+        verdict = session.verdict(request.finish, lost, self.cancel)
+        if verdict == "gone":
+            try:
+                raw = self.etcd.get(self.keys.result(request.id))
+                result = loads(raw) if raw is not None else {}
+                verdict = "commit" if result.get("outcome") == "ok" else DISCARD
+                session.discard = session.discard or "the coordinator died before every node was done"
+            except (EtcdUnavailable, ValueError, UnicodeDecodeError):
+                verdict = "unknown"
+        if verdict == DISCARD:
+            self._discard(session, state_dir)
+            return
+        state = "committed" if verdict == "commit" else "pending"
+        if state == "pending":
+            log.warning(
+                "cluster checkpoint %s: no word from the coordinator on this node's part: kept, marked pending "
+                "(the cluster manifest, etcd key %s, decides)",
+                request.id,
+                self.keys.result(request.id),
+            )
+        assert manifest.cluster is not None
+        manifest.cluster["state"] = state
+        try:
+            manifest.write(state_dir)
+        except (OSError, SnapcoreError) as exc:
+            log.warning("cluster checkpoint %s: cannot mark this node's manifest %s: %s", request.id, state, exc)
+
+    def _discard(self, session: Session, state_dir: Path) -> None:
         """The cluster checkpoint failed after this node completed its part: delete it
         (exports, images, manifest), as ``snapcore delete ID`` would."""
         from snapcore import api
 
         request = session.request
-        self.completed.pop(request.id, None)
         log.warning("cluster checkpoint %s: discarding this node's part: %s", request.id, session.discard)
         problems = []
         try:
-            for deletion in api.delete(
-                [request.id], state_dir=self.state_dir, run_dir=self.run_dir, plugins=self.plugins
-            ):
+            for deletion in api.delete([request.id], state_dir=state_dir, run_dir=self.run_dir, plugins=self.plugins):
                 problems.extend(deletion.errors)
         except SnapcoreError as exc:
             problems.append(str(exc))

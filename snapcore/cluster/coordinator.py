@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from snapcore.cluster.etcd import Etcd, EtcdUnavailable, Lease
-from snapcore.cluster.protocol import ABORT, DISCARD, FAILED, STATES, ClusterFile, Keys, Request, dumps, loads
+from snapcore.cluster.protocol import ABORT, DISCARD, FAILED, LOST, STATES, ClusterFile, Keys, Request, dumps, loads
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.log import get_logger
 from snapcore.safety.cancel import Cancel
@@ -33,8 +33,6 @@ log = get_logger("snapcore.cluster")
 
 #: The cluster manifest's name, beside a node's own manifest of the same id.
 CLUSTER_MANIFEST = "cluster.json"
-#: A node whose agent's lease expired (its report key vanished).
-LOST = "lost"
 
 
 def cluster_manifest_path(state_dir: Path, checkpoint_id: str) -> Path:
@@ -109,7 +107,7 @@ class Coordinator:
             self._lease = lease  # the request and the phases go with it: only the result stays
             if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json()), lease):
                 raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already has a request in etcd")
-            self._sequence(manifest, lease.lost)
+            self._sequence(request, manifest, lease.lost)
             manifest["outcome"] = "ok"
         except _Stop as stop:
             manifest["error"] = str(stop)
@@ -128,14 +126,17 @@ class Coordinator:
 
     # -- the sequence --------------------------------------------------------------
 
-    def _sequence(self, manifest: dict[str, Any], lost: threading.Event) -> None:
+    def _sequence(self, request: Request, manifest: dict[str, Any], lost: threading.Event) -> None:
         deadline = self.file.deadline
-        for point, phase in (("ready", "freeze"), ("imaged", "payload"), ("dumped", "resume")):
+        points = [("ready", "freeze"), ("imaged", "payload"), ("dumped", "resume")]
+        if not request.payloads:  # the nodes do not stop at 'dumped'
+            points = points[:2]
+        for point, phase in points:
             t = time.monotonic()
             self._wait_all(point, deadline, lost)
             self._say(phase)
-            self._resumed = phase == "resume"
             manifest["barrier_ms"][point] = round((time.monotonic() - t) * 1000, 3)
+        self._resumed = True  # the nodes go on to their end: a failure now discards
         self._wait_all("done", self.file.finish, lost)
         failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
         if failed:

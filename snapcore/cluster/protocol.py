@@ -12,7 +12,7 @@ Under a prefix (``/snapcore`` by default):
 ``checkpoints/ID/phase``
     the coordinator's word (:data:`PHASES`): ``freeze`` once every node is ready,
     ``payload`` once every node is imaged, ``resume`` once every node's payload is
-    done; ``abort`` (with a reason) instead at any time before ``resume``; after it,
+    done (at once when no node has one); ``abort`` (with a reason) instead at any time before ``resume``; after it,
     ``commit`` once every node is done, or ``discard`` when one failed or was lost
     (a node cut off after its last report never hears ``resume`` and gives up): the
     nodes that completed their part delete it, so that no half of the cluster's
@@ -44,8 +44,10 @@ PHASES = ("freeze", "payload", "resume", "commit")
 ABORT = "abort"
 DISCARD = "discard"
 #: A node's reports, in order; ``failed`` may replace any of them before ``done``.
-STATES = ("accepted", "ready", "imaged", "dumped", "done", "discarded")
+STATES = ("ready", "imaged", "dumped", "done", "discarded")
 FAILED = "failed"
+#: What the others make of a node whose report key vanished (its agent's lease expired).
+LOST = "lost"
 #: A meeting point of the transaction → the phase that lets a node go on from it.
 RELEASES = {"ready": "freeze", "imaged": "payload", "dumped": "resume"}
 
@@ -155,6 +157,11 @@ class Request:
     finish: float = 600.0
     coordinator: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def payloads(self) -> bool:
+        """Whether a node runs a payload: if none does, nobody waits at ``dumped``."""
+        return any(spec.payload for spec in self.nodes.values())
 
     def to_json(self) -> dict[str, Any]:
         return {
