@@ -120,6 +120,12 @@ class Cluster:
             raise AssertionError(f"exit {code}; stdout {out!r}; stderr {err}; agent A: {self.log('A')}") from None
         return code, manifest, err
 
+    def result_code(self, proc: NodeProcess) -> tuple[int, str, str]:
+        """The coordinator's exit code, stdout and stderr (no manifest expected)."""
+        code = proc.wait(timeout=self.pace.seconds(120))
+        a = self.all[0]
+        return code, a.run("cat", "/srv/coordinator.out").stdout, a.run("cat", "/srv/coordinator.err").stdout
+
     def node_manifest(self, node: Node, checkpoint_id: str) -> dict[str, Any]:
         text = node.run("cat", f"/srv/state/checkpoints/{checkpoint_id}/manifest.json").stdout
         return json.loads(text)  # type: ignore[no-any-return]
@@ -329,3 +335,65 @@ def test_everything_frozen_and_the_word_never_comes(cluster: Cluster, failure: s
         reason = "node B was lost" if failure == "node-cut-off" else "etcd"
         assert reason in manifest["error"], manifest
     _abandoned(cluster, checkpoint_id)
+
+
+def test_show_and_list_know_a_cluster_checkpoint(cluster: Cluster) -> None:
+    cluster.request(_tasks(cluster))
+    code, manifest, err = cluster.result(cluster.coordinate("shown"))
+    assert code == 0, (manifest, err)
+    a = cluster.all[0]
+    listed = json.loads(a.run(*SNAPCORE, "list", "--json").stdout)
+    rows = [r for r in listed if r["id"] == "shown"]
+    assert {r.get("kind") for r in rows} == {None, "cluster"}, rows  # A's own part, and the cluster
+    [whole] = [r for r in rows if r.get("kind") == "cluster"]
+    assert whole["nodes"] == ["A", "B", "C"] and whole["outcome"] == "ok"
+    [part] = [r for r in rows if r.get("kind") is None]
+    assert part["cluster"]["node"] == "A" and part["cluster"]["state"] == "committed"
+    text = a.run(*SNAPCORE, "show", "shown").stdout
+    assert "checkpoint shown: ok" in text and "cluster checkpoint shown: ok" in text, text
+    assert json.loads(a.run(*SNAPCORE, "show", "shown", "--cluster", "--json").stdout)["id"] == "shown"
+    assert json.loads(a.run(*SNAPCORE, "show", "shown", "--json").stdout)["cluster"]["node"] == "A"
+    # B holds its own part only
+    missing = cluster.all[1].run(*SNAPCORE, "show", "shown", "--cluster", check=False)
+    assert missing.returncode == 2 and "no cluster manifest here" in missing.stderr
+
+
+def test_a_node_without_an_agent_is_refused_before_anything_is_asked(cluster: Cluster) -> None:
+    cluster.request({"A": {}, "D": {}})
+    code, _, err = cluster.result_code(cluster.coordinate("nobody"))
+    assert code == 2 and "no agent registered for node D" in err, err
+    assert cluster.etcdctl("get", "--prefix", "--keys-only", "/snapcore/checkpoints/nobody/").split() == []
+
+
+BAD_REQUESTS = [
+    ("etcd: http://127.0.0.1:1\nnodes: {A: {}}\nfrobnicate: 1\n", ":3", "frobnicate"),
+    ("nodes: {A: {}}\n", ":1", "'etcd'"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {policy: relative.yaml}\n", ":3", "absolute path"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {pid: true}\n", ":3", "'pid'"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {pid: 1, cgroup: /x}\n", ":3", "not both"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  'a b': {}\n", ":3", "node name"),
+    ("etcd: http://127.0.0.1:1\ndeadline: soon\nnodes: {A: {}}\n", ":2", "'deadline'"),
+    ("etcd: http://127.0.0.1:1\nnodes: {A: {payload: ls}}\n", ":2", "'payload'"),
+    ("etcd: ftp://x\nnodes: {A: {}}\n", "", "http://HOST:PORT"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "says"), BAD_REQUESTS)
+def test_a_bad_request_file_is_named_exit_2(tmp_path: Path, text: str, line: str, says: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "snapcore", "--state-dir", str(tmp_path), "checkpoint", "--cluster", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr and f"{path}{line}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_cluster_with_what_its_file_names_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("etcd: http://127.0.0.1:1\nnodes: {A: {}}\n")
+    argv = [sys.executable, "-m", "snapcore", "checkpoint", "--cluster", str(path), "--pid", "1", "--", "true"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 2 and "not with --pid, -- CMD" in done.stderr, done.stderr

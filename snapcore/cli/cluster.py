@@ -29,8 +29,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from snapcore.cluster.agent import Agent
-    from snapcore.cluster.etcd import Endpoint, Etcd
-    from snapcore.cluster.protocol import NODE_NAME, keys
+    from snapcore.cluster.etcd import Etcd
+    from snapcore.cluster.protocol import NODE_NAME, Endpoint, keys
     from snapcore.safety.cancel import Cancel, on_signals
 
     require_root("snapcore agent")
@@ -94,8 +94,8 @@ def check_cluster_args(args: argparse.Namespace, command: list[str] | None) -> N
 def cmd_checkpoint_cluster(args: argparse.Namespace, command: list[str] | None) -> int:
     from snapcore.cli.common import state_dir_arg
     from snapcore.cluster.coordinator import ClusterFailed, Coordinator
-    from snapcore.cluster.etcd import Endpoint, Etcd
-    from snapcore.cluster.protocol import keys, load_cluster_file
+    from snapcore.cluster.etcd import Etcd
+    from snapcore.cluster.protocol import Endpoint, keys, load_cluster_file
     from snapcore.safety.cancel import Cancel, on_signals
     from snapcore.store.manifest import check_checkpoint_id, new_checkpoint_id
 
@@ -121,7 +121,7 @@ def _show(manifest: dict[str, object], as_json: bool) -> None:
     if as_json:
         print_json(manifest)
         return
-    from snapcore.cluster.coordinator import summary
+    from snapcore.cluster.record import summary
 
     sys.stdout.write(summary(manifest) + "\n")
     sys.stdout.flush()

@@ -87,6 +87,11 @@ def _add_list(p: argparse.ArgumentParser) -> None:
 def _add_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint_id", metavar="ID")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the cluster manifest (checkpoint --cluster, kept where the coordinator ran), not this node's",
+    )
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
@@ -351,23 +356,74 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "mounts": [t.mount for t in manifest.targets],
                 "error": manifest.error,
                 "path": str(path),
+                **({"cluster": manifest.cluster} if manifest.cluster else {}),
             }
         )
+    rows = _with_clusters(rows, state_dir_arg(args))
     if args.json:
         print_json(rows)
         return ExitCode.OK
     for row in rows:
-        mounts = " ".join(row.get("mounts") or [])
-        print(f"{row['id']:<28} {row['outcome']:<10} {row.get('started') or '-':<25} {mounts}")
+        what = " ".join(row.get("mounts") or [])
+        if row.get("kind") == "cluster":
+            skew = row.get("skew_ms")
+            what = "cluster of " + " ".join(row["nodes"]) + (f" (skew {skew:.1f} ms)" if skew is not None else "")
+        elif isinstance(row.get("cluster"), dict):
+            what += f" [node {row['cluster'].get('node')} of a cluster checkpoint, {row['cluster'].get('state')}]"
+        print(f"{row['id']:<28} {row['outcome']:<10} {row.get('started') or '-':<25} {what}")
         if row.get("error"):
             print(f"    {row['error']}")
     return ExitCode.OK
 
 
+def _with_clusters(rows: list[dict[str, Any]], state_dir: Any) -> list[dict[str, Any]]:
+    """``rows`` and a row for each cluster manifest the state directory holds (the
+    coordinator's), newest first."""
+    from snapcore.cluster.record import iter_cluster_manifests
+
+    clusters: list[dict[str, Any]] = []
+    for path, manifest, error in iter_cluster_manifests(state_dir):
+        if manifest is None:
+            clusters.append({"id": path.parent.name, "kind": "cluster", "outcome": "unreadable", "error": error})
+            continue
+        clusters.append(
+            {
+                "id": manifest["id"],
+                "kind": "cluster",
+                "outcome": str(manifest.get("outcome")),
+                "started": manifest.get("started"),
+                "finished": manifest.get("finished"),
+                "nodes": sorted(str(n) for n in manifest["nodes"]),
+                "skew_ms": manifest.get("skew_ms") if isinstance(manifest.get("skew_ms"), int | float) else None,
+                "error": manifest.get("error"),
+                "path": str(path),
+            }
+        )
+    if not clusters:
+        return rows
+    return sorted(rows + clusters, key=lambda r: str(r.get("started") or ""), reverse=True)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from snapcore import api
+    from snapcore.cluster.record import cluster_manifest_path, read_cluster_manifest, summary
+    from snapcore.store.manifest import check_checkpoint_id, manifest_path
 
-    show_manifest(api.show(args.checkpoint_id, state_dir=state_dir_arg(args)), args.json, sys.stdout)
+    state_dir = state_dir_arg(args)
+    check_checkpoint_id(args.checkpoint_id)  # a name, not a path
+    cluster_path = cluster_manifest_path(state_dir, args.checkpoint_id)
+    cluster = read_cluster_manifest(cluster_path) if cluster_path.is_file() else None
+    if args.cluster and cluster is None:
+        raise UsageError(f"checkpoint {args.checkpoint_id!r} has no cluster manifest here ({cluster_path})")
+    if cluster is not None and (args.cluster or not manifest_path(state_dir, args.checkpoint_id).exists()):
+        if args.json:
+            print_json(cluster)
+        else:
+            print(summary(cluster))
+        return ExitCode.OK
+    show_manifest(api.show(args.checkpoint_id, state_dir=state_dir), args.json, sys.stdout)
+    if cluster is not None and not args.json:
+        print(summary(cluster))
     return ExitCode.OK
 
 

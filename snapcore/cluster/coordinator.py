@@ -24,21 +24,13 @@ from typing import Any
 
 from snapcore.cluster.etcd import Etcd, EtcdUnavailable, Lease
 from snapcore.cluster.protocol import ABORT, DISCARD, FAILED, LOST, STATES, ClusterFile, Keys, Request, dumps, loads
+from snapcore.cluster.record import cluster_manifest_path
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.log import get_logger
 from snapcore.safety.cancel import Cancel
 from snapcore.store.manifest import utc_now
 
 log = get_logger("snapcore.cluster")
-
-#: The cluster manifest's name, beside a node's own manifest of the same id.
-CLUSTER_MANIFEST = "cluster.json"
-
-
-def cluster_manifest_path(state_dir: Path, checkpoint_id: str) -> Path:
-    from snapcore.store.manifest import manifest_path
-
-    return manifest_path(state_dir, checkpoint_id).parent / CLUSTER_MANIFEST
 
 
 class ClusterFailed(SnapcoreError):
@@ -268,28 +260,3 @@ class Coordinator:
             self.etcd.put(self.keys.result(self.checkpoint_id), text.encode())
         except EtcdUnavailable as exc:
             log.warning("cannot put the cluster manifest into etcd: %s", exc)
-
-
-def summary(manifest: Mapping[str, Any]) -> str:
-    """The cluster manifest, for a person."""
-    skew = manifest.get("skew_ms")
-    head = f"cluster checkpoint {manifest.get('id')}: {manifest.get('outcome')}"
-    if manifest.get("error"):
-        head += f" — {manifest['error']}"
-    if isinstance(skew, int | float):
-        head += f" (freeze skew {skew:.1f} ms)"
-    lines = [head]
-    nodes = manifest.get("nodes")
-    for name, report in nodes.items() if isinstance(nodes, Mapping) else ():
-        report = report if isinstance(report, Mapping) else {}
-        window = report.get("freeze_window_ms")
-        line = f"  {name:<16} {report.get('state')!s:<8}"
-        if isinstance(window, int | float):
-            line += f" freeze window {window:.1f} ms"
-        if report.get("error"):
-            line += f" error: {report['error']}"
-        lines.append(line)
-    barriers = manifest.get("barrier_ms")
-    if isinstance(barriers, Mapping) and barriers:
-        lines.append("  waits for every node: " + ", ".join(f"{k} {v} ms" for k, v in barriers.items()))
-    return "\n".join(lines)

@@ -16,11 +16,10 @@ import asyncio
 import contextlib
 import os
 import threading
-import urllib.parse
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from snapcore.cluster.protocol import Endpoint
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.log import get_logger
 
@@ -35,28 +34,6 @@ WatchCallback = Callable[[str, str, bytes], None]
 
 class EtcdUnavailable(SnapcoreError):
     """etcd did not answer in time, or refused."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, url: str) -> Endpoint:
-        """``http://HOST:PORT`` (or ``HOST:PORT``): one etcd member's client URL."""
-        text = url if "//" in url else f"http://{url}"
-        parts = urllib.parse.urlsplit(text)
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-            raise UsageError(f"etcd endpoint {url!r}: give http://HOST:PORT (TLS is not supported yet)")
-        try:
-            port = parts.port or 2379
-        except ValueError:
-            raise UsageError(f"etcd endpoint {url!r}: bad port") from None
-        return cls(parts.hostname, port)
-
-    def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
 
 def _aetcd() -> Any:

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapcore.errors import PolicyError, PolicyProblems
+from snapcore.errors import PolicyError, PolicyProblems, UsageError
 
 DEFAULT_PREFIX = "/snapcore"
 
@@ -55,6 +56,28 @@ RELEASES = {"ready": "freeze", "imaged": "payload", "dumped": "resume"}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 #: A value larger than this is not one of ours.
 MAX_VALUE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        """``http://HOST:PORT`` (or ``HOST:PORT``): one etcd member's client URL."""
+        text = url if "//" in url else f"http://{url}"
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise UsageError(f"etcd endpoint {url!r}: give http://HOST:PORT (TLS is not supported yet)")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise UsageError(f"etcd endpoint {url!r}: bad port") from None
+        return cls(parts.hostname, port)
+
+    def __str__(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 def keys(prefix: str) -> Keys:
@@ -261,6 +284,11 @@ def load_cluster_file(path: str) -> ClusterFile:
     endpoint = doc.get("etcd")
     if not isinstance(endpoint, str) or not endpoint:
         bad("the etcd member to talk to, http://HOST:PORT", "etcd", lines.get("etcd", doc.line))
+    else:
+        try:
+            Endpoint.parse(endpoint)
+        except UsageError as exc:
+            bad(str(exc), "etcd", lines.get("etcd"))
     prefix = doc.get("prefix", DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix.startswith("/"):
         bad("a key prefix starting with '/'", "prefix", lines.get("prefix"))
