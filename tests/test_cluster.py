@@ -15,6 +15,7 @@ own say what failed, and the exit code is 1.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -397,3 +398,49 @@ def test_cluster_with_what_its_file_names_is_refused(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "snapcore", "checkpoint", "--cluster", str(path), "--pid", "1", "--", "true"]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 2 and "not with --pid, -- CMD" in done.stderr, done.stderr
+
+
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "snapcore-agent.service"
+
+
+def _exec_start(unit: str, env: dict[str, str]) -> list[str]:
+    """The unit's ExecStart as systemd runs it: ``${X}`` is one word, ``$X`` split on
+    whitespace."""
+    [line] = [x[len("ExecStart=") :] for x in unit.splitlines() if x.startswith("ExecStart=")]
+    argv: list[str] = []
+    for word in line.split():
+        if word.startswith("${") and word.endswith("}"):
+            argv.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            argv.extend(env[word[1:]].split())
+        else:
+            argv.append(word)
+    return argv
+
+
+def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path) -> None:
+    """systemd is not running here: the unit is checked by ``systemd-analyze verify``
+    and its ExecStart, expanded as systemd would from /etc/default/snapcore-agent, is
+    run on node C and takes its part in a checkpoint."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is missing (systemd)")
+    unit = UNIT.read_text()
+    local = tmp_path / "snapcore-agent.service"
+    local.write_text(unit.replace("/usr/local/bin/snapcore", str(Path(sys.executable).parent / "snapcore")))
+    verified = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+    c = cluster.all[2]
+    cluster.agents["C"].send_signal(signal.SIGTERM)
+    cluster.agents["C"].wait(timeout=cluster.pace.seconds(20))
+    defaults = {"SNAPCORE_ETCD": cluster.etcd.url, "SNAPCORE_NODE": "C"}
+    defaults["SNAPCORE_AGENT_ARGS"] = "--policy /srv/policy.yaml --lease 1s"
+    argv = _exec_start(unit, defaults)
+    assert argv[:2] == ["/usr/local/bin/snapcore", "agent"], argv
+    argv[0] = str(Path(sys.executable).parent / "snapcore")
+    env = ["SNAPCORE_PLUGINS=fsfreeze,tar", "SNAPCORE_STATE_DIR=/srv/state", "SNAPCORE_RUN_DIR=/srv/run"]
+    cluster.agents["C"] = c.start("sh", "-c", 'exec "$@" 2>>/srv/agent.log', "unit", "env", *env, *argv)
+    cluster.wait_registered(["C"])
+    cluster.request(_tasks(cluster))
+    code, manifest, err = cluster.result(cluster.coordinate("by-unit"))
+    assert code == 0 and manifest["nodes"]["C"]["state"] == "done", (manifest, err)
+    assert cluster.node_manifest(c, "by-unit")["cluster"]["state"] == "committed"
