@@ -444,3 +444,65 @@ def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path
     code, manifest, err = cluster.result(cluster.coordinate("by-unit"))
     assert code == 0 and manifest["nodes"]["C"]["state"] == "done", (manifest, err)
     assert cluster.node_manifest(c, "by-unit")["cluster"]["state"] == "committed"
+
+
+def _restore_file(cluster: Cluster, nodes: dict[str, dict[str, Any]]) -> None:
+    text = f"etcd: {cluster.etcd.url}\nlease: {LEASE:g}s\ndeadline: 20s\nfinish: 60s\nnodes:\n"
+    text += "".join(f"  {name}: {json.dumps(spec)}\n" for name, spec in nodes.items())
+    cluster.all[0].run("sh", "-c", f"cat > /srv/restore.yaml <<'EOF'\n{text}EOF")
+
+
+def _restore(cluster: Cluster, checkpoint_id: str) -> subprocess.CompletedProcess[str]:
+    argv = [*SNAPCORE, "restore", checkpoint_id, "--cluster", "/srv/restore.yaml"]
+    return cluster.all[0].run(*argv, check=False, timeout=cluster.pace.seconds(120))
+
+
+def test_a_cluster_checkpoint_with_criu_restarts_on_every_node(cluster: Cluster, criu: Any) -> None:
+    """Each node's counter dumped by CRIU while every node is frozen (the payload),
+    the nodes' trees wiped, then ``restore ID --cluster``: every node's files back
+    (and checked), and only then, on every node, ``criu restore``: each counter goes
+    on from its checkpoint."""
+    pids = {n.name: cluster.counters[n.name].node_pid for n in cluster.all}
+    dump = {n: [criu.path, "dump", "-t", str(p), "-D", "/srv/images", "-o", "dump.log"] for n, p in pids.items()}
+    for node in cluster.all:
+        node.run("sh", "-c", "rm -rf /srv/images && mkdir /srv/images")
+    cluster.request(_tasks(cluster, **{n: {"payload": argv} for n, argv in dump.items()}))
+    code, manifest, err = cluster.result(cluster.coordinate("cr"))
+    assert code == 0, (manifest["error"], err)
+    try:
+        at_checkpoint = {}
+        for node in cluster.all:
+            cluster.counters[node.name].wait(timeout=cluster.pace.seconds(20))  # CRIU ended it
+            at_checkpoint[node.name] = _count(node)
+            node.run("sh", "-c", f"rm -rf {APP}/* {APP}/.[!.]*")  # lost: only the checkpoint has it
+        restore = [criu.path, "restore", "-D", "/srv/images", "-d", "-o", "restore.log", "--manage-cgroups=ignore"]
+        _restore_file(cluster, {n.name: {"to": APP, "payload": restore} for n in cluster.all})
+        done = _restore(cluster, "cr")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "cluster restore cr: ok" in done.stdout, done.stdout
+        for node in cluster.all:  # each counter goes on from where it was
+            deadline = time.monotonic() + cluster.pace.seconds(20)
+            while _count(node) <= at_checkpoint[node.name] + 2:
+                assert time.monotonic() < deadline, f"the counter did not go on on {node.name}"
+                time.sleep(0.05)
+            assert _count(node) < at_checkpoint[node.name] + 1000  # from the checkpoint, not from zero
+    finally:  # the restored counters have the PIDs they had
+        for node in cluster.all:
+            node.run("kill", "-9", str(pids[node.name]), check=False)
+
+
+def test_a_cluster_restore_that_fails_on_one_node_starts_nothing(cluster: Cluster) -> None:
+    """B cannot restore (its target directory is not empty): no node runs its command."""
+    cluster.request(_tasks(cluster))
+    code, manifest, err = cluster.result(cluster.coordinate("r-fail"))
+    assert code == 0, (manifest["error"], err)
+    for node in cluster.all:
+        node.run("sh", "-c", "rm -rf /srv/copy /srv/started && mkdir /srv/copy")
+    cluster.all[1].run("touch", "/srv/copy/in-the-way")
+    started = ["sh", "-c", "touch /srv/started"]
+    _restore_file(cluster, {n.name: {"to": "/srv/copy", "payload": started} for n in cluster.all})
+    done = _restore(cluster, "r-fail")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "node B failed" in done.stderr, done.stderr
+    for node in cluster.all:
+        assert node.run("test", "-e", "/srv/started", check=False).returncode != 0, node.name

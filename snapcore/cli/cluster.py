@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from snapcore.cli.common import duration_arg, plugins_of, print_json, require_root, run_dir_arg
+from snapcore.cli.common import duration_arg, plugins_of, print_json, require_root, run_dir_arg, state_dir_arg
 from snapcore.errors import ExitCode, UsageError
 
 
@@ -125,3 +125,36 @@ def _show(manifest: dict[str, object], as_json: bool) -> None:
 
     sys.stdout.write(summary(manifest) + "\n")
     sys.stdout.flush()
+
+
+def cmd_restore_cluster(args: argparse.Namespace, command: list[str] | None) -> int:
+    """``snapcore restore ID --cluster FILE``: every node's agent restores its part."""
+    from snapcore.cluster.coordinator import ClusterFailed, Coordinator
+    from snapcore.cluster.etcd import Etcd
+    from snapcore.cluster.protocol import RESTORE_OP, Endpoint, keys, load_cluster_file
+    from snapcore.safety.cancel import Cancel, on_signals
+    from snapcore.store.manifest import check_checkpoint_id
+
+    given = [o for o, v in (("--from", args.from_dir), ("--mount", args.mount), ("--wait", args.wait)) if v]
+    given += [o for o, v in (("--safe", args.safe), ("--no-check", args.no_check), ("-- CMD", command)) if v]
+    if given:
+        raise UsageError(f"--cluster FILE names each node's restore and command in FILE: not with {', '.join(given)}")
+    if not args.checkpoint_id:
+        raise UsageError("restore --cluster FILE needs the cluster checkpoint's ID")
+    check_checkpoint_id(args.checkpoint_id)
+    file = load_cluster_file(args.cluster, kind="restore")
+    etcd = Etcd(Endpoint.parse(file.endpoint))
+    cancel = Cancel()
+    coordinator = Coordinator(
+        etcd, keys(file.prefix).for_op(RESTORE_OP), file, args.checkpoint_id, state_dir_arg(args), cancel=cancel
+    )
+    try:
+        with on_signals(cancel):
+            manifest = coordinator.run()
+    except ClusterFailed as exc:
+        _show(exc.manifest, False)
+        raise
+    finally:
+        etcd.close()
+    _show(manifest, False)
+    return ExitCode.OK

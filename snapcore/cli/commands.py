@@ -100,9 +100,15 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
         "--from", dest="from_dir", metavar="EXPORT_DIR", help="restore from an export directory alone (instead of ID)"
     )
     p.add_argument("--mount", metavar="M", help="only this mount point")
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--to", metavar="DIR", help="restore into DIR (a new place)")
     where.add_argument("--in-place", action="store_true", help="roll the mount back in place")
+    where.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="restore every node's part of a cluster checkpoint through the nodes' agents: FILE names etcd "
+        "and, per node, where to restore and the command to run once every node has its files back",
+    )
     p.add_argument(
         "--safe",
         action="store_true",
@@ -562,7 +568,11 @@ def _plain(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
     return lambda args, command: handler(args)
 
 
-def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
+def restore_then(
+    args: argparse.Namespace, command: list[str] | None, before_command: Callable[[], None] | None = None
+) -> int:
+    """``snapcore restore ... [-- CMD]``; ``before_command`` runs once the files are back
+    (and checked), before CMD (a cluster restore's agent waits there for the others)."""
     from pathlib import Path
 
     from snapcore.cli import arrival
@@ -577,12 +587,14 @@ def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
     answer = arrival.answerer(from_dir, manifest) if command else None
     try:
         code = cmd_restore(args, then=command)
-        if not command:
-            return code
-        if not args.no_check:
+        if command and not args.no_check:
             from snapcore.cli.files_check import check_before
 
             check_before(args, command)
+        if before_command is not None:
+            before_command()
+        if not command:
+            return code
         code = _run_after_restore(arrival.with_images(command, from_dir), args.checkpoint_id)
         arrival.resettle_tasks(command, args.checkpoint_id or (manifest.id if manifest else None))
     except BaseException as exc:
@@ -592,6 +604,16 @@ def _restore_then(args: argparse.Namespace, command: list[str] | None) -> int:
     if answer is not None:
         answer(True, f"{command[0]} ran on {os.uname().nodename}")
     return code
+
+
+def _restore(args: argparse.Namespace, command: list[str] | None) -> int:
+    if args.cluster:
+        from snapcore.cli.cluster import cmd_restore_cluster
+
+        return cmd_restore_cluster(args, command)
+    if not args.to and not args.in_place:  # as argparse says it of a required group
+        raise UsageError("one of the arguments --to --in-place is required (see 'snapcore restore --help')")
+    return restore_then(args, command)
 
 
 #: Every command, in the order ``--help`` lists them: the one registry.
@@ -611,7 +633,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "list": Command("checkpoints, newest first", _add_list, _plain(cmd_list)),
     "show": Command("one manifest", _add_show, _plain(cmd_show)),
-    "restore": Command("bring a checkpoint's images back", _add_restore, _restore_then, takes_command=True),
+    "restore": Command("bring a checkpoint's images back", _add_restore, _restore, takes_command=True),
     "verify": Command("images and exports still there and intact", _add_verify, _plain(cmd_verify)),
     "check-files": Command(
         "the files the checkpointed tasks need are there as they had them (size, mtime, sha256, ghosts)",

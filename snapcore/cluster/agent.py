@@ -41,9 +41,12 @@ from snapcore.cluster.protocol import (
     FAILED,
     LOST,
     RELEASES,
+    RESTORE_OP,
     STATES,
     Keys,
+    NodeSpec,
     Request,
+    RestoreSpec,
     dumps,
     loads,
     request_from_json,
@@ -75,8 +78,10 @@ class ClusterAborted(SnapcoreError):
 class Session:
     """What this node knows of one cluster checkpoint, updated from the watch."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, keys: Keys) -> None:
         self.request = request
+        #: the keys of its operation (a checkpoint's, or a restore's)
+        self.keys = keys
         self.phases: list[str] = []
         self.stop: str | None = None
         #: the coordinator said ``discard`` (why): this node's completed part goes
@@ -195,12 +200,9 @@ class Agent:
         existing, revision = self.etcd.get_prefix(self.keys.checkpoints)
         for key, value in existing.items():
             found = self.keys.split(key)
-            if found is not None and found[1] == "request":
-                checkpoint_id = found[0]
-                if (
-                    self.keys.coordinator(checkpoint_id) in existing
-                    and self.keys.node(checkpoint_id, self.node) not in existing
-                ):
+            if found is not None and found[2] == "request":
+                keys = self.keys.for_op(found[1])
+                if keys.coordinator(found[0]) in existing and keys.node(found[0], self.node) not in existing:
                     self._event("put", key, value)
         self.etcd.watch_prefix(self.keys.checkpoints, revision + 1, self._event)
         log.info("agent for node %s registered at %s (lease %x)", self.node, self.etcd.endpoint, lease.id)
@@ -214,7 +216,10 @@ class Agent:
                     continue
                 if isinstance(item, str):
                     raise EtcdUnavailable(f"node {self.node}: {item}")
-                self._checkpoint(item)
+                if item.request.kind == "restore":
+                    self._restore(item)
+                else:
+                    self._checkpoint(item)
         finally:
             lease.revoke()
 
@@ -254,17 +259,19 @@ class Agent:
         where = self.keys.split(key)
         if where is None:
             return
-        checkpoint_id, rest = where
-        session = self.sessions.get(checkpoint_id)
+        checkpoint_id, op, rest = where
+        session = self.sessions.get(op + checkpoint_id)
         if rest == "request" and kind == "put" and session is None:
             try:
                 request = request_from_json(loads(value))
             except (ValueError, UnicodeDecodeError) as exc:
                 log.warning("ignoring a malformed cluster request at %s: %s", key, exc)
                 return
-            if self.node in request.nodes and request.id == checkpoint_id:
-                self.sessions[checkpoint_id] = Session(request)
-                self._queue.put(self.sessions[checkpoint_id])
+            if request.kind != ("restore" if op == RESTORE_OP else "checkpoint"):
+                log.warning("ignoring a cluster request at %s: a %s request", key, request.kind)
+            elif self.node in request.nodes and request.id == checkpoint_id:
+                session = self.sessions[op + checkpoint_id] = Session(request, self.keys.for_op(op))
+                self._queue.put(session)
         elif session is None:
             return
         elif rest == "phase" and kind == "put":
@@ -289,15 +296,16 @@ class Agent:
 
     # -- the checkpoint (the agent's main thread) --------------------------------------
 
-    def _report(self, request: Request, state: str, **extra: Any) -> None:
+    def _report(self, session: Session, state: str, **extra: Any) -> None:
         value = dumps({"state": state, "at": time.time(), **extra})
-        self.etcd.put(self.keys.node(request.id, self.node), value, self._lease)
+        self.etcd.put(session.keys.node(session.request.id, self.node), value, self._lease)
 
     def _checkpoint(self, session: Session) -> None:
         from snapcore import api
 
         request = session.request
         spec = request.nodes[self.node]
+        assert isinstance(spec, NodeSpec)
         lost = self._lease.lost if self._lease else threading.Event()
         waited: dict[str, float] = {}
         state_dirs: list[Path] = []
@@ -328,7 +336,7 @@ class Agent:
                     left = txn.deadline_s - (time.time() - txn.window.frozen_wall)
                     seconds = min(seconds, max(0.0, left * 0.9))
             try:
-                self._report(request, point, **extra)
+                self._report(session, point, **extra)
             except EtcdUnavailable as exc:
                 raise ClusterAborted(f"cannot report {point!r}: {exc}") from None
             waited[point] = round(session.wait(point, seconds, lost, self.cancel) * 1000, 3)
@@ -348,14 +356,14 @@ class Agent:
                 barrier=meet,
             )
         except CheckpointFailed as exc:
-            self._finish(request, FAILED, str(exc), exc.manifest)
+            self._finish(session, FAILED, str(exc), exc.manifest)
         except SnapcoreError as exc:  # refused before it started: a bad policy, no such task
-            self._finish(request, FAILED, str(exc), None)
+            self._finish(session, FAILED, str(exc), None)
         else:
-            self._finish(request, "done", None, manifest)
+            self._finish(session, "done", None, manifest)
             self._settle(session, manifest, state_dirs[0], lost)
         finally:
-            self.sessions.pop(request.id, None)
+            self.sessions.pop(session.keys.op + request.id, None)
 
     def _settle(self, session: Session, manifest: Manifest, state_dir: Path, lost: threading.Event) -> None:
         """This node's part is complete; the coordinator decides whether it stays (all
@@ -366,7 +374,7 @@ class Agent:
         verdict = session.verdict(request.finish, lost, self.cancel)
         if verdict == "gone":
             try:
-                raw = self.etcd.get(self.keys.result(request.id))
+                raw = self.etcd.get(session.keys.result(request.id))
                 result = loads(raw) if raw is not None else {}
                 verdict = "commit" if result.get("outcome") == "ok" else DISCARD
                 session.discard = session.discard or "the coordinator died before every node was done"
@@ -381,7 +389,7 @@ class Agent:
                 "cluster checkpoint %s: no word from the coordinator on this node's part: kept, marked pending "
                 "(the cluster manifest, etcd key %s, decides)",
                 request.id,
-                self.keys.result(request.id),
+                session.keys.result(request.id),
             )
         assert manifest.cluster is not None
         manifest.cluster["state"] = state
@@ -389,6 +397,39 @@ class Agent:
             manifest.write(state_dir)
         except (OSError, SnapcoreError) as exc:
             log.warning("cluster checkpoint %s: cannot mark this node's manifest %s: %s", request.id, state, exc)
+
+    def _restore(self, session: Session) -> None:
+        """This node's part of a cluster restore: ``snapcore restore`` as its command
+        line would do it (the files put back and checked); the payload (``criu
+        restore``) only once every node has its files back."""
+        from snapcore.cli.commands import restore_then
+        from snapcore.cli.parser import parse_args
+
+        request = session.request
+        spec = request.nodes[self.node]
+        assert isinstance(spec, RestoreSpec)
+        lost = self._lease.lost if self._lease else threading.Event()
+        argv = [*(["--state-dir", str(self.state_dir)] if self.state_dir else []), "--run-dir", str(self.run_dir)]
+
+        def meet() -> None:
+            self._report(session, "restored")
+            session.wait("restored", request.finish, lost, self.cancel)
+
+        try:
+            restore_then(parse_args([*argv, *spec.argv(request.id)]), list(spec.payload) or None, before_command=meet)
+        except SnapcoreError as exc:
+            log.warning("cluster restore %s failed on node %s: %s", request.id, self.node, exc)
+            self._report_quietly(session, FAILED, error=str(exc))
+        else:
+            self._report_quietly(session, "done", error=None)
+        finally:
+            self.sessions.pop(session.keys.op + request.id, None)
+
+    def _report_quietly(self, session: Session, state: str, **extra: Any) -> None:
+        try:
+            self._report(session, state, host=socket.gethostname(), **extra)
+        except EtcdUnavailable as exc:
+            log.warning("cluster %s %s: cannot report %r: %s", session.request.kind, session.request.id, state, exc)
 
     def _discard(self, session: Session, state_dir: Path) -> None:
         """The cluster checkpoint failed after this node completed its part: delete it
@@ -404,7 +445,7 @@ class Agent:
         except SnapcoreError as exc:
             problems.append(str(exc))
         try:
-            self._report(request, "discarded", error="; ".join(problems) or None)
+            self._report(session, "discarded", error="; ".join(problems) or None)
         except EtcdUnavailable as exc:
             log.warning("cluster checkpoint %s: cannot report the discard: %s", request.id, exc)
 
@@ -432,8 +473,9 @@ class Agent:
         txn.watchdog.watch({RESCUE_KEY: Rescue(kind=RescueKind.COMMAND, argv=argv)})
         txn.watchdog.freezing(RESCUE_KEY)
 
-    def _finish(self, request: Request, state: str, error: str | None, manifest: Any) -> None:
-        extra: dict[str, Any] = {"error": error, "host": socket.gethostname()}
+    def _finish(self, session: Session, state: str, error: str | None, manifest: Any) -> None:
+        request = session.request
+        extra: dict[str, Any] = {"error": error}
         if manifest is not None:
             extra.update(
                 outcome=manifest.outcome,
@@ -444,7 +486,4 @@ class Agent:
             )
         if error:
             log.warning("cluster checkpoint %s failed on node %s: %s", request.id, self.node, error)
-        try:
-            self._report(request, state, **extra)
-        except EtcdUnavailable as exc:
-            log.warning("cluster checkpoint %s: cannot report %r: %s", request.id, state, exc)
+        self._report_quietly(session, state, **extra)

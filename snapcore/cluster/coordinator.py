@@ -60,9 +60,13 @@ class Coordinator:
     _lease: Lease | None = None
 
     def run(self) -> dict[str, Any]:
-        """The whole cluster checkpoint; its manifest, written. Raises
-        :class:`ClusterFailed` (with the manifest) when it failed, :class:`UsageError`
-        before anything was asked of a node (a node without an agent)."""
+        """The whole cluster checkpoint (or, for a request file of ``kind`` restore,
+        the cluster restore); its manifest, written (a restore's: into etcd only).
+        Raises :class:`ClusterFailed` (with the manifest) when it failed,
+        :class:`UsageError` before anything was asked of a node (a node without an
+        agent)."""
+        restore = self.file.kind == "restore"
+        what = "cluster restore" if restore else "cluster checkpoint"
         nodes = list(self.file.nodes)
         agents, _ = self.etcd.get_prefix(self.keys.agents)
         missing = [n for n in nodes if self.keys.agent(n) not in agents]
@@ -77,11 +81,12 @@ class Coordinator:
             self.file.deadline,
             self.file.finish,
             coordinator=f"{socket.gethostname()}:{os.getpid()}",
+            kind=self.file.kind,
         )
         lease = self.etcd.lease(self.file.lease)
         manifest: dict[str, Any] = {
             "id": self.checkpoint_id,
-            "kind": "cluster",
+            "kind": "cluster-restore" if restore else "cluster",
             "outcome": "failed",
             "started": utc_now(),
             "etcd": str(self.etcd.endpoint),
@@ -93,13 +98,16 @@ class Coordinator:
         try:
             coordinator = dumps({"pid": os.getpid(), "host": socket.gethostname()})
             if not self.etcd.create(self.keys.coordinator(self.checkpoint_id), coordinator, lease):
-                raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already exists in etcd")
+                raise UsageError(f"{what} {self.checkpoint_id!r} is under way already (its key is in etcd)")
             _, revision = self.etcd.get_prefix(self.keys.checkpoint(self.checkpoint_id))
             self.etcd.watch_prefix(self.keys.nodes(self.checkpoint_id), revision + 1, self._event)
             self._lease = lease  # the request and the phases go with it: only the result stays
             if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json()), lease):
-                raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already has a request in etcd")
-            self._sequence(request, manifest, lease.lost)
+                raise UsageError(f"{what} {self.checkpoint_id!r} already has a request in etcd")
+            if restore:
+                self._restore_sequence(manifest, lease.lost)
+            else:
+                self._sequence(request, manifest, lease.lost)
             manifest["outcome"] = "ok"
         except _Stop as stop:
             manifest["error"] = str(stop)
@@ -110,11 +118,24 @@ class Coordinator:
         finally:
             manifest["finished"] = utc_now()
             self._record_nodes(manifest)
-            self._write(manifest)
+            self._write(manifest, local=not restore)
             lease.revoke()
         if manifest["outcome"] != "ok":
-            raise ClusterFailed(f"cluster checkpoint {self.checkpoint_id} failed: {manifest['error']}", manifest)
+            raise ClusterFailed(f"{what} {self.checkpoint_id} failed: {manifest['error']}", manifest)
         return manifest
+
+    def _restore_sequence(self, manifest: dict[str, Any], lost: threading.Event) -> None:
+        """Every node puts its files back (and checks them: ``restored``); then, and only
+        if all did, ``start``: each runs its command (``criu restore``)."""
+        t = time.monotonic()
+        self._wait_all("restored", self.file.finish, lost)
+        self._say("start")
+        manifest["barrier_ms"]["restored"] = round((time.monotonic() - t) * 1000, 3)
+        self._resumed = True  # the commands run: nothing is undone after this
+        self._wait_all("done", self.file.finish, lost)
+        failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
+        if failed:
+            raise _Stop(f"after the start, {self._describe(failed)}")
 
     # -- the sequence --------------------------------------------------------------
 
@@ -243,19 +264,22 @@ class Coordinator:
         instants = [r["frozen_at"] for r in reports.values() if isinstance(r.get("frozen_at"), int | float)]
         manifest["skew_ms"] = round((max(instants) - min(instants)) * 1000, 3) if len(instants) > 1 else None
 
-    def _write(self, manifest: dict[str, Any]) -> None:
-        from snapcore.host.fsutil import secure_dir
-        from snapcore.host.tools import write_atomic
-
+    def _write(self, manifest: dict[str, Any], *, local: bool = True) -> None:
+        """Into etcd (``result``) and, ``local`` (a checkpoint's, not a restore's), into
+        the state directory."""
         text = json.dumps(manifest, indent=2) + "\n"
-        try:
-            path = cluster_manifest_path(self.state_dir, self.checkpoint_id)
-            secure_dir(self.state_dir)
-            secure_dir(path.parent.parent)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(path, text.encode(), mode=0o600)
-        except (OSError, SnapcoreError) as exc:
-            log.error("cannot write the cluster manifest under %s: %s", self.state_dir, exc)
+        if local:
+            from snapcore.host.fsutil import secure_dir
+            from snapcore.host.tools import write_atomic
+
+            try:
+                path = cluster_manifest_path(self.state_dir, self.checkpoint_id)
+                secure_dir(self.state_dir)
+                secure_dir(path.parent.parent)
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_atomic(path, text.encode(), mode=0o600)
+            except (OSError, SnapcoreError) as exc:
+                log.error("cannot write the cluster manifest under %s: %s", self.state_dir, exc)
         try:
             self.etcd.put(self.keys.result(self.checkpoint_id), text.encode())
         except EtcdUnavailable as exc:

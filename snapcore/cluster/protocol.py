@@ -33,24 +33,27 @@ import json
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from snapcore.errors import PolicyError, PolicyProblems, UsageError
 
 DEFAULT_PREFIX = "/snapcore"
+#: The keys of a cluster restore, under its checkpoint's.
+RESTORE_OP = "restore/"
 
-#: The coordinator's word, in order; ``abort`` may replace any of them.
-PHASES = ("freeze", "payload", "resume", "commit")
+#: The coordinator's word, in order; ``abort`` may replace any of them. A restore's:
+#: ``start`` once every node has its files back (and checked).
+PHASES = ("freeze", "payload", "resume", "commit", "start")
 ABORT = "abort"
 DISCARD = "discard"
 #: A node's reports, in order; ``failed`` may replace any of them before ``done``.
-STATES = ("ready", "imaged", "dumped", "done", "discarded")
+STATES = ("ready", "imaged", "dumped", "restored", "done", "discarded")
 FAILED = "failed"
 #: What the others make of a node whose report key vanished (its agent's lease expired).
 LOST = "lost"
 #: A meeting point of the transaction → the phase that lets a node go on from it.
-RELEASES = {"ready": "freeze", "imaged": "payload", "dumped": "resume"}
+RELEASES = {"ready": "freeze", "imaged": "payload", "dumped": "resume", "restored": "start"}
 
 #: A node's name: what an agent registers as (a host name, usually).
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -86,7 +89,14 @@ def keys(prefix: str) -> Keys:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
+    """The keys of one kind of operation: a checkpoint's (``op`` empty) or a restore's
+    of it (``op`` :data:`RESTORE_OP`: the same keys under ``checkpoints/ID/restore/``)."""
+
     prefix: str
+    op: str = ""
+
+    def for_op(self, op: str) -> Keys:
+        return Keys(self.prefix, op)
 
     @property
     def agents(self) -> str:
@@ -100,7 +110,7 @@ class Keys:
         return f"{self.prefix}/checkpoints/"
 
     def checkpoint(self, checkpoint_id: str) -> str:
-        return f"{self.checkpoints}{checkpoint_id}/"
+        return f"{self.checkpoints}{checkpoint_id}/{self.op}"
 
     def request(self, checkpoint_id: str) -> str:
         return f"{self.checkpoint(checkpoint_id)}request"
@@ -120,12 +130,14 @@ class Keys:
     def result(self, checkpoint_id: str) -> str:
         return f"{self.checkpoint(checkpoint_id)}result"
 
-    def split(self, key: str) -> tuple[str, str] | None:
-        """``checkpoints/ID/REST`` → (ID, REST); None for any other key."""
+    def split(self, key: str) -> tuple[str, str, str] | None:
+        """``checkpoints/ID[/restore]/REST`` → (ID, op, REST); None for any other key."""
         if not key.startswith(self.checkpoints):
             return None
         checkpoint_id, _, rest = key[len(self.checkpoints) :].partition("/")
-        return (checkpoint_id, rest) if checkpoint_id and rest else None
+        op = RESTORE_OP if rest.startswith(RESTORE_OP) else ""
+        rest = rest[len(op) :]
+        return (checkpoint_id, op, rest) if checkpoint_id and rest else None
 
 
 def dumps(value: Mapping[str, Any]) -> bytes:
@@ -168,6 +180,38 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RestoreSpec:
+    """What one node restores of a cluster checkpoint, as ``snapcore restore`` would:
+    its own part (by the checkpoint's id), or ``from_dir`` an export directory on that
+    node; ``to`` a directory, or ``in_place``; ``mount`` only; then, once every node
+    has its files back and checked, ``payload`` (``criu restore ...``)."""
+
+    from_dir: str | None = None
+    to: str | None = None
+    in_place: bool = False
+    mount: str | None = None
+    no_check: bool = False
+    payload: tuple[str, ...] = ()
+
+    def argv(self, checkpoint_id: str) -> list[str]:
+        """``snapcore restore``'s arguments for it (before ``--``)."""
+        argv = ["restore", *(["--from", self.from_dir] if self.from_dir else [checkpoint_id])]
+        argv += ["--to", self.to] if self.to else ["--in-place"]
+        argv += ["--mount", self.mount] if self.mount else []
+        return argv + (["--no-check"] if self.no_check else [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.from_dir,
+            "to": self.to,
+            "in_place": self.in_place,
+            "mount": self.mount,
+            "no_check": self.no_check,
+            "payload": list(self.payload),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """A cluster checkpoint: its id, the nodes, and how long each wait may last
     (``deadline``, seconds: for every node to be ready, imaged, dumped; also each
@@ -175,11 +219,12 @@ class Request:
     ``resume``)."""
 
     id: str
-    nodes: Mapping[str, NodeSpec]
+    nodes: Mapping[str, NodeSpec | RestoreSpec]
     deadline: float = 10.0
     finish: float = 600.0
     coordinator: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: ``checkpoint`` or ``restore``
+    kind: str = "checkpoint"
 
     @property
     def payloads(self) -> bool:
@@ -193,10 +238,36 @@ class Request:
             "deadline": self.deadline,
             "finish": self.finish,
             "coordinator": self.coordinator,
+            "kind": self.kind,
         }
 
 
 _NODE_KEYS = ("policy", "paths", "pid", "cgroup", "payload")
+_RESTORE_KEYS = ("from", "to", "in_place", "mount", "no_check", "payload")
+KINDS = ("checkpoint", "restore")
+
+
+def restore_spec(raw: object, where: str) -> RestoreSpec:
+    """A node's part of a cluster restore: ``ValueError`` naming ``where`` and the key."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: a mapping of {', '.join(_RESTORE_KEYS)} expected")
+    unknown = sorted(set(raw) - set(_RESTORE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_RESTORE_KEYS)})")
+    for key in ("from", "to", "mount"):
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, str) and value.startswith("/")):
+            raise ValueError(f"{where}: key {key!r}: an absolute path on that node expected")
+    in_place, no_check, payload = raw.get("in_place", False), raw.get("no_check", False), raw.get("payload") or []
+    if not isinstance(in_place, bool) or not isinstance(no_check, bool):
+        raise ValueError(f"{where}: keys 'in_place' and 'no_check': true or false")
+    if bool(raw.get("to")) == in_place:
+        raise ValueError(f"{where}: give 'to: DIR' or 'in_place: true' (one of them)")
+    if raw.get("from") and in_place:
+        raise ValueError(f"{where}: an export ('from') is restored 'to' a directory, not in place")
+    if not isinstance(payload, list) or not all(isinstance(a, str) for a in payload):
+        raise ValueError(f"{where}: key 'payload': a command line (a list of strings) expected")
+    return RestoreSpec(raw.get("from"), raw.get("to"), in_place, raw.get("mount"), no_check, tuple(payload))
 
 
 def node_spec(raw: object, where: str) -> NodeSpec:
@@ -231,11 +302,15 @@ def request_from_json(data: Mapping[str, Any]) -> Request:
     checkpoint_id, nodes = data.get("id"), data.get("nodes")
     if not isinstance(checkpoint_id, str) or not isinstance(nodes, Mapping) or not nodes:
         raise ValueError("a request has an 'id' and 'nodes'")
-    specs = {}
+    kind = data.get("kind", "checkpoint")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {str(kind)[:40]!r}")
+    parse = restore_spec if kind == "restore" else node_spec
+    specs: dict[str, NodeSpec | RestoreSpec] = {}
     for name, raw in nodes.items():
         if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
             raise ValueError(f"bad node name {str(name)[:70]!r}")
-        specs[name] = node_spec(raw, f"node {name}")
+        specs[name] = parse(raw, f"node {name}")
     deadline, finish = data.get("deadline", 10.0), data.get("finish", 600.0)
     for key, value in (("deadline", deadline), ("finish", finish)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
@@ -247,6 +322,7 @@ def request_from_json(data: Mapping[str, Any]) -> Request:
         float(deadline),
         float(finish),
         coordinator if isinstance(coordinator, str) else "",
+        kind,
     )
 
 
@@ -257,16 +333,18 @@ class ClusterFile:
     endpoint: str
     prefix: str
     lease: float
-    nodes: Mapping[str, NodeSpec]
+    nodes: Mapping[str, NodeSpec | RestoreSpec]
     deadline: float
     finish: float
+    kind: str = "checkpoint"
 
 
 _FILE_KEYS = ("etcd", "prefix", "lease", "deadline", "finish", "nodes")
 
 
-def load_cluster_file(path: str) -> ClusterFile:
-    """Read and check a request file; every problem names the file, line and key."""
+def load_cluster_file(path: str, kind: str = "checkpoint") -> ClusterFile:
+    """Read and check a request file (of a checkpoint, or with ``kind`` ``restore``
+    of a restore); every problem names the file, line and key."""
     from snapcore.policy.document import load_yaml
     from snapcore.policy.model import YMap, parse_duration
 
@@ -302,7 +380,8 @@ def load_cluster_file(path: str) -> ClusterFile:
             except ValueError as exc:
                 bad(str(exc), key, lines.get(key))
     nodes = doc.get("nodes")
-    specs: dict[str, NodeSpec] = {}
+    specs: dict[str, NodeSpec | RestoreSpec] = {}
+    parse = restore_spec if kind == "restore" else node_spec
     if not isinstance(nodes, YMap) or not nodes:
         bad("a mapping of node names to what each checkpoints", "nodes", lines.get("nodes", doc.line))
     else:
@@ -312,7 +391,7 @@ def load_cluster_file(path: str) -> ClusterFile:
                 bad(f"node name {str(name)[:70]!r}: letters, digits, '.', '_', '-'", "nodes", line)
                 continue
             try:
-                specs[str(name)] = node_spec(raw, f"node {name}")
+                specs[str(name)] = parse(raw, f"node {name}")
             except ValueError as exc:
                 bad(str(exc), "nodes", line)
     if problems:
@@ -324,4 +403,5 @@ def load_cluster_file(path: str) -> ClusterFile:
         nodes=specs,
         deadline=durations["deadline"],
         finish=durations["finish"],
+        kind=kind,
     )

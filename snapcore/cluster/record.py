@@ -61,7 +61,8 @@ def iter_cluster_manifests(state_dir: Path) -> Iterator[tuple[Path, dict[str, An
 def summary(manifest: Mapping[str, Any]) -> str:
     """The cluster manifest, for a person."""
     skew = manifest.get("skew_ms")
-    head = f"cluster checkpoint {manifest.get('id')}: {manifest.get('outcome')}"
+    what = "cluster restore" if manifest.get("kind") == "cluster-restore" else "cluster checkpoint"
+    head = f"{what} {manifest.get('id')}: {manifest.get('outcome')}"
     if manifest.get("error"):
         head += f" — {manifest['error']}"
     if isinstance(skew, int | float):
