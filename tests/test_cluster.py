@@ -506,3 +506,17 @@ def test_a_cluster_restore_that_fails_on_one_node_starts_nothing(cluster: Cluste
     assert "node B failed" in done.stderr, done.stderr
     for node in cluster.all:
         assert node.run("test", "-e", "/srv/started", check=False).returncode != 0, node.name
+
+
+def test_a_cluster_checkpoint_id_is_used_once(cluster: Cluster) -> None:
+    """The same id again is refused before anything is asked (exit 2): the first's
+    cluster manifest and the nodes' parts stay as they were."""
+    cluster.request(_tasks(cluster))
+    code, manifest, err = cluster.result(cluster.coordinate("once"))
+    assert code == 0, (manifest, err)
+    code, _, err = cluster.result_code(cluster.coordinate("once"))
+    assert code == 2 and "already exists" in err, err
+    kept = json.loads(cluster.all[0].run("cat", "/srv/state/checkpoints/once/cluster.json").stdout)
+    assert kept["outcome"] == "ok"
+    for node in cluster.all:
+        assert cluster.node_manifest(node, "once")["outcome"] == "ok"

@@ -19,7 +19,11 @@ window's own), when the coordinator's lease is gone, when the agent's own lease 
 lost (etcd unreachable: the node is cut off) or when the coordinator says ``abort``.
 Then the checkpoint fails as any other does: everything is thawed and what it made is
 discarded. If the agent itself dies, its guard process thaws the node (as for any
-checkpoint) and its lease expires, which aborts the others.
+checkpoint) and reports it failed (:meth:`Agent._arm_guard`); its lease's expiry
+tells the others too. A completed part stays only on the coordinator's ``commit``.
+
+A cluster restore (``restore ID --cluster``) goes the same way with one meeting
+point: ``restored`` (the files back and checked) → wait for ``start`` → the command.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ class ClusterAborted(SnapcoreError):
 
 
 class Session:
-    """What this node knows of one cluster checkpoint, updated from the watch."""
+    """What this node knows of one cluster checkpoint (or restore), updated from the
+    watch (the client's loop thread) and waited on by the agent's main thread."""
 
     def __init__(self, request: Request, keys: Keys) -> None:
         self.request = request

@@ -83,7 +83,15 @@ class Coordinator:
             coordinator=f"{socket.gethostname()}:{os.getpid()}",
             kind=self.file.kind,
         )
+        if not restore:  # an id is used once: what it names is never written over
+            kept = cluster_manifest_path(self.state_dir, self.checkpoint_id)
+            if os.path.lexists(kept) or self.etcd.get(self.keys.result(self.checkpoint_id)) is not None:
+                raise UsageError(f"cluster checkpoint {self.checkpoint_id!r} already exists (its cluster manifest)")
         lease = self.etcd.lease(self.file.lease)
+        coordinator = dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        if not self.etcd.create(self.keys.coordinator(self.checkpoint_id), coordinator, lease):
+            lease.revoke()
+            raise UsageError(f"{what} {self.checkpoint_id!r} is under way already (its key is in etcd)")
         manifest: dict[str, Any] = {
             "id": self.checkpoint_id,
             "kind": "cluster-restore" if restore else "cluster",
@@ -96,14 +104,11 @@ class Coordinator:
             "error": None,
         }
         try:
-            coordinator = dumps({"pid": os.getpid(), "host": socket.gethostname()})
-            if not self.etcd.create(self.keys.coordinator(self.checkpoint_id), coordinator, lease):
-                raise UsageError(f"{what} {self.checkpoint_id!r} is under way already (its key is in etcd)")
             _, revision = self.etcd.get_prefix(self.keys.checkpoint(self.checkpoint_id))
             self.etcd.watch_prefix(self.keys.nodes(self.checkpoint_id), revision + 1, self._event)
             self._lease = lease  # the request and the phases go with it: only the result stays
             if not self.etcd.create(self.keys.request(self.checkpoint_id), dumps(request.to_json()), lease):
-                raise UsageError(f"{what} {self.checkpoint_id!r} already has a request in etcd")
+                raise _Stop(f"{what} {self.checkpoint_id!r} already has a request in etcd")
             if restore:
                 self._restore_sequence(manifest, lease.lost)
             else:

@@ -8,7 +8,9 @@ spaces are what separate machines have: ``criu restore`` gives the tasks back th
 PIDs on B while the originals may still exist, frozen, on A. Each node's PIDs start
 at a different number (A near 10000, B near 20000), so that what runs on B does not
 take the PIDs a program from A needs there. Two nodes are joined by a veth pair, with addresses in a
-``10.213.N.0/24`` of their own; traffic goes only between those addresses. Commands
+``10.213.N.0/24`` of their own; more (``count``) by a bridge in a hub namespace
+(``.254``, where a test runs a server they all reach: etcd); traffic goes only
+between those addresses. Commands
 run on a node through ``nsenter`` (:meth:`Node.run`). Everything is torn down by
 :meth:`Nodes.close`, also when the test failed: the processes in the namespaces, the
 holders (their mounts go with them), the loop devices, the namespaces. The recipe is
@@ -211,12 +213,7 @@ class Nodes:
         _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", dev])
         _run(["ip", "-n", netns, "link", "set", dev, "up"])
         _run(["ip", "-n", netns, "link", "set", "lo", "up"])
-        image = self.base / f"node-{name}.img"
-        with open(image, "wb") as f:
-            f.truncate(size_mb << 20)
-        _run(["mkfs.ext4", "-q", "-F", str(image)])
-        loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
-        self._loops.append(loop)
+        loop = self._loop(f"node-{name}.img", size_mb)
         unshare = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc")
         holder = subprocess.Popen(
             # not 'ip netns exec': it mounts a sysfs of its own over /sys, and the
@@ -251,14 +248,19 @@ class Nodes:
                 raise AssertionError(f"node {node.name}: its namespace holder did not start")
             time.sleep(0.01)
 
-    def add_fs(self, node: Node, where: str, size_mb: int) -> str:
-        """Another ext4 on ``node`` at ``where`` (under ``/srv``), gone with the nodes."""
-        image = self.base / f"node-{node.name}-{len(self._loops)}.img"
+    def _loop(self, name: str, size_mb: int) -> str:
+        """A new ext4 image file under the base directory, on a loop device (undone by close)."""
+        image = self.base / name
         with open(image, "wb") as f:
             f.truncate(size_mb << 20)
         _run(["mkfs.ext4", "-q", "-F", str(image)])
         loop = _run(["losetup", "-f", "--show", str(image)]).stdout.strip()
         self._loops.append(loop)
+        return loop
+
+    def add_fs(self, node: Node, where: str, size_mb: int) -> str:
+        """Another ext4 on ``node`` at ``where`` (under ``/srv``), gone with the nodes."""
+        loop = self._loop(f"node-{node.name}-{len(self._loops)}.img", size_mb)
         node.run("sh", "-c", f"mkdir -p {where} && mount {loop} {where}")
         return loop
 
