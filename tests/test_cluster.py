@@ -15,6 +15,7 @@ own say what failed, and the exit code is 1.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 from snapcore.testing import Pace
+from snapcore.testing.containers import BUSYBOX, busybox_rootfs, read_count, runc_bundle, wait_for_count
 from snapcore.testing.etcd import EtcdServer
 from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes
 
@@ -371,7 +373,8 @@ BAD_REQUESTS = [
     ("nodes: {A: {}}\n", ":1", "'etcd'"),
     ("etcd: http://127.0.0.1:1\nnodes:\n  A: {policy: relative.yaml}\n", ":3", "absolute path"),
     ("etcd: http://127.0.0.1:1\nnodes:\n  A: {pid: true}\n", ":3", "'pid'"),
-    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {pid: 1, cgroup: /x}\n", ":3", "not both"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {pid: 1, cgroup: /x}\n", ":3", "give one of 'pid', 'cgroup'"),
+    ("etcd: http://127.0.0.1:1\nnodes:\n  A: {container: lxc:web}\n", ":3", "key 'container'"),
     ("etcd: http://127.0.0.1:1\nnodes:\n  'a b': {}\n", ":3", "node name"),
     ("etcd: http://127.0.0.1:1\ndeadline: soon\nnodes: {A: {}}\n", ":2", "'deadline'"),
     ("etcd: http://127.0.0.1:1\nnodes: {A: {payload: ls}}\n", ":2", "'payload'"),
@@ -520,3 +523,46 @@ def test_a_cluster_checkpoint_id_is_used_once(cluster: Cluster) -> None:
     assert kept["outcome"] == "ok"
     for node in cluster.all:
         assert cluster.node_manifest(node, "once")["outcome"] == "ok"
+
+
+def test_runc_containers_on_three_nodes_checkpoint_in_one_window(cluster: Cluster, criu: Any, tmp_path: Path) -> None:
+    """``container: runc:ID`` on each node: the container's cgroup frozen at the
+    cluster's freeze, ``runc checkpoint`` the payload while every node is frozen (its
+    CRIU dumps the frozen cgroup); the containers end; ``runc restore`` brings each
+    back, counting on."""
+    if shutil.which("runc") is None or not os.path.exists(BUSYBOX):
+        pytest.skip("runc and busybox-static are needed (make setup installs them)")
+    ids = {n.name: f"cl{os.getpid()}{n.name.lower()}" for n in cluster.all}
+    runc = ["runc", "--root", "/srv/runc", "--criu", criu.path]
+    # stdio its own: runc's would be the test's pipes, and CRIU dumps no pipe of another's
+    program = "exec </dev/null >/dev/null 2>&1; i=0; while :; do i=$((i+1)); echo $i > /data/count; sleep 0.05; done"
+    counts = {}
+    try:
+        for node in cluster.all:
+            busybox_rootfs(f"/proc/{node.init}/root{APP}/rootfs")
+            runc_bundle(tmp_path / f"bundle-{node.name}", f"{APP}/rootfs", program)
+            node.run("rm", "-rf", "/srv/img", "/srv/work")
+            node.run(*runc, "run", "-d", "--bundle", str(tmp_path / f"bundle-{node.name}"), ids[node.name])
+            counts[node.name] = Path(f"/proc/{node.init}/root{APP}/rootfs/data/count")
+            wait_for_count(counts[node.name], 2, cluster.pace.seconds(30))
+        dump = {
+            n: [*runc, "checkpoint", "--image-path", "/srv/img", "--work-path", "/srv/work", i] for n, i in ids.items()
+        }
+        cluster.request({n: {"container": f"runc:{ids[n]}", "payload": argv} for n, argv in dump.items()})
+        code, manifest, err = cluster.result(cluster.coordinate("containers"))
+        assert code == 0, (manifest["error"], err)
+        at_checkpoint = {}
+        for node in cluster.all:
+            own = cluster.node_manifest(node, "containers")
+            assert own["tasks"]["container"] == f"runc:{ids[node.name]}" and own["cluster"]["state"] == "committed"
+            assert node.run(*runc, "state", ids[node.name], check=False).returncode != 0  # ended by its CRIU
+            at_checkpoint[node.name] = read_count(counts[node.name]) or 0
+        for node in cluster.all:
+            bundle = str(tmp_path / f"bundle-{node.name}")
+            restore = ["restore", "-d", "--image-path", "/srv/img", "--work-path", "/srv/work", "--bundle", bundle]
+            node.run(*runc, *restore, ids[node.name])
+            went_on = wait_for_count(counts[node.name], at_checkpoint[node.name] + 2, cluster.pace.seconds(30))
+            assert went_on < at_checkpoint[node.name] + 1000  # from the checkpoint, not from zero
+    finally:
+        for node in cluster.all:
+            node.run(*runc, "delete", "-f", ids[node.name], check=False)

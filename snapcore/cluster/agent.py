@@ -63,6 +63,7 @@ from snapcore.types import Rescue, RescueKind
 if TYPE_CHECKING:
     from snapcore.plugins import Plugins
     from snapcore.store.manifest import Manifest
+    from snapcore.transaction import TaskSpec
     from snapcore.transaction.core import Transaction
 
 log = get_logger("snapcore.cluster")
@@ -347,17 +348,17 @@ class Agent:
             waited[point] = round(session.wait(point, seconds, lost, self.cancel) * 1000, 3)
 
         try:
+            tasks, payload = _tasks_of(spec)
             manifest = api.checkpoint(
                 list(spec.paths),
                 policy=spec.policy or self.policy,
                 checkpoint_id=request.id,
                 state_dir=self.state_dir,
                 run_dir=self.run_dir,
-                payload=list(spec.payload) or None,
+                payload=payload,
                 plugins=self.plugins,
                 cancel=self.cancel,
-                pid=spec.pid,
-                cgroup=spec.cgroup,
+                tasks=tasks,
                 barrier=meet,
             )
         except CheckpointFailed as exc:
@@ -492,3 +493,26 @@ class Agent:
         if error:
             log.warning("cluster checkpoint %s failed on node %s: %s", request.id, self.node, error)
         self._report_quietly(session, state, **extra)
+
+
+def _tasks_of(spec: NodeSpec) -> tuple[TaskSpec | None, list[str] | None]:
+    """A node's tasks and payload. A container's tasks are its cgroup, frozen by
+    snapcore at the cluster's freeze; its payload the runtime's checkpoint, whose CRIU
+    dumps the frozen cgroup and leaves it frozen (or ends the container)."""
+    from snapcore.transaction import TaskSpec
+
+    payload = list(spec.payload) or None
+    if spec.container is None:
+        if spec.pid is None and spec.cgroup is None:
+            return None, payload
+        return TaskSpec(pid=spec.pid, cgroup=spec.cgroup), payload
+    from snapcore.tasks.cgroups import freezer_cgroup_of
+    from snapcore.tasks.runtimes import ContainerRef, checkpoint_command, container_pid
+
+    ref = ContainerRef.parse(spec.container)
+    argv = checkpoint_command(ref, payload)
+    pid = container_pid(ref, argv)
+    cgroup = freezer_cgroup_of(pid)
+    if cgroup is None:
+        raise SnapcoreError(f"container {ref} (pid {pid}): no cgroup of it to freeze (no freezer hierarchy?)")
+    return TaskSpec(cgroup=cgroup, container=str(ref)), argv

@@ -168,6 +168,9 @@ class NodeSpec:
     pid: int | None = None
     cgroup: str | None = None
     payload: tuple[str, ...] = ()
+    #: ``RUNTIME:ID``: the container's cgroup is frozen, and the payload is the
+    #: runtime's checkpoint of it (``RUNTIME checkpoint ID`` if none is given)
+    container: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +179,7 @@ class NodeSpec:
             "pid": self.pid,
             "cgroup": self.cgroup,
             "payload": list(self.payload),
+            "container": self.container,
         }
 
 
@@ -242,7 +246,7 @@ class Request:
         }
 
 
-_NODE_KEYS = ("policy", "paths", "pid", "cgroup", "payload")
+_NODE_KEYS = ("policy", "paths", "pid", "cgroup", "container", "payload")
 _RESTORE_KEYS = ("from", "to", "in_place", "mount", "no_check", "payload")
 KINDS = ("checkpoint", "restore")
 
@@ -290,11 +294,19 @@ def node_spec(raw: object, where: str) -> NodeSpec:
         raise ValueError(f"{where}: key 'pid': a process id expected")
     if cgroup is not None and not (isinstance(cgroup, str) and cgroup):
         raise ValueError(f"{where}: key 'cgroup': a cgroup path expected")
-    if pid is not None and cgroup is not None:
-        raise ValueError(f"{where}: give 'pid' or 'cgroup', not both")
+    container = raw.get("container")
+    if container is not None:
+        from snapcore.tasks.runtimes import ContainerRef
+
+        try:
+            ContainerRef.parse(container if isinstance(container, str) else "")
+        except UsageError as exc:
+            raise ValueError(f"{where}: key 'container': {exc}") from None
+    if sum(x is not None for x in (pid, cgroup, container)) > 1:
+        raise ValueError(f"{where}: give one of 'pid', 'cgroup', 'container'")
     if not isinstance(payload, list) or not all(isinstance(a, str) for a in payload):
         raise ValueError(f"{where}: key 'payload': a command line (a list of strings) expected")
-    return NodeSpec(policy, tuple(paths), pid, cgroup, tuple(payload))
+    return NodeSpec(policy, tuple(paths), pid, cgroup, tuple(payload), container)
 
 
 def request_from_json(data: Mapping[str, Any]) -> Request:

@@ -78,6 +78,20 @@ def task_cgroup(pid: int, version: int) -> str | None:
     return None
 
 
+def freezer_cgroup_of(pid: int, mountinfo: str = MOUNTINFO) -> str | None:
+    """The directory of the cgroup a container runtime freezes ``pid`` in (its
+    container's): the v1 freezer's where that hierarchy is mounted (runc and its CRIU
+    freeze there on a host with both), else cgroup2's; None when there is none."""
+    v2, v1 = cgroup_hierarchies(mountinfo)
+    for hierarchy in (v1, v2):
+        if hierarchy is not None:
+            cgroup = task_cgroup(pid, hierarchy.version)
+            directory = hierarchy.dir_of(cgroup) if cgroup is not None else None
+            if directory is not None:
+                return directory
+    return None
+
+
 # -- leaving a runtime's cgroups -------------------------------------------------------
 
 

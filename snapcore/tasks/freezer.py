@@ -403,6 +403,10 @@ class TaskFreezer:
                 else:
                     _write(os.path.join(group.directory, "freezer.state"), "THAWED")
                 group.frozen = False
+            except FileNotFoundError:
+                # removed, so empty: nothing in it is frozen (a runtime's checkpoint
+                # ended the container and removed its cgroup: runc checkpoint)
+                group.frozen = False
             except OSError as exc:
                 problems.append(f"{group.directory}: {exc.strerror}")
         self.frozen = any(g.frozen for g in self._state.groups.values())

@@ -84,6 +84,12 @@ class HeldTasks:
     def criu_freeze_cgroup(self) -> str | None:
         return self.freezer.criu_freeze_cgroup if self.freezer is not None else None
 
+    def _labelled(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's ``tasks`` record, with the container they are (if any)."""
+        if self.spec.container:
+            record["container"] = self.spec.container
+        return record
+
     def prepare(self) -> dict[str, Rescue]:
         """Ready the freeze (move the tasks into the cgroups they will be frozen in:
         an RCU wait, outside the window) and start watching what they need. Returns
@@ -103,8 +109,8 @@ class HeldTasks:
             txn.manifest.tasks = {**self.taskset.to_json(), "method": f"stopped by {spec.stopped_by}"}
             self.stopped_at = time.monotonic()
             self.stopped_wall = time.time()
-        if spec.container and txn.manifest.tasks is not None:
-            txn.manifest.tasks["container"] = spec.container
+        if txn.manifest.tasks is not None:
+            txn.manifest.tasks = self._labelled(txn.manifest.tasks)
         if spec.criu_images:
             txn.manifest.criu = {"images_dir": spec.criu_images, "via": spec.criu_via}
         from snapcore.tasks.changes import ChangeWatch
@@ -179,7 +185,7 @@ class HeldTasks:
         if keep_frozen and freezer is not None:
             self.kept = freezer
             freezer = None
-            txn.manifest.tasks = self.kept.to_json()
+            txn.manifest.tasks = self._labelled(self.kept.to_json())
         elif keep_frozen and self.spec.stopped_by == "CRIU":
             self.kept = HeldByCriu(txn.manifest.tasks)
         try:
@@ -195,7 +201,7 @@ class HeldTasks:
                 t = time.perf_counter()
                 freezer.close()
                 txn.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
-                txn.manifest.tasks = freezer.to_json()
+                txn.manifest.tasks = self._labelled(freezer.to_json())
                 if self.stopped_at is not None:
                     # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
                     txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
