@@ -566,3 +566,29 @@ def test_runc_containers_on_three_nodes_checkpoint_in_one_window(cluster: Cluste
     finally:
         for node in cluster.all:
             node.run(*runc, "delete", "-f", ids[node.name], check=False)
+
+
+def test_a_cluster_restore_on_another_node_from_an_export(cluster: Cluster) -> None:
+    """A and B checkpoint; B's export is copied to C; the restore puts A's part back on
+    A and B's on C (``from``), each checked against the checkpoint's inventory."""
+    a, b, c = cluster.all
+    cluster.request({n.name: {"pid": cluster.counters[n.name].node_pid} for n in (a, b)})
+    code, manifest, err = cluster.result(cluster.coordinate("elsewhere"))
+    assert code == 0, (manifest["error"], err)
+    assert sorted(manifest["nodes"]) == ["A", "B"]
+    exported = Path(f"/proc/{b.init}/root/srv/exports/elsewhere")
+    shutil.copytree(exported, Path(f"/proc/{c.init}/root/srv/imported"), symlinks=True, dirs_exist_ok=False)
+    try:
+        for node in (a, c):
+            node.run("sh", "-c", "rm -rf /srv/copy && mkdir /srv/copy")
+        restore = {"A": {"to": "/srv/copy"}, "C": {"from": "/srv/imported", "to": "/srv/copy"}}
+        _restore_file(cluster, restore)
+        done = _restore(cluster, "elsewhere")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "cluster restore elsewhere: ok" in done.stdout
+        # C has B's tree as it was at the checkpoint: its counter's file, as B's export has it
+        from_b = int(b.run("tar", "-xOf", "/srv/exports/elsewhere/srv-app.tar", "./count").stdout)
+        assert int(c.run("cat", "/srv/copy/count").stdout) == from_b
+        assert int(a.run("cat", "/srv/copy/count").stdout) > 0
+    finally:
+        c.run("rm", "-rf", "/srv/imported")

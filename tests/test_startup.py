@@ -208,3 +208,16 @@ def test_lock_names_are_readable_and_distinct(mount_point: str, name: str) -> No
 def test_long_lock_names_are_digests() -> None:
     a, b = lock_name("/" + "a" * 300), lock_name("/" + "a" * 299 + "b")
     assert a != b and len(a) < 100 and a.startswith("long-")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["show", "--help"], ["checkpoint", "--help"], ["restore", "--help"]])
+def test_the_etcd_client_is_loaded_only_by_the_cluster_commands(argv: list[str], tmp_path: Path) -> None:
+    """gRPC and aetcd cost ~80 ms: ``agent`` and ``checkpoint``/``restore --cluster`` load
+    them, no other command does."""
+    code = (
+        "import sys\nfrom snapcore.cli import main\n"
+        f"try:\n    main(['--state-dir', {str(tmp_path)!r}, *{argv!r}])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aetcd', 'grpc', 'asyncio')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
