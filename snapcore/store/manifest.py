@@ -169,8 +169,9 @@ class Manifest:
     #: kept (they were thawed here), with the destination's ``answer``.
     handoff: dict[str, Any] | None = None
     #: This node's part of a cluster checkpoint (``checkpoint --cluster``): the node's
-    #: name, the coordinator, the instant it froze (``frozen_at``, Unix seconds) and
-    #: how long it waited for the others at each meeting point.
+    #: name, the coordinator, the instant it froze (``frozen_at``, Unix seconds), how
+    #: long it waited for the others at each meeting point (``waited_ms``), and
+    #: ``state``: ``committed`` (the coordinator's word) or ``pending`` (none heard).
     cluster: dict[str, Any] | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
