@@ -197,6 +197,7 @@ class Agent:
     sessions: dict[str, Session] = field(default_factory=dict)
     _queue: queue.Queue[Session | str] = field(default_factory=queue.Queue)
     _lease: Lease | None = None
+    _etcdctl: str | None = field(default_factory=lambda: shutil.which("etcdctl"))
 
     def serve(self, stop: threading.Event) -> None:
         """Register, then take requests until ``stop`` is set or etcd is lost."""
@@ -332,7 +333,6 @@ class Agent:
                     "waited_ms": waited,
                 }
                 state_dirs.append(txn.state_dir)
-                self._arm_guard(request, txn)
             if point == "imaged":
                 frozen = [t for t in (txn.window.frozen_wall, txn.tasks and txn.tasks.stopped_wall) if t]
                 extra["frozen_at"] = min(frozen) if frozen else time.time()
@@ -345,6 +345,8 @@ class Agent:
                 self._report(session, point, **extra)
             except EtcdUnavailable as exc:
                 raise ClusterAborted(f"cannot report {point!r}: {exc}") from None
+            if point == "ready":  # armed while the others report (off the critical path), before any freeze
+                self._arm_guard(session, txn)
             waited[point] = round(session.wait(point, seconds, lost, self.cancel) * 1000, 3)
 
         try:
@@ -455,13 +457,13 @@ class Agent:
         except EtcdUnavailable as exc:
             log.warning("cluster checkpoint %s: cannot report the discard: %s", request.id, exc)
 
-    def _arm_guard(self, request: Request, txn: Transaction) -> None:
+    def _arm_guard(self, session: Session, txn: Transaction) -> None:
         """If this agent dies from now until the checkpoint ends, its guard (which
         thaws this node) also reports the node failed, at once: the other nodes need
         not wait for the agent's lease to expire (etcd notices that ~0.2-0.3 s after
         its TTL). ``etcdctl`` (Debian's etcd-client) does it: the guard imports
         nothing while filesystems are frozen. Without it, the lease alone tells."""
-        etcdctl = shutil.which("etcdctl")
+        etcdctl = self._etcdctl
         if etcdctl is None or self._lease is None:
             log.info("etcdctl is not installed (etcd-client): a death of this agent is told by its lease alone")
             return
@@ -473,7 +475,7 @@ class Agent:
             "--command-timeout=2s",
             "put",
             f"--lease={self._lease.id:x}",
-            self.keys.node(request.id, self.node),
+            session.keys.node(session.request.id, self.node),
             report.decode(),
         )
         txn.watchdog.watch({RESCUE_KEY: Rescue(kind=RescueKind.COMMAND, argv=argv)})
