@@ -9,8 +9,12 @@ PYTHON  ?= $(firstword $(wildcard /usr/bin/python3) python3)
 PY      := $(VENV)/bin/python
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP   := $(VENV)/.installed
+# make install-admin: where the command, the systemd units, shell completion and the
+# man page go (DESTDIR for a staging root)
+PREFIX  ?= /usr/local
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: demo test setup apt criu venv lint bench clean
+.PHONY: demo test setup apt criu venv lint bench clean install-admin
 
 demo: setup
 	$(PY) examples/demo.py
@@ -42,6 +46,16 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	# every interpreter start; the CLI aims at <= 50 ms)
 	$(PY) -m pip install -q -e '.[dev]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $(STAMP)
+
+# the `snapcore` command (this checkout's, linked), the systemd units (scheduled
+# checkpoints and pruning, the cluster agent), bash and zsh completion, snapcore(8)
+install-admin: setup
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR)
+	ln -sfn $(abspath $(VENV))/bin/snapcore $(DESTDIR)$(PREFIX)/bin/snapcore
+	for unit in systemd/*.service systemd/*.timer; do \
+	  sed 's|/usr/local/bin/snapcore|$(PREFIX)/bin/snapcore|' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); \
+	done
+	$(PY) scripts/admin-files.py $(DESTDIR)$(PREFIX)
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(python3 python3-venv python3-dev util-linux e2fsprogs xfsprogs btrfs-progs rsync tar zstd acl attr
-  runc podman busybox-static etcd-server etcd-client)  # the container and cluster tests (--no-install-recommends: not Debian's CRIU 3.17)
+  runc podman busybox-static etcd-server etcd-client zsh)  # the container, cluster and completion tests (--no-install-recommends: not Debian's CRIU 3.17)
 for f in plugins/*/apt-packages.txt; do
   [ -f "$f" ] || continue
   while read -r pkg _; do

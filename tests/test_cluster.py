@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from snapcore.cli.docs import manpage
 from snapcore.testing import Pace
 from snapcore.testing.containers import BUSYBOX, busybox_rootfs, read_count, runc_bundle, wait_for_count
 from snapcore.testing.etcd import EtcdServer
@@ -430,7 +431,11 @@ def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path
     unit = UNIT.read_text()
     local = tmp_path / "snapcore-agent.service"
     local.write_text(unit.replace("/usr/local/bin/snapcore", str(Path(sys.executable).parent / "snapcore")))
-    verified = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    man = tmp_path / "man" / "man8"  # where its Documentation= points
+    man.mkdir(parents=True)
+    (man / "snapcore.8").write_text(manpage())
+    with_man = {**os.environ, "MANPATH": str(tmp_path / "man")}
+    verified = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, env=with_man)
     assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
     c = cluster.all[2]
     cluster.agents["C"].send_signal(signal.SIGTERM)
