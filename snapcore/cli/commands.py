@@ -163,6 +163,10 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
     policy_sub.required = True
     c = policy_sub.add_parser("check", help="validate a policy, print problems")
     c.add_argument("file", metavar="F")
+    policy_sub.add_parser(
+        "schema",
+        help="print the policy's JSON Schema, with the installed backends' options (for editors: yaml-language-server)",
+    )
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -529,6 +533,12 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from snapcore import api
     from snapcore.policy import load_policy
 
+    if args.policy_command == "schema":
+        from snapcore.policy.schema import policy_schema
+
+        print_json(policy_schema(plugins_of(args)))
+        return ExitCode.OK
+
     problems = api.check_policy(args.file, plugins=plugins_of(args))
     for problem in problems:
         print(f"snapcore: error: {problem}", file=sys.stderr)
@@ -654,7 +664,7 @@ COMMANDS: dict[str, Command] = {
         usage="snapcore [--state-dir S] criu-hook [--policy F] [PATH...] [--write-script FILE]; "
         "CRIU runs it: criu dump --action-script FILE ...",
     ),
-    "policy": Command("policy tools", _add_policy, _plain(cmd_policy_check)),
+    "policy": Command("policy tools: check a policy, print its JSON Schema", _add_policy, _plain(cmd_policy_check)),
     "agent": Command(
         "take this node's part in cluster checkpoints (checkpoint --cluster), coordinated on etcd",
         _add_agent,

@@ -37,7 +37,8 @@ DEFAULT_DIGEST_LIMIT = 16 << 20
 DIGEST_ALL = 1 << 62
 # patterns as strings: the re module compiles (and caches) them on first use, so a
 # checkpoint without a policy file never pays for them
-_SIZE = r"(?i)^\s*(\d+)\s*([KMGT]?)i?B?\s*$"
+#: A size, in a syntax both Python's and JSON Schema's (ECMA) regexes read.
+SIZE_PATTERN = r"^\s*(\d+)\s*([KMGTkmgt]?)[iI]?[bB]?\s*$"
 
 
 def parse_size(value: object) -> int:
@@ -45,14 +46,15 @@ def parse_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
-        match = re.fullmatch(_SIZE, value)
+        match = re.fullmatch(SIZE_PATTERN, value)
         if match:
             return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
     raise ValueError(f"a size such as 64M, 1G or a number of bytes; got {value!r}")
 
 
 KEEP_KEYS = ("last", "within")
-_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$"
+#: A duration (as :data:`SIZE_PATTERN`, for both).
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$"
 CONTROL_CHARS = r"[\x00-\x1f\x7f-\x9f]"
 _UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -68,7 +70,7 @@ def parse_duration(value: object) -> float:
         # float(10**400) raises OverflowError; .inf and .nan are no durations either
         seconds = float(value) if not isinstance(value, int) or value < 10**300 else math.inf
     elif isinstance(value, str):
-        match = re.fullmatch(_DURATION, value)
+        match = re.fullmatch(DURATION_PATTERN, value)
         if match:
             seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds is None:
