@@ -37,8 +37,6 @@ from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes
 pytestmark = pytest.mark.usefixtures("root_only")
 
 SNAPCORE = (sys.executable, "-m", "snapcore", "--state-dir", "/srv/state", "--run-dir", "/srv/run")
-#: The agents' lease: a dead or cut-off agent aborts the others this long after.
-LEASE = 1.0
 
 POLICY = f"""version: 1
 mounts:
@@ -64,12 +62,19 @@ class Cluster:
     counters: dict[str, NodeProcess] = field(default_factory=dict)
 
     @property
+    def lease(self) -> float:
+        """The agents' and the coordinator's lease (whole seconds, as etcd counts): a
+        dead or cut-off agent aborts the others this long after; 1 s, longer on a
+        slow or loaded machine (a keep-alive must get through within it)."""
+        return float(max(1, round(self.pace.factor)))
+
+    @property
     def all(self) -> list[Node]:
         return self.nodes.nodes
 
     def start_agent(self, node: Node, *env: str) -> NodeProcess:
         argv = ["env", "SNAPCORE_PLUGINS=fsfreeze,tar", *env, *SNAPCORE, "-v", "agent", "--etcd", self.etcd.url]
-        argv += ["--node", node.name, "--lease", f"{LEASE:g}s", "--policy", "/srv/policy.yaml"]
+        argv += ["--node", node.name, "--lease", f"{self.lease:g}s", "--policy", "/srv/policy.yaml"]
         proc = node.start("sh", "-c", 'exec "$@" 2>>/srv/agent.log', "agent", *argv)
         self.agents[node.name] = proc
         return proc
@@ -105,7 +110,7 @@ class Cluster:
 
     def request(self, nodes: dict[str, dict[str, Any]], *, deadline: str = "20s") -> None:
         """The request file, on node A (where the coordinator runs)."""
-        text = f"etcd: {self.etcd.url}\nlease: {LEASE:g}s\ndeadline: {deadline}\nnodes:\n"
+        text = f"etcd: {self.etcd.url}\nlease: {self.lease:g}s\ndeadline: {deadline}\nnodes:\n"
         for name, spec in nodes.items():
             text += f"  {name}: {json.dumps(spec)}\n"
         self.all[0].run("sh", "-c", f"cat > /srv/cluster.yaml <<'EOF'\n{text}EOF")
@@ -441,7 +446,7 @@ def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path
     cluster.agents["C"].send_signal(signal.SIGTERM)
     cluster.agents["C"].wait(timeout=cluster.pace.seconds(20))
     defaults = {"SNAPCORE_ETCD": cluster.etcd.url, "SNAPCORE_NODE": "C"}
-    defaults["SNAPCORE_AGENT_ARGS"] = "--policy /srv/policy.yaml --lease 1s"
+    defaults["SNAPCORE_AGENT_ARGS"] = f"--policy /srv/policy.yaml --lease {cluster.lease:g}s"
     argv = _exec_start(unit, defaults)
     assert argv[:2] == ["/usr/local/bin/snapcore", "agent"], argv
     argv[0] = str(Path(sys.executable).parent / "snapcore")
@@ -455,7 +460,7 @@ def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path
 
 
 def _restore_file(cluster: Cluster, nodes: dict[str, dict[str, Any]]) -> None:
-    text = f"etcd: {cluster.etcd.url}\nlease: {LEASE:g}s\ndeadline: 20s\nfinish: 60s\nnodes:\n"
+    text = f"etcd: {cluster.etcd.url}\nlease: {cluster.lease:g}s\ndeadline: 20s\nfinish: 60s\nnodes:\n"
     text += "".join(f"  {name}: {json.dumps(spec)}\n" for name, spec in nodes.items())
     cluster.all[0].run("sh", "-c", f"cat > /srv/restore.yaml <<'EOF'\n{text}EOF")
 

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from snapcore.errors import PolicyError, PolicyProblems
-from snapcore.plugins import Plugins, make_plugins
+from snapcore.plugins import Plugins
 from snapcore.policy import MAX_FREEZE_TIMEOUT, Policy, check_backends, load_policy, normalize_mount_key
-from snapcore.testing import machine_pace
+from snapcore.testing import machine_pace, plugins_named
 
 # -- strategies ------------------------------------------------------------------------
 
@@ -162,9 +162,7 @@ HANG_S = 10  # a hard stop: the hypothesis deadline only reports slowness afterw
 
 @pytest.fixture(scope="module")
 def fuzz_plugins() -> Plugins:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SNAPCORE_PLUGINS", "fsfreeze")
-        return make_plugins()
+    return plugins_named("fsfreeze")
 
 
 @pytest.fixture(scope="module")

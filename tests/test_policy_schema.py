@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from snapcore.errors import PolicyError
-from snapcore.plugins import Plugins, make_plugins
+from snapcore.plugins import Plugins
 from snapcore.policy import check_backends, load_policy
 from snapcore.policy.document import load_yaml
 from snapcore.policy.schema import policy_schema
+from snapcore.testing import plugins_named
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -51,9 +52,7 @@ def _plain(value: object) -> Any:
 @pytest.fixture(scope="module")
 def corpus_plugins() -> Plugins:
     """The backends the corpus is written for (tests/test_policy_corpus.py's)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SNAPCORE_PLUGINS", "fsfreeze")
-        return make_plugins()
+    return plugins_named("fsfreeze")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -62,18 +63,27 @@ class Lease:
         self._task = etcd.submit(self._keep_alive())
 
     async def _keep_alive(self) -> None:
+        """Refresh every third of the TTL (as etcd's own client does). A refresh that
+        fails or is slow (a loaded machine) is tried again: the lease is lost only
+        once a whole TTL has gone by since the last refresh that worked (etcd has
+        dropped it by then), or when etcd says it expired."""
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
                 reply = await asyncio.wait_for(self._lease.refresh(), self.ttl / 3)
             except Exception as exc:  # unreachable, stopped, or the call timed out
-                log.warning("etcd lease %x: keep-alive failed: %s", self.id, exc or type(exc).__name__)
+                if time.monotonic() - last_ok < self.ttl:
+                    log.debug("etcd lease %x: a keep-alive failed, trying again: %r", self.id, exc)
+                    continue
+                log.warning("etcd lease %x: no keep-alive for %gs: %s", self.id, self.ttl, exc or type(exc).__name__)
                 self.lost.set()
                 return
             if reply is None or reply.TTL <= 0:
                 log.warning("etcd lease %x expired", self.id)
                 self.lost.set()
                 return
+            last_ok = time.monotonic()
 
     def revoke(self) -> None:
         self._task.cancel()

@@ -261,6 +261,14 @@ def plugins() -> snapcore.Plugins:
     return snapcore.make_plugins()
 
 
+def plugins_named(*names: str) -> snapcore.Plugins:
+    """A plugin manager with the core's backends and only these plugins (as
+    ``SNAPCORE_PLUGINS=a,b``), whatever the environment says."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SNAPCORE_PLUGINS", ",".join(names))
+        return snapcore.make_plugins()
+
+
 WritePolicy = Callable[..., Path]
 
 

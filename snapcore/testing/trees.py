@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,53 @@ def assert_same_tree(got: str | os.PathLike[str], expected: Description, *, skip
     assert not missing and not extra, f"different names: missing {missing[:10]}, extra {extra[:10]}"
     for rel in expected:
         assert actual[rel] == expected[rel], f"{rel!r} differs: {actual[rel]} != {expected[rel]}"
+
+
+MiB = 1 << 20
+
+
+def make_every_kind(root: Path) -> None:
+    """Every kind of file a backup must keep, with owners, modes, times, xattrs, ACLs."""
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "empty").write_bytes(b"")
+    (root / "small.txt").write_text("hello\n")
+    (root / "dir" / "random.bin").write_bytes(os.urandom(MiB + 12345))
+    (root / "dir" / "sub" / "deep.txt").write_text("deep\n" * 1000)
+    # odd names: a newline, non-UTF-8 bytes, an arrow, quotes, spaces
+    (root / "dir" / "new\nline").write_text("nl")
+    (root / os.fsdecode(b"latin1-\xe9t\xe9")).write_text("bytes")
+    (root / "arrow -> not a link").write_text("arrow")
+    (root / 'quote"s and spaces').write_text("q")
+    # hard links
+    (root / "hard-a").write_text("linked\n")
+    os.link(root / "hard-a", root / "dir" / "hard-b")
+    # symlinks: relative, absolute (dangling here), to a directory
+    os.symlink("small.txt", root / "link-rel")
+    os.symlink("/nonexistent/absolute", root / "link-abs")
+    os.symlink("dir/sub", root / "link-dir")
+    # device nodes and a fifo
+    os.mknod(root / "char-dev", 0o620 | 0o020000, os.makedev(1, 3))
+    os.mknod(root / "block-dev", 0o660 | 0o060000, os.makedev(7, 200))
+    os.mkfifo(root / "fifo", 0o640)
+    # a sparse file: 32 MiB with two small extents of data
+    with open(root / "sparse", "wb") as f:
+        f.seek(8 * MiB)
+        f.write(b"middle" * 1000)
+        f.truncate(32 * MiB)
+        f.seek(32 * MiB - 4)
+        f.write(b"end!")
+    # modes and owners
+    os.chmod(root / "small.txt", 0o4751)
+    os.chmod(root / "dir" / "sub", 0o1777)
+    os.chown(root / "small.txt", 1234, 5678)
+    os.lchown(root / "link-rel", 4321, 8765)
+    os.chown(root / "dir", 2000, 3000)
+    # xattrs (user and trusted namespaces) and ACLs (access and default)
+    os.setxattr(root / "small.txt", "user.color", b"blue")
+    os.setxattr(root / "dir" / "random.bin", "trusted.snapcore", b"\x00\x01binary\xff")
+    subprocess.run(["setfacl", "-m", "u:1234:rw,g:5678:r", str(root / "empty")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:1234:rwx", str(root / "dir")], check=True)
+    # times, to the nanosecond
+    for i, rel in enumerate(["empty", "small.txt", "dir/random.bin", "sparse", "dir/sub/deep.txt", "dir"]):
+        os.utime(root / rel, ns=(1_600_000_000_123_456_789 + i, 1_500_000_000_987_654_321 + i * 1000))
+    os.utime(root / "link-rel", ns=(1_400_000_000_000_000_001, 1_400_000_000_000_000_002), follow_symlinks=False)

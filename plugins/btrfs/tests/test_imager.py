@@ -23,6 +23,7 @@ from btrfs_testlib import (  # the fixtures are used by name
 import snapcore
 from snapcore import CheckpointFailed, Consistency, Plugins, find_mount
 from snapcore.testing import LoopFactory, Pace, describe_tree, wait_for_path
+from snapcore.testing.trees import assert_same_tree, make_every_kind
 from snapcore_btrfs import images, markers, restore, rollback
 
 # the fixtures (btrfs_subvol, no_leftover_mounts; plugins and write_policy are snapcore.testing's)
@@ -202,10 +203,42 @@ def test_restore_to_new_and_empty_dirs(btrfs_subvol: SubvolFactory, state_dir: P
     assert describe_tree(empty, skip=SNAPSHOTS) == before
     with pytest.raises(snapcore.BackendError, match="not empty"):
         restore.restore_to(image, dest)
+
+
+def test_restore_to_another_filesystem_copies_everything(
+    btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory
+) -> None:
+    """``restore --to DIR`` on another filesystem (ext4) copies the snapshot with every
+    kind of file, owners, modes, times, xattrs, ACLs, hard links and holes kept; on the
+    snapshot's own btrfs it stays a writable snapshot."""
+    sv = btrfs_subvol()
+    make_every_kind(sv.path)
+    before = describe_tree(sv.path, skip=SNAPSHOTS, metadata=True)
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="c1")
+    (sv.path / "small.txt").write_text("changed after the checkpoint\n")
     other = loop_fs("ext4")
-    with pytest.raises(snapcore.BackendError, match="not on the btrfs filesystem"):
-        restore.restore_to(image, other.mount_point / "x")
-    assert not (other.mount_point / "x").exists()
+    dest = other.mount_point / "restored" / "c1"
+    [done] = snapcore.restore("c1", to=dest, state_dir=state_dir)
+    assert "a copy of" in done.message, done.message
+    assert_same_tree(dest, before, skip=SNAPSHOTS)
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    same = sv.fs.mount_point / "same-fs"
+    [done] = snapcore.restore("c1", to=same, state_dir=state_dir)
+    assert "writable snapshot" in done.message and btrfsutil.is_subvolume(str(same))
+
+
+def test_a_copy_that_fails_leaves_nothing(btrfs_subvol: SubvolFactory, state_dir: Path, loop_fs: LoopFactory) -> None:
+    """The target filesystem fills up during the copy (for real: 24 MiB into a 16 MiB
+    ext4): the restore fails naming why, and neither the directory nor a partial copy
+    is left."""
+    sv = btrfs_subvol()
+    (sv.path / "big.bin").write_bytes(os.urandom(24 << 20))
+    snapcore.checkpoint([sv.path], state_dir=state_dir, checkpoint_id="full")
+    small = loop_fs("ext4", size_mb=16)
+    dest = small.mount_point / "here"
+    with pytest.raises(snapcore.SnapcoreError, match="No space left"):
+        snapcore.restore("full", to=dest, state_dir=state_dir)
+    assert sorted(p.name for p in small.mount_point.iterdir()) == ["lost+found"]
 
 
 @pytest.mark.usefixtures("no_leftover_mounts")
