@@ -550,6 +550,48 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _add_diff(p: argparse.ArgumentParser) -> None:
+    p.add_argument("old", metavar="ID1")
+    p.add_argument("new", metavar="ID2", nargs="?", help="another checkpoint (default: the live tree)")
+    p.add_argument("--mount", metavar="M", help="only this mount point")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """``snapcore diff ID1 [ID2]``: per mount, what changed (snapper status's letters)."""
+    from pathlib import Path
+
+    from snapcore import api
+    from snapcore.store.diff import Change, diff_trees, tree_of
+
+    state_dir = state_dir_arg(args)
+    old = api.show(args.old, state_dir=state_dir)
+    new = api.show(args.new, state_dir=state_dir) if args.new else None
+    records = [r for r in old.targets if r.outcome == "ok" and (args.mount is None or r.mount == args.mount)]
+    if not records:
+        raise UsageError(f"checkpoint {old.id} has no kept image of {args.mount or 'any mount'}")
+    results: list[tuple[str, list[Change]]] = []
+    for record in records:
+        if new is None:
+            other: Path = Path(record.mount)
+        else:
+            match = next((r for r in new.targets if r.mount == record.mount and r.outcome == "ok"), None)
+            if match is None:
+                raise UsageError(f"checkpoint {new.id} has no kept image of {record.mount}")
+            other = tree_of(new, match)
+        results.append((record.mount, diff_trees(tree_of(old, record), other)))
+    against = new.id if new else "live"
+    if args.json:
+        rows = [{"mount": m, "old": old.id, "new": against, "changes": [c.to_json() for c in cs]} for m, cs in results]
+        print_json(rows)
+        return ExitCode.OK
+    for mount, changes in results:
+        print(f"{mount}: {old.id} -> {against}, {len(changes)} change(s)")
+        for change in changes:
+            print(f"  {change.what:<7} {change.path}")
+    return ExitCode.OK
+
+
 def _add_agent(p: argparse.ArgumentParser) -> None:
     from snapcore.cli.cluster import add_agent_arguments
 
@@ -645,6 +687,11 @@ COMMANDS: dict[str, Command] = {
     "show": Command("one manifest", _add_show, _plain(cmd_show)),
     "restore": Command("bring a checkpoint's images back", _add_restore, _restore, takes_command=True),
     "verify": Command("images and exports still there and intact", _add_verify, _plain(cmd_verify)),
+    "diff": Command(
+        "what changed between two checkpoints, or one and the live tree (snapper status's letters)",
+        _add_diff,
+        _plain(cmd_diff),
+    ),
     "check-files": Command(
         "the files the checkpointed tasks need are there as they had them (size, mtime, sha256, ghosts)",
         files_check.add_arguments,
