@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from snapcore.testing import LoopFactory
+from snapcore.testing.units import exec_start
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = [
@@ -79,12 +80,6 @@ def test_the_units_verify(prefix: Path, tmp_path: Path) -> None:
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
-def _exec_start(unit: Path, instance: str = "") -> list[str]:
-    """The unit's ExecStart as systemd runs it: ``%i`` the instance."""
-    [line] = [x[len("ExecStart=") :] for x in unit.read_text().splitlines() if x.startswith("ExecStart=")]
-    return line.replace("%i", instance).split()
-
-
 def test_the_timer_s_checkpoint_and_prune_services_run(
     prefix: Path, loop_fs: LoopFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,7 +96,7 @@ def test_the_timer_s_checkpoint_and_prune_services_run(
     )
     env = {**os.environ, "SNAPCORE_STATE_DIR": str(tmp_path / "state"), "SNAPCORE_RUN_DIR": str(tmp_path / "run")}
     env["SNAPCORE_PLUGINS"] = "fsfreeze,tar"
-    argv = _exec_start(prefix / "lib/systemd/system/snapcore-checkpoint@.service", "nightly")
+    argv = exec_start((prefix / "lib/systemd/system/snapcore-checkpoint@.service").read_text(), instance="nightly")
     assert argv[1:] == ["checkpoint", "--policy", "/etc/snapcore/nightly.yaml"], argv
     argv[-1] = str(etc / "nightly.yaml")
     for _ in range(2):
@@ -110,7 +105,7 @@ def test_the_timer_s_checkpoint_and_prune_services_run(
     manifests = sorted((tmp_path / "state" / "checkpoints").iterdir())
     assert len(manifests) == 2
     newest = max(manifests, key=lambda m: json.loads((m / "manifest.json").read_text())["started"]).name
-    prune = _exec_start(prefix / "lib/systemd/system/snapcore-prune.service")
+    prune = exec_start((prefix / "lib/systemd/system/snapcore-prune.service").read_text())
     assert prune[1:] == ["prune"], prune
     done = subprocess.run(prune, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

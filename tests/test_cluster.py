@@ -33,6 +33,7 @@ from snapcore.testing import Pace
 from snapcore.testing.containers import BUSYBOX, busybox_rootfs, read_count, runc_bundle, wait_for_count
 from snapcore.testing.etcd import EtcdServer
 from snapcore.testing.nodes import APP, Node, NodeProcess, Nodes
+from snapcore.testing.units import exec_start
 
 pytestmark = pytest.mark.usefixtures("root_only")
 
@@ -420,21 +421,6 @@ def test_cluster_with_what_its_file_names_is_refused(tmp_path: Path) -> None:
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "snapcore-agent.service"
 
 
-def _exec_start(unit: str, env: dict[str, str]) -> list[str]:
-    """The unit's ExecStart as systemd runs it: ``${X}`` is one word, ``$X`` split on
-    whitespace."""
-    [line] = [x[len("ExecStart=") :] for x in unit.splitlines() if x.startswith("ExecStart=")]
-    argv: list[str] = []
-    for word in line.split():
-        if word.startswith("${") and word.endswith("}"):
-            argv.append(env[word[2:-1]])
-        elif word.startswith("$"):
-            argv.extend(env[word[1:]].split())
-        else:
-            argv.append(word)
-    return argv
-
-
 def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path) -> None:
     """systemd is not running here: the unit is checked by ``systemd-analyze verify``
     and its ExecStart, expanded as systemd would from /etc/default/snapcore-agent, is
@@ -455,7 +441,7 @@ def test_the_agent_s_systemd_unit_runs_an_agent(cluster: Cluster, tmp_path: Path
     cluster.agents["C"].wait(timeout=cluster.pace.seconds(20))
     defaults = {"SNAPCORE_ETCD": cluster.etcd.url, "SNAPCORE_NODE": "C"}
     defaults["SNAPCORE_AGENT_ARGS"] = f"--policy /srv/policy.yaml --lease {cluster.lease:g}s"
-    argv = _exec_start(unit, defaults)
+    argv = exec_start(unit, defaults)
     assert argv[:2] == ["/usr/local/bin/snapcore", "agent"], argv
     argv[0] = str(Path(sys.executable).parent / "snapcore")
     env = ["SNAPCORE_PLUGINS=fsfreeze,tar", "SNAPCORE_STATE_DIR=/srv/state", "SNAPCORE_RUN_DIR=/srv/run"]

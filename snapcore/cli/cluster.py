@@ -8,9 +8,13 @@ import argparse
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapcore.cli.common import duration_arg, plugins_of, print_json, require_root, run_dir_arg, state_dir_arg
 from snapcore.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from snapcore.cluster.protocol import ClusterFile
 
 
 def add_agent_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,28 +96,36 @@ def check_cluster_args(args: argparse.Namespace, command: list[str] | None) -> N
 
 
 def cmd_checkpoint_cluster(args: argparse.Namespace, command: list[str] | None) -> int:
-    from snapcore.cli.common import state_dir_arg
-    from snapcore.cluster.coordinator import ClusterFailed, Coordinator
-    from snapcore.cluster.etcd import Etcd
-    from snapcore.cluster.protocol import Endpoint, keys, load_cluster_file
-    from snapcore.safety.cancel import Cancel, on_signals
+    from snapcore.cluster.protocol import load_cluster_file
     from snapcore.store.manifest import check_checkpoint_id, new_checkpoint_id
 
     check_cluster_args(args, command)
     file = load_cluster_file(args.cluster)
     checkpoint_id = check_checkpoint_id(args.checkpoint_id) if args.checkpoint_id else new_checkpoint_id()
+    return _coordinate(args, file, checkpoint_id, as_json=args.json)
+
+
+def _coordinate(args: argparse.Namespace, file: ClusterFile, checkpoint_id: str, *, as_json: bool) -> int:
+    """Run the coordinator of ``file`` (a checkpoint's, or a restore's: its keys under
+    the checkpoint's), print its manifest, however it ended."""
+    from snapcore.cluster.coordinator import ClusterFailed, Coordinator
+    from snapcore.cluster.etcd import Etcd
+    from snapcore.cluster.protocol import RESTORE_OP, Endpoint, keys
+    from snapcore.safety.cancel import Cancel, on_signals
+
+    space = keys(file.prefix).for_op(RESTORE_OP if file.kind == "restore" else "")
     etcd = Etcd(Endpoint.parse(file.endpoint))
     cancel = Cancel()
-    coordinator = Coordinator(etcd, keys(file.prefix), file, checkpoint_id, state_dir_arg(args), cancel=cancel)
+    coordinator = Coordinator(etcd, space, file, checkpoint_id, state_dir_arg(args), cancel=cancel)
     try:
         with on_signals(cancel):
             manifest = coordinator.run()
     except ClusterFailed as exc:
-        _show(exc.manifest, args.json)
+        _show(exc.manifest, as_json)
         raise
     finally:
         etcd.close()
-    _show(manifest, args.json)
+    _show(manifest, as_json)
     return ExitCode.OK
 
 
@@ -129,10 +141,7 @@ def _show(manifest: dict[str, object], as_json: bool) -> None:
 
 def cmd_restore_cluster(args: argparse.Namespace, command: list[str] | None) -> int:
     """``snapcore restore ID --cluster FILE``: every node's agent restores its part."""
-    from snapcore.cluster.coordinator import ClusterFailed, Coordinator
-    from snapcore.cluster.etcd import Etcd
-    from snapcore.cluster.protocol import RESTORE_OP, Endpoint, keys, load_cluster_file
-    from snapcore.safety.cancel import Cancel, on_signals
+    from snapcore.cluster.protocol import load_cluster_file
     from snapcore.store.manifest import check_checkpoint_id
 
     given = [o for o, v in (("--from", args.from_dir), ("--mount", args.mount), ("--wait", args.wait)) if v]
@@ -143,18 +152,4 @@ def cmd_restore_cluster(args: argparse.Namespace, command: list[str] | None) -> 
         raise UsageError("restore --cluster FILE needs the cluster checkpoint's ID")
     check_checkpoint_id(args.checkpoint_id)
     file = load_cluster_file(args.cluster, kind="restore")
-    etcd = Etcd(Endpoint.parse(file.endpoint))
-    cancel = Cancel()
-    coordinator = Coordinator(
-        etcd, keys(file.prefix).for_op(RESTORE_OP), file, args.checkpoint_id, state_dir_arg(args), cancel=cancel
-    )
-    try:
-        with on_signals(cancel):
-            manifest = coordinator.run()
-    except ClusterFailed as exc:
-        _show(exc.manifest, False)
-        raise
-    finally:
-        etcd.close()
-    _show(manifest, False)
-    return ExitCode.OK
+    return _coordinate(args, file, args.checkpoint_id, as_json=False)

@@ -132,36 +132,37 @@ class Coordinator:
     def _restore_sequence(self, manifest: dict[str, Any], lost: threading.Event) -> None:
         """Every node puts its files back (and checks them: ``restored``); then, and only
         if all did, ``start``: each runs its command (``criu restore``)."""
-        t = time.monotonic()
-        self._wait_all("restored", self.file.finish, lost)
-        self._say("start")
-        manifest["barrier_ms"]["restored"] = round((time.monotonic() - t) * 1000, 3)
-        self._resumed = True  # the commands run: nothing is undone after this
-        self._wait_all("done", self.file.finish, lost)
-        failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
+        failed = self._meet_all([("restored", "start")], self.file.finish, manifest, lost)
         if failed:
             raise _Stop(f"after the start, {self._describe(failed)}")
 
     # -- the sequence --------------------------------------------------------------
 
     def _sequence(self, request: Request, manifest: dict[str, Any], lost: threading.Event) -> None:
-        deadline = self.file.deadline
         points = [("ready", "freeze"), ("imaged", "payload"), ("dumped", "resume")]
         if not request.payloads:  # the nodes do not stop at 'dumped'
             points = points[:2]
-        for point, phase in points:
-            t = time.monotonic()
-            self._wait_all(point, deadline, lost)
-            self._say(phase)
-            manifest["barrier_ms"][point] = round((time.monotonic() - t) * 1000, 3)
-        self._resumed = True  # the nodes go on to their end: a failure now discards
-        self._wait_all("done", self.file.finish, lost)
-        failed = {n: r for n, r in self.reports.items() if r.get("state") != "done"}
+        failed = self._meet_all(points, self.file.deadline, manifest, lost)
         if failed:
             reason = f"after the freeze, {self._describe(failed)}"
             self._discard(reason, lost)
             raise _Stop(reason)
         self._say("commit")
+
+    def _meet_all(
+        self, points: list[tuple[str, str]], seconds: float, manifest: dict[str, Any], lost: threading.Event
+    ) -> dict[str, dict[str, Any]]:
+        """At each meeting point, once every node is there, the word that lets them go
+        on (its wait into ``barrier_ms``); then every node's end. The nodes that did
+        not end ``done``."""
+        for point, phase in points:
+            t = time.monotonic()
+            self._wait_all(point, seconds, lost)
+            self._say(phase)
+            manifest["barrier_ms"][point] = round((time.monotonic() - t) * 1000, 3)
+        self._resumed = True  # the nodes go on to their end: nothing is aborted after this
+        self._wait_all("done", self.file.finish, lost)
+        return {n: r for n, r in self.reports.items() if r.get("state") != "done"}
 
     def _discard(self, reason: str, lost: threading.Event) -> None:
         """Some nodes completed their part, another did not (it failed, or was lost
@@ -170,10 +171,15 @@ class Coordinator:
         log.warning("cluster checkpoint %s: discarding the nodes' parts: %s", self.checkpoint_id, reason)
         self._say(DISCARD, reason)
         done = [n for n, r in self.reports.items() if r.get("state") == "done"]
+        self._await_last_word(done, ("discarded", LOST), lost)
+
+    def _await_last_word(self, nodes: list[str], final: tuple[str, ...], lost: threading.Event) -> None:
+        """Until each of ``nodes`` reported one of ``final``: the deadline at most, and
+        not past etcd's loss (the nodes act by themselves; this only records it)."""
         end = time.monotonic() + self.file.deadline
         with self._cond:
             while time.monotonic() < end and self._broken is None and not lost.is_set():
-                if all(self.reports.get(n, {}).get("state") in ("discarded", LOST) for n in done):
+                if all(self.reports.get(n, {}).get("state") in final for n in nodes):
                     return
                 self._cond.wait(0.05)
 
@@ -220,12 +226,7 @@ class Coordinator:
         except EtcdUnavailable as exc:
             log.warning("cannot tell the nodes to abort (they give up by themselves): %s", exc)
             return
-        end = time.monotonic() + self.file.deadline
-        with self._cond:
-            while time.monotonic() < end and self._broken is None and not lost.is_set():
-                if all(self.reports.get(n, {}).get("state") in (FAILED, LOST, "done") for n in self.file.nodes):
-                    return
-                self._cond.wait(0.05)
+        self._await_last_word(list(self.file.nodes), (FAILED, LOST, "done"), lost)
 
     @staticmethod
     def _describe(bad: Mapping[str, Mapping[str, Any]]) -> str:

@@ -51,8 +51,8 @@ def _aetcd() -> Any:
 
 class Lease:
     """An etcd lease kept alive from the loop thread (every third of its TTL).
-    :attr:`lost` is set when a keep-alive fails or finds the lease expired: keys
-    attached to it are gone or about to be."""
+    :attr:`lost` is set when no keep-alive worked for a whole TTL, or one found the
+    lease expired: keys attached to it are gone or about to be."""
 
     def __init__(self, etcd: Etcd, lease: Any, ttl: float) -> None:
         self.id: int = lease.id
@@ -161,13 +161,10 @@ class Etcd:
         )
         return bool(ok)
 
-    def delete_prefix(self, prefix: str) -> None:
-        self.call(self._client.delete_prefix(prefix.encode()))
-
     def lease(self, ttl: float) -> Lease:
         """A lease of ``ttl`` seconds (etcd counts whole seconds: at least 1)."""
-        granted = self.call(self._client.lease(max(1, round(ttl))))
-        return Lease(self, granted, max(1, round(ttl)))
+        seconds = max(1, round(ttl))
+        return Lease(self, self.call(self._client.lease(seconds)), seconds)
 
     # -- watches -------------------------------------------------------------------
 

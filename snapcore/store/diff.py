@@ -12,7 +12,6 @@ are walked, never followed through a symlink, and nothing is ever written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from snapcore.errors import SnapcoreError, UsageError
 from snapcore.store.manifest import Manifest, TargetRecord
 from snapcore.store.records import export_of, image_of
+from snapcore.tasks.digests import sha256_of
 
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 #: Directories of a mount that are snapcore's, not the application's.
@@ -73,12 +73,14 @@ def _xattrs(path: str) -> dict[str, bytes]:
         return {}
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:  # no O_NOFOLLOW needed: lstat said regular
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _same_bytes(a: str, b: str, size: int) -> bool:
+    """Whether two regular files of ``size`` bytes hold the same bytes (one that is no
+    longer a regular file, or grew, since it was listed: not the same)."""
+    try:
+        first = sha256_of(a, size, nofollow=True)
+        return first is not None and first == sha256_of(b, size, nofollow=True)
+    except OSError:
+        return False
 
 
 def _what(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> str:
@@ -86,8 +88,7 @@ def _what(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> str:
         return "t"
     letters = ""
     if stat.S_ISREG(sa.st_mode):
-        same_size = sa.st_size == sb.st_size
-        if not same_size or (sa.st_mtime_ns != sb.st_mtime_ns and _digest(a) != _digest(b)):
+        if sa.st_size != sb.st_size or (sa.st_mtime_ns != sb.st_mtime_ns and not _same_bytes(a, b, sa.st_size)):
             letters += "c"
     elif (stat.S_ISLNK(sa.st_mode) and os.readlink(a) != os.readlink(b)) or (
         (stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode)) and sa.st_rdev != sb.st_rdev

@@ -45,7 +45,7 @@ CHUNK = 1 << 20
 NAMED = (FileState.PRESENT, FileState.RENAMED)
 
 
-def _sha256(path: str, limit: int, *, nofollow: bool = False) -> str | None:
+def sha256_of(path: str, limit: int, *, nofollow: bool = False) -> str | None:
     """The sha256 of the file at ``path``, None if it is longer than ``limit``.
     ``nofollow``: a path from a manifest, whose last part must be no symlink and a
     regular file (``/proc/PID/fd/N``, which the inventory reads, is a link)."""
@@ -80,7 +80,7 @@ def digest_files(inventory: Inventory, limit: int, mounts: Iterable[str] | None)
             files.append(replace(f, digest_note=f"not digested: over digest_limit ({limit} bytes)"))
             continue
         try:
-            sha = _sha256(f.via, limit)
+            sha = sha256_of(f.via, limit)
         except OSError as exc:
             files.append(replace(f, digest_note=f"not digested: {exc.strerror or exc}"))
             continue
@@ -174,7 +174,7 @@ def _check_named(
     sha = entry.get("sha256")
     if not problems and (isinstance(sha, str) or all_digests):
         try:
-            now = _sha256(os.fspath(where), st.st_size, nofollow=True)
+            now = sha256_of(os.fspath(where), st.st_size, nofollow=True)
         except OSError as exc:
             return [f"{where}: {exc.strerror or exc}"]
         if isinstance(sha, str) and now != sha:
@@ -200,7 +200,7 @@ def _check_ghost(entry: Mapping[str, Any], ghost_dir: Path | None = None) -> lis
     try:
         # the manifest names the copy: a regular file of the recorded size, never
         # through a symlink, never a device (/dev/zero would never end)
-        now = _sha256(path, size if isinstance(size, int) and size >= 0 else 0, nofollow=True)
+        now = sha256_of(path, size if isinstance(size, int) and size >= 0 else 0, nofollow=True)
     except OSError as exc:
         return [f"{name} ({entry.get('state')}): its ghost copy {path}: {exc.strerror or exc}"]
     if isinstance(ghost.get("sha256"), str) and now != ghost["sha256"]:
