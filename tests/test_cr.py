@@ -696,7 +696,9 @@ def report(signum, frame):
         out.write(data)
 
 signal.signal(signal.SIGUSR1, report)
-open(ready, "w").write(str(os.getpid()))
+with open(ready + ".tmp", "w") as r:  # appears whole: never caught open and empty
+    r.write(str(os.getpid()))
+os.rename(ready + ".tmp", ready)
 while True:
     time.sleep(0.05)
 """
