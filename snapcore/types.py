@@ -179,6 +179,11 @@ class RescueKind(StrEnum):
     COMMAND = "command"
     #: Write ``value`` to the file ``path`` (a cgroup's ``cgroup.freeze``: ``0``).
     WRITE = "write"
+    #: Let go every open a fanotify permission group holds (``on_change: delay``):
+    #: the guard gets a copy of the group's descriptor ``fd``, removes its marks,
+    #: allows what is queued and closes it. Nothing is left for ``recover``: the
+    #: kernel allows every pending open once the last descriptor is closed.
+    FANOTIFY = "fanotify"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +194,8 @@ class Rescue:
     path: str | None = None
     argv: tuple[str, ...] = ()
     value: str | None = None
+    #: A descriptor handed to the guard (``FANOTIFY``); never written anywhere.
+    fd: int | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "path": self.path, "argv": list(self.argv), "value": self.value}

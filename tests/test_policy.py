@@ -92,7 +92,7 @@ BAD = {
     "required-type": ("version: 1\nmounts:\n  /a:\n    required: maybe\n", [":4", "'required'", "true or false"]),
     "imager-type": ("version: 1\nmounts:\n  /a:\n    imager: 3\n", [":4", "'imager'", "backend name"]),
     "imager-auto-list": ("version: 1\nmounts:\n  /a:\n    imager: [auto, fsfreeze]\n", ["'auto' cannot"]),
-    "on-change": ("version: 1\nmounts:\n  /a:\n    on_change: explode\n", [":4", "fail, warn"]),
+    "on-change": ("version: 1\nmounts:\n  /a:\n    on_change: explode\n", [":4", "fail, warn, delay, deny"]),
     "keep-type": ("version: 1\nmounts:\n  /a:\n    keep: 5\n", [":4", "'keep'", "last: 10"]),
     "keep-last": ("version: 1\nmounts:\n  /a:\n    keep: {last: 0}\n", ["keep.last", "at least 1"]),
     "keep-empty": ("version: 1\nmounts:\n  /a:\n    keep: {}\n", ["'keep'", "needs 'last'"]),

@@ -22,7 +22,12 @@ DEFAULT_FREEZE_TIMEOUT = 10.0
 #: A frozen filesystem hangs every writer; past an hour it is an outage, and a huge
 #: value overflows the watchdog's timer (threading's wait raises OverflowError).
 MAX_FREEZE_TIMEOUT = 3600.0
-ON_CHANGE = ("fail", "warn")
+#: What a change to a needed file under the frozen tasks does: fail the checkpoint,
+#: become a warning, or also hold back (``delay``) or refuse (``deny``) the opens for
+#: writing that would make one (fanotify permission events; the watch still fails).
+ON_CHANGE = ("fail", "warn", "delay", "deny")
+#: What tasks using a mount no rule covers do.
+UNCOVERED = ("fail", "warn")
 AUTO = "auto"
 FALLBACK = "*"
 

@@ -30,6 +30,7 @@ from snapcore.policy.model import (
     ON_CHANGE,
     RULE_KEYS,
     TOP_KEYS,
+    UNCOVERED,
     Policy,
     Rule,
     YMap,
@@ -256,8 +257,8 @@ def parse_policy(doc: object, file: str) -> Policy:
             key="version",
         )
     uncovered = doc.get("uncovered", "warn")
-    if uncovered not in ON_CHANGE:
-        p.add(f"expected one of {', '.join(ON_CHANGE)}", line=doc.lines.get("uncovered"), key="uncovered")
+    if uncovered not in UNCOVERED:
+        p.add(f"expected one of {', '.join(UNCOVERED)}", line=doc.lines.get("uncovered"), key="uncovered")
         uncovered = "warn"
     ghost_limit = DEFAULT_GHOST_LIMIT
     if "ghost_limit" in doc:

@@ -25,6 +25,7 @@ from snapcore.policy.model import (
     RULE_KEYS,
     SIZE_PATTERN,
     TOP_KEYS,
+    UNCOVERED,
 )
 from snapcore.types import Option, OptionKind, Role
 
@@ -117,7 +118,7 @@ def policy_schema(plugins: Plugins) -> dict[str, Any]:
         "state_dir": {"description": "where manifests go", "type": "string", "pattern": "^/"},
         "ghost_limit": {**SIZE, "description": "the largest deleted-but-open file copied"},
         "digest_limit": {"description": "the largest file hashed, or 'all'", "anyOf": [{"const": "all"}, SIZE]},
-        "uncovered": {"description": "tasks use a mount no rule covers", "enum": list(ON_CHANGE)},
+        "uncovered": {"description": "tasks use a mount no rule covers", "enum": list(UNCOVERED)},
         "defaults": {**rule, "description": "what every rule starts from"},
         "mounts": {
             "description": f"the rules, by mount point (absolute) or {FALLBACK!r} for every other",

@@ -304,22 +304,19 @@ class ProcessWatchdog:
         self._local.start()
 
     def watch(self, rescues: Mapping[str, Rescue]) -> None:
-        """Hand the guard every target it may have to thaw."""
-        targets = [{"key": key, **r.to_json()} for key, r in rescues.items()]
-        fithaw = [t for t in targets if t["kind"] == RescueKind.FITHAW.value]
-        others = [t for t in targets if t["kind"] != RescueKind.FITHAW.value]
-        chunks = [fithaw[i : i + MAX_FDS] for i in range(0, len(fithaw), MAX_FDS)] or [[]]
-        chunks[0] = chunks[0] + others
-        for chunk in chunks:
+        """Hand the guard every target it may have to thaw, with a descriptor for
+        each that needs one (a directory of a mount to FITHAW, a copy of a fanotify
+        group's), in the targets' order."""
+        with_fd = [(key, r) for key, r in rescues.items() if r.kind in _WITH_FD]
+        others = [{"key": key, **r.to_json()} for key, r in rescues.items() if r.kind not in _WITH_FD]
+        chunks: list[list[tuple[str, Rescue]]] = [with_fd[i : i + MAX_FDS] for i in range(0, len(with_fd), MAX_FDS)]
+        for n, chunk in enumerate(chunks or [[]]):
             fds: list[int] = []
             try:
-                for target in chunk:
-                    if target["kind"] == RescueKind.FITHAW.value:
-                        try:
-                            fds.append(os.open(str(target["path"]), _DIR_FLAGS))
-                        except OSError as exc:
-                            raise GuardError(f"cannot open {target['path']} for the guard: {exc}") from exc
-                msg = {"op": "targets", "cp": self.cp, "record": self.record, "targets": chunk}
+                for key, rescue in chunk:
+                    fds.append(_descriptor_for(key, rescue))
+                targets = [{"key": key, **r.to_json()} for key, r in chunk] + (others if n == 0 else [])
+                msg = {"op": "targets", "cp": self.cp, "record": self.record, "targets": targets}
                 self.link.send(msg, fds, restart=not self._begun, ack=ACK_TIMEOUT_S)
                 self._begun = True
             finally:
@@ -359,6 +356,22 @@ class ProcessWatchdog:
             with contextlib.suppress(GuardError):
                 self.link.send({"op": "end", "cp": self.cp})
             self._begun = False
+
+
+#: Rescues that travel with a descriptor (in the guard, popped in the targets' order).
+_WITH_FD = (RescueKind.FITHAW, RescueKind.FANOTIFY)
+
+
+def _descriptor_for(key: str, rescue: Rescue) -> int:
+    """The descriptor the guard gets for this rescue (ours to close once sent)."""
+    try:
+        if rescue.kind is RescueKind.FANOTIFY:
+            if rescue.fd is None:
+                raise GuardError(f"{key}: a fanotify rescue without its descriptor")
+            return os.dup(rescue.fd)
+        return os.open(str(rescue.path), _DIR_FLAGS)
+    except OSError as exc:
+        raise GuardError(f"cannot open {rescue.path or key} for the guard: {exc}") from exc
 
 
 _GUARD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")

@@ -10,9 +10,11 @@ Protocol (one JSON object per packet; ``cp`` names the checkpoint, several may b
 in progress at once):
 
 * ``{"op": "targets", "cp", "record", "targets": [{"key", "kind": "fithaw"} |
-  {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"}]}``
-  with one open directory descriptor of the mount attached (``SCM_RIGHTS``) for
-  each ``fithaw`` target, in order (the last kind thaws a cgroup of frozen tasks).
+  {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"} |
+  {"key", "kind": "fanotify"}]}`` with one descriptor attached (``SCM_RIGHTS``) for
+  each ``fithaw`` target (an open directory of the mount) and each ``fanotify`` one
+  (a copy of a permission group's: ``on_change: delay``), in order (``write`` thaws
+  a cgroup of frozen tasks; ``fanotify`` lets go the opens a group holds).
   The descriptors travel with the message: once the controller's ``send`` returns,
   the guard holds them even if the controller dies before the guard reads them.
   With ``"ack": true`` the guard answers ``ok`` once it has taken them: the
@@ -114,6 +116,60 @@ def run_command(argv: Sequence[str]) -> None:
 
 #: Descriptors per message (the kernel's SCM_MAX_FD is 253).
 MAX_FDS = 200
+#: Kinds of target that come with a descriptor.
+WITH_FD = ("fithaw", "fanotify")
+
+# <linux/fanotify.h>
+_FAN_MARK_FLUSH = 0x80
+_FAN_MARK_KINDS = (0x00, 0x10, 0x100)  # inode, mount, filesystem
+_FAN_ALLOW = 0x01
+_fanotify_mark = None
+
+
+def _load_fanotify() -> None:
+    """ctypes' fanotify_mark, loaded when a ``fanotify`` target arrives (never while frozen)."""
+    global _fanotify_mark
+    if _fanotify_mark is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+        _fanotify_mark = libc.fanotify_mark
+
+
+def release_fanotify(fd: int) -> int:
+    """Let go every open a fanotify permission group holds: its marks removed (no
+    new event), every queued event allowed, then this descriptor closed (when it is
+    the last, the kernel allows the events a dead reader had taken). Returns how
+    many queued events were allowed."""
+    import struct
+
+    allowed = 0
+    try:
+        if _fanotify_mark is not None:
+            for kind in _FAN_MARK_KINDS:
+                _fanotify_mark(fd, _FAN_MARK_FLUSH | kind, 0, -100, None)
+        meta = struct.Struct("=IBBHQii")
+        while select.select([fd], [], [], 0)[0]:
+            try:
+                buf = os.read(fd, 64 * meta.size)
+            except BlockingIOError:
+                break
+            if not buf:
+                break
+            offset = 0
+            while offset + meta.size <= len(buf):
+                event_len, _, _, _, _, event_fd, _ = meta.unpack_from(buf, offset)
+                offset += event_len or meta.size
+                if event_fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(fd, struct.pack("=iI", event_fd, _FAN_ALLOW))
+                        allowed += 1
+                    with contextlib.suppress(OSError):
+                        os.close(event_fd)
+    finally:
+        os.close(fd)
+    return allowed
 
 
 class Checkpoint:
@@ -147,13 +203,18 @@ class Guard:
             return False
         if op == "targets":
             cp = self.cps.setdefault(cp_id, Checkpoint(msg.get("record")))  # type: ignore[arg-type]
-            if any(t.get("kind") == "command" for t in msg.get("targets") or []):  # type: ignore[attr-defined]
+            kinds = {t.get("kind") for t in msg.get("targets") or []}  # type: ignore[attr-defined]
+            if "command" in kinds:
                 import subprocess  # noqa: F401  # now, before the freeze it may have to undo
+            if "fanotify" in kinds:
+                import struct  # noqa: F401
+
+                _load_fanotify()
             fds = list(fds)
             for target in msg.get("targets") or []:  # type: ignore[attr-defined]
                 tkey = str(target["key"])
                 cp.targets[tkey] = target
-                if target.get("kind") == "fithaw" and fds:
+                if target.get("kind") in WITH_FD and fds:
                     old = cp.fds.pop(tkey, None)
                     if old is not None:
                         os.close(old)
@@ -199,6 +260,8 @@ class Guard:
                     write_control(str(target["path"]), str(target.get("value") or ""))
                 elif target.get("kind") == "command":
                     run_command(target.get("argv") or [])  # type: ignore[arg-type]
+                elif target.get("kind") == "fanotify" and key in cp.fds:
+                    release_fanotify(cp.fds.pop(key))
                 thawed.append(key)
             except Exception as exc:
                 errors.append(f"{key}: {exc}")

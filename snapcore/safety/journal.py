@@ -193,6 +193,8 @@ def _thaw(how: Rescue) -> str:
     if how.kind is RescueKind.COMMAND and how.argv:
         guard.run_command(how.argv)
         return "resumed"
+    if how.kind is RescueKind.FANOTIFY:
+        return "the opens it held were let go when its holders exited"
     return "nothing to do"
 
 

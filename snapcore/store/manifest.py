@@ -162,6 +162,11 @@ class Manifest:
     files: list[dict[str, Any]] | None = None
     #: What the change watch saw between the tasks' freeze and thaw.
     changes: list[dict[str, Any]] | None = None
+    #: Opens of needed files for writing held back (``on_change: delay``) or refused
+    #: (``deny``) while the tasks were frozen: path, device, inode, pid, tid,
+    #: command, flags, action (``delayed``/``denied``), ``held_ms``, and for a delayed
+    #: one why it was let go (``released``: thaw, deadline, error). None: no hold ran.
+    holds: list[dict[str, Any]] | None = None
     #: CRIU's image directory and command, when the payload was a CRIU dump.
     criu: dict[str, Any] | None = None
     #: A hand-off to another host (``checkpoint --hand-off``): ``state`` waiting,
@@ -192,6 +197,7 @@ class Manifest:
         "tasks": (dict, type(None)),
         "files": (list, type(None)),
         "changes": (list, type(None)),
+        "holds": (list, type(None)),
         "criu": (dict, type(None)),
         "handoff": (dict, type(None)),
         "cluster": (dict, type(None)),
@@ -255,6 +261,12 @@ class Manifest:
             lines.append(line)
             lines.extend(f"    warning: {w}" for w in t.warnings)
         lines.extend(f"  warning: {w}" for w in self.warnings)
+        for hold in self.holds or ():
+            if isinstance(hold, dict):  # a manifest read from a file: shown as it says, never trusted further
+                action, command, pid, path, flags, ms = (
+                    _shown(hold.get(k)) for k in ("action", "command", "pid", "path", "flags", "held_ms")
+                )
+                lines.append(f"  {action}: {command} (pid {pid}) opening {path} {flags}, {ms} ms")
         if self.handoff:
             state = self.handoff.get("state")
             answer = self.handoff.get("answer") if isinstance(self.handoff.get("answer"), dict) else {}
@@ -314,3 +326,9 @@ def iter_manifests(state_dir: Path) -> Iterator[tuple[Path, Manifest | None, str
             parsed.append((path, None, str(exc)))
     parsed.sort(key=lambda e: (e[1].started if e[1] else "", e[0].parent.name), reverse=True)
     yield from parsed
+
+
+def _shown(value: object) -> str:
+    """A value read from a manifest, fit for a terminal (no control characters)."""
+    text = str(value)[:300]
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -23,13 +23,11 @@ themselves before they were frozen can be told apart with ``results(since=...)``
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
 import os
 import select
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +38,7 @@ from typing import Any
 from inotify_simple import INotify
 from inotify_simple import flags as inflags
 
+from snapcore.host import fanotify
 from snapcore.tasks.inventory import FileState, Inventory, OpenFile
 
 log = logging.getLogger(__name__)
@@ -80,55 +79,6 @@ class Change:
             "pid": self.pid,
             "source": self.source,
         }
-
-
-# -- fanotify through ctypes ------------------------------------------------------------
-
-FAN_CLOEXEC = 0x01
-FAN_NONBLOCK = 0x02
-FAN_CLASS_NOTIF = 0x00
-FAN_UNLIMITED_QUEUE = 0x10
-FAN_MARK_ADD = 0x01
-FAN_MARK_FILESYSTEM = 0x100
-FAN_MODIFY = 0x02
-FAN_Q_OVERFLOW = 0x4000
-FAN_NOFD = -1
-_AT_FDCWD = -100
-_META = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata
-
-_libc: Any = None
-
-
-def _fanotify() -> Any:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-        libc.fanotify_init.restype = ctypes.c_int
-        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-        libc.fanotify_mark.restype = ctypes.c_int
-        _libc = libc
-    return _libc
-
-
-def _fan_init() -> int:
-    fd = int(
-        _fanotify().fanotify_init(
-            FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE,
-            os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE,
-        )
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
-
-
-def _fan_mark_filesystem(fd: int, path: str) -> None:
-    rc = _fanotify().fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_MODIFY, _AT_FDCWD, os.fsencode(path))
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
 
 
 # -- the watch -----------------------------------------------------------------------------
@@ -256,13 +206,17 @@ class ChangeWatch:
         if not per_dev:
             return
         try:
-            self._fan_fd = _fan_init()
+            self._fan_fd = fanotify.init(
+                fanotify.FAN_CLASS_NOTIF | fanotify.FAN_NONBLOCK | fanotify.FAN_UNLIMITED_QUEUE
+            )
         except OSError as exc:
             self.warnings.append(f"fanotify unavailable ({exc.strerror}): inotify only")
             return
         for f in per_dev.values():
             try:
-                _fan_mark_filesystem(self._fan_fd, f.via)
+                fanotify.mark(
+                    self._fan_fd, fanotify.FAN_MARK_ADD | fanotify.FAN_MARK_FILESYSTEM, fanotify.FAN_MODIFY, f.via
+                )
                 self.fanotify_marks.append(f"{os.major(f.dev)}:{os.minor(f.dev)}")
             except OSError as exc:
                 self.warnings.append(f"fanotify cannot mark the filesystem of {f.path}: {exc.strerror}")
@@ -330,32 +284,18 @@ class ChangeWatch:
     def _drain_fanotify(self) -> None:
         if self._fan_fd is None:
             return
-        while True:
+        for mask, fd, pid in fanotify.read_events(self._fan_fd):
+            if mask & fanotify.FAN_Q_OVERFLOW:
+                self._record(ChangeKind.OVERFLOW, None, "fanotify queue overflowed", "fanotify")
+            if fd == fanotify.FAN_NOFD or fd < 0:
+                continue
             try:
-                buf = os.read(self._fan_fd, 64 * _META.size)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            if not buf:
-                return
-            offset = 0
-            while offset + _META.size <= len(buf):
-                event_len, _vers, _res, _mlen, mask, fd, pid = _META.unpack_from(buf, offset)
-                offset += event_len or _META.size
-                if mask & FAN_Q_OVERFLOW:
-                    self._record(ChangeKind.OVERFLOW, None, "fanotify queue overflowed", "fanotify")
-                if fd == FAN_NOFD or fd < 0:
-                    continue
-                try:
-                    st = os.fstat(fd)
-                finally:
-                    os.close(fd)
-                f = self.by_key.get((st.st_dev, st.st_ino))
-                if f is not None and not f.is_dir:
-                    self._modified(f, st.st_size, "fanotify", pid)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            f = self.by_key.get((st.st_dev, st.st_ino))
+            if f is not None and not f.is_dir:
+                self._modified(f, st.st_size, "fanotify", pid)
 
     def drain(self) -> None:
         """Read what the kernel queued so far (thread-safe)."""

@@ -14,9 +14,11 @@ from snapcore.store.manifest import manifest_path
 from snapcore.types import Rescue, RescueKind
 
 if TYPE_CHECKING:
+    from snapcore.policy.model import Rule
     from snapcore.tasks.changes import ChangeWatch
     from snapcore.tasks.freezer import TaskFreezer
     from snapcore.tasks.inventory import Inventory
+    from snapcore.tasks.openhold import OpenHold
     from snapcore.tasks.resolve import TaskSet
     from snapcore.transaction.core import Transaction
     from snapcore.transaction.targets import TaskSpec
@@ -72,6 +74,8 @@ class HeldTasks:
         self.inventory = inventory
         self.freezer: TaskFreezer | None = None
         self.watch: ChangeWatch | None = None
+        #: Write opens of needed files held back or refused (``on_change: delay|deny``).
+        self.hold: OpenHold | None = None
         #: when they stopped (``time.monotonic()``), None while they run
         self.stopped_at: float | None = None
         self.rescues: dict[str, Rescue] = {}
@@ -117,6 +121,7 @@ class HeldTasks:
 
         self.watch = ChangeWatch(self.inventory)
         self.watch.start()
+        self._start_hold()
         # what the tasks' files hold, hashed now that a change would be seen
         from snapcore.tasks.digests import digest_files
 
@@ -126,6 +131,51 @@ class HeldTasks:
         self.inventory = digest_files(self.inventory, txn.policy.digest_limit, mounts)
         txn.manifest.timings["digests"] = round((time.perf_counter() - t) * 1000, 3)
         return self.rescues
+
+    def _rule_of(self, mount_point: str | None) -> Rule | None:
+        policy = self.txn.policy
+        return policy.rule_for(mount_point) if mount_point else policy.fallback
+
+    def _start_hold(self) -> None:
+        """``on_change: delay|deny``: mark the needed regular files of those mounts
+        (outside the window); write opens are held from the tasks' freeze on (at
+        once when someone else already stopped them) until their thaw, for at most
+        the mount's ``freeze_timeout``."""
+        from snapcore.tasks.openhold import HoldFile, HoldMode, OpenHold
+
+        files: list[HoldFile] = []
+        limit: float | None = None
+        for f in self.inventory.files:
+            rule = self._rule_of(f.mount_point)
+            if f.kind != "file" or rule is None or rule.on_change not in (HoldMode.DELAY, HoldMode.DENY):
+                continue
+            files.append(HoldFile(path=f.path, dev=f.dev, ino=f.ino, via=f.via, mode=HoldMode(rule.on_change)))
+            limit = min(limit, rule.freeze_timeout) if limit is not None else rule.freeze_timeout
+        if not files or limit is None:
+            return
+        t = time.perf_counter()
+        self.hold = hold = OpenHold(files, limit_s=limit)
+        hold.start()
+        self.txn.manifest.timings["hold_marks"] = round((time.perf_counter() - t) * 1000, 3)
+        self.txn.manifest.warnings.extend(hold.warnings)
+        if hold.descriptor is None:
+            self.hold = None
+            return
+        self.txn.manifest.holds = []
+        self.rescues[f"hold:{self.txn.id}"] = Rescue(kind=RescueKind.FANOTIFY, fd=hold.descriptor)
+        if self.spec.stopped_by is not None:  # stopped already (CRIU, before its post-dump hook)
+            hold.engage()
+
+    def _let_go(self, hold: OpenHold) -> None:
+        """After the thaw: every held open allowed; what was held goes in the manifest."""
+        txn = self.txn
+        t = time.perf_counter()
+        held = hold.release()
+        txn.manifest.timings["hold_release"] = round((time.perf_counter() - t) * 1000, 3)
+        txn.manifest.holds = [h.to_json() for h in held]
+        txn.manifest.warnings.extend(w for w in hold.warnings if w not in txn.manifest.warnings)
+        if hold.failure:
+            txn.manifest.warnings.append(f"the open hold turned itself off ({hold.failure}): every open allowed since")
 
     def rehearse(self) -> None:
         """Start and stop a watch of what the tasks need now (:meth:`Transaction.rehearse`)."""
@@ -157,6 +207,8 @@ class HeldTasks:
                 txn.watchdog.freezing(*self.rescues)
             t = time.perf_counter()
             self.freezer.freeze()
+            if self.hold is not None:
+                self.hold.engage()
             if self.watch is not None:
                 # a task's write queues its event before the task can freeze, but the
                 # watch stamps an event when it reads it: read what the tasks wrote
@@ -182,6 +234,7 @@ class HeldTasks:
         txn = self.txn
         freezer, self.freezer = self.freezer, None
         watch, self.watch = self.watch, None
+        hold, self.hold = self.hold, None
         if keep_frozen and freezer is not None:
             self.kept = freezer
             freezer = None
@@ -192,20 +245,29 @@ class HeldTasks:
             if watch is not None:
                 watch.stop()
         finally:
-            stopped = txn.manifest.tasks
-            if freezer is None and self.stopped_at is not None and stopped is not None and "stopped_ms" not in stopped:
-                # stopped by CRIU before its post-dump hook: snapcore's share of the stop
-                stopped["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
-                stopped["stopped_note"] = "from the post-dump hook on; CRIU stopped them before"
-            if freezer is not None:
-                t = time.perf_counter()
-                freezer.close()
-                txn.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
-                txn.manifest.tasks = self._labelled(freezer.to_json())
-                if self.stopped_at is not None:
-                    # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
-                    txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
-                self._said_thawed()
+            try:
+                self._thaw(freezer)
+            finally:
+                if hold is not None:  # after the thaw: a held write lands under running tasks
+                    self._let_go(hold)
+
+    def _thaw(self, freezer: TaskFreezer | None) -> None:
+        """Thaw the tasks (when snapcore froze them) and say how long they stood still."""
+        txn = self.txn
+        stopped = txn.manifest.tasks
+        if freezer is None and self.stopped_at is not None and stopped is not None and "stopped_ms" not in stopped:
+            # stopped by CRIU before its post-dump hook: snapcore's share of the stop
+            stopped["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
+            stopped["stopped_note"] = "from the post-dump hook on; CRIU stopped them before"
+        if freezer is not None:
+            t = time.perf_counter()
+            freezer.close()
+            txn.manifest.timings["tasks_thaw"] = round((time.perf_counter() - t) * 1000, 3)
+            txn.manifest.tasks = self._labelled(freezer.to_json())
+            if self.stopped_at is not None:
+                # how long the program stood still: frozen until thawed (or ended by a CRIU dump)
+                txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
+            self._said_thawed()
 
     def _said_thawed(self) -> None:
         """The journal and the guard learn that the tasks are thawed."""

@@ -1,0 +1,433 @@
+"""Holding back writes to the files the tasks need while they are frozen
+(``on_change: delay`` or ``deny``: the seed's "delay/deny changes, fanotify only").
+
+A fanotify group of class ``FAN_CLASS_CONTENT`` puts an **inode mark** with
+``FAN_OPEN_PERM`` on each needed regular file of a mount whose rule says ``delay`` or
+``deny``. The kernel then asks us before any process opens one of those inodes, by
+any name (hard links, another mount namespace's path), and asks nothing about any
+other file: an unrelated open on the filesystem never waits for this process (a
+mount or filesystem mark would make every open on it a round trip through here).
+
+The permission event does not carry the opener's open flags. The opener is blocked
+inside its open call, so its ``/proc/TID/syscall`` names the call and its arguments:
+``open``, ``openat``, ``open_by_handle_at`` (the flags argument), ``openat2`` (its
+``struct open_how``, read from ``/proc/TID/mem``), ``creat`` (a write), ``execve`` and
+``execveat`` (reads). An open whose flags cannot be learned (a 32-bit task, an
+io_uring worker, a kernel thread, an architecture without a table here) counts as a
+write.
+
+From :meth:`OpenHold.engage` (the tasks are frozen) until :meth:`OpenHold.release`
+(they are thawed), an open of a needed file for writing (``O_WRONLY``, ``O_RDWR``, or
+``O_TRUNC``) by a process other than this one and its descendants (the payload:
+``criu dump`` is part of the checkpoint) is held (``delay``: answered ``FAN_ALLOW`` at the
+release) or refused (``deny``: ``FAN_DENY``, the opener's ``open`` fails with
+``EPERM``); every other open is allowed at once, and before ``engage`` every open is.
+
+Safety, since a held open is a blocked process:
+
+* the answers come from a thread of their own that takes no lock anything else
+  takes, logs nothing and imports nothing while running;
+* a held open is let go ``limit_s`` after it arrived whatever else happens (its
+  write then happens under the frozen tasks, and the change watch fails the
+  checkpoint: ``delay`` is never weaker than ``fail``);
+* an error in the thread allows that open and turns the hold off: every held open
+  allowed, the marks removed, whatever is still queued allowed;
+* a controller that dies closes its descriptor and the kernel allows every pending
+  open; the guard holds a copy of the descriptor (:attr:`OpenHold.descriptor`, a
+  ``fanotify`` rescue) and, when the controller dies or the deadline passes, removes
+  the marks, allows what is queued and closes its copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import platform
+import select
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from snapcore.host import fanotify
+
+
+class HoldMode(StrEnum):
+    """What happens to a write open of a needed file while the tasks are frozen."""
+
+    #: Held until the tasks are thawed, then allowed.
+    DELAY = "delay"
+    #: Refused: the opener gets ``EPERM``.
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HoldFile:
+    """A needed file whose write opens are held or refused."""
+
+    path: str
+    dev: int
+    ino: int
+    #: A path reaching the inode (``/proc/PID/fd/N``...): the mark goes on what it reaches.
+    via: str
+    mode: HoldMode
+
+
+@dataclass(slots=True, kw_only=True)
+class HeldOpen:
+    """One open held back or refused."""
+
+    path: str
+    dev: int
+    ino: int
+    #: The opener's process (None when it could not be read) and thread.
+    pid: int | None
+    tid: int
+    command: str
+    #: The open flags as the call had them, or why they are unknown.
+    flags: str
+    #: ``delayed`` or ``denied``.
+    action: str
+    #: ``time.monotonic()`` when it was asked.
+    at: float
+    held_ms: float = 0.0
+    #: Why a delayed open was let go: ``thaw``, ``deadline`` (held ``limit_s``),
+    #: ``error`` (the hold turned itself off).
+    released: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "device": f"{os.major(self.dev)}:{os.minor(self.dev)}",
+            "inode": self.ino,
+            "pid": self.pid,
+            "tid": self.tid,
+            "command": self.command,
+            "flags": self.flags,
+            "action": self.action,
+            "held_ms": round(self.held_ms, 3),
+            **({"released": self.released} if self.released else {}),
+        }
+
+
+# -- what the opener asked for ------------------------------------------------------------
+
+#: syscall number -> index of its flags argument (x86_64, aarch64 generic table).
+_FLAGS_ARG = {
+    "x86_64": {2: 1, 257: 2, 304: 2},  # open, openat, open_by_handle_at
+    "aarch64": {56: 2, 265: 2},  # openat, open_by_handle_at
+}
+_OPENAT2 = {"x86_64": 437, "aarch64": 437}
+_CREAT = {"x86_64": 85}
+_EXEC = {"x86_64": (59, 322), "aarch64": (221, 281)}
+_NAMES = {2: "open", 257: "openat", 304: "open_by_handle_at", 56: "openat", 265: "open_by_handle_at", 437: "openat2"}
+_ARCH = platform.machine()
+_O_ACCMODE = 0o3
+_FLAG_NAMES = (
+    (os.O_APPEND, "O_APPEND"),
+    (os.O_CREAT, "O_CREAT"),
+    (os.O_TRUNC, "O_TRUNC"),
+    (os.O_EXCL, "O_EXCL"),
+    (os.O_SYNC, "O_SYNC"),
+    (os.O_DIRECT, "O_DIRECT"),
+)
+
+
+def describe_flags(flags: int) -> str:
+    """``O_WRONLY|O_APPEND``: the access mode and the flags that matter for a write."""
+    mode = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}.get(flags & _O_ACCMODE, f"accmode {flags & _O_ACCMODE}")
+    return "|".join([mode, *(name for bit, name in _FLAG_NAMES if flags & bit)])
+
+
+def writes(flags: int) -> bool:
+    """Does an open with these flags let the opener change the file?"""
+    return (flags & _O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _read_small(path: str, size: int = 512) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+def opener_flags(tid: int, arch: str = _ARCH) -> tuple[int | None, str]:
+    """The flags of the open call thread ``tid`` is blocked in, and how they were
+    learned; ``(None, why)`` when they cannot be."""
+    try:
+        fields = _read_small(f"/proc/{tid}/syscall").split()
+    except OSError as exc:
+        return None, f"unknown: /proc/{tid}/syscall: {exc.strerror}"
+    try:
+        nr = int(fields[0])
+        args = [int(a, 16) for a in fields[1:7]]
+    except (IndexError, ValueError):
+        return None, f"unknown: not in a system call ({fields[0].decode(errors='replace') if fields else 'empty'})"
+    index = _FLAGS_ARG.get(arch, {}).get(nr)
+    if index is not None:
+        return args[index] & 0xFFFFFFFF, _NAMES.get(nr, str(nr))
+    if nr == _CREAT.get(arch):
+        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "creat"
+    if nr in _EXEC.get(arch, ()):
+        return os.O_RDONLY, "execve"
+    if nr == _OPENAT2.get(arch):
+        try:  # struct open_how { u64 flags; u64 mode; u64 resolve; }
+            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                (flags,) = struct.unpack("=Q", os.pread(fd, 8, args[2]))
+            finally:
+                os.close(fd)
+        except (OSError, struct.error) as exc:
+            return None, f"unknown: openat2's open_how unreadable ({exc})"
+        return flags & 0xFFFFFFFF, "openat2"
+    return None, f"unknown: system call {nr} on {arch}"
+
+
+def _status(tid: int) -> tuple[int | None, str]:
+    """The thread's process id and command name."""
+    pid: int | None = None
+    command = "?"
+    with contextlib.suppress(OSError, ValueError):
+        for line in _read_small(f"/proc/{tid}/status", 1024).splitlines():
+            if line.startswith(b"Name:"):
+                command = line.split(b":", 1)[1].strip().decode(errors="replace")
+            elif line.startswith(b"Tgid:"):
+                pid = int(line.split()[1])
+                break
+    return pid, command
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Is process ``pid`` ``ancestor`` or one of its descendants?"""
+    for _ in range(256):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            stat = _read_small(f"/proc/{pid}/stat")
+            pid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+# -- the hold -------------------------------------------------------------------------------
+
+
+class OpenHold:
+    """Hold back or refuse write opens of needed files. ``start`` (marks, thread),
+    ``engage`` (the tasks are frozen), ``release`` (thawed: returns what was held).
+
+    Args:
+        files: the needed files and what to do with their write opens.
+        limit_s: the longest one open is held.
+    """
+
+    def __init__(self, files: Iterable[HoldFile], *, limit_s: float) -> None:
+        self.files = {(f.dev, f.ino): f for f in files}
+        self.limit_s = limit_s
+        self.warnings: list[str] = []
+        #: Every open held or refused, oldest first.
+        self.held: list[HeldOpen] = []
+        self.marks = 0
+        #: Permission events answered (every open of a marked file).
+        self.asked = 0
+        self._fd: int | None = None
+        self._engaged = False
+        self._stopping = False
+        #: Why the hold turned itself off, if it did.
+        self.failure: str | None = None
+        self._waiting: list[tuple[int, HeldOpen]] = []
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
+        self._pid = os.getpid()
+
+    @property
+    def descriptor(self) -> int | None:
+        """The group's descriptor (for the guard's copy), None when not running."""
+        return self._fd
+
+    def start(self) -> None:
+        """Create the group, mark every file, start answering (everything allowed
+        until :meth:`engage`). Where fanotify cannot hold opens the reason goes to
+        :attr:`warnings` and nothing runs: the change watch still judges."""
+        if self._fd is not None or not self.files:
+            return
+        try:
+            self._fd = fanotify.init(
+                fanotify.FAN_CLASS_CONTENT
+                | fanotify.FAN_NONBLOCK
+                | fanotify.FAN_REPORT_TID
+                | fanotify.FAN_UNLIMITED_QUEUE
+                | fanotify.FAN_UNLIMITED_MARKS
+            )
+        except OSError as exc:
+            self.warnings.append(f"fanotify permission events unavailable ({exc.strerror}): write opens not held")
+            return
+        for f in self.files.values():
+            try:
+                fanotify.mark(self._fd, fanotify.FAN_MARK_ADD, fanotify.FAN_OPEN_PERM, f.via)
+                self.marks += 1
+            except OSError as exc:
+                self.warnings.append(f"cannot hold write opens of {f.path}: {exc.strerror}")
+        if not self.marks:
+            os.close(self._fd)
+            self._fd = None
+            return
+        self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="snapcore-open-hold", daemon=True)
+        self._thread.start()
+
+    def engage(self) -> None:
+        """From now on write opens of the needed files are held or refused."""
+        self._engaged = True
+
+    def release(self) -> list[HeldOpen]:
+        """Let every held open go, stop answering, close the group (idempotent).
+        Returns :attr:`held`."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return self.held
+        self._engaged = False
+        with contextlib.suppress(OSError):
+            fanotify.flush(fd)  # nothing new is asked from here on
+        self._stopping = True
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"x")
+        if self._thread is not None:
+            self._thread.join(5)
+            if self._thread.is_alive():
+                self.warnings.append("the open hold's thread did not stop: its descriptor closed under it")
+            self._thread = None
+        if self._wake is not None:
+            os.close(self._wake[0])
+            os.close(self._wake[1])
+            self._wake = None
+        # closing a fanotify descriptor waits for the kernel's SRCU grace period: aside
+        threading.Thread(target=_close_quietly, args=(fd,), name="snapcore-open-hold-close", daemon=True).start()
+        return self.held
+
+    # -- the answering thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        fd = self._fd
+        assert fd is not None and self._wake is not None
+        try:
+            self._serve(fd, self._wake[0])
+        except BaseException as exc:
+            self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+        finally:
+            # whatever happened: nothing stays held, nothing stays unanswered
+            self._let_all_go(fd, "error" if self.failure else "thaw")
+            with contextlib.suppress(OSError):
+                for _mask, event_fd, _tid in fanotify.read_events(fd):
+                    self._answer(fd, event_fd, True)
+
+    def _serve(self, fd: int, wake: int) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        while not self._stopping:
+            timeout = None
+            if self._waiting:
+                first = min(h.at for _, h in self._waiting)
+                timeout = max(0, int((first + self.limit_s - time.monotonic()) * 1000) + 1)
+            try:
+                poller.poll(timeout)
+            except InterruptedError:
+                continue
+            if self._stopping:
+                return
+            self._let_expired_go(fd)
+            for _mask, event_fd, tid in fanotify.read_events(fd):
+                if event_fd < 0:
+                    continue
+                self.asked += 1
+                try:
+                    self._decide(fd, event_fd, tid)
+                except Exception as exc:
+                    self._answer(fd, event_fd, True)
+                    self._turn_off(fd, f"{type(exc).__name__}: {exc}")
+
+    def _turn_off(self, fd: int, why: str) -> None:
+        """An internal error: allow everything from now on."""
+        if self.failure is None:
+            self.failure = why
+            self._engaged = False
+            with contextlib.suppress(OSError):
+                fanotify.flush(fd)
+            self._let_all_go(fd, "error")
+
+    def _decide(self, fd: int, event_fd: int, tid: int) -> None:
+        if not self._engaged:
+            self._answer(fd, event_fd, True)
+            return
+        st = os.fstat(event_fd)
+        f = self.files.get((st.st_dev, st.st_ino))
+        flags, how = opener_flags(tid)
+        if f is None or (flags is not None and not writes(flags)):
+            self._answer(fd, event_fd, True)
+            return
+        pid, command = _status(tid)
+        if pid is not None and _descends_from(pid, self._pid):
+            # ours, or the payload's (``criu dump``): holding it would stall the
+            # checkpoint it is part of; what it writes, the watch judges
+            self._answer(fd, event_fd, True)
+            return
+        record = HeldOpen(
+            path=f.path,
+            dev=f.dev,
+            ino=f.ino,
+            pid=pid,
+            tid=tid,
+            command=command,
+            flags=f"{describe_flags(flags)} ({how})" if flags is not None else how,
+            action="denied" if f.mode is HoldMode.DENY else "delayed",
+            at=time.monotonic(),
+        )
+        self.held.append(record)
+        if f.mode is HoldMode.DENY:
+            self._answer(fd, event_fd, False)
+        else:
+            self._waiting.append((event_fd, record))
+
+    def _answer(self, fd: int, event_fd: int, allow: bool) -> None:
+        try:
+            fanotify.respond(fd, event_fd, allow)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the opener was killed meanwhile
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(event_fd)
+
+    def _let_go(self, fd: int, event_fd: int, record: HeldOpen, why: str) -> None:
+        record.held_ms = (time.monotonic() - record.at) * 1000
+        record.released = why
+        with contextlib.suppress(OSError):
+            self._answer(fd, event_fd, True)
+
+    def _let_expired_go(self, fd: int) -> None:
+        now = time.monotonic()
+        due = [(e, h) for e, h in self._waiting if now - h.at >= self.limit_s]
+        if due:
+            self._waiting = [(e, h) for e, h in self._waiting if now - h.at < self.limit_s]
+            for event_fd, record in due:
+                self._let_go(fd, event_fd, record, "deadline")
+
+    def _let_all_go(self, fd: int, why: str) -> None:
+        waiting, self._waiting = self._waiting, []
+        for event_fd, record in waiting:
+            self._let_go(fd, event_fd, record, why)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
