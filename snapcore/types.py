@@ -180,9 +180,11 @@ class RescueKind(StrEnum):
     #: Write ``value`` to the file ``path`` (a cgroup's ``cgroup.freeze``: ``0``).
     WRITE = "write"
     #: Let go every open a fanotify permission group holds (``on_change: delay``):
-    #: the guard gets a copy of the group's descriptor ``fd``, removes its marks,
-    #: allows what is queued and closes it. Nothing is left for ``recover``: the
-    #: kernel allows every pending open once the last descriptor is closed.
+    #: the guard gets copies of ``fds`` (the group's, then the change watch's
+    #: groups'), removes the group's marks, allows what is queued and what the
+    #: process ``value`` (its pid) read, and closes them all, the group first.
+    #: Nothing is left for ``recover``: the kernel allows every pending open once
+    #: the last descriptor is closed.
     FANOTIFY = "fanotify"
 
 
@@ -194,11 +196,18 @@ class Rescue:
     path: str | None = None
     argv: tuple[str, ...] = ()
     value: str | None = None
-    #: A descriptor handed to the guard (``FANOTIFY``); never written anywhere.
-    fd: int | None = field(default=None, compare=False, repr=False)
+    #: Descriptors handed to the guard (``FANOTIFY``); never written anywhere.
+    fds: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    #: Frozen from the moment the guard holds it, until this ``CLOCK_MONOTONIC``
+    #: time at the latest (``FANOTIFY``: the hold's end).
+    until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "path": self.path, "argv": list(self.argv), "value": self.value}
+        data: dict[str, Any] = {"kind": self.kind.value, "path": self.path, "argv": list(self.argv)}
+        data["value"] = self.value
+        if self.until is not None:
+            data["until"] = self.until
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Rescue:

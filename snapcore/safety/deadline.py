@@ -314,8 +314,9 @@ class ProcessWatchdog:
             fds: list[int] = []
             try:
                 for key, rescue in chunk:
-                    fds.append(_descriptor_for(key, rescue))
-                targets = [{"key": key, **r.to_json()} for key, r in chunk] + (others if n == 0 else [])
+                    fds.extend(_descriptors_for(key, rescue))
+                targets = [{"key": key, **r.to_json(), **_fd_count(r)} for key, r in chunk]
+                targets += others if n == 0 else []
                 msg = {"op": "targets", "cp": self.cp, "record": self.record, "targets": targets}
                 self.link.send(msg, fds, restart=not self._begun, ack=ACK_TIMEOUT_S)
                 self._begun = True
@@ -362,16 +363,27 @@ class ProcessWatchdog:
 _WITH_FD = (RescueKind.FITHAW, RescueKind.FANOTIFY)
 
 
-def _descriptor_for(key: str, rescue: Rescue) -> int:
-    """The descriptor the guard gets for this rescue (ours to close once sent)."""
+def _descriptors_for(key: str, rescue: Rescue) -> list[int]:
+    """The descriptors the guard gets for this rescue (ours to close once sent)."""
+    fds: list[int] = []
     try:
         if rescue.kind is RescueKind.FANOTIFY:
-            if rescue.fd is None:
+            if not rescue.fds:
                 raise GuardError(f"{key}: a fanotify rescue without its descriptor")
-            return os.dup(rescue.fd)
-        return os.open(str(rescue.path), _DIR_FLAGS)
+            for fd in rescue.fds:
+                fds.append(os.dup(fd))
+        else:
+            fds.append(os.open(str(rescue.path), _DIR_FLAGS))
     except OSError as exc:
+        for fd in fds:
+            os.close(fd)
         raise GuardError(f"cannot open {rescue.path or key} for the guard: {exc}") from exc
+    return fds
+
+
+def _fd_count(rescue: Rescue) -> dict[str, int]:
+    """How many descriptors travel with a target, when not one."""
+    return {"fds": len(rescue.fds)} if rescue.kind is RescueKind.FANOTIFY else {}
 
 
 _GUARD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")

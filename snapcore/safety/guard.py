@@ -11,15 +11,22 @@ in progress at once):
 
 * ``{"op": "targets", "cp", "record", "targets": [{"key", "kind": "fithaw"} |
   {"key", "kind": "command", "argv"} | {"key", "kind": "write", "path", "value"} |
-  {"key", "kind": "fanotify"}]}`` with one descriptor attached (``SCM_RIGHTS``) for
-  each ``fithaw`` target (an open directory of the mount) and each ``fanotify`` one
-  (a copy of a permission group's: ``on_change: delay``), in order (``write`` thaws
-  a cgroup of frozen tasks; ``fanotify`` lets go the opens a group holds).
+  {"key", "kind": "fanotify", "fds"}]}`` with descriptors attached (``SCM_RIGHTS``)
+  in order: one for each ``fithaw`` target (an open directory of the mount), ``fds``
+  for each ``fanotify`` one (``on_change: delay``: a copy of the permission group,
+  then of the change watch's groups). ``write`` thaws a cgroup of frozen tasks;
+  ``fanotify`` lets go the opens the group holds, then closes the other groups.
+  Holding those too keeps a killed controller's exit from releasing them: a group
+  whose marks a held opener pinned waits for that opener, and the controller's
+  exit, stuck there, would never close the socket that tells us it died;
   The descriptors travel with the message: once the controller's ``send`` returns,
   the guard holds them even if the controller dies before the guard reads them.
   With ``"ack": true`` the guard answers ``ok`` once it has taken them: the
   controller waits for that before its first freeze (the guard holds them, and
   is idle again, before anything is frozen);
+* a target with ``"until": at`` counts as frozen from its arrival, and is thawed
+  alone once ``at`` passes, armed or not (an open hold: it holds from the moment
+  the guard has its copy of the group, and ends at ``at``);
 * ``{"op": "freezing", "cp", "keys"[, "at"]}`` before freezing them (with the
   deadline, as for ``arm``, on the first one after arming); ``{"op": "thawed",
   "cp", "keys"}`` after thawing them; only targets between the two are ever thawed
@@ -137,11 +144,15 @@ def _load_fanotify() -> None:
         _fanotify_mark = libc.fanotify_mark
 
 
-def release_fanotify(fd: int) -> int:
+def release_fanotify(fd: int, owner: int | None = None) -> int:
     """Let go every open a fanotify permission group holds: its marks removed (no
     new event), every queued event allowed, then this descriptor closed (when it is
-    the last, the kernel allows the events a dead reader had taken). Returns how
-    many queued events were allowed."""
+    the last, the kernel allows the events a dead reader had taken). The events a
+    stalled ``owner`` process read and holds are answered too: a response names an
+    event by the descriptor number its reader got, so every number in
+    ``/proc/OWNER/fd`` is answered "allow" (a number that is no pending event of
+    this group is refused with ENOENT, harmlessly). Returns how many answers the
+    kernel took."""
     import struct
 
     allowed = 0
@@ -167,6 +178,12 @@ def release_fanotify(fd: int) -> int:
                         allowed += 1
                     with contextlib.suppress(OSError):
                         os.close(event_fd)
+        if owner is not None:
+            with contextlib.suppress(OSError):
+                for name in os.listdir(f"/proc/{owner}/fd"):
+                    with contextlib.suppress(OSError, ValueError):
+                        os.write(fd, struct.pack("=iI", int(name), _FAN_ALLOW))
+                        allowed += 1
     finally:
         os.close(fd)
     return allowed
@@ -179,14 +196,19 @@ class Checkpoint:
         self.record = record
         self.targets: dict[str, dict[str, object]] = {}
         self.fds: dict[str, int] = {}
+        #: Descriptors closed after a ``fanotify`` target's group (the watch's groups).
+        self.extra: dict[str, list[int]] = {}
         self.frozen: list[str] = []
         self.deadline: float | None = None
+        #: Deadlines of single keys (``until``).
+        self.until: dict[str, float] = {}
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+    def close(self, *keys: str) -> None:
+        """Close the descriptors of ``keys`` (default: all), each group first."""
+        for key in keys or list(self.fds):
+            for fd in [*([self.fds.pop(key)] if key in self.fds else []), *self.extra.pop(key, [])]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class Guard:
@@ -215,10 +237,15 @@ class Guard:
                 tkey = str(target["key"])
                 cp.targets[tkey] = target
                 if target.get("kind") in WITH_FD and fds:
-                    old = cp.fds.pop(tkey, None)
-                    if old is not None:
-                        os.close(old)
+                    cp.close(tkey)
                     cp.fds[tkey] = fds.pop(0)
+                    count = target.get("fds", 1)
+                    extra = max(0, min(int(count) if isinstance(count, int) else 1, len(fds) + 1) - 1)
+                    cp.extra[tkey], fds = fds[:extra], fds[extra:]
+                if "until" in target:  # held from now on, until then at the latest
+                    if tkey not in cp.frozen:
+                        cp.frozen.append(tkey)
+                    cp.until[tkey] = float(target["until"])
             for fd in fds:  # more than announced: not ours to keep
                 os.close(fd)
             return True
@@ -234,6 +261,10 @@ class Guard:
                 cp.deadline = float(msg["at"])  # type: ignore[arg-type]
         elif op == "thawed":
             cp.frozen = [k for k in cp.frozen if k not in keys]
+            for key in keys:
+                cp.until.pop(key, None)
+                if cp.targets.get(key, {}).get("kind") == "fanotify":
+                    cp.close(key)  # the hold ended: its groups go now, not with the checkpoint
         elif op == "arm":
             cp.deadline = float(msg["at"])  # type: ignore[arg-type]
         elif op == "disarm":
@@ -248,10 +279,14 @@ class Guard:
             self.rescue(cp, reason)
             cp.close()
 
-    def rescue(self, cp: Checkpoint, reason: str) -> None:
+    def rescue(self, cp: Checkpoint, reason: str, keys: Sequence[str] | None = None) -> None:
+        """Thaw ``keys`` (default: every target still frozen), newest first."""
         thawed: list[str] = []
         errors: list[str] = []
-        for key in reversed(cp.frozen):
+        doing = [k for k in cp.frozen if keys is None or k in keys]
+        cp.frozen = [k for k in cp.frozen if k not in doing]
+        for key in reversed(doing):
+            cp.until.pop(key, None)
             target = cp.targets.get(key, {})
             try:
                 if target.get("kind") == "fithaw":
@@ -261,11 +296,12 @@ class Guard:
                 elif target.get("kind") == "command":
                     run_command(target.get("argv") or [])  # type: ignore[arg-type]
                 elif target.get("kind") == "fanotify" and key in cp.fds:
-                    release_fanotify(cp.fds.pop(key))
+                    owner = str(target.get("value") or "")
+                    release_fanotify(cp.fds.pop(key), int(owner) if owner.isdigit() else None)
+                    cp.close(key)  # then the watch's groups, whose release waited for those opens
                 thawed.append(key)
             except Exception as exc:
                 errors.append(f"{key}: {exc}")
-        cp.frozen.clear()
         if cp.record and (thawed or errors):
             line = json.dumps(
                 {"op": "guard", "reason": reason, "thawed": thawed, "errors": errors, "time": time.time()}
@@ -282,6 +318,7 @@ class Guard:
 
     def timeout(self) -> float | None:
         deadlines = [cp.deadline for cp in self.cps.values() if cp.deadline is not None]
+        deadlines += [at for cp in self.cps.values() for at in cp.until.values()]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def expire(self) -> None:
@@ -290,6 +327,11 @@ class Guard:
             if cp.deadline is not None and cp.deadline <= now:
                 cp.deadline = None
                 self.rescue(cp, "deadline")
+            due = [key for key, at in cp.until.items() if at <= now]
+            if due:
+                self.rescue(cp, "deadline", due)
+                for key in due:
+                    cp.until.pop(key, None)
 
     def run(self, sock: _socket.socket) -> int:
         while True:

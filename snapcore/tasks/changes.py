@@ -224,6 +224,11 @@ class ChangeWatch:
             os.close(self._fan_fd)
             self._fan_fd = None
 
+    def descriptors(self) -> list[int]:
+        """The kernel groups' descriptors (inotify, fanotify) while running."""
+        fds = [self._inotify.fileno()] if self._inotify is not None else []
+        return fds + ([self._fan_fd] if self._fan_fd is not None else [])
+
     # -- events -------------------------------------------------------------------
 
     def _record(self, kind: ChangeKind, f: Watched | None, detail: str, source: str, pid: int | None = None) -> None:

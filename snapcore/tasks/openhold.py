@@ -27,9 +27,11 @@ Safety, since a held open is a blocked process:
 
 * the answers come from a thread of their own that takes no lock anything else
   takes, logs nothing and imports nothing while running;
-* a held open is let go ``limit_s`` after it arrived whatever else happens (its
-  write then happens under the frozen tasks, and the change watch fails the
-  checkpoint: ``delay`` is never weaker than ``fail``);
+* holding ends ``limit_s`` after :meth:`OpenHold.engage` (the mount's
+  ``freeze_timeout``) whatever else happens: every held open is let go and nothing
+  more is held (a write then lands under the frozen tasks, and the change watch
+  fails the checkpoint: ``delay`` is never weaker than ``fail``); the guard is told
+  the same end, for a controller that cannot keep it;
 * an error in the thread allows that open and turns the hold off: every held open
   allowed, the marks removed, whatever is still queued allowed;
 * a controller that dies closes its descriptor and the kernel allows every pending
@@ -95,8 +97,8 @@ class HeldOpen:
     #: ``time.monotonic()`` when it was asked.
     at: float
     held_ms: float = 0.0
-    #: Why a delayed open was let go: ``thaw``, ``deadline`` (held ``limit_s``),
-    #: ``error`` (the hold turned itself off).
+    #: Why a delayed open was let go: ``thaw``, ``deadline`` (the hold's end,
+    #: ``limit_s`` after the freeze), ``error`` (the hold turned itself off).
     released: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -226,7 +228,7 @@ class OpenHold:
 
     Args:
         files: the needed files and what to do with their write opens.
-        limit_s: the longest one open is held.
+        limit_s: the longest holding lasts (from :meth:`engage`).
     """
 
     def __init__(self, files: Iterable[HoldFile], *, limit_s: float) -> None:
@@ -241,6 +243,8 @@ class OpenHold:
         self._fd: int | None = None
         self._engaged = False
         self._stopping = False
+        #: When holding ends at the latest (``time.monotonic()``), once engaged.
+        self.until: float | None = None
         #: Why the hold turned itself off, if it did.
         self.failure: str | None = None
         self._waiting: list[tuple[int, HeldOpen]] = []
@@ -284,8 +288,11 @@ class OpenHold:
         self._thread = threading.Thread(target=self._run, name="snapcore-open-hold", daemon=True)
         self._thread.start()
 
-    def engage(self) -> None:
-        """From now on write opens of the needed files are held or refused."""
+    def engage(self, until: float | None = None) -> None:
+        """From now on write opens of the needed files are held or refused, until
+        :meth:`release` or ``until`` (a ``time.monotonic()`` value; default: now +
+        ``limit_s``), when every held open is let go and nothing more is held."""
+        self.until = until if until is not None else time.monotonic() + self.limit_s
         self._engaged = True
 
     def release(self) -> list[HeldOpen]:
@@ -336,16 +343,20 @@ class OpenHold:
         poller.register(wake, select.POLLIN)
         while not self._stopping:
             timeout = None
-            if self._waiting:
-                first = min(h.at for _, h in self._waiting)
-                timeout = max(0, int((first + self.limit_s - time.monotonic()) * 1000) + 1)
+            if self._engaged and self.until is not None:
+                timeout = max(0, int((self.until - time.monotonic()) * 1000) + 1)
             try:
-                poller.poll(timeout)
+                ready = poller.poll(timeout)
             except InterruptedError:
                 continue
             if self._stopping:
                 return
-            self._let_expired_go(fd)
+            if any(r == wake for r, _ in ready):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake, 64)
+            if self._engaged and self.until is not None and time.monotonic() >= self.until:
+                self._engaged = False  # the hold's end: nothing more is held
+                self._let_all_go(fd, "deadline")
             for _mask, event_fd, tid in fanotify.read_events(fd):
                 if event_fd < 0:
                     continue
@@ -366,7 +377,7 @@ class OpenHold:
             self._let_all_go(fd, "error")
 
     def _decide(self, fd: int, event_fd: int, tid: int) -> None:
-        if not self._engaged:
+        if not self._engaged or (self.until is not None and time.monotonic() >= self.until):
             self._answer(fd, event_fd, True)
             return
         st = os.fstat(event_fd)
@@ -413,14 +424,6 @@ class OpenHold:
         record.released = why
         with contextlib.suppress(OSError):
             self._answer(fd, event_fd, True)
-
-    def _let_expired_go(self, fd: int) -> None:
-        now = time.monotonic()
-        due = [(e, h) for e, h in self._waiting if now - h.at >= self.limit_s]
-        if due:
-            self._waiting = [(e, h) for e, h in self._waiting if now - h.at < self.limit_s]
-            for event_fd, record in due:
-                self._let_go(fd, event_fd, record, "deadline")
 
     def _let_all_go(self, fd: int, why: str) -> None:
         waiting, self._waiting = self._waiting, []

@@ -107,3 +107,118 @@ def holder(tmp_path: Path) -> Iterator[Holders]:
         yield holders
     finally:
         holders.close()
+
+
+# Opens PATH as HOW says (after it stopped being a descendant of ANCESTOR: started by
+# `setsid -f`, it is re-parented away from the test, as any other program on the
+# machine is), writes a line if it may, and leaves OUT (JSON: result, ms) whole.
+STRANGER = r"""
+import ctypes, errno, json, os, struct, sys, time
+path, how, out, ancestor = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def descends():
+    pid = os.getpid()
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        stat = open(f"/proc/{pid}/stat", "rb").read()
+        pid = int(stat[stat.rindex(b")") + 2:].split()[1])
+    return False
+give_up = time.monotonic() + 30
+while descends() and time.monotonic() < give_up:
+    time.sleep(0.001)
+open(out + ".pid", "w").write(str(os.getpid()))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+FLAGS = {"read": os.O_RDONLY, "append": os.O_WRONLY | os.O_APPEND, "rdwr": os.O_RDWR,
+         "trunc-ro": os.O_RDONLY | os.O_TRUNC}
+def raw(*args):
+    fd = libc.syscall(*args)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(fd)
+t = time.monotonic()
+try:
+    if how == "creat":  # x86_64 creat(2)
+        fd = raw(85, path.encode(), 0o644)
+    elif how.startswith("openat2-"):
+        flags = os.O_WRONLY | os.O_APPEND if how == "openat2-write" else os.O_RDONLY
+        open_how = ctypes.create_string_buffer(struct.pack("=QQQ", flags, 0, 0))
+        fd = raw(437, -100, path.encode(), open_how, 24)
+    else:
+        fd = os.open(path, FLAGS[how])
+    if how in ("append", "rdwr", "creat", "openat2-write"):
+        os.write(fd, b"stranger\n")
+    os.close(fd)
+    result = "ok"
+except OSError as exc:
+    result = errno.errorcode.get(exc.errno, str(exc.errno))
+with open(out + ".tmp", "w") as f:
+    json.dump({"result": result, "ms": (time.monotonic() - t) * 1000}, f)
+os.rename(out + ".tmp", out)
+"""
+
+
+class Stranger:
+    """An opener that is no descendant of the test (so no descendant of a
+    controller running in it): see :func:`start_stranger`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int(self.out.with_name(self.out.name + ".pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def blocked(self) -> bool:
+        """Waiting for a fanotify answer (in the kernel's fanotify code)."""
+        try:
+            return Path(f"/proc/{self.pid}/wchan").read_text().startswith("fanotify")
+        except (OSError, TypeError):
+            return False
+
+    def wait_blocked(self, timeout: float) -> None:
+        deadline = time.monotonic() + machine_pace().seconds(timeout)
+        while not self.blocked():
+            if self.out.exists():
+                raise AssertionError(f"the opener was not held: {self.out.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the opener never waited for a fanotify answer")
+            time.sleep(0.005)
+
+    def result(self, timeout: float) -> dict[str, object]:
+        """What its open did (``result``: ok or an errno name; ``ms``)."""
+        import json
+
+        deadline = time.monotonic() + machine_pace().seconds(timeout)
+        while not self.out.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the opener did not finish within {timeout:g}s (blocked: {self.blocked()})")
+            time.sleep(0.005)
+        result: dict[str, object] = json.loads(self.out.read_text())
+        return result
+
+    def kill(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_stranger(path: Path | str, how: str, out: Path, wrap: Sequence[str] = ()) -> Stranger:
+    """Open ``path`` from a process that is no descendant of this one. ``how``:
+    ``read``, ``append``, ``rdwr``, ``trunc-ro`` (``O_RDONLY|O_TRUNC``), ``creat``
+    (the system call), ``openat2-write``, ``openat2-read``. ``wrap`` execs the rest
+    (``unshare -m ...``). Its pid is known once it is no descendant
+    (:attr:`Stranger.pid`)."""
+    subprocess.run(
+        ["setsid", "-f", *wrap, sys.executable, "-c", STRANGER, str(path), how, str(out), str(os.getpid())],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return Stranger(out)

@@ -4,6 +4,7 @@ filesystems' freeze, their needed files watched, what changed under them judged.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,7 +122,6 @@ class HeldTasks:
 
         self.watch = ChangeWatch(self.inventory)
         self.watch.start()
-        self._start_hold()
         # what the tasks' files hold, hashed now that a change would be seen
         from snapcore.tasks.digests import digest_files
 
@@ -137,10 +137,11 @@ class HeldTasks:
         return policy.rule_for(mount_point) if mount_point else policy.fallback
 
     def _start_hold(self) -> None:
-        """``on_change: delay|deny``: mark the needed regular files of those mounts
-        (outside the window); write opens are held from the tasks' freeze on (at
-        once when someone else already stopped them) until their thaw, for at most
-        the mount's ``freeze_timeout``."""
+        """``on_change: delay|deny``: right before the tasks stop, mark the needed
+        regular files of those mounts and hand the guard a copy of the group with
+        the hold's end (``freeze_timeout`` from now): from the moment the guard holds
+        it, a controller that dies or stalls cannot leave an opener blocked past that
+        end. Write opens are held from :meth:`_freeze` (``engage``) to the thaw."""
         from snapcore.tasks.openhold import HoldFile, HoldMode, OpenHold
 
         files: list[HoldFile] = []
@@ -153,18 +154,28 @@ class HeldTasks:
             limit = min(limit, rule.freeze_timeout) if limit is not None else rule.freeze_timeout
         if not files or limit is None:
             return
+        txn = self.txn
         t = time.perf_counter()
-        self.hold = hold = OpenHold(files, limit_s=limit)
+        hold = OpenHold(files, limit_s=limit)
         hold.start()
-        self.txn.manifest.timings["hold_marks"] = round((time.perf_counter() - t) * 1000, 3)
-        self.txn.manifest.warnings.extend(hold.warnings)
+        txn.manifest.warnings.extend(hold.warnings)
         if hold.descriptor is None:
-            self.hold = None
             return
-        self.txn.manifest.holds = []
-        self.rescues[f"hold:{self.txn.id}"] = Rescue(kind=RescueKind.FANOTIFY, fd=hold.descriptor)
-        if self.spec.stopped_by is not None:  # stopped already (CRIU, before its post-dump hook)
-            hold.engage()
+        self.hold = hold
+        txn.manifest.holds = []
+        until = time.monotonic() + limit
+        # the guard holds the watch's groups too (see snapcore.safety.guard)
+        fds = (hold.descriptor, *(self.watch.descriptors() if self.watch is not None else ()))
+        rescue = Rescue(kind=RescueKind.FANOTIFY, fds=fds, value=str(os.getpid()), until=until)
+        self.rescues[self.hold_key] = rescue
+        txn.journal.record("freeze", key=self.hold_key, rescue=rescue.to_json())
+        txn.watchdog.watch({self.hold_key: rescue})
+        hold.until = until
+        txn.manifest.timings["hold_start"] = round((time.perf_counter() - t) * 1000, 3)
+
+    @property
+    def hold_key(self) -> str:
+        return f"hold:{self.txn.id}"
 
     def _let_go(self, hold: OpenHold) -> None:
         """After the thaw: every held open allowed; what was held goes in the manifest."""
@@ -172,6 +183,7 @@ class HeldTasks:
         t = time.perf_counter()
         held = hold.release()
         txn.manifest.timings["hold_release"] = round((time.perf_counter() - t) * 1000, 3)
+        self._said_thawed(hold=True)
         txn.manifest.holds = [h.to_json() for h in held]
         txn.manifest.warnings.extend(w for w in hold.warnings if w not in txn.manifest.warnings)
         if hold.failure:
@@ -199,16 +211,18 @@ class HeldTasks:
 
     def _freeze(self) -> None:
         txn = self.txn
+        self._start_hold()
         if self.freezer is not None:
+            keys = [key for key in self.rescues if key != self.hold_key]
             txn.journal.record_many(
-                [{"op": "freeze", "key": key, "rescue": r.to_json()} for key, r in self.rescues.items()]
+                [{"op": "freeze", "key": key, "rescue": self.rescues[key].to_json()} for key in keys]
             )
-            if self.rescues:
-                txn.watchdog.freezing(*self.rescues)
+            if keys:
+                txn.watchdog.freezing(*keys)
             t = time.perf_counter()
             self.freezer.freeze()
             if self.hold is not None:
-                self.hold.engage()
+                self.hold.engage(self.hold.until)
             if self.watch is not None:
                 # a task's write queues its event before the task can freeze, but the
                 # watch stamps an event when it reads it: read what the tasks wrote
@@ -218,6 +232,8 @@ class HeldTasks:
             self.stopped_at = time.monotonic()
             self.stopped_wall = time.time()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
+        elif self.hold is not None:  # stopped already (CRIU, before its post-dump hook)
+            self.hold.engage(self.hold.until)
         from snapcore.tasks.digests import at_freeze
 
         self.inventory = at_freeze(self.inventory)  # as they are now that the tasks stand still
@@ -269,12 +285,14 @@ class HeldTasks:
                 txn.manifest.tasks["stopped_ms"] = round((time.monotonic() - self.stopped_at) * 1000, 3)
             self._said_thawed()
 
-    def _said_thawed(self) -> None:
-        """The journal and the guard learn that the tasks are thawed."""
-        self.txn.journal.record_many([{"op": "thawed", "key": key} for key in self.rescues])
-        if self.rescues:
+    def _said_thawed(self, *, hold: bool = False) -> None:
+        """The journal and the guard learn that the tasks are thawed (``hold``: that
+        the open hold has ended)."""
+        keys = [key for key in self.rescues if (key == self.hold_key) == hold]
+        self.txn.journal.record_many([{"op": "thawed", "key": key} for key in keys])
+        if keys:
             with contextlib.suppress(SnapcoreError):
-                self.txn.watchdog.thawed(*self.rescues)
+                self.txn.watchdog.thawed(*keys)
 
     def announce_hand_off(self) -> None:
         """Before the export's manifest copy is published (the destination starts
