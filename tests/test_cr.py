@@ -580,9 +580,17 @@ def test_a_failed_criu_dump_says_what_criu_said(
         proc.wait()
 
 
+@pytest.mark.parametrize("on_change", [None, "delay"])
 def test_criu_action_script(
-    criu_and_btrfs: tuple[Criu, Path], state_dir: Path, holder: object, tmp_path: Path, pace: Pace
+    criu_and_btrfs: tuple[Criu, Path],
+    state_dir: Path,
+    holder: object,
+    tmp_path: Path,
+    pace: Pace,
+    on_change: str | None,
 ) -> None:
+    """``delay``: CRIU stopped the tasks before the hook runs; the open hold starts
+    (and is handed to the guard) inside the hook."""
     criu, mnt = criu_and_btrfs
     data = mnt / "data.txt"
     proc = holder(data)  # type: ignore[operator]
@@ -590,7 +598,11 @@ def test_criu_action_script(
     images.mkdir()
     # CRIU runs an action script by path, without a shell: the one snapcore writes
     hook = tmp_path / "snapcore-hook"
-    assert main(["--state-dir", str(state_dir), "criu-hook", "--write-script", str(hook)]) == 0
+    policy: list[str] = []
+    if on_change:
+        (tmp_path / "p.yaml").write_text(f"version: 1\nmounts:\n  {mnt}:\n    on_change: {on_change}\n")
+        policy = ["--policy", str(tmp_path / "p.yaml")]
+    assert main(["--state-dir", str(state_dir), "criu-hook", *policy, "--write-script", str(hook)]) == 0
     assert os.stat(hook).st_mode & 0o777 == 0o755
     base = [criu.path, "--action-script", str(hook)]
     dump = subprocess.run(
@@ -603,6 +615,8 @@ def test_criu_action_script(
     assert manifest["targets"][0]["consistency"] == "tasks-frozen" and manifest["tasks"]["stopped_ms"] > 0
     assert manifest["criu"]["images_dir"] == str(images)
     assert any(f["path"] == str(data) for f in manifest["files"])
+    if on_change:
+        assert manifest["holds"] == [] and "hold_start" in manifest["timings"], manifest["warnings"]
     proc.wait(pace.seconds(10))
     data.write_text("changed after the checkpoint, longer than before\n")
     restore = subprocess.run(
