@@ -131,7 +131,7 @@ def test_deny_refuses_a_writer(scene: Scene) -> None:
     assert scene.opener("rdwr", "after").result(10)["result"] == "ok"  # only while the tasks were frozen
 
 
-@pytest.mark.parametrize("change", ["unlink", "rename", "truncate", "write-through-an-older-descriptor"])
+@pytest.mark.parametrize("change", ["unlink", "rename", "rename-over", "truncate", "write-through-an-older-descriptor"])
 def test_what_fanotify_cannot_hold_still_fails_the_checkpoint(scene: Scene, change: str) -> None:
     """``delay`` is never weaker than ``fail``: changes that open nothing (or opened
     before the hold) are caught by the watch."""
@@ -142,6 +142,10 @@ def test_what_fanotify_cannot_hold_still_fails_the_checkpoint(scene: Scene, chan
             scene.data.unlink()
         elif change == "rename":
             scene.data.rename(scene.data.with_suffix(".old"))
+        elif change == "rename-over":
+            other = scene.data.with_suffix(".new")
+            other.write_bytes(b"another file\n")
+            other.rename(scene.data)
         elif change == "truncate":
             os.truncate(scene.data, 3)
         else:

@@ -103,7 +103,11 @@ def _rule(plugins: Plugins) -> dict[str, Any]:
                 {"type": "string", "pattern": DURATION_PATTERN},
             ],
         },
-        "on_change": {"description": "a needed file changed under the tasks", "enum": list(ON_CHANGE)},
+        "on_change": {
+            "description": "a needed file changed under the frozen tasks: fail, warn, or also hold back (delay) "
+            "or refuse (deny) opens of it for writing",
+            "enum": list(ON_CHANGE),
+        },
     }
     assert set(properties) == set(RULE_KEYS), "a rule key without its schema"
     assert set(properties["keep"]["properties"]) == set(KEEP_KEYS)
