@@ -122,9 +122,9 @@ def test_nothing_is_held_before_engage_or_after_release(needed: Path, opener: Op
     hold.start()
     try:
         assert opener(needed, "append").result(10)["result"] == "ok"
-        assert hold.asked == 1  # asked, and allowed: the tasks still run
     finally:
         assert hold.release() == []
+    assert hold.asked == 1  # asked, and allowed: the tasks still ran
     assert opener(needed, "append").result(10)["result"] == "ok"
 
 
@@ -138,9 +138,9 @@ def test_unrelated_files_are_never_asked_about(needed: Path, tmp_path: Path) -> 
     try:
         hold.engage()
         subprocess.run(["sh", "-c", " ".join(f"echo y >> {p};" for p in others)], check=True)
-        assert hold.asked == 0
     finally:
         hold.release()
+    assert hold.asked == 0
 
 
 def test_holding_ends_at_the_limit(needed: Path, opener: Openers) -> None:
@@ -151,11 +151,10 @@ def test_holding_ends_at_the_limit(needed: Path, opener: Openers) -> None:
         hold.engage()
         first = opener(needed, "append")
         assert first.result(10)["result"] == "ok"  # not waiting for the release
-        assert [h.released for h in hold.held] == ["deadline"]
         assert opener(needed, "append").result(10)["result"] == "ok"
-        assert len(hold.held) == 1
     finally:
         hold.release()
+    assert [h.released for h in hold.held] == ["deadline"]
 
 
 def test_an_opener_killed_while_held(needed: Path, opener: Openers) -> None:
@@ -182,9 +181,9 @@ def test_our_own_and_our_childrens_write_opens_are_not_held(needed: Path) -> Non
         with open(needed, "a") as f:
             f.write("ours\n")
         subprocess.run(["sh", "-c", f"echo child >> {needed}"], check=True)
-        assert hold.asked == 2 and hold.held == []
     finally:
         hold.release()
+    assert hold.asked == 2 and hold.held == []
 
 
 def test_held_through_another_mount_namespace_s_bind_mount(needed: Path, tmp_path: Path, opener: Openers) -> None:

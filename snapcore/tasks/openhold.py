@@ -25,8 +25,10 @@ release) or refused (``deny``: ``FAN_DENY``, the opener's ``open`` fails with
 
 Safety, since a held open is a blocked process:
 
-* the answers come from a thread of their own that takes no lock anything else
-  takes, logs nothing and imports nothing while running;
+* the answers come from a process forked for them, which runs nothing but its
+  loop (no lock, no log, no import): nothing of the controller's can stall it, not
+  Python's lock, not a SIGSTOP; it also keeps the change watch's groups open (see
+  :class:`OpenHold`);
 * holding ends ``limit_s`` after :meth:`OpenHold.engage` (the mount's
   ``freeze_timeout``) whatever else happens: every held open is let go and nothing
   more is held (a write then lands under the frozen tasks, and the change watch
@@ -43,17 +45,23 @@ Safety, since a held open is a blocked process:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import gc
+import json
 import os
 import platform
 import select
+import signal
+import socket
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from snapcore.host import fanotify
 
@@ -98,7 +106,8 @@ class HeldOpen:
     at: float
     held_ms: float = 0.0
     #: Why a delayed open was let go: ``thaw``, ``deadline`` (the hold's end,
-    #: ``limit_s`` after the freeze), ``error`` (the hold turned itself off).
+    #: ``limit_s`` after the freeze), ``error`` (the hold turned itself off),
+    #: ``controller gone`` (it died).
     released: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -219,26 +228,42 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+#: How long :meth:`OpenHold.release` waits for the answering process's report.
+RELEASE_WAIT_S = 10.0
+#: Held or refused opens listed in the report (the rest are counted).
+MAX_REPORTED = 200  # one SOCK_SEQPACKET message: well under the socket's buffer
+
+
 # -- the hold -------------------------------------------------------------------------------
 
 
 class OpenHold:
-    """Hold back or refuse write opens of needed files. ``start`` (marks, thread),
-    ``engage`` (the tasks are frozen), ``release`` (thawed: returns what was held).
+    """Hold back or refuse write opens of needed files. ``start`` (marks, the
+    answering process), ``engage`` (the tasks are frozen), ``release`` (thawed:
+    returns what was held).
+
+    The answers come from a process forked for it (:meth:`start`): nothing of the
+    controller's can stall it, not even Python's lock (btrfsutil's snapshot keeps
+    that for the whole ioctl, 68 ms measured), nor the controller stopping (SIGSTOP)
+    or dying. It holds copies of ``keep`` too (the change watch's groups): a group
+    that a held opener has pinned cannot finish closing until the opener is
+    answered, so the controller's exit must never be the one to close it.
 
     Args:
         files: the needed files and what to do with their write opens.
         limit_s: the longest holding lasts (from :meth:`engage`).
+        keep: other descriptors the answering process keeps open while it runs.
     """
 
-    def __init__(self, files: Iterable[HoldFile], *, limit_s: float) -> None:
+    def __init__(self, files: Iterable[HoldFile], *, limit_s: float, keep: Iterable[int] = ()) -> None:
         self.files = {(f.dev, f.ino): f for f in files}
         self.limit_s = limit_s
+        self.keep = tuple(keep)
         self.warnings: list[str] = []
-        #: Every open held or refused, oldest first.
+        #: Every open held or refused, oldest first (known after :meth:`release`).
         self.held: list[HeldOpen] = []
         self.marks = 0
-        #: Permission events answered (every open of a marked file).
+        #: Permission events answered (every open of a marked file; after :meth:`release`).
         self.asked = 0
         self._fd: int | None = None
         self._engaged = False
@@ -248,8 +273,9 @@ class OpenHold:
         #: Why the hold turned itself off, if it did.
         self.failure: str | None = None
         self._waiting: list[tuple[int, HeldOpen]] = []
-        self._thread: threading.Thread | None = None
-        self._wake: tuple[int, int] | None = None
+        self._ctl: socket.socket | None = None
+        self._why_stopped = "thaw"
+        self._child: int | None = None
         self._pid = os.getpid()
 
     @property
@@ -258,9 +284,9 @@ class OpenHold:
         return self._fd
 
     def start(self) -> None:
-        """Create the group, mark every file, start answering (everything allowed
-        until :meth:`engage`). Where fanotify cannot hold opens the reason goes to
-        :attr:`warnings` and nothing runs: the change watch still judges."""
+        """Create the group, mark every file, start the answering process
+        (everything allowed until :meth:`engage`). Where fanotify cannot hold opens
+        the reason goes to :attr:`warnings` and nothing runs: the watch still judges."""
         if self._fd is not None or not self.files:
             return
         try:
@@ -284,16 +310,24 @@ class OpenHold:
             os.close(self._fd)
             self._fd = None
             return
-        self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name="snapcore-open-hold", daemon=True)
-        self._thread.start()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with warnings.catch_warnings():
+            # newer Pythons warn on fork with threads: the child runs only its own loop
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            self._answerer(theirs.detach())
+        theirs.close()
+        self._ctl, self._child = ours, pid
 
     def engage(self, until: float | None = None) -> None:
         """From now on write opens of the needed files are held or refused, until
         :meth:`release` or ``until`` (a ``time.monotonic()`` value; default: now +
         ``limit_s``), when every held open is let go and nothing more is held."""
         self.until = until if until is not None else time.monotonic() + self.limit_s
-        self._engaged = True
+        if self._ctl is not None:
+            with contextlib.suppress(OSError):
+                self._ctl.send(b"E" + repr(self.until).encode())
 
     def release(self) -> list[HeldOpen]:
         """Let every held open go, stop answering, close the group (idempotent).
@@ -301,46 +335,92 @@ class OpenHold:
         fd, self._fd = self._fd, None
         if fd is None:
             return self.held
-        self._engaged = False
         with contextlib.suppress(OSError):
             fanotify.flush(fd)  # nothing new is asked from here on
-        self._stopping = True
-        if self._wake is not None:
+        ctl, self._ctl = self._ctl, None
+        reply = b""
+        if ctl is not None:
             with contextlib.suppress(OSError):
-                os.write(self._wake[1], b"x")
-        if self._thread is not None:
-            self._thread.join(5)
-            if self._thread.is_alive():
-                self.warnings.append("the open hold's thread did not stop: its descriptor closed under it")
-            self._thread = None
-        if self._wake is not None:
-            os.close(self._wake[0])
-            os.close(self._wake[1])
-            self._wake = None
+                ctl.send(b"R")
+                ctl.settimeout(RELEASE_WAIT_S)
+                reply = ctl.recv(1 << 22)
+            ctl.close()
+        if reply:
+            self._take(reply)
+        else:  # it died (or hangs): whatever is still queued, we allow
+            self.warnings.append("the open hold's answering process did not report: queued opens allowed here")
+            with contextlib.suppress(OSError):
+                for _mask, event_fd, _tid in fanotify.read_events(fd):
+                    self._answer(fd, event_fd, True)
+        if self._child is not None:
+            if not reply:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._child, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._child, 0)
+            self._child = None
         # closing a fanotify descriptor waits for the kernel's SRCU grace period: aside
         threading.Thread(target=_close_quietly, args=(fd,), name="snapcore-open-hold-close", daemon=True).start()
         return self.held
 
-    # -- the answering thread ---------------------------------------------------------
-
-    def _run(self) -> None:
-        fd = self._fd
-        assert fd is not None and self._wake is not None
+    def _take(self, reply: bytes) -> None:
+        """The answering process's report."""
         try:
-            self._serve(fd, self._wake[0])
+            report = json.loads(reply)
+            self.held = [HeldOpen(**h) for h in report["held"]]
+            self.asked = int(report["asked"])
+            self.failure = report["failure"]
+            if report["dropped"]:
+                self.warnings.append(f"{report['dropped']} more held or refused opens not listed")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.warnings.append(f"the open hold's report was unreadable: {exc}")
+
+    # -- the answering process ------------------------------------------------------------
+
+    def _answerer(self, ctl: int) -> NoReturn:
+        """The forked child: answer until told to stop (or the controller is gone),
+        report, exit. Never returns."""
+        code = 1
+        try:
+            gc.disable()  # a cycle of the parent's collected here could close a reused fd
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at the terminal: the controller decides
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the controller's handler
+            fd = self._fd
+            assert fd is not None
+            keep = {fd, ctl, *self.keep}
+            null = os.open(os.devnull, os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) > 2 and int(name) not in keep:
+                    with contextlib.suppress(OSError):
+                        os.close(int(name))
+            report = self._run(fd, ctl)
+            with contextlib.suppress(OSError):
+                os.write(ctl, report)
+            code = 0
+        finally:
+            os._exit(code)
+
+    def _run(self, fd: int, ctl: int) -> bytes:
+        try:
+            self._serve(fd, ctl)
         except BaseException as exc:
             self.failure = self.failure or f"{type(exc).__name__}: {exc}"
         finally:
             # whatever happened: nothing stays held, nothing stays unanswered
-            self._let_all_go(fd, "error" if self.failure else "thaw")
+            self._let_all_go(fd, "error" if self.failure else self._why_stopped)
             with contextlib.suppress(OSError):
                 for _mask, event_fd, _tid in fanotify.read_events(fd):
                     self._answer(fd, event_fd, True)
+        held = [dataclasses.asdict(h) for h in self.held[:MAX_REPORTED]]
+        report = {"held": held, "asked": self.asked, "failure": self.failure, "dropped": len(self.held) - len(held)}
+        return json.dumps(report).encode()
 
-    def _serve(self, fd: int, wake: int) -> None:
+    def _serve(self, fd: int, ctl: int) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        poller.register(wake, select.POLLIN)
+        poller.register(ctl, select.POLLIN)
         while not self._stopping:
             timeout = None
             if self._engaged and self.until is not None:
@@ -349,11 +429,10 @@ class OpenHold:
                 ready = poller.poll(timeout)
             except InterruptedError:
                 continue
-            if self._stopping:
-                return
-            if any(r == wake for r, _ in ready):
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake, 64)
+            if any(r == ctl for r, _ in ready):
+                self._order(os.read(ctl, 256))
+                if self._stopping:
+                    return
             if self._engaged and self.until is not None and time.monotonic() >= self.until:
                 self._engaged = False  # the hold's end: nothing more is held
                 self._let_all_go(fd, "deadline")
@@ -366,6 +445,15 @@ class OpenHold:
                 except Exception as exc:
                     self._answer(fd, event_fd, True)
                     self._turn_off(fd, f"{type(exc).__name__}: {exc}")
+
+    def _order(self, message: bytes) -> None:
+        """``E<until>``: engage; ``R``: release; nothing: the controller is gone."""
+        if message.startswith(b"E"):
+            self.until = float(message[1:])
+            self._engaged = True
+        else:
+            self._stopping = True
+            self._why_stopped = "thaw" if message else "controller gone"
 
     def _turn_off(self, fd: int, why: str) -> None:
         """An internal error: allow everything from now on."""

@@ -156,7 +156,8 @@ class HeldTasks:
             return
         txn = self.txn
         t = time.perf_counter()
-        hold = OpenHold(files, limit_s=limit)
+        keep = self.watch.descriptors() if self.watch is not None else []
+        hold = OpenHold(files, limit_s=limit, keep=keep)
         hold.start()
         txn.manifest.warnings.extend(hold.warnings)
         if hold.descriptor is None:
@@ -165,7 +166,7 @@ class HeldTasks:
         txn.manifest.holds = []
         until = time.monotonic() + limit
         # the guard holds the watch's groups too (see snapcore.safety.guard)
-        fds = (hold.descriptor, *(self.watch.descriptors() if self.watch is not None else ()))
+        fds = (hold.descriptor, *keep)
         rescue = Rescue(kind=RescueKind.FANOTIFY, fds=fds, value=str(os.getpid()), until=until)
         self.rescues[self.hold_key] = rescue
         txn.journal.record("freeze", key=self.hold_key, rescue=rescue.to_json())
