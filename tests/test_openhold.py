@@ -4,6 +4,7 @@ real fanotify permission events and real openers that are no descendants of ours
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,6 +88,7 @@ def test_delay_holds_every_kind_of_write_open_until_the_release(
         records = hold.release()
     for stranger in held.values():
         assert stranger.result(10)["result"] == "ok"
+    assert hold._child is None  # the answering process reported and was reaped
     by_flags = {r.flags: r for r in records}
     assert set(by_flags) == {
         "O_WRONLY|O_APPEND (openat)",
@@ -169,6 +171,24 @@ def test_an_opener_killed_while_held(needed: Path, opener: Openers) -> None:
         records = hold.release()
     assert hold.failure is None and [r.released for r in records] == ["thaw"]
     assert opener(needed, "append").result(10)["result"] == "ok"
+
+
+def test_an_answering_process_killed_while_holding(needed: Path, opener: Openers) -> None:
+    """Its held opens go when the group's last descriptor closes (the release here;
+    in a checkpoint the guard's copy also ends at the hold's end)."""
+    hold = hold_of(HoldMode.DELAY, needed)
+    hold.start()
+    try:
+        hold.engage()
+        stranger = opener(needed, "append")
+        stranger.wait_blocked(10)
+        assert hold._child is not None
+        os.kill(hold._child, signal.SIGKILL)
+        assert stranger.blocked()
+    finally:
+        hold.release()
+    assert stranger.result(10)["result"] == "ok"
+    assert any("did not report" in w for w in hold.warnings)
 
 
 def test_our_own_and_our_childrens_write_opens_are_not_held(needed: Path) -> None:
