@@ -310,11 +310,22 @@ class OpenHold:
             os.close(self._fd)
             self._fd = None
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with warnings.catch_warnings():
-            # newer Pythons warn on fork with threads: the child runs only its own loop
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                with warnings.catch_warnings():
+                    # newer Pythons warn on fork with threads: the child runs only its own loop
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            except OSError:
+                ours.close()
+                theirs.close()
+                raise
+        except OSError as exc:  # no process to answer: nothing may be marked
+            self.warnings.append(f"cannot start the open hold's answering process ({exc.strerror}): writes not held")
+            os.close(self._fd)
+            self._fd = None
+            return
         if pid == 0:
             self._answerer(theirs.detach())
         theirs.close()
