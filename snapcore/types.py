@@ -182,7 +182,8 @@ class RescueKind(StrEnum):
     #: Let go every open a fanotify permission group holds (``on_change: delay``):
     #: the guard gets copies of ``fds`` (the group's, then the change watch's
     #: groups'), removes the group's marks, allows what is queued and what the
-    #: process ``value`` (its pid) read, and closes them all, the group first.
+    #: process ``value`` (its pid: the group's reader) read, and closes them all,
+    #: the group first.
     #: Nothing is left for ``recover``: the kernel allows every pending open once
     #: the last descriptor is closed.
     FANOTIFY = "fanotify"

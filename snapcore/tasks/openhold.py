@@ -283,6 +283,11 @@ class OpenHold:
         """The group's descriptor (for the guard's copy), None when not running."""
         return self._fd
 
+    @property
+    def answerer(self) -> int | None:
+        """The answering process's pid (it holds the events it read), once started."""
+        return self._child
+
     def start(self) -> None:
         """Create the group, mark every file, start the answering process
         (everything allowed until :meth:`engage`). Where fanotify cannot hold opens

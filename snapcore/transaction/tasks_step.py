@@ -4,7 +4,6 @@ filesystems' freeze, their needed files watched, what changed under them judged.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,7 +166,8 @@ class HeldTasks:
         until = time.monotonic() + limit
         # the guard holds the watch's groups too (see snapcore.safety.guard)
         fds = (hold.descriptor, *keep)
-        rescue = Rescue(kind=RescueKind.FANOTIFY, fds=fds, value=str(os.getpid()), until=until)
+        # value: whose descriptor numbers name the events read and not yet answered
+        rescue = Rescue(kind=RescueKind.FANOTIFY, fds=fds, value=str(hold.answerer), until=until)
         self.rescues[self.hold_key] = rescue
         txn.journal.record("freeze", key=self.hold_key, rescue=rescue.to_json())
         txn.watchdog.watch({self.hold_key: rescue})
