@@ -33,13 +33,15 @@ Safety, since a held open is a blocked process:
   ``freeze_timeout``) whatever else happens: every held open is let go and nothing
   more is held (a write then lands under the frozen tasks, and the change watch
   fails the checkpoint: ``delay`` is never weaker than ``fail``); the guard is told
-  the same end, for a controller that cannot keep it;
-* an error in the thread allows that open and turns the hold off: every held open
-  allowed, the marks removed, whatever is still queued allowed;
-* a controller that dies closes its descriptor and the kernel allows every pending
-  open; the guard holds a copy of the descriptor (:attr:`OpenHold.descriptor`, a
-  ``fanotify`` rescue) and, when the controller dies or the deadline passes, removes
-  the marks, allows what is queued and closes its copy.
+  the same end, for an answering process that cannot keep it;
+* an error in the answering loop allows that open and turns the hold off: every
+  held open allowed, the marks removed, whatever is still queued allowed;
+* a controller that dies closes its end of the answering process's socket: that
+  process lets every held open go and exits; the guard holds copies of the
+  descriptors (:attr:`OpenHold.descriptor`, a ``fanotify`` rescue) and, when the
+  controller dies or the hold's end passes, removes the marks, allows what is
+  queued and what the answering process read (by its descriptor numbers), and
+  closes its copies.
 """
 
 from __future__ import annotations
