@@ -165,7 +165,8 @@ class Manifest:
     #: Opens of needed files for writing held back (``on_change: delay``) or refused
     #: (``deny``) while the tasks were frozen: path, device, inode, pid, tid,
     #: command, flags, action (``delayed``/``denied``), ``held_ms``, and for a delayed
-    #: one why it was let go (``released``: thaw, deadline, error). None: no hold ran.
+    #: one why it was let go (``released``: thaw, deadline, error, controller gone).
+    #: None: no hold ran.
     holds: list[dict[str, Any]] | None = None
     #: CRIU's image directory and command, when the payload was a CRIU dump.
     criu: dict[str, Any] | None = None
