@@ -121,6 +121,11 @@ class HeldTasks:
 
         self.watch = ChangeWatch(self.inventory)
         self.watch.start()
+        if spec.stopped_by is not None and self._start_hold(tell_guard=False):
+            # stopped already (CRIU, before its post-dump hook): held from now on, not
+            # only after the digests; the guard gets it with the other rescues, next
+            assert self.hold is not None
+            self.hold.engage(self.hold.until)
         # what the tasks' files hold, hashed now that a change would be seen
         from snapcore.tasks.digests import digest_files
 
@@ -135,12 +140,15 @@ class HeldTasks:
         policy = self.txn.policy
         return policy.rule_for(mount_point) if mount_point else policy.fallback
 
-    def _start_hold(self) -> None:
+    def _start_hold(self, *, tell_guard: bool = True) -> bool:
         """``on_change: delay|deny``: right before the tasks stop, mark the needed
-        regular files of those mounts and hand the guard a copy of the group with
-        the hold's end (``freeze_timeout`` from now): from the moment the guard holds
-        it, a controller that dies or stalls cannot leave an opener blocked past that
-        end. Write opens are held from :meth:`_freeze` (``engage``) to the thaw."""
+        regular files of those mounts and hand the guard copies of the groups with
+        the hold's end (``freeze_timeout`` from now; ``tell_guard=False``: the
+        caller's rescues carry it). Write opens are held from ``engage`` (the
+        tasks' freeze) to the thaw. Returns whether a hold runs (started now or
+        before)."""
+        if self.hold is not None:
+            return True
         from snapcore.tasks.openhold import HoldFile, HoldMode, OpenHold
 
         files: list[HoldFile] = []
@@ -152,7 +160,7 @@ class HeldTasks:
             files.append(HoldFile(path=f.path, dev=f.dev, ino=f.ino, via=f.via, mode=HoldMode(rule.on_change)))
             limit = min(limit, rule.freeze_timeout) if limit is not None else rule.freeze_timeout
         if not files or limit is None:
-            return
+            return False
         txn = self.txn
         t = time.perf_counter()
         keep = self.watch.descriptors() if self.watch is not None else []
@@ -160,7 +168,7 @@ class HeldTasks:
         hold.start()
         txn.manifest.warnings.extend(hold.warnings)
         if hold.descriptor is None:
-            return
+            return False
         self.hold = hold
         txn.manifest.holds = []
         until = time.monotonic() + limit
@@ -170,9 +178,11 @@ class HeldTasks:
         rescue = Rescue(kind=RescueKind.FANOTIFY, fds=fds, value=str(hold.answerer), until=until)
         self.rescues[self.hold_key] = rescue
         txn.journal.record("freeze", key=self.hold_key, rescue=rescue.to_json())
-        txn.watchdog.watch({self.hold_key: rescue})
+        if tell_guard:
+            txn.watchdog.watch({self.hold_key: rescue})
         hold.until = until
         txn.manifest.timings["hold_start"] = round((time.perf_counter() - t) * 1000, 3)
+        return True
 
     @property
     def hold_key(self) -> str:
@@ -233,8 +243,6 @@ class HeldTasks:
             self.stopped_at = time.monotonic()
             self.stopped_wall = time.time()
             txn.manifest.timings["tasks_freeze"] = round((time.perf_counter() - t) * 1000, 3)
-        elif self.hold is not None:  # stopped already (CRIU, before its post-dump hook)
-            self.hold.engage(self.hold.until)
         from snapcore.tasks.digests import at_freeze
 
         self.inventory = at_freeze(self.inventory)  # as they are now that the tasks stand still
