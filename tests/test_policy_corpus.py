@@ -60,8 +60,7 @@ def generate(recipe: Path, into: Path) -> Path:
     return path
 
 
-def _check(path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SNAPCORE_PLUGINS": "fsfreeze"}
+def _check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "snapcore", "policy", "check", str(path)],
         capture_output=True,
@@ -82,8 +81,11 @@ def huge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def corpus_runs(huge_dir: Path) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
     """One ``snapcore policy check`` process per corpus file, started in parallel."""
     paths = {name: _resolve(source, huge_dir) for name, source in _cases()}
+    # the environment copied here, once: pytest changes os.environ (PYTEST_CURRENT_TEST)
+    # while the pool's threads run, and a thread copying it then raised KeyError (proof q)
+    env = {**os.environ, "SNAPCORE_PLUGINS": "fsfreeze"}
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        yield {name: pool.submit(_check, path) for name, path in paths.items()}
+        yield {name: pool.submit(_check, path, env) for name, path in paths.items()}
 
 
 def _assert_message(path: Path, text: str, expected: list[str]) -> None:
@@ -175,6 +177,6 @@ def test_a_good_policy_passes_the_same_way(tmp_path: Path) -> None:
     """The harness can fail: a good policy exits 0 through the same command."""
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
-    result = _check(path)
+    result = _check(path, {**os.environ, "SNAPCORE_PLUGINS": "fsfreeze"})
     assert (result.returncode, result.stderr) == (0, "")
     assert "OK" in result.stdout
