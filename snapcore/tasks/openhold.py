@@ -66,6 +66,7 @@ from enum import StrEnum
 from typing import Any, NoReturn
 
 from snapcore.host import fanotify
+from snapcore.tasks.resolve import parent_of
 
 
 class HoldMode(StrEnum):
@@ -222,11 +223,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
             return True
         if pid <= 1:
             return False
-        try:
-            stat = _read_small(f"/proc/{pid}/stat")
-            pid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
+        pid = parent_of(pid)  # 0 once gone
     return False
 
 
